@@ -1,0 +1,29 @@
+# Everything a fresh machine needs is installed from here: no hand-installed packages.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-dev
+
+.PHONY: setup test demo lint bench-gpu clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The project's main job on one machine: run an example workflow locally.
+demo: setup
+	$(BIN)/faastube demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check sidecar operator tests bench
+	$(BIN)/mypy sidecar/faastube sidecar/faastube_sidecar
+
+clean:
+	rm -rf $(VENV) build *.egg-info

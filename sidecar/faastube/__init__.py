@@ -1,0 +1,1 @@
+"""FaaSTube: GPU-efficient data passing for serverless inference workflows."""

@@ -1,0 +1,1 @@
+"""faastube_bench."""
