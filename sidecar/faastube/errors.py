@@ -38,6 +38,7 @@ class RefNotFound(FaastubeError):
 
     def __init__(self, ref: str, detail: str = "") -> None:
         self.ref = ref
+        self.detail = detail
         super().__init__(f"object {ref!r} not found" + (f": {detail}" if detail else ""))
 
 

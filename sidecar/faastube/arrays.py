@@ -1,0 +1,98 @@
+"""Array interop: see what an array is and where its bytes live, without copying.
+
+Accepted: NumPy arrays, CuPy arrays, torch tensors (CPU or CUDA), and anything
+speaking DLPack, ``__cuda_array_interface__`` or ``__array_interface__``. GPU data
+is described by its device pointer and is never staged through host memory.
+CuPy and torch are imported only when such an array shows up.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from faastube import errors
+
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
+
+
+@dataclass(frozen=True, slots=True)
+class HostArray:
+    array: np.ndarray           # C-contiguous
+
+
+@dataclass(frozen=True, slots=True)
+class CudaArray:
+    ptr: int
+    nbytes: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    device: int                 # this process's CUDA ordinal
+    keepalive: Any              # holds the memory while we copy from it
+
+
+def _torch_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def describe(obj: Any) -> HostArray | CudaArray:
+    """Where obj's bytes are, as a contiguous array (copying only to make it contiguous)."""
+    if isinstance(obj, np.ndarray):
+        return HostArray(np.ascontiguousarray(obj))
+    if _torch_tensor(obj):
+        obj = obj.detach()
+        if obj.device.type == "cpu":
+            return HostArray(np.ascontiguousarray(obj.numpy()))
+        obj = obj.contiguous()
+    if hasattr(obj, "__cuda_array_interface__"):
+        return _describe_cuda(obj)
+    if hasattr(obj, "__dlpack_device__"):
+        device_type, _ = obj.__dlpack_device__()
+        if device_type == _DLPACK_CPU:
+            return HostArray(np.ascontiguousarray(np.from_dlpack(obj)))
+        if device_type == _DLPACK_CUDA:
+            import cupy
+
+            return _describe_cuda(cupy.from_dlpack(obj))
+        raise errors.InvalidRequest(f"unsupported DLPack device type {device_type} (CPU and CUDA only)")
+    if hasattr(obj, "__array_interface__") or hasattr(obj, "__array__"):
+        return HostArray(np.ascontiguousarray(np.asarray(obj)))
+    raise errors.InvalidRequest(
+        f"cannot pass a {type(obj).__name__}: expected a NumPy/CuPy array, a torch tensor, or an object "
+        "with __dlpack__, __cuda_array_interface__ or __array_interface__")
+
+
+def _describe_cuda(obj: Any) -> CudaArray:
+    cai = obj.__cuda_array_interface__
+    shape = tuple(int(d) for d in cai["shape"])
+    dtype = np.dtype(cai["typestr"])
+    strides = cai.get("strides")
+    if strides is not None and strides != _c_strides(shape, dtype.itemsize):
+        import cupy
+
+        obj = cupy.ascontiguousarray(cupy.asarray(obj))
+        return _describe_cuda(obj)
+    ptr = int(cai["data"][0])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return CudaArray(ptr, nbytes, dtype, shape, _device_of(ptr), obj)
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides, step = [], itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
+
+
+def _device_of(ptr: int) -> int:
+    import cupy
+
+    if ptr == 0:
+        return int(cupy.cuda.runtime.getDevice())
+    return int(cupy.cuda.runtime.pointerGetAttributes(ptr).device)

@@ -1,0 +1,89 @@
+"""Prometheus metrics of the sidecar.
+
+Every metric takes the registry it lives in (tests build a fresh one and read it
+back). Pool and object gauges are read from the live data plane at scrape time by
+a collector, so there is no second copy of that state to keep in step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from faastube import protocol
+from faastube_sidecar.dataplane import DataPlane, TransferObserver
+
+# From a metadata round trip (tens of us) to a multi-GiB copy (seconds).
+_LATENCY_BUCKETS = (20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3,
+                    0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def gpu_label(location: str) -> str:
+    """'gpu:3' -> '3'; the host pool is labelled 'host'."""
+    gpu = protocol.parse_location(location)
+    return "host" if gpu is None else str(gpu)
+
+
+class SidecarMetrics(TransferObserver):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.request_seconds = Histogram(
+            "faastube_request_seconds", "Time to serve one request, by op", ["op"],
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.requests = Counter(
+            "faastube_requests_total", "Requests served, by op and result (ok or an error code)",
+            ["op", "result"], registry=registry)
+        self.transfer_bytes = Counter(
+            "faastube_transfer_bytes_total", "Bytes copied by the sidecar or its clients, by path",
+            ["path"], registry=registry)
+        self.transfer_seconds = Histogram(
+            "faastube_transfer_seconds", "Duration of one copy, by path", ["path"],
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.frames_rejected = Counter(
+            "faastube_frames_rejected_total", "Frames refused before dispatch, by reason",
+            ["reason"], registry=registry)
+        self.connections = Gauge(
+            "faastube_connections", "Client connections open now", registry=registry)
+        self.objects_expired = Counter(
+            "faastube_objects_expired_total", "Objects released because their ttl ran out", registry=registry)
+
+    def transfer(self, path: str, nbytes: int, seconds: float) -> None:
+        self.transfer_bytes.labels(path).inc(nbytes)
+        self.transfer_seconds.labels(path).observe(seconds)
+
+    def watch(self, dataplane: DataPlane) -> None:
+        self.registry.register(PoolCollector(lambda: dataplane))
+
+
+class PoolCollector(Collector):
+    """Pool and object gauges, read from the data plane when scraped."""
+
+    def __init__(self, get_dataplane: Callable[[], DataPlane]) -> None:
+        self._get = get_dataplane
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        dataplane = self._get()
+        reserved = GaugeMetricFamily("faastube_pool_reserved_bytes", "Bytes the pool holds from the device",
+                                     labels=["gpu"])
+        used = GaugeMetricFamily("faastube_pool_used_bytes", "Bytes of the pool given to objects", labels=["gpu"])
+        limit = GaugeMetricFamily("faastube_pool_limit_bytes", "Most bytes the pool may reserve", labels=["gpu"])
+        slabs = GaugeMetricFamily("faastube_pool_slabs", "Slabs the pool holds", labels=["gpu"])
+        objects = GaugeMetricFamily("faastube_objects", "Object replicas held, by location", labels=["gpu"])
+        draining = GaugeMetricFamily("faastube_objects_draining", "Released objects still leased by readers")
+        counts = dataplane.objects_by_location()
+        for location, pool in dataplane.pools.items():
+            label = gpu_label(location)
+            stats = pool.stats()
+            reserved.add_metric([label], stats.reserved_bytes)
+            used.add_metric([label], stats.used_bytes)
+            limit.add_metric([label], pool.limits.max_bytes)
+            slabs.add_metric([label], stats.slabs)
+            objects.add_metric([label], counts.get(location, 0))
+        draining.add_metric([], len(dataplane.table.draining))
+        yield from (reserved, used, limit, slabs, objects, draining)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
