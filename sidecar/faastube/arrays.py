@@ -35,6 +35,12 @@ class CudaArray:
     keepalive: Any              # holds the memory while we copy from it
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray turns 0-d arrays into 1-d ones: keep the shape.
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 def _torch_tensor(obj: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
@@ -43,25 +49,25 @@ def _torch_tensor(obj: Any) -> bool:
 def describe(obj: Any) -> HostArray | CudaArray:
     """Where obj's bytes are, as a contiguous array (copying only to make it contiguous)."""
     if isinstance(obj, np.ndarray):
-        return HostArray(np.ascontiguousarray(obj))
+        return HostArray(_contiguous(obj))
     if _torch_tensor(obj):
         obj = obj.detach()
         if obj.device.type == "cpu":
-            return HostArray(np.ascontiguousarray(obj.numpy()))
+            return HostArray(_contiguous(obj.numpy()))
         obj = obj.contiguous()
     if hasattr(obj, "__cuda_array_interface__"):
         return _describe_cuda(obj)
     if hasattr(obj, "__dlpack_device__"):
         device_type, _ = obj.__dlpack_device__()
         if device_type == _DLPACK_CPU:
-            return HostArray(np.ascontiguousarray(np.from_dlpack(obj)))
+            return HostArray(_contiguous(np.from_dlpack(obj)))
         if device_type == _DLPACK_CUDA:
             import cupy
 
             return _describe_cuda(cupy.from_dlpack(obj))
         raise errors.InvalidRequest(f"unsupported DLPack device type {device_type} (CPU and CUDA only)")
     if hasattr(obj, "__array_interface__") or hasattr(obj, "__array__"):
-        return HostArray(np.ascontiguousarray(np.asarray(obj)))
+        return HostArray(_contiguous(np.asarray(obj)))
     raise errors.InvalidRequest(
         f"cannot pass a {type(obj).__name__}: expected a NumPy/CuPy array, a torch tensor, or an object "
         "with __dlpack__, __cuda_array_interface__ or __array_interface__")

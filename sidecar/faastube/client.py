@@ -150,7 +150,8 @@ class Client:
                     # Same GPU, device to device: never through host memory.
                     cupy.cuda.runtime.memcpyAsync(writable.array.data.ptr, described.ptr, described.nbytes,
                                                   4, stream.ptr)
-        return self.seal(writable, consumers=consumers, ttl=ttl)
+        return self._seal(writable, consumers=consumers, ttl=ttl,
+                          copied="host" if writable.location == protocol.HOST else "local")
 
     def empty(self, shape: int | Sequence[int], dtype: Any = np.float32, *, device: Device = None) -> Writable:
         """Pool memory to write into directly; `seal` publishes it without a copy."""
@@ -159,6 +160,11 @@ class Client:
         return self._alloc(int(np.prod(dims, dtype=np.int64)) * dt.itemsize, dt, dims, self._resolve(device))
 
     def seal(self, writable: Writable | str, *, consumers: int | None = None, ttl: float | None = None) -> str:
+        """Publish memory from `empty` (no copy); `consumers` reads release it, `ttl` seconds expire it."""
+        return self._seal(writable, consumers=consumers, ttl=ttl, copied=None)
+
+    def _seal(self, writable: Writable | str, *, consumers: int | None, ttl: float | None,
+              copied: str | None) -> str:
         if isinstance(writable, Writable):
             if writable.location != protocol.HOST:
                 import cupy
@@ -174,6 +180,8 @@ class Client:
             body["consumers"] = consumers
         if ttl is not None:
             body["ttl_s"] = ttl
+        if copied is not None:
+            body["copied"] = copied
         self._call(protocol.Op.SEAL, body)
         if isinstance(writable, Writable):
             writable.sealed = True

@@ -143,7 +143,9 @@ _SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
                "function": ("str", False), "devices": ("devices", False)},
     Op.ALLOC: {"nbytes": ("int", True), "dtype": ("str", True), "shape": ("shape", True),
                "location": ("str", True)},
-    Op.SEAL: {"ref": ("str", True), "consumers": ("int", False), "ttl_s": ("num", False)},
+    # copied: the path of the put's client-side copy ("local" or "host"), for transfer metrics.
+    Op.SEAL: {"ref": ("str", True), "consumers": ("int", False), "ttl_s": ("num", False),
+              "copied": ("str", False)},
     Op.GET: {"ref": ("str", True), "location": ("str", True)},
     Op.RELEASE: {"refs": ("strlist", True)},
     Op.FREE: {"ref": ("str", True)},

@@ -177,6 +177,11 @@ class DataPlane:
         consumers = body.get("consumers")
         if consumers is not None and not 1 <= consumers <= self.config.max_consumers:
             raise errors.InvalidRequest(f"seal: consumers must be in [1, {self.config.max_consumers}], got {consumers}")
+        copied = body.get("copied")
+        if copied is not None:
+            if copied not in ("local", "host"):
+                raise errors.InvalidRequest(f"seal: copied must be 'local' or 'host', got {copied!r:.20}")
+            self.observer.transfer(copied, record.nbytes, 0.0)
         record.state = State.SEALED
         record.consumers_left = consumers
         session.writing.discard(record.ref)

@@ -1,0 +1,123 @@
+"""The gRPC DevicePlugin servicer for one GPU: translates kubelet calls, decides nothing.
+
+Policy lives in :mod:`.devices`; health comes from the shared
+:class:`~faastube_sidecar.gpuhealth.HealthMonitor`. Request errors become
+INVALID_ARGUMENT with a message naming the offending device id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from faastube.errors import InvalidRequest
+
+from faastube_sidecar.deviceplugin import api_pb2, api_pb2_grpc, devices
+from faastube_sidecar.gpuhealth import HealthMonitor
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+OPTIONS = api_pb2.DevicePluginOptions(
+    pre_start_required=False, get_preferred_allocation_available=True
+)
+
+
+class GpuPluginServicer(api_pb2_grpc.DevicePluginServicer):
+    def __init__(
+        self, gpu: devices.GpuDevice, *, health: HealthMonitor, socket: devices.SocketMount
+    ) -> None:
+        self._gpu = gpu
+        self._health = health
+        self._socket = socket
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Make open ListAndWatch streams end at their next wake-up."""
+        self._stopped = True
+
+    def device_list(self) -> api_pb2.ListAndWatchResponse:
+        state = self._health.current().get(self._gpu.uuid)
+        healthy = state is not None and state.healthy
+        topology = None
+        if self._gpu.numa_node is not None:
+            topology = api_pb2.TopologyInfo(nodes=[api_pb2.NUMANode(ID=self._gpu.numa_node)])
+        return api_pb2.ListAndWatchResponse(devices=[
+            api_pb2.Device(ID=d, health=HEALTHY if healthy else UNHEALTHY, topology=topology)
+            for d in self._gpu.slot_ids()
+        ])
+
+    async def GetDevicePluginOptions(
+        self, request: api_pb2.Empty, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DevicePluginOptions:
+        return OPTIONS
+
+    async def ListAndWatch(
+        self, request: api_pb2.Empty, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.ListAndWatchResponse]:
+        seen = self._health.version
+        last = self.device_list()
+        logger.debug("%s: ListAndWatch opened", self._gpu.resource_name)
+        yield last
+        while not self._stopped:
+            seen = await self._health.wait_for_change(seen)
+            if self._stopped:
+                return
+            current = self.device_list()
+            if current != last:  # another GPU's change is no news for this resource
+                last = current
+                yield current
+
+    async def GetPreferredAllocation(
+        self, request: api_pb2.PreferredAllocationRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.PreferredAllocationResponse:
+        responses = []
+        for i, req in enumerate(request.container_requests):
+            try:
+                chosen = devices.preferred_allocation(
+                    self._gpu, available=list(req.available_deviceIDs),
+                    must_include=list(req.must_include_deviceIDs), size=req.allocation_size,
+                )
+            except InvalidRequest as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
+            responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=chosen))
+        return api_pb2.PreferredAllocationResponse(container_responses=responses)
+
+    async def Allocate(
+        self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.AllocateResponse:
+        unhealthy = {u: h.reason or "unhealthy" for u, h in self._health.current().items() if not h.healthy}
+        responses = []
+        for i, req in enumerate(request.container_requests):
+            try:
+                alloc = devices.container_allocation(
+                    self._gpu, req.devices_ids, socket=self._socket, unhealthy=unhealthy
+                )
+            except InvalidRequest as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
+            logger.info("%s: allocated %s", self._gpu.resource_name, list(req.devices_ids))
+            responses.append(_to_proto(alloc))
+        return api_pb2.AllocateResponse(container_responses=responses)
+
+    async def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.PreStartContainerResponse:
+        return api_pb2.PreStartContainerResponse()
+
+
+def _to_proto(alloc: devices.ContainerAllocation) -> api_pb2.ContainerAllocateResponse:
+    return api_pb2.ContainerAllocateResponse(
+        envs=dict(alloc.envs),
+        mounts=[
+            api_pb2.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+            for m in alloc.mounts
+        ],
+        devices=[
+            api_pb2.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
+            for d in alloc.devices
+        ],
+        annotations=dict(alloc.annotations),
+    )

@@ -1,0 +1,245 @@
+"""Keeps this node's GpuNode resource (cluster-scoped, named after the node) current.
+
+The operator places functions from GpuNode objects: ``spec.topology`` says what GPUs and
+links the node has, ``status`` says which GPUs are healthy and how much pool memory is
+free. The publisher creates the object if missing, corrects ``spec.topology`` if it
+drifted, and patches ``status`` every ``interval_s`` (that patch is also the heartbeat).
+It deletes nothing on shutdown: a GpuNode whose heartbeat went stale tells the operator
+more than a vanished one, and the next sidecar start takes it over again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from faastube import topology
+
+from faastube_sidecar.gpuhealth import GpuHealth
+
+logger = logging.getLogger(__name__)
+
+GROUP = "faastube.io"
+VERSION = "v1alpha1"
+PLURAL = "gpunodes"
+KIND = "GpuNode"
+
+
+@dataclass(frozen=True)
+class GpuPoolStats:
+    """One GPU's pool: bytes reserved from the device, bytes handed to objects, and the
+    most the pool may ever reserve (None: as much as the device has free)."""
+
+    reserved_bytes: int
+    used_bytes: int
+    limit_bytes: int | None = None
+
+
+class PoolStatsSource(Protocol):
+    def pool_stats(self) -> Mapping[int, GpuPoolStats]:
+        """Stats by GPU index; a GPU without a pool yet may be left out."""
+        ...
+
+
+class HealthView(Protocol):
+    def current(self) -> Mapping[str, GpuHealth]: ...
+
+
+@dataclass(frozen=True)
+class PublisherSettings:
+    interval_s: float = 10.0
+    request_timeout_s: float = 10.0
+
+
+def pool_free_bytes(stats: GpuPoolStats, free_memory_bytes: int | None) -> int:
+    """What the pool can still hand out: its unused reservation, plus what it may still
+    reserve from the device's free memory (up to its limit)."""
+    unused = max(0, stats.reserved_bytes - stats.used_bytes)
+    growth = free_memory_bytes or 0
+    if stats.limit_bytes is not None:
+        growth = min(growth, max(0, stats.limit_bytes - stats.reserved_bytes))
+    return unused + growth
+
+
+def _rfc3339(t: datetime.datetime) -> str:
+    return t.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_status(
+    node: topology.NodeTopology,
+    health: Mapping[str, GpuHealth],
+    pools: Mapping[int, GpuPoolStats],
+    *,
+    now: datetime.datetime,
+    previous_ready: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The GpuNode ``status`` (contract 3). Pure: a function of its inputs."""
+    gpus: list[dict[str, Any]] = []
+    unhealthy: list[str] = []
+    free_pool = 0
+    for g in node.gpus:
+        h = health.get(g.uuid, GpuHealth(g.uuid, False, "no health report"))
+        stats = pools.get(g.index, GpuPoolStats(0, 0))
+        free_memory = h.free_memory_bytes
+        gpus.append({
+            "index": g.index, "uuid": g.uuid, "healthy": h.healthy,
+            "poolReservedBytes": stats.reserved_bytes, "poolUsedBytes": stats.used_bytes,
+            "freeMemoryBytes": free_memory or 0,
+        })
+        if h.healthy:
+            free_pool += pool_free_bytes(stats, free_memory)
+        else:
+            unhealthy.append(f"gpu{g.index} ({h.reason or 'unhealthy'})")
+    healthy_count = len(node.gpus) - len(unhealthy)
+    if not node.gpus:
+        ready, reason, message = "False", "NoGpus", "the node's topology lists no GPUs"
+    elif healthy_count == 0:
+        ready, reason, message = "False", "NoHealthyGpus", "unhealthy: " + ", ".join(unhealthy)
+    else:
+        ready, reason = "True", "Heartbeat"
+        message = f"{healthy_count}/{len(node.gpus)} GPUs healthy"
+        if unhealthy:
+            message += "; unhealthy: " + ", ".join(unhealthy)
+    transition = _rfc3339(now)
+    if previous_ready is not None and previous_ready.get("status") == ready \
+            and previous_ready.get("lastTransitionTime"):
+        transition = str(previous_ready["lastTransitionTime"])
+    return {
+        "gpus": gpus,
+        "freePoolBytes": free_pool,
+        "lastHeartbeatTime": _rfc3339(now),
+        "conditions": [{
+            "type": "Ready", "status": ready, "reason": reason, "message": message,
+            "lastTransitionTime": transition,
+        }],
+    }
+
+
+def replacing_merge_patch(old: Any, new: Any) -> Any:
+    """A JSON merge patch turning ``old`` into ``new``: keys that ``new`` lacks are nulled,
+    so a field that disappeared from the topology does not linger on the server."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return new
+    patch = {k: replacing_merge_patch(old.get(k), v) for k, v in new.items()}
+    patch.update({k: None for k in old if k not in new})
+    return patch
+
+
+def _is_not_found(e: Exception) -> bool:
+    return getattr(e, "status", None) == 404
+
+
+class NodePublisher:
+    """Publishes one node's GpuNode through ``api`` (a ``kubernetes.client.CustomObjectsApi``)."""
+
+    def __init__(
+        self,
+        api: Any,
+        node: topology.NodeTopology,
+        *,
+        health: HealthView,
+        pools: PoolStatsSource,
+        settings: PublisherSettings = PublisherSettings(),
+        clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        if settings.interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {settings.interval_s}")
+        self._api = api
+        self._node = node
+        self._health = health
+        self._pools = pools
+        self._settings = settings
+        self._clock = clock
+        self._spec_synced = False
+        self._ready: Mapping[str, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._published = 0
+
+    @property
+    def name(self) -> str:
+        return self._node.name
+
+    @property
+    def published(self) -> int:
+        """Status patches that succeeded."""
+        return self._published
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="gpunode-publisher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.publish_once()
+            except Exception as e:  # the API server may be down; the next tick retries
+                logger.warning("publishing GpuNode %s failed: %s", self.name, e)
+            await asyncio.sleep(self._settings.interval_s)
+
+    async def publish_once(self) -> None:
+        """Make sure the object exists with the right spec, then patch its status."""
+        if not self._spec_synced:
+            await self._sync_spec()
+        status = build_status(
+            self._node, self._health.current(), self._pools.pool_stats(),
+            now=self._clock(), previous_ready=self._ready,
+        )
+        try:
+            await self._call(
+                self._api.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, self.name,
+                {"status": status},
+            )
+        except Exception as e:
+            if not _is_not_found(e):
+                raise
+            # Someone deleted the object under us: recreate it and try once more.
+            logger.info("GpuNode %s was deleted; creating it again", self.name)
+            self._spec_synced = False
+            await self._sync_spec()
+            await self._call(
+                self._api.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, self.name,
+                {"status": status},
+            )
+        self._ready = status["conditions"][0]
+        self._published += 1
+
+    async def _sync_spec(self) -> None:
+        desired = topology.dump_node(self._node)
+        try:
+            current = await self._call(self._api.get_cluster_custom_object, GROUP, VERSION, PLURAL, self.name)
+        except Exception as e:
+            if not _is_not_found(e):
+                raise
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                "metadata": {"name": self.name, "labels": {"app.kubernetes.io/managed-by": "faastube-sidecar"}},
+                "spec": {"topology": desired},
+            }
+            await self._call(self._api.create_cluster_custom_object, GROUP, VERSION, PLURAL, body)
+            logger.info("created GpuNode %s with %d GPUs", self.name, len(self._node.gpus))
+        else:
+            old = (current.get("spec") or {}).get("topology")
+            if old != desired:
+                patch = {"spec": {"topology": replacing_merge_patch(old, desired)}}
+                await self._call(self._api.patch_cluster_custom_object, GROUP, VERSION, PLURAL,
+                                 self.name, patch)
+                logger.info("updated the topology of GpuNode %s", self.name)
+            conditions = (current.get("status") or {}).get("conditions") or []
+            self._ready = next((c for c in conditions if c.get("type") == "Ready"), None)
+        self._spec_synced = True
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # The kubernetes client blocks; keep the event loop free for the data path.
+        return await asyncio.to_thread(fn, *args, _request_timeout=self._settings.request_timeout_s)

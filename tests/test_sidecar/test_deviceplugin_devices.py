@@ -1,0 +1,92 @@
+"""The device plugin's pure policy: device ids, preferred allocation, container responses."""
+
+from __future__ import annotations
+
+import pytest
+from faastube import topology
+from faastube.errors import InvalidRequest
+from faastube_sidecar.deviceplugin.devices import (
+    GpuDevice,
+    SocketMount,
+    container_allocation,
+    gpu_devices_from_topology,
+    parse_slot_id,
+    preferred_allocation,
+)
+
+GPU = GpuDevice(2, "GPU-2", sharing_slots=4, numa_node=1)
+
+
+def test_each_gpu_is_a_resource_with_one_device_per_sharing_slot():
+    assert GPU.resource_name == "faastube.io/gpu-2"
+    assert GPU.endpoint == "faastube-gpu2.sock"
+    assert GPU.slot_ids() == ["gpu2-slot0", "gpu2-slot1", "gpu2-slot2", "gpu2-slot3"]
+
+
+def test_devices_come_from_the_node_topology():
+    node = topology.builtin_node("dgx1-v100")
+    gpus = gpu_devices_from_topology(node)
+    assert [g.index for g in gpus] == [g.index for g in node.gpus]
+    assert [g.uuid for g in gpus] == [g.uuid for g in node.gpus]
+    assert all(g.sharing_slots == n.sharing_slots for g, n in zip(gpus, node.gpus))
+
+
+@pytest.mark.parametrize(("device_id", "why"), [
+    ("gpu3-slot0", "serves gpu2"),
+    ("gpu2-slot4", "slots 0..3"),
+    ("gpu2-slot01", "expected gpu<index>-slot<k>"),
+    ("GPU-2", "expected gpu<index>-slot<k>"),
+])
+def test_unknown_device_ids_are_named_in_the_error(device_id, why):
+    with pytest.raises(InvalidRequest, match=why) as info:
+        parse_slot_id(device_id, gpu=GPU)
+    assert repr(device_id) in str(info.value)
+
+
+def test_preferred_allocation_is_deterministic_whatever_the_order():
+    available = ["gpu2-slot3", "gpu2-slot1", "gpu2-slot0", "gpu2-slot2"]
+    first = preferred_allocation(GPU, available=available, must_include=[], size=2)
+    again = preferred_allocation(GPU, available=list(reversed(available)), must_include=[], size=2)
+    assert first == again == ["gpu2-slot0", "gpu2-slot1"]
+
+
+def test_preferred_allocation_keeps_the_required_slots():
+    chosen = preferred_allocation(GPU, available=["gpu2-slot0", "gpu2-slot3", "gpu2-slot1"],
+                                  must_include=["gpu2-slot3"], size=2)
+    assert chosen == ["gpu2-slot3", "gpu2-slot0"]
+
+
+def test_preferred_allocation_refuses_required_slots_that_are_not_available():
+    with pytest.raises(InvalidRequest, match="not in available_deviceIDs"):
+        preferred_allocation(GPU, available=["gpu2-slot0"], must_include=["gpu2-slot1"], size=1)
+
+
+def test_container_allocation_names_the_gpu_and_mounts_the_socket_directory():
+    alloc = container_allocation(GPU, ["gpu2-slot1"], socket=SocketMount(host_dir="/var/run/faastube"))
+    assert alloc.envs["NVIDIA_VISIBLE_DEVICES"] == "GPU-2"
+    assert alloc.envs["FAASTUBE_SOCKET"] == "/run/faastube/sidecar.sock"
+    assert alloc.envs["FAASTUBE_GPU_INDEX"] == "2"
+    assert [(m.host_path, m.container_path) for m in alloc.mounts] == [("/var/run/faastube", "/run/faastube")]
+    assert alloc.devices == ()
+
+
+def test_device_nodes_are_passed_when_configured():
+    gpu = GpuDevice(0, "GPU-0", device_paths=("/dev/nvidia0", "/dev/nvidiactl"))
+    alloc = container_allocation(gpu, ["gpu0-slot0"], socket=SocketMount(host_dir="/x"))
+    assert [(d.host_path, d.permissions) for d in alloc.devices] == [("/dev/nvidia0", "rw"), ("/dev/nvidiactl", "rw")]
+
+
+@pytest.mark.parametrize(("ids", "why"), [
+    ([], "asked for no devices"),
+    (["gpu2-slot0", "gpu2-slot0"], "duplicate device ids"),
+])
+def test_container_allocation_rejects_empty_and_duplicate_requests(ids, why):
+    with pytest.raises(InvalidRequest, match=why):
+        container_allocation(GPU, ids, socket=SocketMount(host_dir="/x"))
+
+
+@pytest.mark.parametrize("kwargs", [{"index": -1}, {"sharing_slots": 0}, {"uuid": ""}])
+def test_invalid_gpu_descriptions_are_rejected(kwargs):
+    args = {"index": 0, "uuid": "GPU-0", "sharing_slots": 1} | kwargs
+    with pytest.raises(InvalidRequest):
+        GpuDevice(**args)

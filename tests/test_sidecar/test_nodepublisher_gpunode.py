@@ -1,0 +1,213 @@
+"""The GpuNode publisher against kmock's Kubernetes emulator over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import yaml
+from faastube import topology
+from faastube_sidecar.gpuhealth import FixedHealthSource, GpuHealth, HealthMonitor
+from faastube_sidecar.nodepublisher import (
+    GpuPoolStats,
+    NodePublisher,
+    PublisherSettings,
+    build_status,
+    pool_free_bytes,
+    replacing_merge_patch,
+)
+from kubernetes import client as k8s
+
+GIB = 1 << 30
+RESOURCE = "faastube.io/v1alpha1/gpunodes"
+CRD = Path(__file__).resolve().parents[2] / "crds" / "gpunodes.faastube.io.yaml"
+
+
+class Pools:
+    """Pool figures as the sidecar's pool would report them (data, not behaviour)."""
+
+    def __init__(self, stats: Mapping[int, GpuPoolStats]) -> None:
+        self.stats = dict(stats)
+
+    def pool_stats(self) -> Mapping[int, GpuPoolStats]:
+        return dict(self.stats)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.datetime(2026, 11, 27, 18, 0, 0, tzinfo=datetime.UTC)
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += datetime.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def node() -> topology.NodeTopology:
+    n = topology.builtin_node("lent-4xh100")
+    return n
+
+
+@pytest.fixture
+def custom_api(kmock):
+    kmock.resources[RESOURCE] = kmock.ResourceInfo(
+        namespaced=False, kind="GpuNode", singular="gpunode", shortnames={"ftnode"}, subresources={"status"})
+    cfg = k8s.Configuration()
+    cfg.host = str(kmock.url).rstrip("/")
+    api_client = k8s.ApiClient(cfg)
+    yield k8s.CustomObjectsApi(api_client)
+    api_client.close()
+
+
+@pytest.fixture
+async def health(node):
+    source = FixedHealthSource({g.uuid: 70 * GIB for g in node.gpus})
+    monitor = HealthMonitor(source, [g.uuid for g in node.gpus], interval_s=5.0)
+    await monitor.start()
+    yield source, monitor
+    await monitor.stop()
+
+
+def stored(kmock, name: str) -> dict:
+    return dict(kmock.objects[RESOURCE, None, name].raw)
+
+
+def crd_schema() -> dict:
+    doc = yaml.safe_load(CRD.read_text())
+    return doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+async def test_publisher_creates_the_gpunode_with_topology_and_status(kmock, custom_api, node, health):
+    _, monitor = health
+    pools = Pools({0: GpuPoolStats(8 * GIB, 3 * GIB), 1: GpuPoolStats(4 * GIB, 4 * GIB, limit_bytes=6 * GIB)})
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=pools, clock=Clock())
+    await publisher.publish_once()
+
+    obj = stored(kmock, node.name)
+    assert obj["kind"] == "GpuNode"
+    assert obj["spec"]["topology"] == topology.dump_node(node)
+    status = obj["status"]
+    assert [g["index"] for g in status["gpus"]] == [g.index for g in node.gpus]
+    assert status["gpus"][0] == {
+        "index": 0, "uuid": node.gpus[0].uuid, "healthy": True,
+        "poolReservedBytes": 8 * GIB, "poolUsedBytes": 3 * GIB, "freeMemoryBytes": 70 * GIB}
+    # gpu0: 5 unused + 70 growable; gpu1: 0 unused + 2 up to its limit; gpu2, gpu3: 70 each.
+    assert status["freePoolBytes"] == (5 + 70) * GIB + 2 * GIB + 2 * 70 * GIB
+    assert status["lastHeartbeatTime"] == "2026-11-27T18:00:00Z"
+    ready = status["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Heartbeat")
+
+
+async def test_the_published_object_matches_the_crd_schema(kmock, custom_api, node, health):
+    validator = pytest.importorskip("openapi_schema_validator")
+    _, monitor = health
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}), clock=Clock())
+    await publisher.publish_once()
+    validator.validate(stored(kmock, node.name), crd_schema())
+
+
+async def test_heartbeats_update_status_and_keep_the_transition_time(kmock, custom_api, node, health):
+    source, monitor = health
+    clock = Clock()
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}), clock=clock)
+    await publisher.publish_once()
+
+    clock.advance(10)
+    await publisher.publish_once()
+    status = stored(kmock, node.name)["status"]
+    assert status["lastHeartbeatTime"] == "2026-11-27T18:00:10Z"
+    assert status["conditions"][0]["lastTransitionTime"] == "2026-11-27T18:00:00Z"
+
+    # One GPU fails: still Ready, the message names it, the flag flips.
+    seen = monitor.version
+    source.set_health(node.gpus[2].uuid, False, "critical XID 79")
+    await asyncio.wait_for(monitor.wait_for_change(seen), 5)
+    clock.advance(10)
+    await publisher.publish_once()
+    status = stored(kmock, node.name)["status"]
+    assert status["gpus"][2]["healthy"] is False
+    assert "gpu2 (critical XID 79)" in status["conditions"][0]["message"]
+    assert status["conditions"][0]["status"] == "True"
+
+    # All fail: not Ready, and the transition time moves.
+    for g in node.gpus:
+        source.set_health(g.uuid, False, "gone")
+    seen = monitor.version
+    while not all(not h.healthy for h in monitor.current().values()):
+        seen = await asyncio.wait_for(monitor.wait_for_change(seen), 5)
+    clock.advance(10)
+    await publisher.publish_once()
+    ready = stored(kmock, node.name)["status"]["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("False", "NoHealthyGpus")
+    assert ready["lastTransitionTime"] == "2026-11-27T18:00:30Z"
+    assert stored(kmock, node.name)["status"]["freePoolBytes"] == 0
+
+
+async def test_an_existing_gpunode_with_a_stale_topology_is_corrected(kmock, custom_api, node, health):
+    _, monitor = health
+    stale = topology.dump_node(node)
+    stale["gpus"][0]["pcie"]["switch"] = "sw-old"
+    stale["hostMemoryBytes"] = 1
+    kmock.objects[RESOURCE, None, node.name] = {
+        "apiVersion": "faastube.io/v1alpha1", "kind": "GpuNode",
+        "metadata": {"name": node.name, "uid": "u-1", "resourceVersion": "1"},
+        "spec": {"topology": stale},
+    }
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}), clock=Clock())
+    await publisher.publish_once()
+    published = stored(kmock, node.name)["spec"]["topology"]
+    want = topology.dump_node(node)
+    assert published["gpus"][0]["pcie"].get("switch") == want["gpus"][0]["pcie"].get("switch")
+    assert published.get("hostMemoryBytes") == want.get("hostMemoryBytes")
+
+
+async def test_a_deleted_gpunode_is_recreated_and_shutdown_deletes_nothing(kmock, custom_api, node, health):
+    _, monitor = health
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}),
+                              settings=PublisherSettings(interval_s=0.05), clock=Clock())
+    await publisher.publish_once()
+    await asyncio.to_thread(custom_api.delete_cluster_custom_object, "faastube.io", "v1alpha1", "gpunodes", node.name)
+    await publisher.publish_once()
+    assert stored(kmock, node.name)["spec"]["topology"]["name"] == node.name
+
+    await publisher.start()
+    before = publisher.published
+
+    async def two_more_heartbeats() -> None:
+        while publisher.published < before + 2:  # the background loop keeps heartbeating
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(two_more_heartbeats(), 5)
+    await publisher.stop()
+    assert stored(kmock, node.name)["status"]["conditions"][0]["status"] == "True"
+
+
+def test_pool_free_bytes_counts_unused_reservation_and_room_to_grow():
+    assert pool_free_bytes(GpuPoolStats(10, 4), 100) == 106
+    assert pool_free_bytes(GpuPoolStats(10, 4, limit_bytes=12), 100) == 8
+    assert pool_free_bytes(GpuPoolStats(10, 12), None) == 0
+
+
+def test_a_node_without_gpus_is_not_ready(node):
+    empty = topology.NodeTopology(name="cpu-only", gpus=())
+    status = build_status(empty, {}, {}, now=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
+    assert status["conditions"][0]["reason"] == "NoGpus"
+    assert status["gpus"] == [] and status["freePoolBytes"] == 0
+
+
+def test_a_gpu_without_a_health_report_counts_as_unhealthy(node):
+    health = {g.uuid: GpuHealth(g.uuid, True, "", 1) for g in node.gpus[1:]}
+    status = build_status(node, health, {}, now=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
+    assert status["gpus"][0]["healthy"] is False
+    assert "gpu0 (no health report)" in status["conditions"][0]["message"]
+
+
+def test_the_merge_patch_nulls_fields_that_disappeared():
+    old = {"a": 1, "b": {"c": 2, "d": 3}, "gone": True}
+    new = {"a": 1, "b": {"c": 5}}
+    assert replacing_merge_patch(old, new) == {"a": 1, "b": {"c": 5, "d": None}, "gone": None}
