@@ -16,7 +16,7 @@ from typing import Sequence
 # name -> (module implementing it, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("faastube_sidecar.cli", "run the per-node daemon that owns the GPU memory pools"),
-    "demo": ("faastube_sidecar.demo", "start a sidecar and two function processes, pass tensors, print latencies"),
+    "demo": ("faastube_bench.demo", "start a sidecar and two function processes, pass tensors, print latencies"),
     "bench": ("faastube_bench.cli", "run a benchmark and write JSON (and plots) under bench/results/"),
     "topology": ("faastube_sidecar.topology_cli", "print this node's GPU topology document"),
     "run": ("faastube_runtime.cli", "run a workflow locally: sidecar, gateway and one process per function"),

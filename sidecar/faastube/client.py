@@ -215,8 +215,15 @@ class Client:
                 break
             lease = None
         if lease is None:
-            raise errors.InvalidRequest(f"release {ref!r}: this client holds no open read of it")
-        lease.state.done = True
+            # Its views may already be garbage collected, with the release queued: send it now.
+            with self._pending_lock:
+                queued = ref in self._pending_releases
+                if queued:
+                    self._pending_releases.remove(ref)
+            if not queued:
+                raise errors.InvalidRequest(f"release {ref!r}: this client holds no open read of it")
+        else:
+            lease.state.done = True
         self._forget_lease(ref)
         self._call(protocol.Op.RELEASE, {"refs": [ref]})
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, TypeVar
 
@@ -304,10 +305,14 @@ def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[
     outputs: dict[str, str] = {}
     stored: list[str] = []
     output_bytes = 0
+    result: Any = None
+    groups: Any = None
     try:
         try:
             result = call_handler(handler, arrays)
         except Exception as e:
+            # the handler's frames would keep its input views (and their reads) alive
+            traceback.clear_frames(e.__traceback__)
             raise HandlerFailed(f"handler {getattr(handler, '__name__', handler)!r} raised "
                                 f"{type(e).__name__}: {e}") from e
         groups = route_outputs(result, readers)
@@ -324,6 +329,10 @@ def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[
     except BaseException:
         discard(client, stored)
         held.update(views)  # keep the reads open (uncounted) for a retry
+        # nothing but ``held`` may reference the views: the caller decides when reads end
+        views.clear()
+        arrays.clear()
+        array = result = groups = None
         raise
     for ref in inputs.values():
         try:

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark of the project, for one call on the lent GPU machine.
+#   bash bench/gpu_all.sh [tests] [dataplane] [transfers] [e2e] [topology]   (default: all)
+# Writes logs and JSON under $OUT (or /tmp/faastube-gpu) and prints a short summary last.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/sidecar:$PWD/operator${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+OUT="${OUT:-/tmp/faastube-gpu}"
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(topology tests dataplane transfers e2e)
+summary="$OUT/summary.txt"
+: > "$summary"
+ft() { python3 -m faastube.cli "$@"; }
+
+for step in "${steps[@]}"; do
+  start=$(date +%s)
+  case "$step" in
+    topology)
+      nvidia-smi --query-gpu=index,name,memory.total,pci.bus_id --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+      nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+      ft topology --format yaml > "$OUT/topology.yaml" 2> "$OUT/topology.err"
+      echo "topology: rc=$? ($(grep -c 'index:' "$OUT/topology.yaml") GPUs)" >> "$summary" ;;
+    tests)
+      timeout 420 python3 -m pytest -q -p no:cacheprovider -o addopts= \
+        tests/test_sidecar/test_dataplane_gpu.py tests/test_sidecar/test_cuda_executor_copies.py \
+        tests/test_sidecar/test_deviceplugin_nvml_health.py tests/test_sidecar/test_topology_discovery.py \
+        $(ls tests/test_runtime/test_*gpu*.py 2>/dev/null) > "$OUT/pytest-gpu.log" 2>&1
+      echo "tests: rc=$? $(tail -1 "$OUT/pytest-gpu.log")" >> "$summary" ;;
+    dataplane)
+      timeout 420 python3 -m faastube.cli bench dataplane --out "$OUT" > "$OUT/dataplane.log" 2>&1
+      echo "dataplane: rc=$?" >> "$summary"
+      grep -E "^\[(MET |MISS)\]" "$OUT/dataplane.log" >> "$summary" ;;
+    transfers)
+      timeout 420 python3 -m faastube.cli bench transfers --out "$OUT" > "$OUT/transfers.log" 2>&1
+      echo "transfers: rc=$?" >> "$summary"
+      tail -25 "$OUT/transfers.log" >> "$summary" ;;
+    e2e)
+      timeout 540 python3 -m faastube.cli bench e2e --quick --out "$OUT" > "$OUT/e2e.log" 2>&1
+      echo "e2e: rc=$?" >> "$summary"
+      tail -25 "$OUT/e2e.log" >> "$summary" ;;
+    *) echo "unknown step $step" >> "$summary" ;;
+  esac
+  echo "  ($step took $(( $(date +%s) - start )) s)" >> "$summary"
+done
+echo "================ summary ================"
+cat "$summary"

@@ -1,0 +1,76 @@
+"""``faastube operator``: run the kopf operator with metrics and a liveness endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from faastube_operator.settings import DEFAULT_IMAGE, OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", default=DEFAULT_IMAGE,
+                        help="image of the workflow runtime (gateway)")
+    parser.add_argument("--image-pull-policy", default="IfNotPresent",
+                        choices=("Always", "IfNotPresent", "Never"))
+    parser.add_argument("--gateway-port", type=int, default=8080)
+    parser.add_argument("--socket-dir", default="/var/run/faastube",
+                        help="the sidecar's socket directory on every node")
+    parser.add_argument("--socket-name", default="faastube.sock")
+    parser.add_argument("--no-socket-mount", action="store_true",
+                        help="do not mount the socket directory (the device plugin adds it)")
+    parser.add_argument("--status-interval-s", type=float, default=10.0,
+                        help="how often Ready is refreshed from the deployments")
+    parser.add_argument("--retry-delay-s", type=float, default=30.0)
+    parser.add_argument("--default-network-bandwidth-GBps", type=float, default=12.5,
+                        dest="network_GBps", help="between nodes, 10^9 bytes/s")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="0 disables metrics")
+    parser.add_argument("--metrics-host", default="0.0.0.0")
+    parser.add_argument("--liveness-port", type=int, default=8081, help="0 disables /healthz")
+    parser.add_argument("--namespace", action="append", default=[],
+                        help="watch only these namespaces (repeatable); default: all")
+    parser.add_argument("--peering", default=None,
+                        help="kopf peering name for several replicas; default: standalone")
+
+
+def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
+    return OperatorSettings(
+        image=args.image, image_pull_policy=args.image_pull_policy,
+        gateway_port=args.gateway_port, socket_dir=args.socket_dir,
+        socket_name=args.socket_name, mount_socket_dir=not args.no_socket_mount,
+        status_interval_s=args.status_interval_s, retry_delay_s=args.retry_delay_s,
+        default_network_bandwidth_bytes_per_s=args.network_GBps * 1e9)
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+    import prometheus_client
+
+    from faastube_operator import handlers
+    from faastube_operator.metrics import OperatorMetrics
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        print(f"faastube operator: {e}")
+        return 2
+    registry = prometheus_client.CollectorRegistry()
+    metrics = OperatorMetrics.build(registry)
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_host,
+                                            registry=registry)
+        logger.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+    kopf_registry = kopf.OperatorRegistry()
+    handlers.register(kopf_registry, settings=settings, metrics=metrics)
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    kopf.run(
+        registry=kopf_registry,
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=liveness,
+    )
+    return 0

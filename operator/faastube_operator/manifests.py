@@ -1,0 +1,292 @@
+"""Pure builders of the Kubernetes objects a Workflow owns.
+
+Nothing here talks to the API: each builder is a function of the parsed
+workflow, where its functions were placed and the operator settings, so tests
+check the objects without a cluster and the handlers stay thin. Owner
+references are added by the caller (``kopf.adopt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from faastube.workflow import FunctionSpec, Workflow
+
+from faastube_operator.settings import OperatorSettings
+
+GROUP = "faastube.io"
+LABEL_WORKFLOW = "faastube.io/workflow"
+LABEL_FUNCTION = "faastube.io/function"
+LABEL_COMPONENT = "faastube.io/component"
+ANNOTATION_SPEC_HASH = "faastube.io/spec-hash"
+ANNOTATION_PLACEMENT = "faastube.io/placement"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+GATEWAY = "gateway"
+MAX_NAME_LENGTH = 63  # DNS-1123 label: Service names and the pods' hostname prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+    """Where one function runs: a node (None: anywhere) and a GPU index (None: CPU only)."""
+
+    node: str | None
+    gpu: int | None = None
+
+
+def gpu_resource_name(gpu_index: int) -> str:
+    """The device plugin's extended resource for one GPU of a node."""
+    return f"{GROUP}/gpu-{gpu_index}"
+
+
+def child_name(*parts: str) -> str:
+    """``a-b`` if it is a valid label length, else a truncated prefix plus a stable hash."""
+    name = "-".join(parts)
+    if len(name) <= MAX_NAME_LENGTH:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{name[:MAX_NAME_LENGTH - 11].rstrip('-')}-{digest}"
+
+
+def function_deployment_name(workflow_name: str, function_name: str) -> str:
+    return child_name(workflow_name, function_name)
+
+
+def gateway_name(workflow_name: str) -> str:
+    return child_name(workflow_name, GATEWAY)
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """A short stable digest of a Workflow spec; a new one rolls every function."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def resolve_placement(workflow: Workflow, assigned: Mapping[str, Where]) -> dict[str, Where]:
+    """Complete a placement: CPU functions follow the GPU functions they feed.
+
+    A CPU function (say, a decoder) hands its output to its consumers through the
+    node's sidecar, so it runs on the node of the GPU function it feeds the most
+    bytes; with no GPU successor it keeps what the placement gave it.
+    """
+    result: dict[str, Where] = {}
+    for fn in workflow.functions:
+        given = assigned.get(fn.name, Where(node=None))
+        if fn.gpu:
+            result[fn.name] = given
+            continue
+        best_node, best_bytes = None, -1
+        for edge in workflow.edges:
+            if edge.source != fn.name:
+                continue
+            target = assigned.get(edge.target)
+            if target is None or target.gpu is None or target.node is None:
+                continue
+            if edge.size_bytes > best_bytes:
+                best_node, best_bytes = target.node, edge.size_bytes
+        result[fn.name] = Where(node=best_node if best_node is not None else given.node, gpu=None)
+    return result
+
+
+def common_labels(workflow_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/part-of": "faastube",
+        "app.kubernetes.io/managed-by": "faastube-operator",
+        "app.kubernetes.io/instance": workflow_name,
+        LABEL_WORKFLOW: workflow_name,
+    }
+
+
+def function_labels(workflow_name: str, function_name: str) -> dict[str, str]:
+    return {**common_labels(workflow_name), LABEL_FUNCTION: function_name,
+            LABEL_COMPONENT: "function", "app.kubernetes.io/name": "faastube-function"}
+
+
+def gateway_labels(workflow_name: str) -> dict[str, str]:
+    return {**common_labels(workflow_name), LABEL_COMPONENT: GATEWAY,
+            "app.kubernetes.io/name": "faastube-gateway"}
+
+
+def _required_node_affinity(node: str) -> dict[str, Any]:
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}]}}}
+
+
+def _preferred_node_affinity(node: str) -> dict[str, Any]:
+    return {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "preference": {"matchExpressions": [
+            {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}}]}}
+
+
+def _socket_volume(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    if not settings.mount_socket_dir:
+        return [], []
+    volumes = [{"name": "faastube-socket",
+                "hostPath": {"path": settings.socket_dir, "type": "Directory"}}]
+    mounts = [{"name": "faastube-socket", "mountPath": settings.socket_dir}]
+    return volumes, mounts
+
+
+def _env(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"name": key, "value": value} for key, value in pairs]
+
+
+def _security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def function_deployment(
+    workflow: Workflow,
+    fn: FunctionSpec,
+    *,
+    namespace: str,
+    where: Where,
+    settings: OperatorSettings,
+    workflow_spec_hash: str,
+) -> dict[str, Any]:
+    """One Deployment per function, pinned to its placement.
+
+    The function image's own entrypoint runs the handler; it learns its identity
+    and the sidecar's socket from the environment (contract 3).
+    """
+    labels = function_labels(workflow.name, fn.name)
+    selector = {LABEL_WORKFLOW: workflow.name, LABEL_FUNCTION: fn.name}
+    volumes, mounts = _socket_volume(settings)
+    env = [
+        ("FAASTUBE_WORKFLOW", workflow.name),
+        ("FAASTUBE_FUNCTION", fn.name),
+        ("FAASTUBE_HANDLER", fn.handler),
+        ("FAASTUBE_SOCKET", settings.socket_path),
+        ("FAASTUBE_GATEWAY",
+         f"http://{gateway_name(workflow.name)}.{namespace}.svc:{settings.gateway_port}"),
+    ]
+    container: dict[str, Any] = {
+        "name": "function",
+        "image": fn.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "env": _env(env) + [{"name": "FAASTUBE_NODE",
+                             "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "volumeMounts": mounts,
+        "securityContext": _security_context(),
+    }
+    if fn.gpu and where.gpu is not None:
+        container["env"].append({"name": "FAASTUBE_GPU_INDEX", "value": str(where.gpu)})
+        container["resources"] = {"limits": {gpu_resource_name(where.gpu): 1}}
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
+                                "enableServiceLinks": False}
+    # None (not a missing key) so that a merge patch drops a pin the placement lifted.
+    pod_spec["affinity"] = _required_node_affinity(where.node) if where.node else None
+    placement_note = "anywhere" if where.node is None else (
+        where.node if where.gpu is None else f"{where.node}/gpu-{where.gpu}")
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": function_deployment_name(workflow.name, fn.name),
+                     "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": fn.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": dict(labels),
+                             "annotations": {ANNOTATION_SPEC_HASH: workflow_spec_hash,
+                                             ANNOTATION_PLACEMENT: placement_note}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def gateway_deployment(
+    workflow: Workflow,
+    *,
+    namespace: str,
+    spec: Mapping[str, Any],
+    entry_node: str | None,
+    settings: OperatorSettings,
+    workflow_spec_hash: str,
+) -> dict[str, Any]:
+    """The workflow's HTTP entry point, near its entry function when possible."""
+    labels = gateway_labels(workflow.name)
+    volumes, mounts = _socket_volume(settings)
+    document = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Workflow",
+                "metadata": {"name": workflow.name}, "spec": dict(spec)}
+    container: dict[str, Any] = {
+        "name": GATEWAY,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["faastube", "gateway", "--port", str(settings.gateway_port)],
+        "env": _env([
+            ("FAASTUBE_WORKFLOW", workflow.name),
+            ("FAASTUBE_NAMESPACE", namespace),
+            ("FAASTUBE_SOCKET", settings.socket_path),
+            ("FAASTUBE_WORKFLOW_DOCUMENT", json.dumps(document, sort_keys=True)),
+        ]),
+        "ports": [{"name": "http", "containerPort": settings.gateway_port, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
+        "volumeMounts": mounts,
+        "securityContext": _security_context(),
+    }
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
+                                "enableServiceLinks": False}
+    pod_spec["affinity"] = _preferred_node_affinity(entry_node) if entry_node else None
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": gateway_name(workflow.name), "namespace": namespace,
+                     "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {LABEL_WORKFLOW: workflow.name,
+                                         LABEL_COMPONENT: GATEWAY}},
+            "template": {
+                "metadata": {"labels": dict(labels),
+                             "annotations": {ANNOTATION_SPEC_HASH: workflow_spec_hash}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def gateway_service(workflow: Workflow, *, namespace: str,
+                    settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": gateway_name(workflow.name), "namespace": namespace,
+                     "labels": gateway_labels(workflow.name)},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_WORKFLOW: workflow.name, LABEL_COMPONENT: GATEWAY},
+            "ports": [{"name": "http", "port": settings.gateway_port,
+                       "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def workflow_children(
+    workflow: Workflow,
+    *,
+    namespace: str,
+    spec: Mapping[str, Any],
+    placement: Mapping[str, Where],
+    settings: OperatorSettings,
+) -> list[dict[str, Any]]:
+    """Every object the Workflow owns, functions in topological order, gateway last."""
+    digest = spec_hash(spec)
+    objects = [
+        function_deployment(workflow, workflow.function(name), namespace=namespace,
+                            where=placement.get(name, Where(node=None)), settings=settings,
+                            workflow_spec_hash=digest)
+        for name in workflow.topological_order()
+    ]
+    entry = placement.get(workflow.entry)
+    objects.append(gateway_deployment(
+        workflow, namespace=namespace, spec=spec,
+        entry_node=entry.node if entry is not None else None,
+        settings=settings, workflow_spec_hash=digest))
+    objects.append(gateway_service(workflow, namespace=namespace, settings=settings))
+    return objects

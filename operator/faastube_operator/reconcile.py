@@ -1,0 +1,281 @@
+"""Reconciliation of one Workflow: parse, place, write children, compute status.
+
+The handlers module owns everything kopf-specific (adoption, events, error
+translation); this module is plain Python over the ``k8s.KubeApi`` seam, so the
+decisions read top to bottom: an invalid spec stops at parsing, an impossible
+placement stops before touching children, otherwise every child is
+created-or-patched by name and stale ones are deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from faastube import workflow as wf
+
+from faastube_operator import cluster, conditions, k8s, manifests
+from faastube_operator.conditions import Phase
+from faastube_operator.metrics import OperatorMetrics
+from faastube_operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+ANNOTATION_REPLACE = "faastube.io/replace-requested"
+EventType = Literal["Normal", "Warning"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkflowObject:
+    """The parts of a Workflow custom resource the reconciler reads."""
+
+    name: str
+    namespace: str
+    generation: int | None
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> WorkflowObject:
+        meta = body.get("metadata") or {}
+        generation = meta.get("generation")
+        return cls(name=str(meta.get("name", "")), namespace=str(meta.get("namespace") or "default"),
+                   generation=int(generation) if isinstance(generation, int) else None,
+                   spec=dict(body.get("spec") or {}), status=dict(body.get("status") or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    phase: Phase
+    message: str
+    status: dict[str, Any]  # merge patch for .status
+    result: str  # metrics label
+    events: tuple[Event, ...] = ()
+
+
+def parse(obj: WorkflowObject) -> wf.Workflow:
+    """The runtime's own validation; raises ``WorkflowInvalid`` naming every bad field."""
+    return wf.parse_workflow({"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow",
+                              "metadata": {"name": obj.name, "namespace": obj.namespace},
+                              "spec": dict(obj.spec)})
+
+
+def _status(obj: WorkflowObject, phase: Phase, message: str, *,
+            now: datetime.datetime) -> dict[str, Any]:
+    return conditions.status_patch(phase, message,
+                                   existing_conditions=obj.status.get("conditions"),
+                                   now=now, generation=obj.generation)
+
+
+def _place(workflow: wf.Workflow, api: k8s.KubeApi, *, settings: OperatorSettings,
+           metrics: OperatorMetrics) -> tuple[dict[str, manifests.Where], float]:
+    """Assignments for every function and the placement's cost in seconds.
+
+    Raises ``PlacementError`` (an InvalidRequest) when nothing fits.
+    """
+    from faastube_operator import placement  # written alongside; imported when first needed
+
+    topo = cluster.cluster_from_gpunodes(
+        api.list("GpuNode"),
+        default_network_bandwidth_bytes_per_s=settings.default_network_bandwidth_bytes_per_s)
+    if topo is None:
+        gpu_functions = [fn.name for fn in workflow.functions if fn.gpu]
+        if gpu_functions:
+            raise placement.PlacementError(
+                f"no ready GpuNode offers a healthy GPU for {', '.join(gpu_functions)}")
+        return {fn.name: manifests.Where(node=None) for fn in workflow.functions}, 0.0
+    usage = usage_by_others(api.list("Workflow"), exclude=(workflow.namespace or "default", workflow.name),
+                            usage_type=placement.GpuUsage)
+    started = time.perf_counter()
+    decided = placement.place(workflow, topo, usage=usage)
+    metrics.placement_duration.observe(time.perf_counter() - started)
+    metrics.placement_cost.observe(decided.cost_s)
+    assigned = {name: manifests.Where(node=a.node, gpu=a.gpu)
+                for name, a in decided.assignments.items()}
+    return manifests.resolve_placement(workflow, assigned), float(decided.cost_s)
+
+
+def usage_by_others(
+    workflows: Sequence[Mapping[str, Any]],
+    *,
+    exclude: tuple[str | None, str],
+    usage_type: Callable[..., Any],
+) -> dict[tuple[str, int], Any]:
+    """GPU memory and sharing slots that other placed workflows take, per (node, GPU)."""
+    totals: dict[tuple[str, int], list[int]] = {}
+    for body in workflows:
+        obj = WorkflowObject.from_body(body)
+        if (obj.namespace, obj.name) == exclude:
+            continue
+        placed = obj.status.get("placement") or {}
+        if not placed:
+            continue
+        try:
+            other = parse(obj)
+        except wf.WorkflowInvalid:
+            continue  # its children were never (re)built from this spec
+        for fn in other.functions:
+            where = placed.get(fn.name)
+            if not fn.gpu or not isinstance(where, Mapping) or where.get("gpu") is None:
+                continue
+            key = (str(where.get("node")), int(where["gpu"]))
+            memory, slots = totals.setdefault(key, [0, 0])
+            totals[key] = [memory + fn.replicas * fn.gpu_memory_bytes, slots + fn.replicas]
+    return {key: usage_type(memory_used_bytes=m, slots_used=s) for key, (m, s) in totals.items()}
+
+
+def _describe(placed: Mapping[str, manifests.Where]) -> str:
+    parts = []
+    for name, where in placed.items():
+        spot = "anywhere" if where.node is None else (
+            where.node if where.gpu is None else f"{where.node}/gpu-{where.gpu}")
+        parts.append(f"{name}->{spot}")
+    return ", ".join(parts)
+
+
+def reconcile(
+    api: k8s.KubeApi,
+    obj: WorkflowObject,
+    *,
+    settings: OperatorSettings,
+    metrics: OperatorMetrics,
+    adopt: Callable[[dict[str, Any]], None],
+    now: datetime.datetime,
+) -> Outcome:
+    """Bring the children in line with the spec; never raises for a bad spec or no fit."""
+    from faastube_operator import placement
+
+    try:
+        workflow = parse(obj)
+    except wf.WorkflowInvalid as e:
+        message = f"invalid spec: {e}"
+        return Outcome(Phase.INVALID, message, _status(obj, Phase.INVALID, message, now=now),
+                       "invalid", (Event("Warning", "InvalidSpec", message),))
+    try:
+        placed, cost_s = _place(workflow, api, settings=settings, metrics=metrics)
+    except placement.PlacementError as e:
+        message = f"cannot place the workflow: {e}"
+        status = _status(obj, Phase.UNSCHEDULABLE, message, now=now)
+        status["functionCount"] = len(workflow.functions)
+        return Outcome(Phase.UNSCHEDULABLE, message, status, "unschedulable",
+                       (Event("Warning", "PlacementFailed", message),))
+
+    children = manifests.workflow_children(workflow, namespace=obj.namespace, spec=obj.spec,
+                                           placement=placed, settings=settings)
+    changed = []
+    for child in children:
+        adopt(child)
+        if api.apply(child) != "unchanged":
+            changed.append(f"{child['kind']}/{child['metadata']['name']}")
+    removed = delete_stale_children(api, obj, keep={c["metadata"]["name"] for c in children})
+
+    deployments = [c["metadata"]["name"] for c in children if c["kind"] == "Deployment"]
+    phase, message = rollout_phase(api, obj, deployments)
+    status = _status(obj, phase, message, now=now)
+    old_placement = obj.status.get("placement") or {}
+    new_placement: dict[str, Any] = {name: None for name in old_placement if name not in placed}
+    # Absent, not null: a null in a merge patch deletes the key.
+    new_placement.update({name: {k: v for k, v in (("node", w.node), ("gpu", w.gpu)) if v is not None}
+                          for name, w in placed.items()})
+    status.update({
+        "placement": new_placement,
+        "placementCostSeconds": cost_s,
+        "functionCount": len(workflow.functions),
+        "gateway": f"{manifests.gateway_name(workflow.name)}.{obj.namespace}.svc:"
+                   f"{settings.gateway_port}",
+    })
+    events: list[Event] = []
+    if old_placement != {n: p for n, p in new_placement.items() if p is not None}:
+        events.append(Event("Normal", "Placed",
+                            f"{_describe(placed)} (estimated data passing {cost_s * 1e3:.3f} ms)"))
+    if changed or removed:
+        events.append(Event("Normal", "Applied",
+                            f"{len(changed)} objects created or updated, {removed} removed"))
+    return Outcome(phase, message, status, "success", tuple(events))
+
+
+def rollout_phase(api: k8s.KubeApi, obj: WorkflowObject,
+                  deployment_names: Sequence[str]) -> tuple[Phase, str]:
+    found = api.list("Deployment", namespace=obj.namespace,
+                     labels={manifests.LABEL_WORKFLOW: obj.name})
+    return conditions.rollout_phase(found, expected_names=deployment_names)
+
+
+def expected_deployments(obj: WorkflowObject) -> list[str]:
+    """Names of the Deployments a successfully placed workflow owns, from its status."""
+    names = [manifests.function_deployment_name(obj.name, fn)
+             for fn in (obj.status.get("placement") or {})]
+    return names + [manifests.gateway_name(obj.name)]
+
+
+def refresh(api: k8s.KubeApi, obj: WorkflowObject, *,
+            now: datetime.datetime) -> tuple[dict[str, Any], Event] | None:
+    """A status patch and event when a deployed workflow became (or stopped being) Ready."""
+    current = obj.status.get("phase")
+    if current not in (Phase.DEPLOYING.value, Phase.RUNNING.value):
+        return None
+    phase, message = rollout_phase(api, obj, expected_deployments(obj))
+    if phase.value == current:
+        return None
+    event = (Event("Normal", "Ready", message) if phase is Phase.RUNNING
+             else Event("Warning", "NotReady", message))
+    return _status(obj, phase, message, now=now), event
+
+
+def delete_stale_children(api: k8s.KubeApi, obj: WorkflowObject, *, keep: set[str]) -> int:
+    removed = 0
+    for kind in ("Deployment", "Service"):
+        for child in api.list(kind, namespace=obj.namespace,
+                              labels={manifests.LABEL_WORKFLOW: obj.name}):
+            name = str((child.get("metadata") or {}).get("name"))
+            if name not in keep and api.delete(k8s.ObjectRef(kind, name, obj.namespace)):
+                logger.info("deleted stale %s %s/%s", kind, obj.namespace, name)
+                removed += 1
+    return removed
+
+
+def cleanup(api: k8s.KubeApi, obj: WorkflowObject) -> int:
+    """Delete every child (owner references cascade too, but not every cluster runs the GC)."""
+    return delete_stale_children(api, obj, keep=set())
+
+
+def workflows_to_replace(
+    workflows: Sequence[Mapping[str, Any]],
+    before: cluster.NodeState | None,
+    after: cluster.NodeState | None,
+) -> list[k8s.ObjectRef]:
+    """Workflows a GpuNode change concerns.
+
+    Lost capacity (node gone or not ready, GPU gone or unhealthy) concerns the
+    workflows placed there; new capacity concerns only the unschedulable ones.
+    """
+    known = after or before
+    node = known.name if known is not None else ""
+    old_gpus = before.healthy_gpus if before and before.ready else frozenset()
+    new_gpus = after.healthy_gpus if after and after.ready else frozenset()
+    node_lost = before is not None and before.ready and (after is None or not after.ready)
+    lost_gpus = old_gpus - new_gpus
+    gained = bool(new_gpus - old_gpus) or (after is not None and after.ready
+                                          and (before is None or not before.ready))
+    refs = []
+    for body in workflows:
+        obj = WorkflowObject.from_body(body)
+        if (body.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        placed = [p for p in (obj.status.get("placement") or {}).values()
+                  if isinstance(p, Mapping) and p.get("node") == node]
+        hit = node_lost and bool(placed) or any(p.get("gpu") in lost_gpus for p in placed)
+        if hit or (gained and obj.status.get("phase") == Phase.UNSCHEDULABLE.value):
+            refs.append(k8s.ObjectRef("Workflow", obj.name, obj.namespace))
+    return refs

@@ -1,0 +1,42 @@
+"""Operator settings, fixed at start-up from the command line (never read at import)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEFAULT_IMAGE = "ghcr.io/faastube/faastube:0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorSettings:
+    # Image of the workflow runtime: the gateway runs ``faastube gateway`` in it.
+    image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    gateway_port: int = 8080
+    # The sidecar's socket directory on every node; function pods mount the directory
+    # (not the socket file) so a restarted sidecar's new socket is visible to them.
+    socket_dir: str = "/var/run/faastube"
+    socket_name: str = "faastube.sock"
+    mount_socket_dir: bool = True
+    # How often Ready is refreshed from the children's rollout state.
+    status_interval_s: float = 10.0
+    # Delay before re-trying a workflow that could not be placed or hit an API error.
+    retry_delay_s: float = 30.0
+    default_network_bandwidth_bytes_per_s: float = 12.5e9
+
+    def __post_init__(self) -> None:
+        if not self.image:
+            raise ValueError("image: must not be empty")
+        if not 1 <= self.gateway_port <= 65535:
+            raise ValueError(f"gateway_port: {self.gateway_port} is not a TCP port")
+        if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+            raise ValueError(f"image_pull_policy: {self.image_pull_policy!r} is not "
+                             "Always, IfNotPresent or Never")
+        if self.status_interval_s <= 0 or self.retry_delay_s <= 0:
+            raise ValueError("status_interval_s and retry_delay_s: must be > 0")
+        if self.default_network_bandwidth_bytes_per_s <= 0:
+            raise ValueError("default_network_bandwidth_bytes_per_s: must be > 0")
+
+    @property
+    def socket_path(self) -> str:
+        return f"{self.socket_dir.rstrip('/')}/{self.socket_name}"

@@ -1,0 +1,216 @@
+"""``faastube run WORKFLOW.yaml``: run a workflow on this machine and measure it.
+
+Starts a sidecar, one worker process per function replica and the gateway; sends
+``--requests`` requests on an arrival schedule (or serves until Ctrl-C with
+``--requests 0``), prints a latency table, and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from faastube import errors as ft_errors
+from faastube import sdk
+from faastube.workflow import Workflow, load_workflow
+from faastube_runtime import arrivals, dag, errors, loadgen, report
+from faastube_runtime.gateway import GatewayConfig, to_npy
+from faastube_runtime.local import LocalOptions, LocalRuntime
+
+logger = logging.getLogger(__name__)
+
+ARRIVALS = ("periodic", "sporadic", "bursty")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workflow", help="the workflow YAML (handlers resolve next to it)")
+    parser.add_argument("--requests", type=int, default=20,
+                        help="requests to send (0: serve on --port until Ctrl-C); default 20")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at most (default 4)")
+    parser.add_argument("--arrival", choices=ARRIVALS, default="periodic",
+                        help="arrival pattern of the requests (default periodic)")
+    parser.add_argument("--rate", type=float, default=20.0, help="mean requests per second (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule")
+    parser.add_argument("--backend", choices=("host", "cuda", "auto"), default="auto",
+                        help="pool memory: host shared memory, CUDA, or CUDA when a GPU is visible")
+    parser.add_argument("--passing", choices=sdk.PASSINGS, default="tube",
+                        help="tube (through the sidecar's pools) or host-centric (GPU data copied "
+                             "through pageable host memory, as host-store platforms do)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="gateway port (default: any free port; 8080 with --requests 0)")
+    parser.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    parser.add_argument("--input", type=Path, default=None,
+                        help="an .npy request input (default: make_input() of the entry's handler module)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds (default 60)")
+    parser.add_argument("--call-timeout", type=float, default=30.0, help="seconds per function call (default 30)")
+    parser.add_argument("--retries", type=int, default=2, help="extra attempts of a failed call (default 2)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    problems = []
+    if args.requests < 0:
+        problems.append(f"--requests: must be 0 or more, got {args.requests}")
+    if args.concurrency < 1:
+        problems.append(f"--concurrency: must be at least 1, got {args.concurrency}")
+    if not args.rate > 0:
+        problems.append(f"--rate: must be positive, got {args.rate}")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        problems.append(f"--port: must be in 0..65535, got {args.port}")
+    if not args.request_timeout > 0 or not args.call_timeout > 0:
+        problems.append("--request-timeout and --call-timeout: must be positive")
+    if args.retries < 0:
+        problems.append(f"--retries: must be 0 or more, got {args.retries}")
+    if problems:
+        raise errors.BadInput("; ".join(problems))
+
+
+def request_input(workflow: Workflow, path: Path | None) -> np.ndarray:
+    """The array every request sends: ``--input``, else the entry module's ``make_input()``."""
+    if path is not None:
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise errors.BadInput(f"--input: cannot read {path} as .npy: {e}") from e
+        if not isinstance(value, np.ndarray):
+            raise errors.BadInput(f"--input: {path} holds several arrays; give one .npy array")
+        return value
+    entry = workflow.function(workflow.entry)
+    try:
+        module = _import_beside(workflow, entry.handler_module)
+    except ImportError as e:
+        raise errors.BadInput(f"cannot import {entry.handler_module!r} to call its make_input(): {e}; "
+                              "pass --input FILE.npy") from e
+    make_input = getattr(module, "make_input", None)
+    if make_input is None:
+        raise errors.BadInput(f"module {entry.handler_module!r} of the entry function {entry.name!r} "
+                              "has no make_input(); pass --input FILE.npy")
+    value = make_input()
+    if not isinstance(value, np.ndarray):
+        raise errors.BadInput(f"{entry.handler_module}.make_input() returned {type(value).__name__}, "
+                              "not a NumPy array")
+    return value
+
+
+def _import_beside(workflow: Workflow, module_name: str) -> Any:
+    """The handler module next to the workflow, under a private name.
+
+    Examples all call their module ``functions``; one process benchmarking several
+    workflows must not get the first one's module back from ``sys.modules``.
+    """
+    candidate = None if workflow.base_dir is None else workflow.base_dir / (module_name.replace(".", "/") + ".py")
+    if candidate is None or not candidate.exists():
+        return importlib.import_module(module_name)
+    private = f"_faastube_input_{workflow.name.replace('-', '_')}_{module_name.replace('.', '_')}"
+    if private in sys.modules:
+        return sys.modules[private]
+    spec = importlib.util.spec_from_file_location(private, candidate)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {candidate}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[private] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[private]
+        raise
+    return module
+
+
+def arrival_offsets(kind: str, count: int, rate_per_s: float, seed: int) -> list[float]:
+    """Send times (seconds from the start) of ``count`` requests shaped like the Azure traces."""
+    return [float(o) for o in arrivals.offsets(kind, count=count, rate_per_s=rate_per_s, seed=seed)]
+
+
+class _Progress:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.tty = sys.stderr.isatty()
+        self.step = max(1, total // 10)
+
+    def __call__(self, result: loadgen.RequestResult) -> None:
+        self.done += 1
+        self.failed += 0 if result.ok else 1
+        if self.tty or self.done % self.step == 0 or self.done == self.total:
+            end = "" if self.tty and self.done < self.total else "\n"
+            print(f"\r  {self.done}/{self.total} requests done, {self.failed} failed", end=end,
+                  file=sys.stderr, flush=True)
+
+
+async def _serve_forever(runtime: LocalRuntime) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"serving workflow {runtime.workflow.name!r} on {runtime.url}/invoke "
+          f"(metrics: {runtime.url}/metrics); Ctrl-C stops", flush=True)
+    await stop.wait()
+    print("stopping", file=sys.stderr)
+
+
+async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
+    port = args.port if args.port is not None else (8080 if args.requests == 0 else 0)
+    options = LocalOptions(
+        backend=args.backend, host=args.host, port=port, passing=args.passing,
+        gateway=GatewayConfig(policy=dag.DagPolicy(request_timeout_s=args.request_timeout,
+                                                   call_timeout_s=args.call_timeout,
+                                                   max_retries=args.retries)))
+    body = to_npy(request_input(workflow, args.input)) if args.requests else b""
+    offsets = arrival_offsets(args.arrival, args.requests, args.rate, args.seed) if args.requests else []
+    started = time.monotonic()
+    async with LocalRuntime(workflow, options) as runtime:
+        print(f"workflow {workflow.name!r}: {len(workflow.functions)} functions, "
+              f"{runtime.backend} backend, {args.passing} passing, gateway {runtime.url} "
+              f"(started in {time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+        if args.requests == 0:
+            await _serve_forever(runtime)
+            return 0
+        print(f"sending {args.requests} requests ({args.arrival}, {args.rate:g}/s, "
+              f"concurrency {args.concurrency}, {len(body)} B each)", file=sys.stderr, flush=True)
+        sent = time.monotonic()
+        results = await loadgen.drive(runtime.url, body, offsets, concurrency=args.concurrency,
+                                      on_result=_Progress(args.requests),
+                                      timeout_s=args.request_timeout + 10)
+        summary = report.summarize(results, duration_s=time.monotonic() - sent)
+    print(report.format_table(summary), flush=True)
+    for r in results:
+        if not r.ok:
+            print(f"request {r.index}: HTTP {r.status}: {r.error}", file=sys.stderr)
+            break
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"workflow": workflow.name, "passing": args.passing,
+                                         "arrival": args.arrival, "rate_per_s": args.rate,
+                                         **summary.as_dict()}, indent=2))
+    return 0 if summary.ok == summary.requests else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _validate(args)
+        workflow = load_workflow(args.workflow)
+        return asyncio.run(_run(args, workflow))
+    except ft_errors.FaastubeError as e:
+        print(f"faastube run: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="faastube run", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,59 @@
+"""Errors of the workflow runtime, split by what the caller (an HTTP client) should do.
+
+Each maps to one HTTP status at the gateway's edge (``http_status``): fix the
+request (400), retry later (503, 504), or give up on this request (502).
+"""
+
+from __future__ import annotations
+
+from faastube import errors
+
+
+class RuntimeFailure(errors.FaastubeError):
+    """Base of every error the workflow runtime raises."""
+
+    http_status = 500
+
+
+class BadInput(RuntimeFailure, errors.InvalidRequest):
+    """The request body or its parameters are wrong (HTTP 400)."""
+
+    http_status = 400
+
+
+class Overloaded(RuntimeFailure, errors.RetryableError):
+    """Too many requests in flight; retry later (HTTP 503)."""
+
+    http_status = 503
+
+
+class RequestTimedOut(RuntimeFailure, errors.RetryableError):
+    """The request or one of its function calls ran past its timeout (HTTP 504)."""
+
+    http_status = 504
+
+
+class FunctionFailed(RuntimeFailure):
+    """A function call failed on every allowed attempt (HTTP 502)."""
+
+    http_status = 502
+
+    def __init__(self, function: str, attempts: int, cause: str) -> None:
+        self.function = function
+        self.attempts = attempts
+        self.cause = cause
+        super().__init__(f"function {function!r} failed after {attempts} attempt(s): {cause}")
+
+
+class CallFailed(RuntimeFailure):
+    """One call of a function failed; ``retryable`` says whether another attempt may succeed."""
+
+    http_status = 502
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class StartupFailed(RuntimeFailure):
+    """A local-mode component (sidecar, worker, gateway) did not start; see the message."""

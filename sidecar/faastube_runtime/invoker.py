@@ -1,0 +1,165 @@
+"""Calling function workers over HTTP on their Unix sockets, one call per replica at a time.
+
+Each function has a queue of idle replicas; a call takes one (waiting is the
+request's queueing time), sends ``POST /call``, and puts the replica back. So the
+concurrency of a function is bounded by its replica count, and a waiting call
+costs nothing but a parked coroutine.
+
+A call the gateway gives up on (timeout, failed sibling) is not cut off: the worker
+is busy with it either way. It becomes an orphan that runs to its end; whatever
+refs it reports are handed to ``discard`` (the pool must not keep them), and only
+then does the replica take new calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+import aiohttp
+
+from faastube_runtime import dag, errors, wire
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    function: str
+    index: int
+    socket_path: str
+
+
+class WorkerPool:
+    """A ``dag.FunctionInvoker`` over worker processes; use as an async context manager."""
+
+    def __init__(self, plan: dag.RequestPlan, replicas: Mapping[str, list[Replica]], *,
+                 discard: Callable[[Sequence[str]], Awaitable[None]]) -> None:
+        missing = {f.name for f in plan.functions} - {name for name, r in replicas.items() if r}
+        if missing:
+            raise errors.StartupFailed(f"no worker replica for function(s) {sorted(missing)}")
+        self._plan = plan
+        self._replicas = {name: list(r) for name, r in replicas.items()}
+        self._idle: dict[str, asyncio.Queue[Replica]] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._discard = discard
+        self._orphans: set[asyncio.Task[None]] = set()
+        # request id -> replicas whose call for it failed or was abandoned (they may hold reads)
+        self._failed_on: dict[str, set[Replica]] = {}
+
+    async def __aenter__(self) -> WorkerPool:
+        for name, replicas in self._replicas.items():
+            queue: asyncio.Queue[Replica] = asyncio.Queue()
+            for replica in replicas:
+                queue.put_nowait(replica)
+                self._sessions[replica.socket_path] = aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=replica.socket_path),
+                    timeout=aiohttp.ClientTimeout(total=None))
+            self._idle[name] = queue
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def drain(self) -> None:
+        """Wait for calls that were given up on to finish and their outputs to be freed."""
+        while self._orphans:
+            await asyncio.gather(*list(self._orphans), return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
+
+    def waiting(self, function: str) -> int:
+        """Replicas of ``function`` idle right now."""
+        return self._idle[function].qsize()
+
+    async def invoke(self, function: str, inputs: Mapping[str, str], *, request_id: str,
+                     attempt: int, final: bool, timeout_s: float) -> dag.CallOutcome:
+        queued = time.monotonic()
+        replica = await self._idle[function].get()
+        queue_s = time.monotonic() - queued
+        body = wire.CallBody(request_id=request_id, attempt=attempt, final=final, inputs=dict(inputs),
+                             timeout_s=max(1e-3, timeout_s - queue_s))
+        call = asyncio.ensure_future(self._post(replica, body))
+        try:
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._failed_on.setdefault(request_id, set()).add(replica)
+            self._track(self._finish_orphan(call, replica))
+            raise
+        except BaseException:
+            self._failed_on.setdefault(request_id, set()).add(replica)
+            self._idle[function].put_nowait(replica)
+            raise
+        self._idle[function].put_nowait(replica)
+        t = reply["timings"]
+        return dag.CallOutcome(outputs=reply["outputs"], get_s=t["get_s"], compute_s=t["compute_s"],
+                               put_s=t["put_s"], queue_s=queue_s + t["wait_s"],
+                               refs=tuple(reply["refs"]))
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+
+    def forget(self, request_id: str) -> None:
+        """The request is over: replicas that failed on it may end the reads kept for retries.
+
+        Runs in the background (a busy replica answers after its current call); ``drain``
+        waits for it.
+        """
+        for replica in self._failed_on.pop(request_id, ()):
+            self._track(self._send_forget(replica, request_id))
+
+    async def _send_forget(self, replica: Replica, request_id: str) -> None:
+        session = self._sessions.get(replica.socket_path)
+        if session is None:
+            return
+        try:
+            async with session.post(f"http://worker{wire.FORGET_PATH}",
+                                    json={"request_id": request_id}) as response:
+                await response.read()
+        except aiohttp.ClientError as e:
+            logger.debug("forget %s on %s[%d]: %s", request_id, replica.function, replica.index, e)
+
+    async def _finish_orphan(self, call: asyncio.Future[wire.ReplyBody], replica: Replica) -> None:
+        try:
+            reply = await call
+        except Exception as e:
+            logger.debug("abandoned call on %s[%d] ended with %s", replica.function, replica.index, e)
+        else:
+            logger.info("freeing %d output(s) of an abandoned call on %s[%d]", len(reply["refs"]),
+                        replica.function, replica.index)
+            await self._discard(reply["refs"])
+        finally:
+            self._idle[replica.function].put_nowait(replica)
+
+    async def _post(self, replica: Replica, body: wire.CallBody) -> wire.ReplyBody:
+        session = self._sessions[replica.socket_path]
+        where = f"{replica.function}[{replica.index}]"
+        try:
+            async with session.post(f"http://worker{wire.CALL_PATH}", json=body) as response:
+                text = await response.text()
+                status = response.status
+        except aiohttp.ClientError as e:
+            raise errors.CallFailed(f"{where}: worker unreachable: {e}", retryable=True) from e
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError:
+            raise errors.CallFailed(f"{where}: HTTP {status} with a non-JSON body {text[:200]!r}",
+                                    retryable=True) from None
+        if status != 200:
+            err = wire.parse_error(payload)
+            raise errors.CallFailed(f"{where}: {err['error']}: {err['message']}", retryable=err["retryable"])
+        readers = set(self._plan.function(replica.function).readers)
+        try:
+            return wire.parse_reply(payload, expected_readers=readers)
+        except errors.BadInput as e:
+            raise errors.CallFailed(f"{where}: malformed reply: {e}", retryable=False) from e

@@ -1,0 +1,296 @@
+"""Local mode: a sidecar, one process per function replica, and the gateway, on this machine.
+
+``LocalRuntime`` owns every process it starts: children get their own session (so
+Ctrl-C reaches only us and we stop them in order: gateway, workers, sidecar) and
+a parent-death signal (so even a killed parent leaves no orphans). All sockets
+live in one temporary directory, removed on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+
+from faastube import errors as ft_errors
+from faastube import sdk
+from faastube.workflow import Workflow
+from faastube_runtime import dag, errors, wire
+from faastube_runtime.gateway import ClientStore, Gateway, GatewayConfig, build_app
+from faastube_runtime.invoker import Replica, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["host", "cuda", "auto"]
+STOP_TIMEOUT_S = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LocalOptions:
+    backend: Backend = "auto"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    passing: sdk.Passing = "tube"
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    startup_timeout_s: float = 60.0
+    child_log_level: str = "WARNING"
+    sidecar_args: tuple[str, ...] = ()
+
+
+def gpu_count() -> int:
+    """Visible CUDA devices; 0 without CuPy or a driver."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no CuPy, no driver, no device: all mean "no GPU" here
+        return 0
+
+
+def resolve_backend(backend: Backend) -> Literal["host", "cuda"]:
+    if backend == "auto":
+        return "cuda" if gpu_count() > 0 else "host"
+    if backend == "cuda" and gpu_count() == 0:
+        raise errors.StartupFailed("--backend cuda: no CUDA device visible (or CuPy is not installed)")
+    return backend
+
+
+def assign_devices(workflow: Workflow, *, gpus: int) -> dict[tuple[str, int], int | None]:
+    """GPU index per (function, replica): GPU functions round-robin over the GPUs, CPU ones none."""
+    assignment: dict[tuple[str, int], int | None] = {}
+    next_gpu = 0
+    for spec in workflow.functions:
+        for replica in range(spec.replicas):
+            if spec.gpu and gpus > 0:
+                assignment[(spec.name, replica)] = next_gpu % gpus
+                next_gpu += 1
+            else:
+                assignment[(spec.name, replica)] = None
+    return assignment
+
+
+def _socket_parent() -> str:
+    """Where the socket directory goes: $TMPDIR unless that is too deep for socket paths."""
+    base = tempfile.gettempdir()
+    return base if len(base) <= 64 else "/tmp"
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGTERM it when this process dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+class LocalRuntime:
+    """``async with LocalRuntime(workflow, options) as rt:`` then POST to ``rt.url``."""
+
+    def __init__(self, workflow: Workflow, options: LocalOptions = LocalOptions()) -> None:
+        if workflow.source_path is None:
+            raise errors.StartupFailed("local mode needs a workflow loaded from a file "
+                                       "(workers load it and its handlers by path)")
+        self.workflow = workflow
+        self.options = options
+        self.plan = dag.plan_workflow(workflow)
+        self.backend: Literal["host", "cuda"] = "host"
+        self.socket_dir = Path()
+        self.sidecar_socket = ""
+        self.gateway: Gateway | None = None
+        self.url = ""
+        self._children: list[_Child] = []
+        self._pool: WorkerPool | None = None
+        self._store: ClientStore | None = None
+        self._runner: web.AppRunner | None = None
+        self._client: Any = None
+
+    async def __aenter__(self) -> LocalRuntime:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.backend = resolve_backend(self.options.backend)
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="faastube-run-", dir=_socket_parent()))
+        self.sidecar_socket = str(self.socket_dir / "sidecar.sock")
+        self._spawn("sidecar", ["-m", "faastube.cli", "--log-level", self.options.child_log_level,
+                                "sidecar", "--socket", self.sidecar_socket, "--backend", self.backend,
+                                *self.options.sidecar_args])
+        self._client = await self._connect_sidecar()
+        replicas = self._spawn_workers()
+        await asyncio.gather(*(self._wait_worker(r) for rs in replicas.values() for r in rs))
+        self._store = ClientStore(self._client)
+        self._pool = WorkerPool(self.plan, replicas, discard=self._store.discard)
+        await self._pool.__aenter__()
+        self.gateway = Gateway(self.workflow.name, self.plan, self._pool, self._store,
+                               config=self.options.gateway)
+        self._runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.options.host, self.options.port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://{self.options.host}:{port}"
+        logger.info("workflow %s: gateway on %s, %d worker(s), %s backend, %s passing", self.workflow.name,
+                    self.url, sum(len(r) for r in replicas.values()), self.backend, self.options.passing)
+
+    def _spawn(self, name: str, args: list[str]) -> _Child:
+        log_path = self.socket_dir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
+        child = _Child(name=name, process=process, log_path=log_path)
+        self._children.append(child)
+        return child
+
+    def _spawn_workers(self) -> dict[str, list[Replica]]:
+        devices = assign_devices(self.workflow, gpus=gpu_count() if self.backend == "cuda" else 0)
+        replicas: dict[str, list[Replica]] = {}
+        for number, spec in enumerate(self.workflow.functions):
+            for index in range(spec.replicas):
+                # short names: a Unix socket path must fit in 108 bytes
+                path = str(self.socket_dir / f"w{number}-{index}.sock")
+                args = ["-m", "faastube_runtime.worker", "--log-level", self.options.child_log_level,
+                        "--workflow", str(self.workflow.source_path), "--function", spec.name,
+                        "--listen", path, "--sidecar", self.sidecar_socket,
+                        "--passing", self.options.passing]
+                device = devices[(spec.name, index)]
+                if device is not None:
+                    args += ["--device", str(device)]
+                self._spawn(f"fn-{spec.name}-{index}", args)
+                replicas.setdefault(spec.name, []).append(Replica(spec.name, index, path))
+        return replicas
+
+    def _check_alive(self, name: str) -> None:
+        for child in self._children:
+            if child.name == name and child.process.poll() is not None:
+                tail = child.log_path.read_text(errors="replace")[-2000:]
+                raise errors.StartupFailed(f"{name} exited with status {child.process.returncode} "
+                                           f"during startup; its log ends:\n{tail}")
+
+    async def _until_ready(self, name: str, probe: Any) -> Any:
+        """Probe with backoff until it answers, the child dies, or the startup timeout passes."""
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        delay_s = 0.01
+        while True:
+            self._check_alive(name)
+            try:
+                return await probe()
+            except (OSError, aiohttp.ClientError, ft_errors.Unavailable) as e:
+                last: BaseException = e
+            if time.monotonic() > deadline:
+                raise errors.StartupFailed(f"{name} did not become ready in "
+                                           f"{self.options.startup_timeout_s:.0f}s: {last}")
+            await asyncio.sleep(delay_s)
+            delay_s = min(0.2, delay_s * 2)
+
+    async def _connect_sidecar(self) -> Any:
+        from faastube import client as ft_client
+
+        async def probe() -> Any:
+            if not os.path.exists(self.sidecar_socket):
+                raise FileNotFoundError(self.sidecar_socket)
+            return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function="gateway")
+
+        return await self._until_ready("sidecar", probe)
+
+    async def _wait_worker(self, replica: Replica) -> None:
+        async def probe() -> None:
+            if not os.path.exists(replica.socket_path):
+                raise FileNotFoundError(replica.socket_path)
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=replica.socket_path)) as s:
+                async with s.get(f"http://worker{wire.HEALTH_PATH}") as response:
+                    if response.status != 200:
+                        raise aiohttp.ClientError(f"healthz answered {response.status}")
+
+        await self._until_ready(f"fn-{replica.function}-{replica.index}", probe)
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait until calls the gateway gave up on have ended and their outputs are freed."""
+        if self._pool is not None:
+            await self._pool.drain()
+
+    def pool_stats(self) -> Any:
+        """The sidecar's pool statistics (for checks that nothing was left allocated)."""
+        return self._client.stats()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._pool is not None:
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await self._pool.drain()
+            except TimeoutError:
+                logger.warning("abandoned calls still running at shutdown")
+            await self._pool.close()
+            self._pool = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception as e:  # the sidecar may already be gone; nothing to do about it
+                logger.debug("closing the gateway's client: %s", e)
+            self._client = None
+        # workers before the sidecar: they hold mappings of its pool
+        workers = [c for c in self._children if c.name != "sidecar"]
+        sidecars = [c for c in self._children if c.name == "sidecar"]
+        await asyncio.to_thread(_stop_children, workers)
+        await asyncio.to_thread(_stop_children, sidecars)
+        self._children = []
+        if self.socket_dir != Path() and self.socket_dir.exists():
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def child_logs(self) -> dict[str, str]:
+        return {c.name: c.log_path.read_text(errors="replace") for c in self._children if c.log_path.exists()}
+
+
+def _stop_children(children: list[_Child]) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0fs; killing it", child.name, STOP_TIMEOUT_S)
+            child.process.kill()
+            child.process.wait()
+        if child.process.returncode not in (0, -signal.SIGTERM):
+            logger.info("%s exited with status %s", child.name, child.process.returncode)

@@ -1,0 +1,81 @@
+"""Summaries of a run's latencies: percentiles overall and per stage, as a table."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from faastube_runtime.loadgen import RequestResult
+
+STAGES = ("total_s", "compute_s", "data_passing_s", "queueing_s", "other_s")
+STAGE_LABELS = {"total_s": "end-to-end (gateway)", "compute_s": "compute",
+                "data_passing_s": "data passing", "queueing_s": "queueing", "other_s": "other"}
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    p50_s: float
+    p99_s: float
+    mean_s: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Percentiles:
+        if not values:
+            return cls(float("nan"), float("nan"), float("nan"))
+        a = np.asarray(values, dtype=float)
+        return cls(float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.mean()))
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    requests: int
+    ok: int
+    failures: dict[int, int]  # HTTP status (0: no answer) -> count
+    duration_s: float
+    client_latency: Percentiles
+    stages: dict[str, Percentiles]
+
+    @property
+    def throughput_per_s(self) -> float:
+        return self.ok / self.duration_s if self.duration_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"requests": self.requests, "ok": self.ok,
+                "failures": {str(k): v for k, v in self.failures.items()},
+                "duration_s": self.duration_s, "throughput_per_s": self.throughput_per_s,
+                "client_latency": _pdict(self.client_latency),
+                "stages": {k: _pdict(v) for k, v in self.stages.items()}}
+
+
+def _pdict(p: Percentiles) -> dict[str, float]:
+    return {"p50_s": p.p50_s, "p99_s": p.p99_s, "mean_s": p.mean_s}
+
+
+def summarize(results: Sequence[RequestResult], *, duration_s: float) -> RunSummary:
+    ok = [r for r in results if r.ok]
+    stages = {stage: Percentiles.of([r.breakdown[stage] for r in ok if r.breakdown and stage in r.breakdown])
+              for stage in STAGES}
+    return RunSummary(requests=len(results), ok=len(ok),
+                      failures=dict(Counter(r.status for r in results if not r.ok)),
+                      duration_s=duration_s, client_latency=Percentiles.of([r.latency_s for r in ok]),
+                      stages=stages)
+
+
+def format_table(summary: RunSummary) -> str:
+    def ms(value: float) -> str:
+        return f"{value * 1e3:10.1f}"
+
+    rows = [f"{'latency (ms)':<22}{'p50':>10}{'p99':>10}{'mean':>10}",
+            f"{'client (incl. HTTP)':<22}{ms(summary.client_latency.p50_s)}"
+            f"{ms(summary.client_latency.p99_s)}{ms(summary.client_latency.mean_s)}"]
+    for stage in STAGES:
+        p = summary.stages[stage]
+        rows.append(f"{STAGE_LABELS[stage]:<22}{ms(p.p50_s)}{ms(p.p99_s)}{ms(p.mean_s)}")
+    failed = ", ".join(f"{n} x HTTP {s or 'no answer'}" for s, n in sorted(summary.failures.items()))
+    rows.append(f"{summary.ok}/{summary.requests} ok in {summary.duration_s:.2f}s "
+                f"({summary.throughput_per_s:.1f} req/s)" + (f"; failed: {failed}" if failed else ""))
+    rows.append("stages are along each request's critical path; 'other' is transport and scheduling")
+    return "\n".join(rows)

@@ -1,0 +1,179 @@
+"""The CRDs: structural schemas that accept the example workflows and reject bad ones."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+osv = pytest.importorskip("openapi_schema_validator")
+from faastube import topology
+from faastube import workflow as wf
+from jsonschema.exceptions import ValidationError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*/workflow.yaml"))
+
+
+def _crd(name: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / "crds" / name).read_text()))
+
+
+def _schema(crd: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def _validate(crd_name: str, obj: Mapping[str, Any]) -> None:
+    osv.validate(obj, _schema(_crd(crd_name)), cls=osv.OAS30Validator)
+
+
+def _nodes(schema: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, Mapping[str, Any], bool]]:
+    """Every schema node with its path and whether it sits inside a junctor (anyOf...)."""
+    yield path, schema, False
+    for key, sub in (schema.get("properties") or {}).items():
+        yield from _nodes(sub, f"{path}.{key}")
+    if isinstance(schema.get("items"), Mapping):
+        yield from _nodes(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), Mapping):
+        yield from _nodes(schema["additionalProperties"], f"{path}{{}}")
+    for junctor in ("anyOf", "allOf", "oneOf"):
+        for i, sub in enumerate(schema.get(junctor) or []):
+            yield f"{path}.{junctor}[{i}]", sub, True
+
+
+@pytest.mark.parametrize("name", ["workflows.faastube.io.yaml", "gpunodes.faastube.io.yaml"])
+def test_crd_schema_is_structural(name: str) -> None:
+    for path, node, in_junctor in _nodes(_schema(_crd(name))):
+        if in_junctor:
+            # Only the int-or-string form may name types inside anyOf.
+            assert set(node) <= {"type"} and node.get("type") in ("integer", "string"), path
+            continue
+        untyped_ok = node.get("x-kubernetes-int-or-string") or node.get(
+            "x-kubernetes-preserve-unknown-fields")
+        assert "type" in node or untyped_ok, f"{path}: structural schemas need a type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+
+
+def test_workflow_crd_names_and_columns_follow_the_conventions() -> None:
+    crd = _crd("workflows.faastube.io.yaml")
+    names = crd["spec"]["names"]
+    assert crd["spec"]["group"] == "faastube.io" and crd["spec"]["scope"] == "Namespaced"
+    assert names["shortNames"] == ["ftwf"] and "wf" not in names["shortNames"]
+    assert names["categories"] == ["faastube"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert {"Phase", "Functions", "Age"} <= set(columns)
+
+
+def test_gpunode_crd_is_cluster_scoped_with_contract_columns() -> None:
+    crd = _crd("gpunodes.faastube.io.yaml")
+    assert crd["spec"]["scope"] == "Cluster"
+    assert crd["spec"]["names"]["shortNames"] == ["ftnode"]
+    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert columns[:3] == ["GPUs", "Free-Pool", "Ready"] and "Age" in columns
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.parent.name for p in EXAMPLES])
+def test_example_workflows_pass_the_crd_schema_and_the_runtime_parser(path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    _validate("workflows.faastube.io.yaml", doc)
+    wf.parse_workflow(doc)  # the operator's check agrees
+
+
+def _good() -> dict[str, Any]:
+    return {"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow",
+            "metadata": {"name": "w", "namespace": "team-a"},
+            "spec": {"slo": "1.5s", "entry": "a",
+                     "functions": [{"name": "a", "handler": "fns.mod:run", "image": "x:1",
+                                    "replicas": 2, "computeTime": "500us"},
+                                   {"name": "b", "handler": "fns:run", "gpu": {"memory": "8Gi"}}],
+                     "edges": [{"from": "a", "to": "b", "size": "130MB"},
+                               {"from": "a", "to": "b", "size": 4096}]}}
+
+
+def test_a_hand_written_workflow_passes() -> None:
+    _validate("workflows.faastube.io.yaml", _good())
+
+
+BAD_WORKFLOWS = {
+    "no spec": (lambda d: d.pop("spec")),
+    "no slo": (lambda d: d["spec"].pop("slo")),
+    "slo without unit": (lambda d: d["spec"].__setitem__("slo", "800")),
+    "slo with unknown unit": (lambda d: d["spec"].__setitem__("slo", "8 days")),
+    "no functions": (lambda d: d["spec"].__setitem__("functions", [])),
+    "upper-case function name": (lambda d: d["spec"]["functions"][0].__setitem__("name", "Decode")),
+    "function name too long": (lambda d: d["spec"]["functions"][0].__setitem__("name", "a" * 64)),
+    "zero replicas": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", 0)),
+    "replicas as text": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", "2")),
+    "handler without function": (lambda d: d["spec"]["functions"][0].__setitem__("handler", "mod")),
+    "edge without size": (lambda d: d["spec"]["edges"][0].pop("size")),
+    "negative size": (lambda d: d["spec"]["edges"][1].__setitem__("size", -1)),
+    "size with unknown unit": (lambda d: d["spec"]["edges"][0].__setitem__("size", "12 parsecs")),
+    "edge to a bad name": (lambda d: d["spec"]["edges"][0].__setitem__("to", "B_2")),
+    "bad compute time": (lambda d: d["spec"]["functions"][0].__setitem__("computeTime", "fast")),
+}
+
+
+@pytest.mark.parametrize("change", BAD_WORKFLOWS.values(), ids=BAD_WORKFLOWS.keys())
+def test_the_workflow_schema_rejects(change: Any) -> None:
+    doc = copy.deepcopy(_good())
+    change(doc)
+    with pytest.raises(ValidationError):
+        _validate("workflows.faastube.io.yaml", doc)
+
+
+def test_the_workflow_status_the_operator_writes_passes() -> None:
+    doc = _good()
+    doc["status"] = {
+        "phase": "Running", "observedGeneration": 3, "functionCount": 2,
+        "placementCostSeconds": 0.0052, "gateway": "w-gateway.team-a.svc:8080",
+        "placement": {"a": {"node": "node-a"}, "b": {"node": "node-a", "gpu": 1}},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "AllFunctionsAvailable",
+                        "message": "ok", "lastTransitionTime": "2026-11-27T18:00:00Z",
+                        "observedGeneration": 3}],
+    }
+    _validate("workflows.faastube.io.yaml", doc)
+    doc["status"]["conditions"][0]["reason"] = "not camel case"
+    with pytest.raises(ValidationError):
+        _validate("workflows.faastube.io.yaml", doc)
+
+
+def _gpunode() -> dict[str, Any]:
+    node = topology.dump_node(topology.builtin_node("dgx-h100"))
+    return {"apiVersion": "faastube.io/v1alpha1", "kind": "GpuNode",
+            "metadata": {"name": node["name"]}, "spec": {"topology": node},
+            "status": {"gpus": [{"index": 0, "uuid": "GPU-0", "healthy": True,
+                                 "poolReservedBytes": 0, "poolUsedBytes": 0,
+                                 "freeMemoryBytes": 80 << 30}],
+                       "freePoolBytes": 80 << 30, "lastHeartbeatTime": "2026-11-27T18:00:00Z",
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "Heartbeat",
+                                       "message": "up", "lastTransitionTime": "2026-11-27T18:00:00Z"}]}}
+
+
+@pytest.mark.parametrize("name", topology.builtin_names())
+def test_every_builtin_node_topology_passes_the_gpunode_schema(name: str) -> None:
+    for node in topology.builtin(name).nodes:
+        doc = _gpunode()
+        doc["spec"]["topology"] = topology.dump_node(node)
+        _validate("gpunodes.faastube.io.yaml", doc)
+
+
+def test_the_gpunode_schema_rejects_a_bad_status_and_a_bad_link() -> None:
+    doc = _gpunode()
+    doc["status"]["gpus"][0]["healthy"] = "yes"
+    with pytest.raises(ValidationError):
+        _validate("gpunodes.faastube.io.yaml", doc)
+    doc = _gpunode()
+    doc["spec"]["topology"]["links"][0]["kind"] = "infiniband"
+    with pytest.raises(ValidationError):
+        _validate("gpunodes.faastube.io.yaml", doc)
+    doc = _gpunode()
+    del doc["spec"]["topology"]
+    with pytest.raises(ValidationError):
+        _validate("gpunodes.faastube.io.yaml", doc)
