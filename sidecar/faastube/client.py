@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,6 +33,7 @@ from faastube.mapping import CudaImporter, CudaSlab, HostSlab, map_host_slab
 logger = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/var/run/faastube/faastube.sock"
+_READ_BYTES = 256 << 10
 _ANCILLARY_BYTES = socket.CMSG_SPACE(protocol.MAX_FDS_PER_FRAME * _array.array("i").itemsize)
 
 Device = int | str | None
@@ -96,11 +98,19 @@ class Client:
         self.socket_path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
-        try:
-            self._sock.connect(path)
-        except OSError as e:
+        for attempt in range(50):
+            try:
+                self._sock.connect(path)
+                break
+            except BlockingIOError:
+                # The sidecar's accept queue is full: a burst of connects. Back off briefly.
+                time.sleep(0.001 * (attempt + 1))
+            except OSError as e:
+                self._sock.close()
+                raise errors.Unavailable(f"cannot reach the faastube sidecar at {path}: {e.strerror or e}") from e
+        else:
             self._sock.close()
-            raise errors.Unavailable(f"cannot reach the faastube sidecar at {path}: {e.strerror or e}") from e
+            raise errors.Unavailable(f"the faastube sidecar at {path} accepts no connections (queue full)")
         self._lock = threading.RLock()
         self._next_id = 1
         self._slabs: dict[int, HostSlab | CudaSlab] = {}
@@ -197,6 +207,9 @@ class Client:
         weakref.finalize(lease, self._lease_died, ref, state)
         self._open_leases.setdefault(ref, []).append(weakref.ref(lease))
         alloc = reply["alloc"]
+        wait = reply.get("wait")
+        if wait is not None:
+            self._order_after_copy(wait, slab)
         view = self._view(slab, alloc["offset"], tuple(reply["shape"]), reply["dtype"], lease, readonly=True)
         self.last_path: str = reply.get("path", "local")
         if copy:
@@ -346,6 +359,16 @@ class Client:
         mem = cupy.cuda.UnownedMemory(slab.ptr + offset, nbytes, owner, device_id=slab.ordinal)
         return cupy.ndarray(shape, dtype=dt, memptr=cupy.cuda.MemoryPointer(mem, 0))
 
+    def _order_after_copy(self, wait: dict[str, Any], slab: HostSlab | CudaSlab) -> None:
+        """The sidecar replied before its copy finished: make our stream wait for it on the GPU."""
+        if not isinstance(slab, CudaSlab) or self._cuda is None:
+            raise errors.ProtocolError("a copy-event wait arrived for memory that is not on a GPU")
+        event = self._cuda.copy_event(int(wait["gpu"]), slab.ordinal, wait.get("event"))
+        import cupy
+
+        with cupy.cuda.Device(slab.ordinal):
+            cupy.cuda.runtime.streamWaitEvent(cupy.cuda.get_current_stream().ptr, event, 0)
+
     # --- leases -------------------------------------------------------------------------------
 
     def _lease_died(self, ref: str, state: _LeaseState) -> None:
@@ -407,20 +430,14 @@ class Client:
         self._roundtrip(protocol.Op.UNMAP, {"slabs": [int(s) for s in slab_ids]})
 
     def _read_frame(self) -> tuple[protocol.Header, dict[str, Any], list[int]]:
+        # One request is outstanding at a time, so whatever arrives belongs to its reply:
+        # read in large chunks (usually the whole reply, and its fds, in one recvmsg).
         data = bytearray()
         fds: list[int] = []
         header: protocol.Header | None = None
         try:
             while True:
-                if header is None and len(data) >= protocol.HEADER_SIZE:
-                    header = protocol.decode_header(data)
-                if header is not None and len(data) >= protocol.HEADER_SIZE + header.body_bytes:
-                    if len(data) > protocol.HEADER_SIZE + header.body_bytes:
-                        raise errors.ProtocolError("sidecar sent bytes beyond the reply frame")
-                    return header, protocol.decode_body(data[protocol.HEADER_SIZE:]), fds
-                want = (protocol.HEADER_SIZE - len(data)) if header is None else \
-                    (protocol.HEADER_SIZE + header.body_bytes - len(data))
-                chunk, ancdata, _flags, _addr = self._sock.recvmsg(max(want, 1), _ANCILLARY_BYTES)
+                chunk, ancdata, _flags, _addr = self._sock.recvmsg(_READ_BYTES, _ANCILLARY_BYTES)
                 for level, kind, payload in ancdata:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         got = _array.array("i")
@@ -429,6 +446,12 @@ class Client:
                 if not chunk:
                     raise EOFError("the sidecar closed the connection")
                 data += chunk
+                if header is None and len(data) >= protocol.HEADER_SIZE:
+                    header = protocol.decode_header(data)
+                if header is not None and len(data) >= protocol.HEADER_SIZE + header.body_bytes:
+                    if len(data) > protocol.HEADER_SIZE + header.body_bytes:
+                        raise errors.ProtocolError("sidecar sent bytes beyond the reply frame")
+                    return header, protocol.decode_body(data[protocol.HEADER_SIZE:]), fds
         except BaseException:
             _close_all(fds)
             raise

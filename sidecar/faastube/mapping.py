@@ -63,6 +63,7 @@ class CudaImporter:
         self._Device = Device
         self._pools: dict[int, Any] = {}       # sidecar GPU index -> mapped memory resource
         self._streams: dict[int, Any] = {}
+        self._events: dict[int, int] = {}      # sidecar GPU index -> its copy event, opened once
 
     def import_pool(self, gpu: int, ordinal: int, fd: int) -> None:
         from cuda.core import DeviceMemoryResource
@@ -80,6 +81,24 @@ class CudaImporter:
         finally:
             os.close(fd)
         self._streams[gpu] = device.create_stream()
+
+    def copy_event(self, gpu: int, ordinal: int, handle_b64: str | None) -> int:
+        """The sidecar's inter-process copy event for a GPU (opened on first sight)."""
+        event = self._events.get(gpu)
+        if event is not None:
+            return event
+        if handle_b64 is None:
+            raise errors.ProtocolError(f"told to wait for GPU {gpu}'s copy event before receiving its handle")
+        import cupy
+
+        try:
+            handle = base64.b64decode(handle_b64, validate=True)
+            with cupy.cuda.Device(ordinal):
+                event = int(cupy.cuda.runtime.ipcOpenEventHandle(handle))
+        except Exception as e:
+            raise errors.ProtocolError(f"cannot open GPU {gpu}'s copy event: {e}") from e
+        self._events[gpu] = event
+        return event
 
     def has_pool(self, gpu: int) -> bool:
         return gpu in self._pools

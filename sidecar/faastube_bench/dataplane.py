@@ -231,6 +231,14 @@ def measure_raw_cupy(pattern: str, size: int, iters: int, warmup: int) -> Result
         path = "h2d-pinned"
     else:
         dst_dev = 1 if pattern == "gpu-gpu" else 0
+        if dst_dev != 0:
+            # The ceiling is the direct NVLink copy: without peer access CUDA stages through the host.
+            for a, b in ((0, dst_dev), (dst_dev, 0)):
+                with cp.cuda.Device(a):
+                    try:
+                        rt.deviceEnablePeerAccess(b)
+                    except rt.CUDARuntimeError:
+                        pass   # already enabled
         with cp.cuda.Device(0):
             src = cp.ones(size, cp.uint8)
         with cp.cuda.Device(dst_dev):

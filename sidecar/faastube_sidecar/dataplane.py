@@ -7,6 +7,8 @@ layer checked their shape) and return reply bodies plus the fds to pass with the
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import math
 import time
@@ -17,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from faastube import errors, protocol
-from faastube_sidecar.backends import Backend, Span
+from faastube_sidecar.backends import Backend, CopyTicket, Span
 from faastube_sidecar.identity import Identity
 from faastube_sidecar.objects import ObjectRecord, ObjectTable, State, new_ref
 from faastube_sidecar.pool import Allocation, Pool, PoolLimits, PoolStats
@@ -46,6 +48,7 @@ class Session:
     device_map: dict[int, int] = field(default_factory=dict)     # client ordinal -> our GPU index
     mapped_slabs: set[int] = field(default_factory=set)
     known_pools: set[str] = field(default_factory=set)
+    known_events: set[int] = field(default_factory=set)          # GPUs whose copy event the client holds
     leases: Counter[str] = field(default_factory=Counter)
     writing: set[str] = field(default_factory=set)
     retired_notices: list[int] = field(default_factory=list)
@@ -54,7 +57,8 @@ class Session:
 class TransferObserver:
     """Where the data plane reports what it did (metrics); a no-op by default."""
 
-    def transfer(self, path: str, nbytes: int, seconds: float) -> None:
+    def transfer(self, path: str, nbytes: int, seconds: float, *, route: str = "",
+                 requester: Identity | None = None) -> None:
         pass
 
 
@@ -111,7 +115,8 @@ class DataPlane:
             if record is None:
                 continue
             record.leases.pop(session.id, None)
-            if record.released and not record.lease_count():
+            if record.released and not record.busy():
+                self.table.draining.pop(record.ref, None)
                 self._free_memory(record)
         session.leases.clear()
         for pool in self.pools.values():
@@ -188,48 +193,94 @@ class DataPlane:
         self.table.set_expiry(record, self._clock() + self._ttl(body.get("ttl_s")))
         return self._with_notices(session, {}), []
 
+    def get_local(self, session: Session, body: Mapping[str, Any]) -> Reply | None:
+        """Serve a get without awaiting anything, if a replica is already where it is wanted."""
+        record, location = self._readable(session, body)
+        alloc = record.replicas.get(location)
+        if alloc is None:
+            return None
+        self._start_lease(session, record)
+        return self._get_reply(session, record, alloc, "local")
+
     async def get(self, session: Session, body: Mapping[str, Any]) -> Reply:
+        record, location = self._readable(session, body)
+        alloc = record.replicas.get(location)
+        if alloc is not None:
+            self._start_lease(session, record)
+            return self._get_reply(session, record, alloc, "local")
+        # The lease starts now, so a free() during the copy can't recycle the source under it.
+        self._start_lease(session, record)
+        try:
+            alloc, ticket = self._replicate(session, record, location)
+            if ticket.wait_gpu is None:
+                # The consumer can't order itself after the copy (a CPU reader): wait for it here.
+                # Our lease keeps the bytes even if the object is freed meanwhile.
+                await asyncio.shield(ticket.done)
+        except BaseException:
+            self._end_lease(session, record)
+            raise
+        return self._get_reply(session, record, alloc, ticket.path)
+
+    def _readable(self, session: Session, body: Mapping[str, Any]) -> tuple[ObjectRecord, str]:
         record = self.table.lookup(body["ref"])
         self._check_access(session, record, "get")
         if record.state is State.WRITING:
             raise errors.ObjectNotReady(f"get {record.ref}: not sealed yet")
-        location = self._location(session, body["location"])
-        alloc = record.replicas.get(location)
-        path = "local"
-        # The lease starts now, so a free() during the copy can't recycle the source under it.
+        return record, self._location(session, body["location"])
+
+    def _start_lease(self, session: Session, record: ObjectRecord) -> None:
         record.leases[session.id] = record.leases.get(session.id, 0) + 1
         session.leases[record.ref] += 1
-        try:
-            if alloc is None:
-                alloc, path = await self._replicate(record, location)
-        except BaseException:
-            self._end_lease(session, record)
-            raise
+
+    def _get_reply(self, session: Session, record: ObjectRecord, alloc: Allocation, path: str) -> Reply:
         reply, fds = self._describe(session, alloc)
         reply.update(ref=record.ref, dtype=record.dtype, shape=list(record.shape), path=path)
+        wait_gpu = record.pending.get(alloc.location)
+        if wait_gpu is not None:
+            wait: dict[str, Any] = {"gpu": wait_gpu}
+            if wait_gpu not in session.known_events:
+                handle = self.backend.copy_event(wait_gpu)
+                if handle is not None:
+                    wait["event"] = base64.b64encode(handle).decode()
+                    session.known_events.add(wait_gpu)
+            reply["wait"] = wait
         return reply, fds
 
-    async def _replicate(self, record: ObjectRecord, location: str) -> tuple[Allocation, str]:
+    def _replicate(self, session: Session, record: ObjectRecord, location: str) -> tuple[Allocation, CopyTicket]:
         source_location = self._best_source(record, location)
         src = record.replicas[source_location]
         dst = self.pools[location].allocate(record.nbytes)
         start = self._clock()
         try:
-            path = await self.backend.copy(self._span(dst), self._span(src))
+            who = self._identity(session)
+            ticket = self.backend.submit_copy(self._span(dst), self._span(src),
+                                              requester=(f"{who.namespace}/{who.workflow}", who.function))
         except BaseException:
             self.pools[location].free(dst)
             raise
-        self.observer.transfer(path, record.nbytes, self._clock() - start)
-        if record.released or location in record.replicas:
-            # Freed meanwhile, or a concurrent get made the same replica: keep one.
-            if record.released:
-                self.pools[location].free(dst)
-                raise errors.RefNotFound(record.ref, "freed while it was being copied")
-            self.pools[location].free(dst)
-            return record.replicas[location], path
         record.replicas[location] = dst
-        logger.debug("replicated %s to %s over %s (%d bytes)", record.ref, location, path, record.nbytes)
-        return dst, path
+        record.pending[location] = ticket.wait_gpu
+        record.copies_in_flight += 1
+        logger.debug("replicating %s to %s over %s %s (%d bytes)", record.ref, location, ticket.path, ticket.route,
+                     record.nbytes)
+
+        def finished(done: asyncio.Future[None]) -> None:
+            record.copies_in_flight -= 1
+            record.pending.pop(location, None)
+            if done.exception() is not None:
+                logger.error("copy of %s to %s failed: %s", record.ref, location, done.exception())
+                if record.replicas.get(location) is dst:
+                    del record.replicas[location]
+                    self.pools[location].free(dst)
+            else:
+                self.observer.transfer(ticket.path, record.nbytes, self._clock() - start,
+                                       route=ticket.route or ticket.path, requester=who)
+            if record.released and not record.busy():
+                self.table.draining.pop(record.ref, None)
+                self._free_memory(record)
+
+        ticket.done.add_done_callback(finished)
+        return dst, ticket
 
     @staticmethod
     def _best_source(record: ObjectRecord, location: str) -> str:
@@ -271,7 +322,7 @@ class DataPlane:
             record.leases.pop(session.id, None)
         else:
             record.leases[session.id] = held
-        if record.released and not record.lease_count():
+        if record.released and not record.busy():
             self.table.draining.pop(record.ref, None)
             self._free_memory(record)
 

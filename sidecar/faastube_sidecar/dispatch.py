@@ -1,5 +1,10 @@
 """Dispatch: a validated request to the data-plane method that serves it.
 
+Most requests are answered without awaiting anything (metadata, zero-copy gets):
+`dispatch` returns their reply directly, so the server writes it in the same
+callback that read the request. Only a hello (attestation) or a get that needs a
+copy returns an awaitable.
+
 Exceptions become error replies here and only here: services raise faastube
 errors, this layer turns them into wire codes and counts them.
 """
@@ -18,21 +23,23 @@ from faastube_sidecar.metrics import SidecarMetrics
 
 logger = logging.getLogger(__name__)
 
+Result = tuple[protocol.Kind, dict[str, Any], list[int]]
+
 
 class Dispatcher:
     def __init__(self, dataplane: DataPlane, attestor: Attestor, metrics: SidecarMetrics) -> None:
         self.dataplane = dataplane
         self.attestor = attestor
         self.metrics = metrics
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         dp = dataplane
         self._sync: dict[Op, Callable[[Session, Mapping[str, Any]], Reply]] = {
             Op.ALLOC: dp.alloc, Op.SEAL: dp.seal, Op.RELEASE: dp.release, Op.FREE: dp.free,
             Op.STAT: dp.stat, Op.UNMAP: dp.unmap, Op.PING: dp.ping, Op.STATS: dp.stats_body,
         }
-        self._async: dict[Op, Callable[[Session, Mapping[str, Any]], Awaitable[Reply]]] = {Op.GET: dp.get}
 
-    async def handle(self, session: Session, peer: PeerCredentials | None,
-                     body: Mapping[str, Any]) -> tuple[protocol.Kind, dict[str, Any], list[int]]:
+    def dispatch(self, session: Session, peer: PeerCredentials | None,
+                 body: Mapping[str, Any]) -> Result | Awaitable[Result]:
         """Serve one decoded request body; never raises for a bad request."""
         start = time.perf_counter()
         op_label = "invalid"
@@ -40,26 +47,48 @@ class Dispatcher:
             op = protocol.validate_request(body)
             op_label = op.value
             if op is Op.HELLO:
-                reply, fds = await self._hello(session, peer, body)
-            elif op in self._async:
-                reply, fds = await self._async[op](session, body)
+                return self._finish_async(op_label, start, self._hello(session, peer, body))
+            if op is Op.GET:
+                reply = self.dataplane.get_local(session, body)
+                if reply is None:
+                    return self._finish_async(op_label, start, self.dataplane.get(session, body))
             else:
-                reply, fds = self._sync[op](session, body)
-            result = "ok"
-            kind = protocol.Kind.REPLY
-        except errors.FaastubeError as e:
-            code = protocol.code_for(e)
-            result = code.name.lower()
-            kind, reply, fds = protocol.Kind.ERROR, error_body(e), []
-            logger.debug("%s refused: %s", op_label, e)
-        except Exception as e:  # noqa: BLE001 - one bad request must not take the daemon down
-            logger.exception("%s failed", op_label)
-            result = "internal"
-            kind, reply, fds = protocol.Kind.ERROR, error_body(errors.InternalError(
-                f"{op_label}: internal error ({type(e).__name__}); see the sidecar's log")), []
-        self.metrics.request_seconds.labels(op_label).observe(time.perf_counter() - start)
-        self.metrics.requests.labels(op_label, result).inc()
-        return kind, reply, fds
+                reply = self._sync[op](session, body)
+        except Exception as e:  # noqa: BLE001 - turned into an error reply
+            return self._fail(op_label, start, e)
+        return self._ok(op_label, start, reply)
+
+    async def _finish_async(self, op_label: str, start: float, pending: Awaitable[Reply]) -> Result:
+        try:
+            reply = await pending
+        except Exception as e:  # noqa: BLE001 - turned into an error reply
+            return self._fail(op_label, start, e)
+        return self._ok(op_label, start, reply)
+
+    def _ok(self, op_label: str, start: float, reply: Reply) -> Result:
+        self._count(op_label, "ok", start)
+        return protocol.Kind.REPLY, reply[0], reply[1]
+
+    def _fail(self, op_label: str, start: float, exc: Exception) -> Result:
+        if isinstance(exc, errors.FaastubeError):
+            logger.debug("%s refused: %s", op_label, exc)
+            self._count(op_label, protocol.code_for(exc).name.lower(), start)
+            return protocol.Kind.ERROR, error_body(exc), []
+        # One bad request must not take the daemon down: log it, answer, go on.
+        logger.error("%s failed", op_label, exc_info=exc)
+        self._count(op_label, "internal", start)
+        return protocol.Kind.ERROR, error_body(errors.InternalError(
+            f"{op_label}: internal error ({type(exc).__name__}); see the sidecar's log")), []
+
+    def _count(self, op_label: str, result: str, start: float) -> None:
+        # Label lookups take a lock and hash a tuple: cache the children (bounded: ops x results).
+        key = (op_label, result)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.metrics.request_seconds.labels(op_label), self.metrics.requests.labels(op_label, result))
+            self._children[key] = children
+        children[0].observe(time.perf_counter() - start)
+        children[1].inc()
 
     async def _hello(self, session: Session, peer: PeerCredentials | None, body: Mapping[str, Any]) -> Reply:
         if body["version"] != protocol.VERSION:

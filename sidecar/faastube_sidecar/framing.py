@@ -1,82 +1,154 @@
-"""Frames over one non-blocking Unix stream socket, with fd passing.
+"""Frames over one Unix stream socket, with fd passing, as an asyncio Protocol.
 
-asyncio's stream transports can't carry SCM_RIGHTS, so this small layer reads and
-writes the raw socket through the loop's readiness callbacks. It knows frames and
-file descriptors, nothing of what the frames mean.
+The socket stays registered for reading for the connection's whole life, so a
+request costs one wake-up, one recv and one send (the metadata round trip is the
+latency floor of every `get`). asyncio transports can't carry SCM_RIGHTS, so a
+reply with descriptors is written with sendmsg on the raw socket, and only when the
+transport has nothing buffered (the write buffer limit is 0, so asyncio tells us
+exactly when it is empty): frames never overtake each other.
+
+This layer knows frames and file descriptors, nothing of what frames mean. The
+handler it calls may answer at once (returns None) or return an awaitable; while
+that runs, reading pauses, so replies leave in request order.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import collections
+import logging
 import socket
-from typing import Any, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from faastube import errors, protocol
 
-_READ_CHUNK = 64 << 10
+logger = logging.getLogger(__name__)
+
+FrameHandler = Callable[["FrameConnection", protocol.Header, bytes], Awaitable[None] | None]
 
 
-class FrameConnection:
-    def __init__(self, sock: socket.socket, *, max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES) -> None:
-        sock.setblocking(False)
+class FrameConnection(asyncio.Protocol):
+    def __init__(self, sock: socket.socket, handler: FrameHandler, *,
+                 on_bad_header: Callable[["FrameConnection", errors.ProtocolError], None],
+                 on_closed: Callable[["FrameConnection"], None],
+                 max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES) -> None:
         self.sock = sock
-        self._loop = asyncio.get_running_loop()
-        self._buffer = bytearray()
+        self._handler = handler
+        self._on_bad_header = on_bad_header
+        self._on_closed = on_closed
         self._max_body = max_body_bytes
-        self._send_lock = asyncio.Lock()
+        self._buffer = bytearray()
+        self._busy = False
+        self._closing = False
+        self._writable = True
+        self._queued: collections.deque[tuple[bytes, Sequence[int]]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.state: Any = None          # the server's per-connection state
 
-    async def read_frame(self) -> tuple[protocol.Header, bytes] | None:
-        """The next frame, or None at a clean end of stream.
+    # --- asyncio callbacks --------------------------------------------------------------------
 
-        Raises ProtocolError for a header that can't be trusted (the caller must
-        close: the stream can no longer be split into frames) and ConnectionError
-        for a stream cut mid-frame.
-        """
-        header = None
-        while True:
-            if header is None and len(self._buffer) >= protocol.HEADER_SIZE:
-                header = protocol.decode_header(self._buffer, max_body_bytes=self._max_body)
-            if header is not None and len(self._buffer) >= protocol.HEADER_SIZE + header.body_bytes:
-                end = protocol.HEADER_SIZE + header.body_bytes
-                body = bytes(self._buffer[protocol.HEADER_SIZE:end])
-                del self._buffer[:end]
-                return header, body
-            chunk = await self._loop.sock_recv(self.sock, _READ_CHUNK)
-            if not chunk:
-                if self._buffer:
-                    raise ConnectionError(f"stream ended inside a frame ({len(self._buffer)} bytes pending)")
-                return None
-            self._buffer += chunk
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0)
 
-    async def send(self, kind: protocol.Kind, request_id: int, body: Mapping[str, Any],
-                   fds: Sequence[int] = ()) -> None:
-        data = protocol.encode(kind, request_id, body)
-        async with self._send_lock:
-            if not fds:
-                await self._loop.sock_sendall(self.sock, data)
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._drain()
+
+    def eof_received(self) -> bool:
+        if self._buffer and not self._busy:
+            logger.debug("stream ended inside a frame (%d bytes pending)", len(self._buffer))
+        return False   # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._queued.clear()
+        self._on_closed(self)
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        while self._queued and self._writable:
+            data, fds = self._queued.popleft()
+            self._write(data, fds)
+
+    # --- frames -------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        while not self._busy and not self._closing:
+            if len(self._buffer) < protocol.HEADER_SIZE:
                 return
-            if len(fds) > protocol.MAX_FDS_PER_FRAME:
-                raise errors.InternalError(f"{len(fds)} fds exceed {protocol.MAX_FDS_PER_FRAME} per frame")
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            while True:
-                try:
-                    # The fds ride on the first byte; what's left goes out as plain data.
-                    sent = self.sock.sendmsg([data], ancillary)
-                    break
-                except BlockingIOError:
-                    await self._writable()
-            if sent < len(data):
-                await self._loop.sock_sendall(self.sock, data[sent:])
+            try:
+                header = protocol.decode_header(self._buffer, max_body_bytes=self._max_body)
+            except errors.ProtocolError as e:
+                # The stream can't be split into frames any more: the owner answers, then we hang up.
+                self._buffer.clear()
+                self._on_bad_header(self, e)
+                self.close()
+                return
+            end = protocol.HEADER_SIZE + header.body_bytes
+            if len(self._buffer) < end:
+                return
+            body = bytes(self._buffer[protocol.HEADER_SIZE:end])
+            del self._buffer[:end]
+            pending = self._handler(self, header, body)
+            if pending is not None:
+                self._busy = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+                task = asyncio.ensure_future(pending)
+                task.add_done_callback(self._resume)
 
-    async def _writable(self) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-        fd = self.sock.fileno()
-        self._loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+    def _resume(self, task: asyncio.Future[None]) -> None:
+        self._busy = False
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("frame handler failed", exc_info=task.exception())
+            self.close()
+            return
+        if self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+            self._drain()
+
+    def send(self, kind: protocol.Kind, request_id: int, body: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+        if self._closing:
+            return
+        if len(fds) > protocol.MAX_FDS_PER_FRAME:
+            raise errors.InternalError(f"{len(fds)} fds exceed {protocol.MAX_FDS_PER_FRAME} per frame")
+        data = protocol.encode(kind, request_id, body)
+        if self._writable and not self._queued:
+            self._write(data, fds)
+        else:
+            self._queued.append((data, fds))
+
+    def _write(self, data: bytes, fds: Sequence[int]) -> None:
+        assert self.transport is not None
+        if not fds:
+            self.transport.write(data)
+            return
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         try:
-            await fut
-        finally:
-            self._loop.remove_writer(fd)
+            # The transport's buffer is empty here, so this can't overtake earlier frames.
+            sent = self.sock.sendmsg([data], ancillary)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            logger.debug("sendmsg failed: %s", e)
+            self.close()
+            return
+        if sent == 0:
+            # Nothing went out (socket full): the fds must ride on the first byte, so retry later.
+            self._queued.appendleft((data, fds))
+            self._writable = False
+            asyncio.get_running_loop().call_later(0.001, self.resume_writing)
+            return
+        if sent < len(data):
+            self.transport.write(data[sent:])
 
     def close(self) -> None:
-        self.sock.close()
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from faastube import protocol
 from faastube_sidecar.dataplane import DataPlane, TransferObserver
+from faastube_sidecar.identity import Identity
 
 # From a metadata round trip (tens of us) to a multi-GiB copy (seconds).
 _LATENCY_BUCKETS = (20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3,
@@ -42,6 +43,16 @@ class SidecarMetrics(TransferObserver):
         self.transfer_seconds = Histogram(
             "faastube_transfer_seconds", "Duration of one copy, by path", ["path"],
             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.transfer_routes = Counter(
+            "faastube_transfer_routes_total", "Sidecar copies by the exact route taken (a slow path shows here)",
+            ["route"], registry=registry)
+        # Per-function data passing; label values are bounded by the functions placed on this node.
+        self.function_bytes = Counter(
+            "faastube_function_transfer_bytes_total", "Bytes the sidecar copied for a function",
+            ["namespace", "workflow", "function"], registry=registry)
+        self.function_rate = Gauge(
+            "faastube_function_transfer_rate_bytes_per_second", "Achieved rate of a function's last copy",
+            ["namespace", "workflow", "function"], registry=registry)
         self.frames_rejected = Counter(
             "faastube_frames_rejected_total", "Frames refused before dispatch, by reason",
             ["reason"], registry=registry)
@@ -50,9 +61,18 @@ class SidecarMetrics(TransferObserver):
         self.objects_expired = Counter(
             "faastube_objects_expired_total", "Objects released because their ttl ran out", registry=registry)
 
-    def transfer(self, path: str, nbytes: int, seconds: float) -> None:
+    def transfer(self, path: str, nbytes: int, seconds: float, *, route: str = "",
+                 requester: Identity | None = None) -> None:
         self.transfer_bytes.labels(path).inc(nbytes)
-        self.transfer_seconds.labels(path).observe(seconds)
+        if seconds > 0:
+            self.transfer_seconds.labels(path).observe(seconds)
+        if route:
+            self.transfer_routes.labels(route).inc()
+        if requester is not None:
+            who = (requester.namespace, requester.workflow, requester.function)
+            self.function_bytes.labels(*who).inc(nbytes)
+            if seconds > 0:
+                self.function_rate.labels(*who).set(nbytes / seconds)
 
     def watch(self, dataplane: DataPlane) -> None:
         self.registry.register(PoolCollector(lambda: dataplane))

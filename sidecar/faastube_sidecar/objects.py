@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -29,10 +30,11 @@ def new_ref() -> str:
     return REF_PREFIX + base64.b32encode(secrets.token_bytes(17)).decode()[:_REF_CHARS].lower()
 
 
+_REF_PATTERN = re.compile(rf"{REF_PREFIX}[a-z2-7]{{{_REF_CHARS}}}")
+
+
 def check_ref(ref: str) -> None:
-    body = ref[len(REF_PREFIX):]
-    if (not ref.startswith(REF_PREFIX) or len(body) != _REF_CHARS
-            or not all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in body)):
+    if _REF_PATTERN.fullmatch(ref) is None:
         raise errors.InvalidRequest(f"malformed ref {ref!r:.60}: expected '{REF_PREFIX}' and {_REF_CHARS} base32 characters")
 
 
@@ -55,7 +57,13 @@ class ObjectRecord:
     expiry_s: float
     consumers_left: int | None = None        # None: no declared consumers
     leases: dict[int, int] = field(default_factory=dict)   # session id -> open zero-copy views
-    released: bool = False                   # gone from the table; memory waits for leases
+    released: bool = False                   # gone from the table; memory waits for leases and copies
+    copies_in_flight: int = 0                # replicas being written, or copies reading from us
+    pending: dict[str, int | None] = field(default_factory=dict)   # location being copied to -> wait GPU
+
+    def busy(self) -> bool:
+        """Memory can't be freed while a reader holds a view or a copy touches it."""
+        return bool(self.leases) or self.copies_in_flight > 0
 
     @property
     def origin(self) -> str:
@@ -99,7 +107,7 @@ class ObjectTable:
         """Take the record out of the table. True if its memory can be freed now."""
         self._objects.pop(record.ref, None)
         record.released = True
-        if record.lease_count():
+        if record.busy():
             self.draining[record.ref] = record
             return False
         self.draining.pop(record.ref, None)

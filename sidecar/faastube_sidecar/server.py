@@ -1,8 +1,8 @@
 """The sidecar's Unix-socket server: accept, read frames, dispatch, reply, clean up.
 
-Each connection is served by one task that handles its requests in order (the
-client waits for each reply), so per-connection backpressure is built in; the
-number of connections is bounded. A frame whose header can't be trusted closes
+Each connection handles its requests in order (the client waits for each reply,
+and reading pauses while an awaited request runs), so per-connection backpressure
+is built in; the number of connections is bounded. A frame whose header can't be trusted closes
 that one connection; a well-framed but bad request gets an error reply. When a
 connection ends, however it ends, everything its client held is given back.
 """
@@ -17,10 +17,11 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable
 
 from faastube import errors, protocol
-from faastube_sidecar.dataplane import DataPlane
-from faastube_sidecar.dispatch import Dispatcher, error_body
+from faastube_sidecar.dataplane import DataPlane, Session
+from faastube_sidecar.dispatch import Dispatcher, Result, error_body
 from faastube_sidecar.framing import FrameConnection
 from faastube_sidecar.identity import PeerCredentials, peer_credentials
 from faastube_sidecar.metrics import SidecarMetrics
@@ -44,7 +45,7 @@ class SidecarServer:
         self.dataplane: DataPlane = dispatcher.dataplane
         self.metrics = metrics
         self._listener: socket.socket | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: set[FrameConnection] = set()
         self._stopping = asyncio.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -67,47 +68,31 @@ class SidecarServer:
         logger.info("listening on %s (backend %s)", path, self.dataplane.backend.name)
 
     async def serve(self) -> None:
+        """Serve until `stop()`; then close every connection and remove the socket."""
         if self._listener is None:
             self.bind()
         assert self._listener is not None
         loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(self._new_connection, sock=self._listener,
+                                               backlog=min(self.config.max_clients, socket.SOMAXCONN))
         sweeper = asyncio.create_task(self._sweep_forever(), name="faastube-sweeper")
-        stop = asyncio.create_task(self._stopping.wait())
         try:
-            while not self._stopping.is_set():
-                accept = asyncio.ensure_future(loop.sock_accept(self._listener))
-                done, _ = await asyncio.wait({accept, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if accept not in done:
-                    accept.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, OSError):
-                        await accept
-                    break
-                conn, _ = accept.result()
-                if len(self._tasks) >= self.config.max_clients:
-                    logger.warning("refusing a client: %d connections open", len(self._tasks))
-                    self.metrics.frames_rejected.labels("too_many_clients").inc()
-                    conn.close()
-                    continue
-                task = asyncio.create_task(self._serve_connection(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            await self._stopping.wait()
         finally:
             sweeper.cancel()
-            stop.cancel()
-            await self._close_connections()
-            self._listener.close()
+            server.close()
+            for conn in list(self._connections):
+                conn.close()
+            # Let connection_lost callbacks run so every session is given back.
+            deadline = loop.time() + self.config.shutdown_timeout_s
+            while self._connections and loop.time() < deadline:
+                await asyncio.sleep(0.01)
             with contextlib.suppress(FileNotFoundError):
                 self.config.socket_path.unlink()
             logger.info("stopped")
 
     def stop(self) -> None:
         self._stopping.set()
-
-    async def _close_connections(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.config.shutdown_timeout_s)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -119,53 +104,90 @@ class SidecarServer:
             except Exception:  # noqa: BLE001 - housekeeping must keep running
                 logger.exception("sweep failed")
 
-    # --- one connection -----------------------------------------------------------------------
+    # --- connections --------------------------------------------------------------------------
 
-    async def _serve_connection(self, sock: socket.socket) -> None:
-        conn = FrameConnection(sock, max_body_bytes=self.config.max_body_bytes)
+    def _new_connection(self) -> FrameConnection:
+        # asyncio calls this once per accepted socket, before connection_made.
+        return _Accepted(self)
+
+    def _attach(self, conn: FrameConnection) -> bool:
+        if len(self._connections) >= self.config.max_clients:
+            logger.warning("refusing a client: %d connections open", len(self._connections))
+            self.metrics.frames_rejected.labels("too_many_clients").inc()
+            return False
         session = self.dataplane.open_session()
-        peer: PeerCredentials | None
         try:
-            peer = peer_credentials(sock)
+            peer: PeerCredentials | None = peer_credentials(conn.sock)
         except OSError:
             peer = None
+        conn.state = _ConnectionState(session, peer)
+        self._connections.add(conn)
         self.metrics.connections.inc()
+        return True
+
+    def _closed(self, conn: FrameConnection) -> None:
+        if conn not in self._connections:
+            return
+        self._connections.discard(conn)
+        self.metrics.connections.dec()
+        self.dataplane.close_session(conn.state.session)
+
+    def _bad_header(self, conn: FrameConnection, exc: errors.ProtocolError) -> None:
+        self.metrics.frames_rejected.labels("bad_header").inc()
+        conn.send(protocol.Kind.ERROR, 0, error_body(exc))
+
+    def _frame(self, conn: FrameConnection, header: protocol.Header, raw: bytes) -> Awaitable[None] | None:
+        if header.kind is not protocol.Kind.REQUEST:
+            self.metrics.frames_rejected.labels("not_a_request").inc()
+            conn.send(protocol.Kind.ERROR, header.request_id, error_body(
+                errors.ProtocolError(f"expected a request frame, got {header.kind.name.lower()}")))
+            return None
         try:
-            while True:
-                try:
-                    frame = await conn.read_frame()
-                except errors.ProtocolError as e:
-                    # The stream can't be split into frames any more: say why, then hang up.
-                    self.metrics.frames_rejected.labels("bad_header").inc()
-                    with contextlib.suppress(OSError):
-                        await conn.send(protocol.Kind.ERROR, 0, error_body(e))
-                    return
-                if frame is None:
-                    return
-                header, raw = frame
-                if header.kind is not protocol.Kind.REQUEST:
-                    self.metrics.frames_rejected.labels("not_a_request").inc()
-                    await conn.send(protocol.Kind.ERROR, header.request_id, error_body(
-                        errors.ProtocolError(f"expected a request frame, got {header.kind.name.lower()}")))
-                    continue
-                try:
-                    body = protocol.decode_body(raw)
-                except errors.ProtocolError as e:
-                    self.metrics.frames_rejected.labels("bad_body").inc()
-                    await conn.send(protocol.Kind.ERROR, header.request_id, error_body(e))
-                    continue
-                kind, reply, fds = await self.dispatcher.handle(session, peer, body)
-                await conn.send(kind, header.request_id, reply, fds)
-        except (ConnectionError, BrokenPipeError) as e:
-            logger.debug("session %d: connection lost: %s", session.id, e)
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # noqa: BLE001 - one connection's failure must not reach the others
-            logger.exception("session %d failed", session.id)
+            body = protocol.decode_body(raw)
+        except errors.ProtocolError as e:
+            self.metrics.frames_rejected.labels("bad_body").inc()
+            conn.send(protocol.Kind.ERROR, header.request_id, error_body(e))
+            return None
+        state: _ConnectionState = conn.state
+        result = self.dispatcher.dispatch(state.session, state.peer, body)
+        if isinstance(result, tuple):
+            conn.send(result[0], header.request_id, result[1], result[2])
+            return None
+        return self._reply_later(conn, header.request_id, result)
+
+    @staticmethod
+    async def _reply_later(conn: FrameConnection, request_id: int, pending: Awaitable[Result]) -> None:
+        kind, reply, fds = await pending
+        conn.send(kind, request_id, reply, fds)
+
+
+@dataclass(eq=False)
+class _ConnectionState:
+    session: Session
+    peer: PeerCredentials | None
+
+
+class _Accepted(FrameConnection):
+    """A FrameConnection bound to the server that accepted it."""
+
+    def __init__(self, server: SidecarServer) -> None:
+        self._server = server
+        super().__init__(None, server._frame, on_bad_header=server._bad_header, on_closed=server._closed,  # type: ignore[arg-type]
+                         max_body_bytes=server.config.max_body_bytes)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio only lends a restricted view of its socket; sendmsg (fd passing) and
+        # SO_PEERCRED go through our own duplicate of the descriptor.
+        self.sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        super().connection_made(transport)
+        if not self._server._attach(self):
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
         finally:
-            self.metrics.connections.dec()
-            self.dataplane.close_session(session)
-            conn.close()
+            self.sock.close()
 
 
 def _remove_stale_socket(path: Path) -> None:

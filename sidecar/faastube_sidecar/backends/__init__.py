@@ -9,6 +9,7 @@ table, protocol, lifetimes) is tested on machines without a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import asyncio
 from typing import Any, Protocol
 
 
@@ -20,6 +21,21 @@ class Span:
     handle: Any          # the backend's slab handle
     offset: int
     nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyTicket:
+    """A copy that has been issued. `done` resolves when the bytes have landed.
+
+    `wait_gpu` names the GPU whose inter-process copy event was recorded right after
+    this copy: a GPU consumer can order its own stream after the copy
+    (cudaStreamWaitEvent) instead of waiting for a round trip that says it finished.
+    """
+
+    path: str
+    done: "asyncio.Future[None]"
+    wait_gpu: int | None = None
+    route: str = ""          # the exact route, e.g. h2d-multipath[0,1,2,3] (a metric label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +63,11 @@ class Backend(Protocol):
     def export_slab(self, handle: Any, *, with_pool: bool) -> Export:
         """Descriptor for a client; `with_pool` adds the per-location pool handle."""
 
-    async def copy(self, dst: Span, src: Span) -> str:
-        """Copy src's bytes into dst and return the path taken (a metric label)."""
+    def submit_copy(self, dst: Span, src: Span, *, requester: tuple[str, str] | None = None) -> CopyTicket:
+        """Issue a copy of src's bytes into dst for (workflow, function); the ticket says which path."""
+
+    def copy_event(self, gpu: int) -> bytes | None:
+        """The IPC handle of `gpu`'s copy event (None: consumers must wait for `done`)."""
 
     def memory_info(self, location: str) -> tuple[int, int]:
         """(free, total) bytes of the device behind a location."""

@@ -20,15 +20,22 @@ import base64
 import concurrent.futures
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from faastube import errors, protocol
-from faastube_sidecar.backends import Export, Span
+from faastube_sidecar.backends import CopyTicket, Export, Span
 from faastube_sidecar.backends.shm import ShmSegment
+
+if TYPE_CHECKING:
+    from faastube_sidecar.backends.cuda_transfers import HostTransfers
+
+MULTIPATH_MIN_BYTES = 32 << 20   # below this one cudaMemcpyAsync beats the engine's thread hop
 
 logger = logging.getLogger(__name__)
 
 _MEMCPY_DEFAULT = 4   # cudaMemcpyDefault: direction inferred through unified addressing
+_EVENT_DISABLE_TIMING = 0x2
+_EVENT_INTERPROCESS = 0x4
 
 
 def normalize_bus_id(bus_id: str) -> str:
@@ -64,7 +71,8 @@ class HostSlab:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, *, pool_max_bytes: int = 0, devices: list[int] | None = None) -> None:
+    def __init__(self, *, pool_max_bytes: int = 0, devices: list[int] | None = None,
+                 multipath: bool = True) -> None:
         import cupy
         from cuda.core import Device, DeviceMemoryResource, DeviceMemoryResourceOptions
 
@@ -88,14 +96,50 @@ class CudaBackend:
                 self._copy_streams[i] = cupy.cuda.Stream(non_blocking=True)
             self._bus_ids[normalize_bus_id(dev.pci_bus_id)] = i
         self._links = self._peer_links()
+        rt = cupy.cuda.runtime
         for i in self.gpus:
             peers = [j for j in self.gpus if j != i and self._devices[i].can_access_peer(j)]
+            with cupy.cuda.Device(i):
+                for j in peers:
+                    # Without peer access a peer copy is staged through the host (~38 GB/s, not ~390).
+                    try:
+                        rt.deviceEnablePeerAccess(j)
+                    except cupy.cuda.runtime.CUDARuntimeError as e:
+                        if "AlreadyEnabled" not in str(e) and "ALREADY" not in str(e).upper():
+                            logger.warning("peer access %d -> %d: %s", i, j, e)
             if peers:
                 # Peer copies out of this pool need the peers to have access to it.
                 self._mrs[i].peer_accessible_by = peers
+        self._ipc_events: dict[int, int] = {}
+        self._ipc_event_handles: dict[int, bytes] = {}
+        for i in self.gpus:
+            try:
+                with cupy.cuda.Device(i):
+                    event = rt.eventCreateWithFlags(_EVENT_DISABLE_TIMING | _EVENT_INTERPROCESS)
+                    self._ipc_event_handles[i] = bytes(rt.ipcGetEventHandle(event))
+                self._ipc_events[i] = event
+            except Exception as e:  # noqa: BLE001 - consumers then wait for the copy's end instead
+                logger.warning("GPU %d: no inter-process copy event (%s); GPU gets wait for copies", i, e)
         self._waiters = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.gpus)),
                                                               thread_name_prefix="faastube-cuda")
+        self._host_transfers = self._start_transfer_engine() if multipath else None
         logger.info("cuda backend: GPUs %s, links %s", self.gpus, self._links)
+
+    def _start_transfer_engine(self) -> HostTransfers | None:
+        """Large host<->GPU copies use every GPU's PCIe link; needs the NVML topology."""
+        try:
+            from faastube_sidecar.backends.cuda_transfers import HostTransfers
+            from faastube_sidecar.discovery import discover_local_node
+
+            topology = discover_local_node()
+            cuda_of = {g.index: self._bus_ids[normalize_bus_id(g.pcie_bus_id)] for g in topology.gpus
+                       if normalize_bus_id(g.pcie_bus_id) in self._bus_ids}
+            if len(cuda_of) != len(topology.gpus):
+                raise ValueError("NVML and CUDA disagree on the GPUs")
+            return HostTransfers(topology, cuda_of)
+        except Exception as e:  # noqa: BLE001 - single-link copies still work: say so loudly
+            logger.warning("multi-path host<->GPU copies are off (%s): large copies use one PCIe link", e)
+            return None
 
     def _peer_links(self) -> dict[tuple[int, int], str]:
         """Label each GPU pair by the link a peer copy takes: 'nvlink' or 'pcie'."""
@@ -196,17 +240,39 @@ class CudaBackend:
             return "local"
         return self._links[(src, dst)]
 
-    async def copy(self, dst: Span, src: Span) -> str:
+    def _submit_scheduled(self, dst: Span, src: Span, path: str, requester: tuple[str, str] | None,
+                          done: asyncio.Future[None]) -> CopyTicket:
+        assert self._host_transfers is not None
+        loop = asyncio.get_running_loop()
+        workflow, function = requester or ("", "sidecar")
+        route, future = self._host_transfers.submit(
+            src=protocol.parse_location(src.location) if src.location != protocol.HOST else "host",
+            dst=protocol.parse_location(dst.location) if dst.location != protocol.HOST else "host",
+            src_address=self._ptr(src), dst_address=self._ptr(dst), nbytes=src.nbytes,
+            workflow=workflow, function=function)
+
+        def landed(f: concurrent.futures.Future[Any]) -> None:
+            exc = f.exception()
+            loop.call_soon_threadsafe(lambda: done.done() or (done.set_exception(exc) if exc else done.set_result(None)))
+
+        future.add_done_callback(landed)
+        return CopyTicket(path, done, None, route)
+
+    def submit_copy(self, dst: Span, src: Span, *, requester: tuple[str, str] | None = None) -> CopyTicket:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
         path = self.path_for(dst.location, src.location)
         if path == "host":
             n = src.nbytes
             dst.handle.segment.bytes[dst.offset:dst.offset + n] = src.handle.segment.bytes[src.offset:src.offset + n]
-            return path
+            done.set_result(None)
+            return CopyTicket(path, done)
         # Issue on the stream of the GPU that receives (or, for d2h, sends) the bytes.
-        gpu = protocol.parse_location(dst.location)
-        if gpu is None:
-            gpu = protocol.parse_location(src.location)
+        dst_gpu = protocol.parse_location(dst.location)
+        gpu = dst_gpu if dst_gpu is not None else protocol.parse_location(src.location)
         assert gpu is not None
+        if path in ("h2d", "d2h") and self._host_transfers is not None and src.nbytes >= MULTIPATH_MIN_BYTES:
+            return self._submit_scheduled(dst, src, path, requester, done)
         stream = self._copy_streams[gpu]
         rt = self._cupy.cuda.runtime
         with self._cupy.cuda.Device(gpu):
@@ -215,9 +281,19 @@ class CudaBackend:
                 rt.memcpyPeerAsync(self._ptr(dst), gpu, self._ptr(src), src_gpu, src.nbytes, stream.ptr)
             else:
                 rt.memcpyAsync(self._ptr(dst), self._ptr(src), src.nbytes, _MEMCPY_DEFAULT, stream.ptr)
-            done = stream.record()
-        await asyncio.get_running_loop().run_in_executor(self._waiters, done.synchronize)
-        return path
+            wait_gpu = None
+            ipc_event = self._ipc_events.get(gpu)
+            if dst_gpu is not None and ipc_event is not None:
+                # Consumers on this GPU order their stream after this record: no round trip to wait for.
+                rt.eventRecord(ipc_event, stream.ptr)
+                wait_gpu = gpu
+            finished = stream.record()
+        future = loop.run_in_executor(self._waiters, finished.synchronize)
+        future.add_done_callback(lambda f: done.set_exception(f.exception()) if f.exception() else done.set_result(None))
+        return CopyTicket(path, done, wait_gpu)
+
+    def copy_event(self, gpu: int) -> bytes | None:
+        return self._ipc_event_handles.get(gpu)
 
     def memory_info(self, location: str) -> tuple[int, int]:
         gpu = protocol.parse_location(location)
@@ -231,6 +307,8 @@ class CudaBackend:
         return int(free), int(total)
 
     def close(self) -> None:
+        if self._host_transfers is not None:
+            self._host_transfers.close()
         self._waiters.shutdown(wait=True)
         for mr in self._mrs.values():
             try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from faastube import protocol
-from faastube_sidecar.backends import Export, Span
+from faastube_sidecar.backends import CopyTicket, Export, Span
 from faastube_sidecar.backends.shm import ShmSegment
 
 
@@ -27,10 +28,15 @@ class HostBackend:
     def export_slab(self, handle: ShmSegment, *, with_pool: bool) -> Export:
         return Export({"kind": "shm", "size": handle.size}, (handle.fd,))
 
-    async def copy(self, dst: Span, src: Span) -> str:
+    def submit_copy(self, dst: Span, src: Span, *, requester: tuple[str, str] | None = None) -> CopyTicket:
         n = src.nbytes
         dst.handle.bytes[dst.offset:dst.offset + n] = src.handle.bytes[src.offset:src.offset + n]
-        return "host"
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return CopyTicket("host", done)
+
+    def copy_event(self, gpu: int) -> bytes | None:
+        return None
 
     def memory_info(self, location: str) -> tuple[int, int]:
         pages = os.sysconf("SC_PHYS_PAGES")
