@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-dev
 
-.PHONY: setup test demo lint bench-gpu clean
+.PHONY: setup test demo dataplane-demo lint clean
 
 setup: $(STAMP)
 
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The project's main job on one machine: run an example workflow locally.
+# The project's main job on one machine: run an example workflow locally
+# (a sidecar, the gateway and one process per function; CUDA backend where a GPU is visible).
 demo: setup
+	$(BIN)/faastube run examples/traffic/workflow.yaml --requests 20
+
+# Just the data plane: a sidecar and two function processes passing tensors.
+dataplane-demo: setup
 	$(BIN)/faastube demo
 
 test: setup

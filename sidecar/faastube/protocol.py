@@ -97,7 +97,7 @@ def encode(kind: Kind, request_id: int, body: Mapping[str, Any]) -> bytes:
     return HEADER.pack(MAGIC, VERSION, int(kind), request_id & 0xFFFFFFFF, len(payload)) + payload
 
 
-def decode_header(data: bytes | memoryview, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Header:
+def decode_header(data: bytes | bytearray | memoryview, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Header:
     magic, version, kind, request_id, body_bytes = HEADER.unpack(data[:HEADER_SIZE])
     if magic != MAGIC:
         raise errors.ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})")
@@ -112,7 +112,7 @@ def decode_header(data: bytes | memoryview, *, max_body_bytes: int = DEFAULT_MAX
     return Header(frame_kind, request_id, body_bytes)
 
 
-def decode_body(data: bytes | memoryview) -> dict[str, Any]:
+def decode_body(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         body = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,7 +147,8 @@ _SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
     Op.SEAL: {"ref": ("str", True), "consumers": ("int", False), "ttl_s": ("num", False),
               "copied": ("str", False)},
     Op.GET: {"ref": ("str", True), "location": ("str", True)},
-    Op.RELEASE: {"refs": ("strlist", True)},
+    # consumed=false ends the reads without counting them (a failed call that will be retried).
+    Op.RELEASE: {"refs": ("strlist", True), "consumed": ("bool", False)},
     Op.FREE: {"ref": ("str", True)},
     Op.STAT: {"ref": ("str", True)},
     Op.UNMAP: {"slabs": ("intlist", True)},
@@ -173,6 +174,9 @@ def _check_field(op: Op, name: str, tag: str, value: Any) -> None:
     elif tag == "num":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
             raise bad("a finite non-negative number")
+    elif tag == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
     elif tag == "shape":
         if (not isinstance(value, list) or len(value) > MAX_DIMS
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)):

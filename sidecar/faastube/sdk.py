@@ -29,8 +29,9 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -359,7 +360,22 @@ def discard(client: DataClient, refs: Sequence[str]) -> None:
 
 
 __all__ = [
-    "CallExpired", "CallTimings", "DataClient", "FunctionOptions", "GATEWAY_READER", "HandlerContractError",
-    "HandlerFailed", "Invocation", "REQUEST_INPUT", "call_handler", "discard", "execute", "function",
-    "kwarg_name", "options_of", "route_outputs", "to_framework", "to_storable",
+    "GATEWAY_READER",
+    "REQUEST_INPUT",
+    "CallExpired",
+    "CallTimings",
+    "DataClient",
+    "FunctionOptions",
+    "HandlerContractError",
+    "HandlerFailed",
+    "Invocation",
+    "call_handler",
+    "discard",
+    "execute",
+    "function",
+    "kwarg_name",
+    "options_of",
+    "route_outputs",
+    "to_framework",
+    "to_storable",
 ]

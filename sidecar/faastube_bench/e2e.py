@@ -26,9 +26,13 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from faastube.sdk import Passing
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class Settings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for e2e.json / e2e.png")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer requests and search steps (fits in ~5 minutes on 4 GPUs)")
+                        help="12 requests per point, 3 search steps, 180 s of searching (~6 minutes in all)")
     parser.add_argument("--workflows", default=",".join(EXAMPLES),
                         help=f"comma-separated example names or workflow YAML paths (default {','.join(EXAMPLES)})")
     parser.add_argument("--arrivals", default=",".join(ARRIVALS), help="comma-separated arrival shapes")
@@ -59,13 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FAASTUBE_EXAMPLE_SCALE for the examples (default: theirs; 1.0 on a GPU)")
     parser.add_argument("--requests", type=int, default=None, help="requests per measured point")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="stop searching rates once the run has taken this long (default 420, quick 300)")
+                        help="seconds shared by all rate searches (default 420, quick 180)")
     parser.add_argument("--plot-only", action="store_true", help="redraw e2e.png from an existing e2e.json")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     if args.quick:
-        base = Settings(requests=20, warmup=3, ladder_steps=3, budget_s=300.0, concurrency=64)
+        base = Settings(requests=12, warmup=3, ladder_steps=3, budget_s=180.0, concurrency=64)
     else:
         base = Settings(requests=60, warmup=5, ladder_steps=5, budget_s=420.0, concurrency=128)
     return Settings(requests=args.requests or base.requests, warmup=base.warmup,
@@ -98,6 +102,7 @@ class Session:
         self.settings = settings
         self.slo_s = slo_s
         self.started = started
+        self.deadline = float("inf")
 
     async def point(self, arrival: str, rate_per_s: float, *, count: int, seed: int = 0) -> dict[str, Any]:
         from faastube_runtime import arrivals, loadgen, report
@@ -119,7 +124,6 @@ class Session:
     async def sequential(self, count: int) -> float:
         """Median gateway latency of ``count`` requests sent one after another."""
         import numpy as np
-
         from faastube_runtime import loadgen
 
         results = await loadgen.drive(self.runtime.url, self.body, [0.0] * count, concurrency=1, timeout_s=120)
@@ -129,10 +133,14 @@ class Session:
         return float(np.median([r.breakdown["total_s"] if r.breakdown else r.latency_s for r in results]))
 
     def out_of_time(self) -> bool:
-        return time.monotonic() - self.started > self.settings.budget_s
+        return time.monotonic() > self.deadline
 
-    async def max_rate(self, arrival: str, start_rate: float) -> dict[str, Any]:
-        """Highest offered rate meeting the SLO: double until it fails, then bisect once."""
+    async def max_rate(self, arrival: str, start_rate: float, *, budget_s: float) -> dict[str, Any]:
+        """Highest offered rate meeting the SLO: double until it fails, then bisect once.
+
+        Going down from the start rate is tried once only: low rates take long to measure.
+        """
+        self.deadline = time.monotonic() + budget_s
         steps: list[dict[str, Any]] = []
         good: float | None = None
         bad: float | None = None
@@ -149,7 +157,7 @@ class Session:
                 rate *= 2
             else:
                 bad = rate
-                if good is not None:
+                if good is not None or rate < start_rate:
                     break
                 rate /= 2
         if good is not None and bad is not None and bad > good and not self.out_of_time():
@@ -158,12 +166,13 @@ class Session:
             steps.append(point)
             if point["meets_slo"]:
                 good = mid
-        return {"max_rate_meeting_slo_per_s": good or 0.0, "search": steps,
+        # None: nothing measured met the SLO (or there was no time to measure)
+        return {"max_rate_meeting_slo_per_s": good, "search": steps,
                 "complete": bad is not None and good is not None}
 
 
 async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settings,
-                          started: float) -> dict[str, Any]:
+                          started: float, *, workflows: int) -> dict[str, Any]:
     from faastube.workflow import load_workflow
     from faastube_runtime.cli import request_input
     from faastube_runtime.gateway import to_npy
@@ -173,9 +182,11 @@ async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settin
     body = to_npy(request_input(workflow, None))
     arrivals = [a.strip() for a in args.arrivals.split(",") if a.strip()]
     result: dict[str, Any] = {"slo_s": workflow.slo_s, "input_bytes": len(body), "modes": {}}
+    # an equal share of the time budget for every rate search of the run
+    search_budget_s = settings.budget_s / max(1, workflows * len(MODES) * len(arrivals))
     base_rate: float | None = None
     for mode in MODES:
-        options = LocalOptions(backend=args.backend, passing=mode)
+        options = LocalOptions(backend=args.backend, passing=cast("Passing", mode))
         t0 = time.monotonic()
         async with LocalRuntime(workflow, options) as runtime:
             print(f"[{time.monotonic() - started:6.1f}s] {workflow.name} {mode}: started in "
@@ -189,7 +200,7 @@ async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settin
                                            "arrivals": {}}
             for arrival in arrivals:
                 fixed = await session.point(arrival, base_rate, count=settings.requests)
-                search = await session.max_rate(arrival, base_rate)
+                search = await session.max_rate(arrival, base_rate, budget_s=search_budget_s)
                 mode_result["arrivals"][arrival] = {"fixed_rate": fixed, **search}
                 print(f"[{time.monotonic() - started:6.1f}s]   {arrival}: P99 {fixed['p99_s'] * 1e3:.1f} ms at "
                       f"{base_rate:.1f}/s; max {search['max_rate_meeting_slo_per_s']:.1f}/s within SLO",
@@ -213,7 +224,7 @@ def _ratios(result: dict[str, Any], arrivals: Sequence[str]) -> dict[str, dict[s
         hr, tr = h["max_rate_meeting_slo_per_s"], t["max_rate_meeting_slo_per_s"]
         ratios[arrival] = {
             "p99_tube_over_host": tp / hp if hp and tp is not None else None,
-            "max_rate_tube_over_host": tr / hr if hr > 0 else None,
+            "max_rate_tube_over_host": tr / hr if hr and tr is not None else None,
         }
     return ratios
 
@@ -226,19 +237,19 @@ def _machine() -> dict[str, Any]:
 
         count = cupy.cuda.runtime.getDeviceCount()
         info["gpus"] = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode() for i in range(count)]
-    except Exception:  # no CuPy or no GPU: a CPU-only run
+    except Exception:  # noqa: BLE001 - no CuPy, no driver or no GPU all mean a CPU-only run
         info["gpus"] = []
     return info
 
 
 def table(data: dict[str, Any]) -> str:
-    rows = [f"{'workflow':<10}{'arrival':<10}{'P99 host':>10}{'P99 tube':>10}{'ratio':>7}"
-            f"{'max/s host':>11}{'max/s tube':>11}{'ratio':>7}"]
+    rows = [(f"{'workflow':<10}{'arrival':<10}{'P99 host':>10}{'P99 tube':>10}{'ratio':>7}"
+             f"{'max/s host':>11}{'max/s tube':>11}{'ratio':>7}")]
 
     def fmt(value: float | None, scale: float = 1.0, width: int = 10, digits: int = 1) -> str:
         if value is None:
             return f"{'-':>{width}}"
-        return f"{value * scale:>{width}.{digits}f}"
+        return f"{value * scale:>{width}.{digits}f}"  # '-': failed requests or not measured
 
     for name, wf in data["workflows"].items():
         host, tube = wf["modes"].get("host-centric"), wf["modes"].get("tube")
@@ -293,11 +304,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                                          "budget_s": settings.budget_s, "quick": bool(args.quick),
                                          "scale": os.environ.get("FAASTUBE_EXAMPLE_SCALE")},
                             "workflows": {}}
-    for path in _workflow_paths(args.workflows):
+    paths = _workflow_paths(args.workflows)
+    for path in paths:
         name = path.parent.name
         try:
-            data["workflows"][name] = await _bench_workflow(path, args, settings, started)
-        except Exception as e:  # one broken workflow must not lose the others' results
+            data["workflows"][name] = await _bench_workflow(path, args, settings, started,
+                                                            workflows=len(paths))
+        except Exception as e:
             logger.exception("workflow %s failed", name)
             data["workflows"][name] = {"error": f"{type(e).__name__}: {e}", "modes": {}, "ratios": {}}
     data["elapsed_s"] = time.monotonic() - started

@@ -16,14 +16,15 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 from faastube import errors as ft_errors
 from faastube import sdk
 from faastube.workflow import Workflow, load_workflow
+
 from faastube_runtime import arrivals, dag, errors, loadgen, report
 from faastube_runtime.gateway import GatewayConfig, to_npy
 from faastube_runtime.local import LocalOptions, LocalRuntime

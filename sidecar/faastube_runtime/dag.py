@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from faastube import sdk
 from faastube.workflow import Workflow
+
 from faastube_runtime import errors
 
 logger = logging.getLogger(__name__)

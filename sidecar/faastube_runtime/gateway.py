@@ -21,15 +21,16 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from faastube import errors as ft_errors
 from faastube import sdk
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from faastube_runtime import dag, errors
 from faastube_runtime.metrics import GatewayMetrics
 
@@ -46,6 +47,9 @@ class RequestStore(Protocol):
     async def put_input(self, array: np.ndarray, *, consumers: int) -> str: ...
 
     async def read_output(self, ref: str) -> np.ndarray: ...
+
+    async def check(self, ref: str) -> None:
+        """Raise ``RefNotFound`` / ``PermissionDenied`` unless ``ref`` names a readable object."""
 
     async def discard(self, refs: Sequence[str]) -> None: ...
 
@@ -73,6 +77,9 @@ class ClientStore:
 
         return await self._run(read)  # type: ignore[no-any-return]
 
+    async def check(self, ref: str) -> None:
+        await self._run(self._client.stat, ref)
+
     async def discard(self, refs: Sequence[str]) -> None:
         await self._run(sdk.discard, self._client, list(refs))
 
@@ -82,7 +89,7 @@ class ClientStore:
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    policy: dag.DagPolicy = dag.DagPolicy()
+    policy: dag.DagPolicy = field(default_factory=dag.DagPolicy)
     max_in_flight: int = 256
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
@@ -99,11 +106,11 @@ class Gateway:
     """Serves requests of one workflow; the HTTP layer (``build_app``) only translates."""
 
     def __init__(self, workflow_name: str, plan: dag.RequestPlan, invoker: dag.FunctionInvoker,
-                 store: RequestStore, *, config: GatewayConfig = GatewayConfig(),
+                 store: RequestStore, *, config: GatewayConfig | None = None,
                  metrics: GatewayMetrics | None = None) -> None:
         self.workflow_name = workflow_name
         self.plan = plan
-        self.config = config
+        self.config = config if config is not None else GatewayConfig()
         self.metrics = metrics if metrics is not None else GatewayMetrics.create()
         self._invoker = invoker
         self._store = store
@@ -129,8 +136,9 @@ class Gateway:
             if array is not None:
                 input_ref = await self._store.put_input(array, consumers=len(self.plan.sources))
                 ledger.add([input_ref])
-            else:
-                input_ref = ref  # type: ignore[assignment]  # the caller's object: not ours to free
+            elif ref is not None:
+                await self._store.check(ref)
+                input_ref = ref  # the caller's object: not ours to free
             stored_s = time.monotonic() - started
             trace = await dag.run_request(self.plan, self._invoker, input_ref, request_id=request_id,
                                           policy=self.config.policy, ledger=ledger)
@@ -148,7 +156,7 @@ class Gateway:
             self.metrics.requests.labels(self.workflow_name, type(e).__name__).inc()
             logger.info("request %s failed: %s", request_id, e)
             raise
-        except ft_errors.RefNotFound as e:
+        except (ft_errors.RefNotFound, ft_errors.PermissionDenied, ft_errors.InvalidRequest) as e:
             self.metrics.requests.labels(self.workflow_name, "BadInput").inc()
             raise errors.BadInput(f"input ref: {e}") from e
         finally:
@@ -212,6 +220,10 @@ def build_app(gateway: Gateway) -> web.Application:
                 result = await gateway.invoke(array=parse_npy(body), return_ref=output_mode == "ref")
         except errors.RuntimeFailure as e:
             return _error_response(e)
+        except ft_errors.FaastubeError as e:  # the data plane failed under us (sidecar gone, full)
+            logger.warning("invoke failed in the data plane: %s: %s", type(e).__name__, e)
+            status = 503 if isinstance(e, ft_errors.RetryableError) else 500
+            return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status)
         breakdown = result.breakdown.as_dict()
         headers = {BREAKDOWN_HEADER: json.dumps(breakdown), "X-Faastube-Request-Id": result.request_id}
         if result.output_ref is not None:

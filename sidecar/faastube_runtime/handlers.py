@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from faastube.workflow import FunctionSpec, Workflow
+
 from faastube_runtime import errors
 
 logger = logging.getLogger(__name__)

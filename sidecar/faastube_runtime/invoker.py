@@ -17,8 +17,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Self
 
 import aiohttp
 
@@ -51,7 +52,7 @@ class WorkerPool:
         # request id -> replicas whose call for it failed or was abandoned (they may hold reads)
         self._failed_on: dict[str, set[Replica]] = {}
 
-    async def __aenter__(self) -> WorkerPool:
+    async def __aenter__(self) -> Self:
         for name, replicas in self._replicas.items():
             queue: asyncio.Queue[Replica] = asyncio.Queue()
             for replica in replicas:
@@ -132,7 +133,7 @@ class WorkerPool:
     async def _finish_orphan(self, call: asyncio.Future[wire.ReplyBody], replica: Replica) -> None:
         try:
             reply = await call
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - nobody waits for an abandoned call's error
             logger.debug("abandoned call on %s[%d] ended with %s", replica.function, replica.index, e)
         else:
             logger.info("freeing %d output(s) of an abandoned call on %s[%d]", len(reply["refs"]),
@@ -162,4 +163,8 @@ class WorkerPool:
         try:
             return wire.parse_reply(payload, expected_readers=readers)
         except errors.BadInput as e:
+            # free whatever it did store: nobody else will ever learn those refs
+            stored = payload.get("refs") if isinstance(payload, dict) else None
+            if isinstance(stored, list):
+                await self._discard([r for r in stored if isinstance(r, str) and 0 < len(r) <= 256])
             raise errors.CallFailed(f"{where}: malformed reply: {e}", retryable=False) from e

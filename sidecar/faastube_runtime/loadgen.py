@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import aiohttp
 
@@ -55,7 +55,7 @@ async def drive(url: str, body: bytes, offsets_s: Sequence[float], *, concurrenc
                     payload = await response.read()
                     raw = response.headers.get(BREAKDOWN_HEADER)
                     status = response.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 result = RequestResult(index, 0, loop.time() - scheduled, None, f"{type(e).__name__}: {e}")
             else:
                 breakdown = json.loads(raw) if raw else None

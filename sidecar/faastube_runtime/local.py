@@ -20,14 +20,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import aiohttp
 from aiohttp import web
-
 from faastube import errors as ft_errors
 from faastube import sdk
 from faastube.workflow import Workflow
+
 from faastube_runtime import dag, errors, wire
 from faastube_runtime.gateway import ClientStore, Gateway, GatewayConfig, build_app
 from faastube_runtime.invoker import Replica, WorkerPool
@@ -57,7 +57,7 @@ def gpu_count() -> int:
         import cupy
 
         return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # no CuPy, no driver, no device: all mean "no GPU" here
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device: all mean "no GPU" here
         return 0
 
 
@@ -108,12 +108,12 @@ class _Child:
 class LocalRuntime:
     """``async with LocalRuntime(workflow, options) as rt:`` then POST to ``rt.url``."""
 
-    def __init__(self, workflow: Workflow, options: LocalOptions = LocalOptions()) -> None:
+    def __init__(self, workflow: Workflow, options: LocalOptions | None = None) -> None:
         if workflow.source_path is None:
             raise errors.StartupFailed("local mode needs a workflow loaded from a file "
                                        "(workers load it and its handlers by path)")
         self.workflow = workflow
-        self.options = options
+        self.options = options if options is not None else LocalOptions()
         self.plan = dag.plan_workflow(workflow)
         self.backend: Literal["host", "cuda"] = "host"
         self.socket_dir = Path()
@@ -126,7 +126,7 @@ class LocalRuntime:
         self._runner: web.AppRunner | None = None
         self._client: Any = None
 
-    async def __aenter__(self) -> LocalRuntime:
+    async def __aenter__(self) -> Self:
         try:
             await self.start()
         except BaseException:
@@ -168,7 +168,8 @@ class LocalRuntime:
         with open(log_path, "wb") as log:
             process = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       # runs only prctl(2) in the child; no locks taken
+                                       preexec_fn=_die_with_parent)  # noqa: PLW1509
         child = _Child(name=name, process=process, log_path=log_path)
         self._children.append(child)
         return child
@@ -220,18 +221,24 @@ class LocalRuntime:
         async def probe() -> Any:
             if not os.path.exists(self.sidecar_socket):
                 raise FileNotFoundError(self.sidecar_socket)
-            return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function="gateway")
+            # a short timeout per try: the socket may exist before the sidecar answers
+            probe_client = await asyncio.to_thread(ft_client.connect, self.sidecar_socket,
+                                                   workflow=self.workflow.name, function="gateway",
+                                                   timeout_s=2.0)
+            probe_client.close()
 
-        return await self._until_ready("sidecar", probe)
+        await self._until_ready("sidecar", probe)
+        return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function="gateway")
 
     async def _wait_worker(self, replica: Replica) -> None:
         async def probe() -> None:
             if not os.path.exists(replica.socket_path):
                 raise FileNotFoundError(replica.socket_path)
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=replica.socket_path)) as s:
-                async with s.get(f"http://worker{wire.HEALTH_PATH}") as response:
-                    if response.status != 200:
-                        raise aiohttp.ClientError(f"healthz answered {response.status}")
+            connector = aiohttp.UnixConnector(path=replica.socket_path)
+            async with (aiohttp.ClientSession(connector=connector) as s,
+                        s.get(f"http://worker{wire.HEALTH_PATH}") as response):
+                if response.status != 200:
+                    raise aiohttp.ClientError(f"healthz answered {response.status}")
 
         await self._until_ready(f"fn-{replica.function}-{replica.index}", probe)
 
@@ -264,7 +271,7 @@ class LocalRuntime:
         if self._client is not None:
             try:
                 self._client.close()
-            except Exception as e:  # the sidecar may already be gone; nothing to do about it
+            except Exception as e:  # noqa: BLE001 - the sidecar may already be gone
                 logger.debug("closing the gateway's client: %s", e)
             self._client = None
         # workers before the sidecar: they hold mappings of its pool

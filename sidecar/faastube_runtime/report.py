@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -69,8 +69,8 @@ def format_table(summary: RunSummary) -> str:
         return f"{value * 1e3:10.1f}"
 
     rows = [f"{'latency (ms)':<22}{'p50':>10}{'p99':>10}{'mean':>10}",
-            f"{'client (incl. HTTP)':<22}{ms(summary.client_latency.p50_s)}"
-            f"{ms(summary.client_latency.p99_s)}{ms(summary.client_latency.mean_s)}"]
+            (f"{'client (incl. HTTP)':<22}{ms(summary.client_latency.p50_s)}"
+             f"{ms(summary.client_latency.p99_s)}{ms(summary.client_latency.mean_s)}")]
     for stage in STAGES:
         p = summary.stages[stage]
         rows.append(f"{STAGE_LABELS[stage]:<22}{ms(p.p50_s)}{ms(p.p99_s)}{ms(p.mean_s)}")

@@ -8,7 +8,8 @@ checks each reply before trusting the refs in it. Errors name the field.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, TypedDict
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 from faastube_runtime import errors
 

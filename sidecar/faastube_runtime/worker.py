@@ -22,14 +22,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
-
 from faastube import errors as ft_errors
 from faastube import sdk
 from faastube.workflow import Workflow, load_workflow
+
 from faastube_runtime import dag, errors, handlers, wire
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def build_app(worker: FunctionWorker) -> web.Application:
             return _error(errors.BadInput(f"call body is not JSON: {e}"))
         try:
             reply = await worker.call(body)
-        except Exception as e:  # every failure becomes an error reply the gateway can act on
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error reply the gateway acts on
             status, _ = _status_for(e)
             (logger.warning if status >= 500 else logger.info)(
                 "%s: call failed: %s: %s", worker.function, type(e).__name__, e)

@@ -2,7 +2,8 @@
 
 Nothing here decides anything: the CLI parses flags into `SidecarSettings`, and this
 module connects backend -> data plane -> dispatch -> server, plus metrics and the
-optional Kubernetes pieces (device plugin, node publishing), and handles signals.
+optional Kubernetes pieces (device plugin, node publishing, attestation: see ``kube``),
+and handles signals.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from faastube_sidecar.backends import create_backend, cuda_visible
 from faastube_sidecar.dataplane import DataPlane, DataPlaneConfig
 from faastube_sidecar.dispatch import Dispatcher
 from faastube_sidecar.identity import Attestor, ClaimAttestor
+from faastube_sidecar.kube import KubernetesPieces, KubeSettings
 from faastube_sidecar.metrics import SidecarMetrics
 from faastube_sidecar.pool import PoolLimits
 from faastube_sidecar.server import ServerConfig, SidecarServer
@@ -32,14 +34,22 @@ class SidecarSettings:
     backend: str = "auto"                     # auto | cuda | host
     metrics_port: int = 0                     # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
-    gpu_limits: PoolLimits = PoolLimits(slab_bytes=512 << 20, max_bytes=16 << 30)
-    host_limits: PoolLimits = PoolLimits(slab_bytes=64 << 20, max_bytes=8 << 30)
+    gpu_limits: PoolLimits = field(
+        default_factory=lambda: PoolLimits(slab_bytes=512 << 20, max_bytes=16 << 30))
+    host_limits: PoolLimits = field(
+        default_factory=lambda: PoolLimits(slab_bytes=64 << 20, max_bytes=8 << 30))
     default_ttl_s: float = 600.0
     max_clients: int = 1024
     max_body_bytes: int = 1 << 20
     identity: str = "local"                   # local | kubernetes
     node_name: str | None = None
+    kube: KubeSettings = field(default_factory=KubeSettings)
+    shutdown_timeout_s: float = 10.0
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def uses_kubernetes(self) -> bool:
+        return self.identity == "kubernetes" or self.kube.needs_topology
 
 
 def resolve_backend(name: str) -> str:
@@ -65,17 +75,51 @@ def build(settings: SidecarSettings, *, registry: CollectorRegistry | None = Non
 
 
 async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) -> None:
+    """Run until SIGTERM/SIGINT. Startup: Kubernetes setup (may fail on configuration), bind,
+    then plugin and publisher. Shutdown in reverse: the plugin stops advertising first."""
+    kube: KubernetesPieces | None = None
+    if settings.uses_kubernetes:
+        kube = KubernetesPieces.prepare(settings.kube, node_name=settings.node_name,
+                                        attest=settings.identity == "kubernetes")
+        if attestor is None and settings.identity == "kubernetes":
+            attestor = kube.attestor()
     registry = CollectorRegistry()
-    server = build(settings, registry=registry, attestor=attestor)
-    server.bind()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
-        logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
     try:
-        await server.serve()
+        server = build(settings, registry=registry, attestor=attestor)
+    except BaseException:
+        if kube is not None:
+            kube.close()
+        raise
+    stop = asyncio.Event()
+    serving: asyncio.Task[None] | None = None
+    try:
+        server.bind()
+        if settings.metrics_port:
+            start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+            logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        serving = asyncio.create_task(server.serve(), name="faastube-server")
+        if kube is not None:
+            await kube.start(server.dataplane, socket_path=settings.socket_path,
+                             gpu_limit_bytes=settings.gpu_limits.max_bytes)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        logger.info("shutting down")
     finally:
+        if kube is not None:
+            await kube.stop()
+        server.stop()
+        if serving is not None:
+            done, _ = await asyncio.wait({serving}, timeout=settings.shutdown_timeout_s)
+            if not done:
+                logger.warning("server did not stop within %.3gs", settings.shutdown_timeout_s)
+                serving.cancel()
+        if kube is not None:
+            kube.close()
         server.dataplane.close()
         server.dataplane.backend.close()
+    if serving is not None and serving.done() and not serving.cancelled():
+        serving.result()  # a server that died on its own: raise its error

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from faastube import errors
 from faastube.units import parse_duration, parse_size
+
 from faastube_sidecar.pool import PoolLimits
 
 DEFAULT_SOCKET = "/var/run/faastube/faastube.sock"
@@ -71,49 +74,123 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-clients", type=_positive_int, default=1024)
     parser.add_argument("--max-frame", type=_size, default=1 << 20, metavar="SIZE",
                         help="largest request body accepted (default 1Mi)")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="event loop: uvloop (faster round trips) when installed, else asyncio")
     parser.add_argument("--identity", choices=("local", "kubernetes"), default="local",
                         help="local: trust what clients claim; kubernetes: attest each peer's pod")
     parser.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
                         help="this Kubernetes node's name (default $NODE_NAME)")
+    parser.add_argument("--proc-root", metavar="DIR",
+                        help="with --identity kubernetes: procfs of the host's pid namespace, "
+                             "where peers' cgroups are read (default /proc)")
+    kube = parser.add_argument_group("Kubernetes")
+    kube.add_argument("--device-plugin", action="store_true",
+                      help="register faastube.io/gpu-<index> resources with the kubelet")
+    kube.add_argument("--kubelet-dir", metavar="DIR",
+                      help="the kubelet's device-plugin directory (default /var/lib/kubelet/device-plugins)")
+    kube.add_argument("--sharing-slots", type=_positive_int, metavar="N",
+                      help="functions that may share one GPU (devices per GPU resource; default: "
+                           "the topology's, 4 for discovered GPUs)")
+    kube.add_argument("--publish-node", action="store_true",
+                      help="keep this node's GpuNode resource (topology, health, pool memory) current")
+    kube.add_argument("--heartbeat", type=_duration, metavar="DURATION",
+                      help="with --publish-node: how often the GpuNode status is patched (default 10s)")
+    kube.add_argument("--simulated-topology", metavar="NAME",
+                      help="use a built-in topology instead of NVML discovery (tests, development)")
+    kube.add_argument("--kubeconfig", metavar="PATH",
+                      help="Kubernetes client config (default: in-cluster when "
+                           "$KUBERNETES_SERVICE_HOST is set, else $KUBECONFIG or ~/.kube/config)")
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"faastube sidecar: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot express; exits 2 naming the flags, as argparse does."""
+    for name in ("gpu_slab", "host_slab"):
+        if getattr(args, name) < 1 << 20:
+            _usage_error(f"--{name.replace('_', '-')} must be at least 1Mi")
+    if args.gpu_pool_min > args.gpu_pool_max:
+        _usage_error("--gpu-pool-min is larger than --gpu-pool-max")
+    topology_user = args.device_plugin or args.publish_node
+    needs = [
+        ("--kubelet-dir", args.kubelet_dir is not None, args.device_plugin, "--device-plugin"),
+        ("--heartbeat", args.heartbeat is not None, args.publish_node, "--publish-node"),
+        ("--sharing-slots", args.sharing_slots is not None, topology_user,
+         "--device-plugin or --publish-node"),
+        ("--simulated-topology", args.simulated_topology is not None, topology_user,
+         "--device-plugin or --publish-node"),
+        ("--kubeconfig", args.kubeconfig is not None,
+         args.publish_node or args.identity == "kubernetes", "--publish-node or --identity kubernetes"),
+        ("--proc-root", args.proc_root is not None, args.identity == "kubernetes",
+         "--identity kubernetes"),
+    ]
+    for flag, given, enabled, requirement in needs:
+        if given and not enabled:
+            _usage_error(f"{flag} has no effect without {requirement}")
+    if not args.node_name:
+        if args.publish_node:
+            _usage_error("--publish-node needs --node-name (or $NODE_NAME): "
+                         "the GpuNode is named after the Kubernetes node")
+        if args.identity == "kubernetes":
+            _usage_error("--identity kubernetes needs --node-name (or $NODE_NAME): "
+                         "only pods of this node may connect")
+    if args.heartbeat is not None and args.heartbeat < 0.1:
+        _usage_error(f"--heartbeat must be at least 100ms, got {args.heartbeat:g}s")
+    if args.simulated_topology is not None:
+        from faastube import topology
+
+        names = topology.builtin_names()
+        if args.simulated_topology not in names:
+            _usage_error(f"--simulated-topology: unknown topology {args.simulated_topology!r} "
+                         f"(known: {', '.join(names)})")
+    if args.kubeconfig is not None and not os.path.isfile(args.kubeconfig):
+        _usage_error(f"--kubeconfig: no such file {args.kubeconfig!r}")
+    if args.proc_root is not None and not os.path.isdir(args.proc_root):
+        _usage_error(f"--proc-root: no such directory {args.proc_root!r}")
 
 
 def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import deferred: prometheus)
     from faastube_sidecar.app import SidecarSettings
+    from faastube_sidecar.kube import DEFAULT_HEARTBEAT_S, DEFAULT_KUBELET_DIR, KubeSettings
 
-    for name in ("gpu_slab", "host_slab"):
-        if getattr(args, name) < 1 << 20:
-            raise SystemExit(f"faastube sidecar: --{name.replace('_', '-')} must be at least 1Mi")
-    if args.gpu_pool_min > args.gpu_pool_max:
-        raise SystemExit("faastube sidecar: --gpu-pool-min is larger than --gpu-pool-max")
+    check_flags(args)
+    kube = KubeSettings(
+        device_plugin=args.device_plugin, kubelet_dir=args.kubelet_dir or DEFAULT_KUBELET_DIR,
+        sharing_slots=args.sharing_slots, publish_node=args.publish_node,
+        heartbeat_s=args.heartbeat if args.heartbeat is not None else DEFAULT_HEARTBEAT_S,
+        simulated_topology=args.simulated_topology, kubeconfig=args.kubeconfig,
+        proc_root=args.proc_root or "/proc")
     return SidecarSettings(
         socket_path=Path(args.socket), backend=args.backend, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         gpu_limits=PoolLimits(args.gpu_slab, args.gpu_pool_max, args.gpu_pool_min, args.idle_release),
         host_limits=PoolLimits(args.host_slab, args.host_pool_max, 0, args.idle_release),
         default_ttl_s=args.default_ttl, max_clients=args.max_clients, max_body_bytes=args.max_frame,
-        identity=args.identity, node_name=args.node_name)
+        identity=args.identity, node_name=args.node_name, kube=kube)
 
 
 def run(args: argparse.Namespace) -> int:
     from faastube_sidecar import app
 
     settings = settings_from(args)
-    attestor = None
-    if settings.identity == "kubernetes":
-        attestor = _kubernetes_attestor(settings.node_name)
     try:
-        asyncio.run(app.serve(settings, attestor=attestor))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            runner.run(app.serve(settings))
     except errors.FaastubeError as e:
         raise SystemExit(f"faastube sidecar: {e}") from None
     return 0
 
 
-def _kubernetes_attestor(node_name: str | None):
-    if not node_name:
-        raise SystemExit("faastube sidecar: --identity kubernetes needs --node-name (or $NODE_NAME)")
-    from faastube_sidecar import identity
-
-    factory = getattr(identity, "kubernetes_attestor", None)
-    if factory is None:
-        raise SystemExit("faastube sidecar: this build has no Kubernetes attestor")
-    return factory(node_name)
+def _loop_factory(choice: str):  # -> Callable[[], AbstractEventLoop] | None
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("faastube sidecar: --loop uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop

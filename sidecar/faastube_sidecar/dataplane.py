@@ -297,6 +297,7 @@ class DataPlane:
 
     def release(self, session: Session, body: Mapping[str, Any]) -> Reply:
         self._identity(session)
+        consumed = body.get("consumed", True)
         for ref in body["refs"]:
             if session.leases.get(ref, 0) <= 0:
                 continue  # nothing held: a late or duplicate release is harmless
@@ -305,7 +306,7 @@ class DataPlane:
                 session.leases.pop(ref, None)
                 continue
             self._end_lease(session, record)
-            if not record.released and record.consumers_left is not None:
+            if consumed and not record.released and record.consumers_left is not None:
                 record.consumers_left -= 1
                 if record.consumers_left <= 0:
                     self._drop(record)

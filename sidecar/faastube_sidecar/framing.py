@@ -19,7 +19,7 @@ import asyncio
 import collections
 import logging
 import socket
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence, cast
 
 from faastube import errors, protocol
 
@@ -49,9 +49,9 @@ class FrameConnection(asyncio.Protocol):
     # --- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=0)
+        # uvloop's transports quack like asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=0)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -98,8 +98,8 @@ class FrameConnection(asyncio.Protocol):
             pending = self._handler(self, header, body)
             if pending is not None:
                 self._busy = True
-                assert self.transport is not None
-                self.transport.pause_reading()
+                if self.transport is not None:
+                    self.transport.pause_reading()
                 task = asyncio.ensure_future(pending)
                 task.add_done_callback(self._resume)
 
@@ -125,7 +125,8 @@ class FrameConnection(asyncio.Protocol):
             self._queued.append((data, fds))
 
     def _write(self, data: bytes, fds: Sequence[int]) -> None:
-        assert self.transport is not None
+        if self.transport is None:
+            return
         if not fds:
             self.transport.write(data)
             return

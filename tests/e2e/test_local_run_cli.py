@@ -43,7 +43,7 @@ def test_faastube_run_serves_requests_prints_a_table_and_cleans_up(tmp_path: Pat
         [sys.executable, "-m", "faastube.cli", "run", str(workdir / "workflow.yaml"), "--requests", "5",
          "--concurrency", "2", "--arrival", "periodic", "--rate", "20", "--backend", "host",
          "--json", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        capture_output=True, text=True, check=False, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "p50" in proc.stdout and "p99" in proc.stdout and "data passing" in proc.stdout
     assert "5/5 ok" in proc.stdout
@@ -59,7 +59,7 @@ def test_faastube_run_serves_requests_prints_a_table_and_cleans_up(tmp_path: Pat
 def test_faastube_run_rejects_bad_flags_naming_them(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "faastube.cli", "run", str(EXAMPLE / "workflow.yaml"), "--concurrency", "0",
-         "--rate", "-1"], capture_output=True, text=True, timeout=60)
+         "--rate", "-1"], capture_output=True, text=True, check=False, timeout=60)
     assert proc.returncode == 2
     assert "--concurrency: must be at least 1" in proc.stderr and "--rate: must be positive" in proc.stderr
 
@@ -69,5 +69,5 @@ def test_faastube_run_reports_an_invalid_workflow(tmp_path: Path) -> None:
     bad.write_text("apiVersion: faastube.io/v1alpha1\nkind: Workflow\nmetadata: {name: x}\n"
                    "spec: {slo: 1s, functions: [{name: a, handler: 'm:a', replicas: 0}], edges: []}\n")
     proc = subprocess.run([sys.executable, "-m", "faastube.cli", "run", str(bad)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, check=False, timeout=60)
     assert proc.returncode == 2 and "spec.functions[0].replicas" in proc.stderr

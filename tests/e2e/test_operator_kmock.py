@@ -4,7 +4,7 @@ kmock serves list/watch/patch/delete over real HTTP and honours finalizers, but
 it has no controllers, admission or schema pruning (see kubernetes-notes.md):
 the test plays the Deployment controller by patching Deployment status, fills
 in ``uid``, ``resourceVersion`` and ``generation`` the way the API server would
-(``VersionedEmulator``), and checks schema validation separately
+(``GenerationEmulator``), and checks schema validation separately
 (test_crds_schema.py).
 """
 
@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import pytest
 import yaml
 
@@ -39,35 +40,26 @@ WF = "faastube.io/v1alpha1"
 pytestmark = pytest.mark.timeout(120)
 
 
-class VersionedEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
-    """kmock plus what the API server does on every write: a new resourceVersion, and a
-    new generation when the spec changes. kopf's optimistic JSON patches (``test`` on
-    resourceVersion) and its wait-for-own-changes logic rely on these."""
+class GenerationEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock plus the API server's ``metadata.generation`` bump on spec changes.
 
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self._version = 1
+    resourceVersion is deliberately left constant: kmock's watch replays every stored
+    object whatever resourceVersion it is asked to start from, and kopf's optimistic
+    ``test`` ops would then race against stale replays, which a real API server never
+    sends.
+    """
 
     async def _handle(self, request: Any) -> Any:
-        action = getattr(request, "action", None)
-        if request.resource is not None and action in (kmock.action.CREATE, kmock.action.UPDATE):
-            self._version += 1
-            version = str(self._version)
-            data = request.data  # mutated in place: the request itself is frozen
-            if isinstance(data, dict):
-                meta = data.setdefault("metadata", {})
-                meta["resourceVersion"] = version
-                if action == kmock.action.UPDATE and "spec" in data and request.subresource is None:
-                    current = self._current(request)
-                    meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
-            elif isinstance(data, list):
-                touches_spec = any(str(op.get("path", "")).startswith("/spec") for op in data)
-                data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": version})
-                if touches_spec:
-                    current = self._current(request)
-                    data.append({"op": "replace", "path": "/metadata/generation",
-                                 "value": int(current.get("metadata", {}).get("generation", 1)) + 1})
-        return await super()._handle(request)
+        data = request.data  # mutated in place: the request itself is frozen
+        if (request.resource is not None and getattr(request, "action", None) == kmock.action.UPDATE
+                and request.subresource is None and isinstance(data, dict) and "spec" in data):
+            generation = int(self._current(request).get("metadata", {}).get("generation", 1))
+            data.setdefault("metadata", {})["generation"] = generation + 1
+        try:
+            return await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as e:
+            # What the API server answers to a failed optimistic `test` op (kopf retries it).
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from e
 
     def _current(self, request: Any) -> dict[str, Any]:
         for (resource, namespace, name), obj in self.objects.items():
@@ -110,7 +102,7 @@ class Cluster:
     async def create(self, path: str, obj: dict[str, Any]) -> None:
         # The API server's job, which kmock leaves to us.
         obj.setdefault("metadata", {}).update({
-            "uid": str(uuid.uuid4()), "generation": 1,
+            "uid": str(uuid.uuid4()), "resourceVersion": "1", "generation": 1,
             "creationTimestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")})
         status, data = await self.request("POST", path, obj)
         assert status in (200, 201), data
@@ -174,7 +166,7 @@ def _workflow(name: str, **spec_changes: Any) -> dict[str, Any]:
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     info = kmock.ResourceInfo
-    async with VersionedEmulator() as emulator, kmock.Server(emulator) as server:
+    async with GenerationEmulator() as emulator, kmock.Server(emulator) as server:
         emulator.resources["faastube.io/v1alpha1/workflows"] = info(
             kind="Workflow", singular="workflow", namespaced=True, shortnames={"ftwf"},
             categories={"faastube"}, subresources={"status"},
@@ -207,7 +199,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
             with log_path.open("wb") as log:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "faastube.cli", "operator",
+                    sys.executable, "-m", "faastube.cli",
+                    "--log-level", os.environ.get("FAASTUBE_TEST_LOG_LEVEL", "INFO"), "operator",
                     "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
                     "--liveness-port", str(liveness_port),
                     "--status-interval-s", "0.3", "--retry-delay-s", "1",

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
-
 from faastube import errors, sdk
 from faastube_runtime import dag
 from faastube_runtime import errors as rt_errors

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from faastube import sdk
 from faastube.workflow import Workflow, parse_workflow
 from faastube_runtime import dag, errors
@@ -32,10 +31,11 @@ def handlers(**overrides: Any) -> dict[str, Any]:
 
 
 async def run(plan: dag.RequestPlan, invoker: InProcessInvoker, store: MemoryStore,
-              policy: dag.DagPolicy = dag.DagPolicy()) -> tuple[dag.RequestTrace, dag.RefLedger, str]:
+              policy: dag.DagPolicy | None = None) -> tuple[dag.RequestTrace, dag.RefLedger, str]:
     input_ref = store.put(np.array([1.0]), consumers=1)
     ledger = dag.RefLedger([input_ref])
-    trace = await dag.run_request(plan, invoker, input_ref, request_id="t1", policy=policy, ledger=ledger)
+    trace = await dag.run_request(plan, invoker, input_ref, request_id="t1",
+                                  policy=policy or dag.DagPolicy(), ledger=ledger)
     return trace, ledger, input_ref
 
 

@@ -6,14 +6,13 @@ import asyncio
 import io
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
-
 from faastube.workflow import load_workflow
 from faastube_runtime import dag
 from faastube_runtime.gateway import BREAKDOWN_HEADER, GatewayConfig
@@ -131,7 +130,7 @@ async def test_bad_bodies_get_400_naming_the_problem(runtime: LocalRuntime, http
 
 async def test_an_unknown_input_ref_is_a_bad_request(runtime: LocalRuntime, http: aiohttp.ClientSession) -> None:
     async with http.post(f"{runtime.url}/invoke", json={"ref": "ft-doesnotexist"}) as r:
-        assert r.status in (400, 502)
+        assert r.status == 400
         assert "ft-doesnotexist" in (await r.json())["message"]
     async with http.post(f"{runtime.url}/invoke", json={"ref": 5}) as r:
         assert r.status == 400 and "ref: must be" in (await r.json())["message"]
@@ -157,3 +156,15 @@ async def test_health_and_metrics_endpoints(runtime: LocalRuntime, http: aiohttp
     assert 'faastube_gateway_requests_total{outcome="FunctionFailed",workflow="gwtest"}' in text
     assert "faastube_gateway_function_retries_total" in text
     assert "faastube_gateway_request_stage_seconds_bucket" in text
+
+
+async def test_an_input_already_in_the_pool_is_passed_by_ref(runtime: LocalRuntime,
+                                                             http: aiohttp.ClientSession) -> None:
+    from faastube import client as ft_client
+
+    with ft_client.connect(runtime.sidecar_socket, workflow="gwtest", function="tester") as c:
+        ref = c.put(np.array([3.0]), consumers=1)
+        async with http.post(f"{runtime.url}/invoke", json={"ref": ref}) as r:
+            assert r.status == 200
+            assert np.load(io.BytesIO(await r.read())).tolist() == [20.0]
+    await assert_pool_empty(runtime)  # the entry's read was the ref's one declared consumer

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from faastube import errors, sdk
 from runtime_doubles import MemoryStore
 
@@ -146,7 +145,7 @@ def test_torch_handlers_get_tensors_and_may_return_them() -> None:
     ref_in = store.put(np.arange(3, dtype=np.float32), consumers=1)
 
     @sdk.function(framework="torch")
-    def f(x: "torch.Tensor") -> "torch.Tensor":
+    def f(x: torch.Tensor) -> torch.Tensor:
         assert isinstance(x, torch.Tensor)
         return x * 2
 

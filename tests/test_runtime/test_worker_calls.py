@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
-
 from faastube import client as ft_client
 from faastube.workflow import load_workflow
 from faastube_runtime import handlers, wire

@@ -20,7 +20,7 @@ import base64
 import concurrent.futures
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from faastube import errors, protocol
 from faastube_sidecar.backends import CopyTicket, Export, Span
@@ -246,16 +246,11 @@ class CudaBackend:
         loop = asyncio.get_running_loop()
         workflow, function = requester or ("", "sidecar")
         route, future = self._host_transfers.submit(
-            src=protocol.parse_location(src.location) if src.location != protocol.HOST else "host",
-            dst=protocol.parse_location(dst.location) if dst.location != protocol.HOST else "host",
+            src=_endpoint(src.location), dst=_endpoint(dst.location),
             src_address=self._ptr(src), dst_address=self._ptr(dst), nbytes=src.nbytes,
             workflow=workflow, function=function)
 
-        def landed(f: concurrent.futures.Future[Any]) -> None:
-            exc = f.exception()
-            loop.call_soon_threadsafe(lambda: done.done() or (done.set_exception(exc) if exc else done.set_result(None)))
-
-        future.add_done_callback(landed)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(_settle, done, f.exception()))
         return CopyTicket(path, done, None, route)
 
     def submit_copy(self, dst: Span, src: Span, *, requester: tuple[str, str] | None = None) -> CopyTicket:
@@ -289,7 +284,7 @@ class CudaBackend:
                 wait_gpu = gpu
             finished = stream.record()
         future = loop.run_in_executor(self._waiters, finished.synchronize)
-        future.add_done_callback(lambda f: done.set_exception(f.exception()) if f.exception() else done.set_result(None))
+        future.add_done_callback(lambda f: _settle(done, f.exception()))
         return CopyTicket(path, done, wait_gpu)
 
     def copy_event(self, gpu: int) -> bytes | None:
@@ -315,3 +310,17 @@ class CudaBackend:
                 mr.close()
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 logger.exception("closing a GPU pool failed")
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.done():
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
+
+
+def _endpoint(location: str) -> int | Literal["host"]:
+    gpu = protocol.parse_location(location)
+    return "host" if gpu is None else gpu

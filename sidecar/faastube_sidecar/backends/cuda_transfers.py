@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
-from typing import Sequence
+from typing import Literal, Sequence
 
 from faastube.topology import NodeTopology
 from faastube_sidecar.transfers import planner
@@ -21,6 +21,8 @@ from faastube_sidecar.transfers.scheduler import (
     FunctionIdentity, LinkId, LinkSpec, TransferRequest, TransferResult, describe_route, make_route)
 
 logger = logging.getLogger(__name__)
+
+Endpoint = int | Literal["host"]
 
 MULTIPATH_MIN_BYTES = 32 << 20
 _ids = itertools.count(1)
@@ -47,16 +49,16 @@ class HostTransfers:
             for other in self._topology.gpus:
                 if other.index != gpu.index:
                     link = self._topology.link(gpu.index, other.index)
-                    kind = "nvlink" if link is not None and link.kind == "nvlink" else "pcie"
+                    kind: Literal["nvlink", "pcie"] = "nvlink" if link is not None and link.kind == "nvlink" else "pcie"
                     bw = self._topology.gpu_bandwidth_bytes_per_s(gpu.index, other.index)
                     specs.append(LinkSpec(LinkId(f"p2p:{g}->{self._cuda[other.index]}"), bw, kind))
         return specs
 
-    def submit(self, *, src: int | str, dst: int | str, src_address: int, dst_address: int, nbytes: int,
+    def submit(self, *, src: Endpoint, dst: Endpoint, src_address: int, dst_address: int, nbytes: int,
                workflow: str, function: str) -> tuple[str, concurrent.futures.Future[TransferResult]]:
         """Start a copy; returns the route's label (e.g. h2d-multipath[0,1,2,3]) and its future."""
         plan = planner.plan_paths(self._topology, self._to_topo(src), self._to_topo(dst), catalog=self._catalog)
-        paths: Sequence[tuple[tuple[int | str, ...], float]] = [
+        paths: Sequence[tuple[Sequence[Endpoint], float]] = [
             (tuple(self._to_cuda(h) for h in p.hops), p.bandwidth_bytes_per_s) for p in plan.paths]
         route = make_route(paths, nbytes)
         label = describe_route(route, self._kinds)
@@ -65,11 +67,11 @@ class HostTransfers:
         logger.debug("transfer %s: %d bytes %s -> %s over %s", request.transfer_id, nbytes, src, dst, label)
         return label, self._engine.submit(request)
 
-    def _to_topo(self, endpoint: int | str) -> int | str:
-        return endpoint if endpoint == planner.HOST else self._topo[int(endpoint)]
+    def _to_topo(self, endpoint: Endpoint) -> Endpoint:
+        return "host" if endpoint == "host" else self._topo[int(endpoint)]
 
-    def _to_cuda(self, endpoint: int | str) -> int | str:
-        return endpoint if endpoint == planner.HOST else self._cuda[int(endpoint)]
+    def _to_cuda(self, endpoint: Endpoint) -> Endpoint:
+        return "host" if endpoint == "host" else self._cuda[int(endpoint)]
 
     def close(self) -> None:
         self._engine.close()
