@@ -31,12 +31,22 @@ for step in "${steps[@]}"; do
       timeout 420 python3 -m pytest -q -p no:cacheprovider -o addopts= \
         tests/test_sidecar/test_dataplane_gpu.py tests/test_sidecar/test_cuda_executor_copies.py \
         tests/test_sidecar/test_deviceplugin_nvml_health.py tests/test_sidecar/test_topology_discovery.py \
+        tests/test_sidecar/test_sidecar_kube_nvml.py \
         $(ls tests/test_runtime/test_*gpu*.py 2>/dev/null) > "$OUT/pytest-gpu.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$OUT/pytest-gpu.log")" >> "$summary" ;;
     dataplane)
-      timeout 420 python3 -m faastube.cli bench dataplane --out "$OUT" > "$OUT/dataplane.log" 2>&1
-      echo "dataplane: rc=$?" >> "$summary"
-      grep -E "^\[(MET |MISS)\]" "$OUT/dataplane.log" >> "$summary" ;;
+      timeout 300 python3 -m faastube.cli bench dataplane --out "$OUT" > "$OUT/dataplane.log" 2>&1
+      echo "dataplane (default: uvloop if installed, no spin): rc=$?" >> "$summary"
+      grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane.log" >> "$summary"
+      # Variants, to see where round-trip time goes: the plain asyncio loop; clients that spin.
+      timeout 120 python3 -m faastube.cli bench dataplane --no-baselines --patterns same-gpu gpu-gpu \
+        --loop asyncio --tag asyncio --out "$OUT" > "$OUT/dataplane-asyncio.log" 2>&1
+      echo "dataplane --loop asyncio: rc=$?" >> "$summary"
+      grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane-asyncio.log" >> "$summary"
+      timeout 120 python3 -m faastube.cli bench dataplane --no-baselines --patterns same-gpu gpu-gpu \
+        --spin-us 200 --tag spin200 --out "$OUT" > "$OUT/dataplane-spin.log" 2>&1
+      echo "dataplane --spin-us 200: rc=$?" >> "$summary"
+      grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane-spin.log" >> "$summary" ;;
     transfers)
       timeout 420 python3 -m faastube.cli bench transfers --out "$OUT" > "$OUT/transfers.log" 2>&1
       echo "transfers: rc=$?" >> "$summary"
@@ -49,5 +59,7 @@ for step in "${steps[@]}"; do
   esac
   echo "  ($step took $(( $(date +%s) - start )) s)" >> "$summary"
 done
+# At most 8 files come back from the GPU machine: pack everything into one.
+tar -czf "$OUT/../faastube-gpu.tar.gz" -C "$OUT" . 2>/dev/null && mv "$OUT/../faastube-gpu.tar.gz" "$OUT/"
 echo "================ summary ================"
 cat "$summary"

@@ -280,11 +280,12 @@ def gpu_count() -> int:
         return 0
 
 
-def start_sidecar(socket_path: str, backend: str) -> subprocess.Popen[bytes]:
+def start_sidecar(socket_path: str, backend: str, loop: str = "auto", spin_us: float = 0.0) -> subprocess.Popen[bytes]:
     import socket as socketlib
 
     cmd = [sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar", "--socket", socket_path,
-           "--backend", backend, "--gpu-slab", "1Gi", "--host-slab", "256Mi", "--host-pool-max", "8Gi"]
+           "--backend", backend, "--gpu-slab", "1Gi", "--host-slab", "256Mi", "--host-pool-max", "8Gi",
+           "--loop", loop, "--spin-us", str(spin_us)]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -303,7 +304,8 @@ def start_sidecar(socket_path: str, backend: str) -> subprocess.Popen[bytes]:
 
 
 def run_benchmark(*, sizes: list[int], iters: int, warmup: int, baselines: bool,
-                  patterns: list[str] | None = None, log: Any = print) -> dict[str, Any]:
+                  patterns: list[str] | None = None, log: Any = print, loop: str = "auto",
+                  spin_us: float = 0.0, sidecar_spin_us: float = 0.0) -> dict[str, Any]:
     gpus = gpu_count()
     backend = "cuda" if gpus else "host"
     if patterns is None:
@@ -311,8 +313,9 @@ def run_benchmark(*, sizes: list[int], iters: int, warmup: int, baselines: bool,
                                                                             ["host-host"])
     tmp = tempfile.mkdtemp(prefix="ftb-")
     socket_path = os.path.join(tmp, "faastube.sock")
-    sidecar = start_sidecar(socket_path, backend)
+    sidecar = start_sidecar(socket_path, backend, loop, sidecar_spin_us)
     ctx = mp.get_context("spawn")
+    os.environ["FAASTUBE_SPIN_US"] = str(spin_us)    # inherited by the spawned function processes
     results: list[Result] = []
     extra: dict[str, Any] = {}
     try:
@@ -356,6 +359,7 @@ def run_benchmark(*, sizes: list[int], iters: int, warmup: int, baselines: bool,
         except subprocess.TimeoutExpired:
             sidecar.kill()
     return {"card": card_name(), "backend": backend, "gpus": gpus, "iterations": iters,
+            "sidecar_loop": loop, "client_spin_us": spin_us, "sidecar_spin_us": sidecar_spin_us,
             "results": [asdict(r) for r in results], **extra, "targets": targets(results, extra)}
 
 
@@ -413,6 +417,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="the sidecar's event loop")
+    parser.add_argument("--spin-us", type=float, default=0.0,
+                        help="function processes busy-poll this long for each reply")
+    parser.add_argument("--sidecar-spin-us", type=float, default=0.0,
+                        help="the sidecar busy-polls this long before sleeping")
+    parser.add_argument("--patterns", nargs="+", choices=("same-gpu", "gpu-gpu", "host-gpu", "host-host"))
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
 
 
@@ -421,10 +433,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("faastube bench dataplane: --sizes-mb must be between 1 and 4096")
     if args.iterations < 1 or args.warmup < 0:
         raise SystemExit("faastube bench dataplane: --iterations must be >= 1 and --warmup >= 0")
+    if not 0 <= args.spin_us <= 10_000:
+        raise SystemExit("faastube bench dataplane: --spin-us must be in 0..10000")
     report = run_benchmark(sizes=[s * MB for s in args.sizes_mb], iters=args.iterations, warmup=args.warmup,
-                           baselines=not args.no_baselines)
+                           baselines=not args.no_baselines, patterns=args.patterns, loop=args.loop,
+                           spin_us=args.spin_us, sidecar_spin_us=args.sidecar_spin_us)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "dataplane.json" if report["gpus"] else "dataplane-host.json"
+    name = ("dataplane" if report["gpus"] else "dataplane-host") + (f"-{args.tag}" if args.tag else "") + ".json"
     (args.out / name).write_text(json.dumps(report, indent=2))
     print(format_table(report))
     print(f"wrote {args.out / name}")

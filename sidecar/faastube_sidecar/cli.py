@@ -75,7 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frame", type=_size, default=1 << 20, metavar="SIZE",
                         help="largest request body accepted (default 1Mi)")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                        help="event loop: uvloop (faster round trips) when installed, else asyncio")
+                        help="event loop: uvloop when installed, else asyncio")
+    parser.add_argument("--spin-us", type=float, default=0.0, metavar="US",
+                        help="busy-poll the sockets this long before sleeping (lower latency, one busy core; "
+                             "uses the asyncio loop; default 0)")
     parser.add_argument("--identity", choices=("local", "kubernetes"), default="local",
                         help="local: trust what clients claim; kubernetes: attest each peer's pod")
     parser.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
@@ -177,14 +180,22 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop, args.spin_us)) as runner:
             runner.run(app.serve(settings))
     except errors.FaastubeError as e:
         raise SystemExit(f"faastube sidecar: {e}") from None
     return 0
 
 
-def _loop_factory(choice: str):  # -> Callable[[], AbstractEventLoop] | None
+def _loop_factory(choice: str, spin_us: float):  # -> Callable[[], AbstractEventLoop] | None
+    if not 0 <= spin_us <= 10_000:
+        raise SystemExit("faastube sidecar: --spin-us must be in 0..10000")
+    if spin_us:
+        if choice == "uvloop":
+            raise SystemExit("faastube sidecar: --spin-us needs the asyncio loop (uvloop can't spin)")
+        from faastube_sidecar.spinloop import spinning_loop_factory
+
+        return spinning_loop_factory(spin_us)
     if choice == "asyncio":
         return None
     try:

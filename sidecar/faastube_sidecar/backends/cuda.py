@@ -34,6 +34,7 @@ MULTIPATH_MIN_BYTES = 32 << 20   # below this one cudaMemcpyAsync beats the engi
 logger = logging.getLogger(__name__)
 
 _MEMCPY_DEFAULT = 4   # cudaMemcpyDefault: direction inferred through unified addressing
+_PEER_BYTES_PER_S = 380e9   # measured NVLink peer rate on H100: when to look for a copy's end
 _EVENT_DISABLE_TIMING = 0x2
 _EVENT_INTERPROCESS = 0x4
 
@@ -283,9 +284,28 @@ class CudaBackend:
                 rt.eventRecord(ipc_event, stream.ptr)
                 wait_gpu = gpu
             finished = stream.record()
-        future = loop.run_in_executor(self._waiters, finished.synchronize)
-        future.add_done_callback(lambda f: _settle(done, f.exception()))
+        if wait_gpu is None:
+            # Someone waits for this copy (a CPU reader): block a helper thread on it.
+            future = loop.run_in_executor(self._waiters, finished.synchronize)
+            future.add_done_callback(lambda f: _settle(done, f.exception()))
+        else:
+            # The consumer's stream already waits on the GPU; we only need to know when the
+            # memory is free to recycle, so poll from the loop instead of waking a thread.
+            estimate_s = max(src.nbytes / _PEER_BYTES_PER_S, 50e-6)
+            loop.call_later(estimate_s, self._poll_copy, loop, finished, done, estimate_s)
         return CopyTicket(path, done, wait_gpu)
+
+    def _poll_copy(self, loop: asyncio.AbstractEventLoop, finished: Any, done: asyncio.Future[None],
+                   interval_s: float) -> None:
+        try:
+            landed = finished.done
+        except Exception as e:  # noqa: BLE001 - a failed copy fails its waiters
+            _settle(done, e)
+            return
+        if landed:
+            _settle(done, None)
+        else:
+            loop.call_later(min(interval_s * 2, 0.01), self._poll_copy, loop, finished, done, min(interval_s * 2, 0.01))
 
     def copy_event(self, gpu: int) -> bytes | None:
         return self._ipc_event_handles.get(gpu)
