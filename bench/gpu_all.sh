@@ -31,7 +31,7 @@ for step in "${steps[@]}"; do
       timeout 420 python3 -m pytest -q -p no:cacheprovider -o addopts= \
         tests/test_sidecar/test_dataplane_gpu.py tests/test_sidecar/test_cuda_executor_copies.py \
         tests/test_sidecar/test_deviceplugin_nvml_health.py tests/test_sidecar/test_topology_discovery.py \
-        tests/test_sidecar/test_sidecar_kube_nvml.py \
+        tests/test_sidecar/test_sidecar_kube_nvml.py tests/test_sidecar/test_scheduler_cuda_ordering.py \
         $(ls tests/test_runtime/test_*gpu*.py 2>/dev/null) > "$OUT/pytest-gpu.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$OUT/pytest-gpu.log")" >> "$summary" ;;
     dataplane)
@@ -40,19 +40,17 @@ for step in "${steps[@]}"; do
       grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane.log" >> "$summary"
       # Variants, to see where round-trip time goes: the plain asyncio loop; clients that spin.
       timeout 120 python3 -m faastube.cli bench dataplane --no-baselines --patterns same-gpu gpu-gpu \
-        --loop asyncio --tag asyncio --out "$OUT" > "$OUT/dataplane-asyncio.log" 2>&1
-      echo "dataplane --loop asyncio: rc=$?" >> "$summary"
-      grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane-asyncio.log" >> "$summary"
-      timeout 120 python3 -m faastube.cli bench dataplane --no-baselines --patterns same-gpu gpu-gpu \
-        --spin-us 200 --tag spin200 --out "$OUT" > "$OUT/dataplane-spin.log" 2>&1
-      echo "dataplane --spin-us 200: rc=$?" >> "$summary"
+        --spin-us 200 --sidecar-spin-us 200 --tag spin200 --out "$OUT" > "$OUT/dataplane-spin.log" 2>&1
+      echo "dataplane, client and sidecar spinning 200 us: rc=$?" >> "$summary"
       grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane-spin.log" >> "$summary" ;;
     transfers)
       timeout 420 python3 -m faastube.cli bench transfers --out "$OUT" > "$OUT/transfers.log" 2>&1
       echo "transfers: rc=$?" >> "$summary"
       tail -25 "$OUT/transfers.log" >> "$summary" ;;
     e2e)
-      timeout 540 python3 -m faastube.cli bench e2e --quick --out "$OUT" > "$OUT/e2e.log" 2>&1
+      timeout 540 python3 -m faastube.cli --log-level WARNING bench e2e --quick \
+        --workflows "${E2E_WORKFLOWS:-traffic,driving,image,video}" --budget-s "${E2E_BUDGET_S:-150}" \
+        --out "$OUT" > "$OUT/e2e.log" 2>&1
       echo "e2e: rc=$?" >> "$summary"
       tail -25 "$OUT/e2e.log" >> "$summary" ;;
     *) echo "unknown step $step" >> "$summary" ;;

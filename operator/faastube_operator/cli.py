@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-pull-policy", default="IfNotPresent",
                         choices=("Always", "IfNotPresent", "Never"))
     parser.add_argument("--gateway-port", type=int, default=8080)
+    parser.add_argument("--worker-port", type=int, default=8081,
+                        help="port function pods serve calls on (faastube worker)")
     parser.add_argument("--socket-dir", default="/var/run/faastube",
                         help="the sidecar's socket directory on every node")
     parser.add_argument("--socket-name", default="faastube.sock")
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     return OperatorSettings(
         image=args.image, image_pull_policy=args.image_pull_policy,
-        gateway_port=args.gateway_port, socket_dir=args.socket_dir,
+        gateway_port=args.gateway_port, worker_port=args.worker_port, socket_dir=args.socket_dir,
         socket_name=args.socket_name, mount_socket_dir=not args.no_socket_mount,
         status_interval_s=args.status_interval_s, retry_delay_s=args.retry_delay_s,
         default_network_bandwidth_bytes_per_s=args.network_GBps * 1e9)

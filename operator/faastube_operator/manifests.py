@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from faastube.workflow import FunctionSpec, Workflow
+from faastube.workflow import FunctionSpec, Workflow, dump_workflow
 
 from faastube_operator.settings import OperatorSettings
 
@@ -26,6 +26,10 @@ ANNOTATION_SPEC_HASH = "faastube.io/spec-hash"
 ANNOTATION_PLACEMENT = "faastube.io/placement"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 GATEWAY = "gateway"
+# The gateway also uses the node's sidecar, which admits only pods labelled with a
+# workflow and a function: it is the workflow's "gateway" (a name no function may take).
+GATEWAY_FUNCTION = GATEWAY
+HEALTH_PATH = "/healthz"  # faastube_runtime.wire.HEALTH_PATH (the operator imports no runtime)
 MAX_NAME_LENGTH = 63  # DNS-1123 label: Service names and the pods' hostname prefix
 
 
@@ -57,6 +61,15 @@ def function_deployment_name(workflow_name: str, function_name: str) -> str:
 
 def gateway_name(workflow_name: str) -> str:
     return child_name(workflow_name, GATEWAY)
+
+
+def function_service_name(workflow_name: str, function_name: str) -> str:
+    """The headless Service of a function: its DNS name lists the ready replicas."""
+    return child_name(workflow_name, function_name)
+
+
+def function_service_host(workflow_name: str, function_name: str, namespace: str) -> str:
+    return f"{function_service_name(workflow_name, function_name)}.{namespace}.svc"
 
 
 def spec_hash(spec: Mapping[str, Any]) -> str:
@@ -116,10 +129,28 @@ def _required_node_affinity(node: str) -> dict[str, Any]:
             {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}]}}}
 
 
-def _preferred_node_affinity(node: str) -> dict[str, Any]:
-    return {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 100, "preference": {"matchExpressions": [
-            {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}}]}}
+def _colocated_affinity(workflow_name: str) -> dict[str, Any]:
+    """Unpinned pods of a workflow share one node: refs live in one node's sidecar.
+
+    The first pod goes anywhere (a pod matching its own affinity term may start a
+    group), the others follow it.
+    """
+    return {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {LABEL_WORKFLOW: workflow_name}},
+         "topologyKey": HOSTNAME_LABEL}]}}
+
+
+def _affinity(workflow_name: str, node: str | None) -> dict[str, Any]:
+    """A pin to ``node``, else co-location; the other kind is None so that a merge
+    patch removes it when a workflow moves between the two."""
+    if node:
+        return {**_required_node_affinity(node), "podAffinity": None}
+    return {"nodeAffinity": None, **_colocated_affinity(workflow_name)}
+
+
+def workflow_document(workflow: Workflow) -> str:
+    """The Workflow as JSON, for ``FAASTUBE_WORKFLOW_DOCUMENT`` of function pods."""
+    return json.dumps(dump_workflow(workflow), sort_keys=True, separators=(",", ":"))
 
 
 def _socket_volume(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -150,26 +181,34 @@ def function_deployment(
 ) -> dict[str, Any]:
     """One Deployment per function, pinned to its placement.
 
-    The function image's own entrypoint runs the handler; it learns its identity
-    and the sidecar's socket from the environment (contract 3).
+    Its container runs ``faastube worker``, which serves the function's calls on
+    ``settings.worker_port`` and learns the rest (workflow document, function,
+    sidecar socket, GPU) from the environment built here. It is ready once it
+    answers ``/healthz``: the handler is imported and the sidecar reached.
     """
     labels = function_labels(workflow.name, fn.name)
     selector = {LABEL_WORKFLOW: workflow.name, LABEL_FUNCTION: fn.name}
     volumes, mounts = _socket_volume(settings)
     env = [
         ("FAASTUBE_WORKFLOW", workflow.name),
+        ("FAASTUBE_NAMESPACE", namespace),
         ("FAASTUBE_FUNCTION", fn.name),
         ("FAASTUBE_HANDLER", fn.handler),
         ("FAASTUBE_SOCKET", settings.socket_path),
         ("FAASTUBE_GATEWAY",
          f"http://{gateway_name(workflow.name)}.{namespace}.svc:{settings.gateway_port}"),
+        ("FAASTUBE_WORKFLOW_DOCUMENT", workflow_document(workflow)),
     ]
     container: dict[str, Any] = {
         "name": "function",
         "image": fn.image or settings.image,
         "imagePullPolicy": settings.image_pull_policy,
+        "command": ["faastube", "worker", "--listen", f"tcp://0.0.0.0:{settings.worker_port}"],
         "env": _env(env) + [{"name": "FAASTUBE_NODE",
                              "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "ports": [{"name": "http", "containerPort": settings.worker_port, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": HEALTH_PATH, "port": "http"},
+                           "periodSeconds": 5, "failureThreshold": 3},
         "volumeMounts": mounts,
         "securityContext": _security_context(),
     }
@@ -177,9 +216,8 @@ def function_deployment(
         container["env"].append({"name": "FAASTUBE_GPU_INDEX", "value": str(where.gpu)})
         container["resources"] = {"limits": {gpu_resource_name(where.gpu): 1}}
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
-                                "enableServiceLinks": False}
-    # None (not a missing key) so that a merge patch drops a pin the placement lifted.
-    pod_spec["affinity"] = _required_node_affinity(where.node) if where.node else None
+                                "enableServiceLinks": False,
+                                "affinity": _affinity(workflow.name, where.node)}
     placement_note = "anywhere" if where.node is None else (
         where.node if where.gpu is None else f"{where.node}/gpu-{where.gpu}")
     return {
@@ -200,25 +238,49 @@ def function_deployment(
     }
 
 
+def function_service(workflow: Workflow, fn: FunctionSpec, *, namespace: str,
+                     settings: OperatorSettings) -> dict[str, Any]:
+    """A headless Service per function: the gateway resolves it to the ready replicas."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": function_service_name(workflow.name, fn.name), "namespace": namespace,
+                     "labels": function_labels(workflow.name, fn.name)},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_WORKFLOW: workflow.name, LABEL_FUNCTION: fn.name},
+            "ports": [{"name": "http", "port": settings.worker_port,
+                       "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
 def gateway_deployment(
     workflow: Workflow,
     *,
     namespace: str,
     spec: Mapping[str, Any],
-    entry_node: str | None,
+    node: str | None,
     settings: OperatorSettings,
     workflow_spec_hash: str,
 ) -> dict[str, Any]:
-    """The workflow's HTTP entry point, near its entry function when possible."""
+    """The workflow's HTTP entry point, on the workflow's node (its data is there).
+
+    It reaches every function through that function's headless Service.
+    """
     labels = gateway_labels(workflow.name)
     volumes, mounts = _socket_volume(settings)
     document = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Workflow",
                 "metadata": {"name": workflow.name}, "spec": dict(spec)}
+    services = [
+        f"--function-service={fn.name}="
+        f"{function_service_host(workflow.name, fn.name, namespace)}:{settings.worker_port}"
+        for fn in workflow.functions]
     container: dict[str, Any] = {
         "name": GATEWAY,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["faastube", "gateway", "--port", str(settings.gateway_port)],
+        "command": ["faastube", "gateway", "--port", str(settings.gateway_port), *services],
         "env": _env([
             ("FAASTUBE_WORKFLOW", workflow.name),
             ("FAASTUBE_NAMESPACE", namespace),
@@ -231,8 +293,8 @@ def gateway_deployment(
         "securityContext": _security_context(),
     }
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
-                                "enableServiceLinks": False}
-    pod_spec["affinity"] = _preferred_node_affinity(entry_node) if entry_node else None
+                                "enableServiceLinks": False,
+                                "affinity": _affinity(workflow.name, node)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -243,7 +305,7 @@ def gateway_deployment(
             "selector": {"matchLabels": {LABEL_WORKFLOW: workflow.name,
                                          LABEL_COMPONENT: GATEWAY}},
             "template": {
-                "metadata": {"labels": dict(labels),
+                "metadata": {"labels": {**labels, LABEL_FUNCTION: GATEWAY_FUNCTION},
                              "annotations": {ANNOTATION_SPEC_HASH: workflow_spec_hash}},
                 "spec": pod_spec,
             },
@@ -275,18 +337,30 @@ def workflow_children(
     placement: Mapping[str, Where],
     settings: OperatorSettings,
 ) -> list[dict[str, Any]]:
-    """Every object the Workflow owns, functions in topological order, gateway last."""
+    """Every object the Workflow owns: per function (topological order) a Deployment and a
+    headless Service, then the gateway's Deployment and Service."""
     digest = spec_hash(spec)
-    objects = [
-        function_deployment(workflow, workflow.function(name), namespace=namespace,
-                            where=placement.get(name, Where(node=None)), settings=settings,
-                            workflow_spec_hash=digest)
-        for name in workflow.topological_order()
-    ]
-    entry = placement.get(workflow.entry)
+    objects: list[dict[str, Any]] = []
+    for name in workflow.topological_order():
+        fn = workflow.function(name)
+        objects.append(function_deployment(workflow, fn, namespace=namespace,
+                                           where=placement.get(name, Where(node=None)),
+                                           settings=settings, workflow_spec_hash=digest))
+        objects.append(function_service(workflow, fn, namespace=namespace, settings=settings))
     objects.append(gateway_deployment(
-        workflow, namespace=namespace, spec=spec,
-        entry_node=entry.node if entry is not None else None,
+        workflow, namespace=namespace, spec=spec, node=workflow_node(workflow, placement),
         settings=settings, workflow_spec_hash=digest))
     objects.append(gateway_service(workflow, namespace=namespace, settings=settings))
     return objects
+
+
+def workflow_node(workflow: Workflow, placement: Mapping[str, Where]) -> str | None:
+    """The node the gateway joins: its entry function's, else any placed function's."""
+    entry = placement.get(workflow.entry)
+    if entry is not None and entry.node is not None:
+        return entry.node
+    return next((w.node for w in placement.values() if w.node is not None), None)
+
+
+def placement_nodes(placement: Mapping[str, Where]) -> set[str]:
+    return {w.node for w in placement.values() if w.node is not None}

@@ -66,9 +66,15 @@ class Outcome:
 
 def parse(obj: WorkflowObject) -> wf.Workflow:
     """The runtime's own validation; raises ``WorkflowInvalid`` naming every bad field."""
-    return wf.parse_workflow({"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow",
-                              "metadata": {"name": obj.name, "namespace": obj.namespace},
-                              "spec": dict(obj.spec)})
+    workflow = wf.parse_workflow({"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow",
+                                  "metadata": {"name": obj.name, "namespace": obj.namespace},
+                                  "spec": dict(obj.spec)})
+    reserved = [wf.FieldError(f"spec.functions[{i}].name",
+                              f"{fn.name!r} is reserved for the workflow's gateway")
+                for i, fn in enumerate(workflow.functions) if fn.name == manifests.GATEWAY]
+    if reserved:
+        raise wf.WorkflowInvalid(reserved)
+    return workflow
 
 
 def _status(obj: WorkflowObject, phase: Phase, message: str, *,
@@ -98,12 +104,46 @@ def _place(workflow: wf.Workflow, api: k8s.KubeApi, *, settings: OperatorSetting
     usage = usage_by_others(api.list("Workflow"), exclude=(workflow.namespace or "default", workflow.name),
                             usage_type=placement.GpuUsage)
     started = time.perf_counter()
-    decided = placement.place(workflow, topo, usage=usage)
+    decided = place_on_one_node(workflow, topo, usage=usage)
     metrics.placement_duration.observe(time.perf_counter() - started)
     metrics.placement_cost.observe(decided.cost_s)
     assigned = {name: manifests.Where(node=a.node, gpu=a.gpu)
                 for name, a in decided.assignments.items()}
     return manifests.resolve_placement(workflow, assigned), float(decided.cost_s)
+
+
+def place_on_one_node(workflow: wf.Workflow, topo: Any, *, usage: Mapping[tuple[str, int], Any]) -> Any:
+    """The best placement that keeps every function on one node.
+
+    Refs are node-local (one sidecar per node holds a workflow's data), so a
+    workflow split over nodes could not pass data at all. The cost model already
+    prefers one node; when capacity pushes the best placement across nodes, each
+    node is tried alone and the cheapest fit wins, else ``PlacementError``.
+    """
+    from faastube import topology
+    from faastube_operator import placement
+
+    decided = placement.place(workflow, topo, usage=usage)
+    if len({a.node for a in decided.assignments.values()}) <= 1:
+        return decided
+    best = None
+    reasons = []
+    for node in topo.nodes:
+        alone = topology.ClusterTopology(
+            nodes=(node,), default_network_bandwidth_bytes_per_s=topo.default_network_bandwidth_bytes_per_s)
+        try:
+            candidate = placement.place(workflow, alone,
+                                        usage={k: v for k, v in usage.items() if k[0] == node.name})
+        except placement.PlacementError as e:
+            reasons.append(f"{node.name}: {e}")
+            continue
+        if best is None or candidate.cost_s < best.cost_s:
+            best = candidate
+    if best is None:
+        raise placement.PlacementError(
+            f"workflow {workflow.name!r} fits only across nodes, but its data stays on the node "
+            f"where it was produced (one sidecar per node): {'; '.join(reasons)}")
+    return best
 
 
 def usage_by_others(

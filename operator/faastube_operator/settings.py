@@ -13,6 +13,9 @@ class OperatorSettings:
     image: str = DEFAULT_IMAGE
     image_pull_policy: str = "IfNotPresent"
     gateway_port: int = 8080
+    # Function pods run ``faastube worker`` listening on this port; the gateway finds
+    # them through each function's headless Service.
+    worker_port: int = 8081
     # The sidecar's socket directory on every node; function pods mount the directory
     # (not the socket file) so a restarted sidecar's new socket is visible to them.
     socket_dir: str = "/var/run/faastube"
@@ -29,6 +32,8 @@ class OperatorSettings:
             raise ValueError("image: must not be empty")
         if not 1 <= self.gateway_port <= 65535:
             raise ValueError(f"gateway_port: {self.gateway_port} is not a TCP port")
+        if not 1 <= self.worker_port <= 65535:
+            raise ValueError(f"worker_port: {self.worker_port} is not a TCP port")
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
             raise ValueError(f"image_pull_policy: {self.image_pull_policy!r} is not "
                              "Always, IfNotPresent or Never")

@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("faastube_bench.cli", "run a benchmark and write JSON (and plots) under bench/results/"),
     "topology": ("faastube_sidecar.topology_cli", "print this node's GPU topology document"),
     "run": ("faastube_runtime.cli", "run a workflow locally: sidecar, gateway and one process per function"),
+    "worker": ("faastube_runtime.worker_cli", "serve one function of a workflow (a function pod's command)"),
+    "gateway": ("faastube_runtime.gateway_cli", "serve a workflow's POST /invoke in front of its workers"),
     "place": ("faastube_operator.place_cli", "place a workflow's functions on nodes' GPUs and print the cost"),
     "operator": ("faastube_operator.cli", "run the Kubernetes operator (kopf)"),
 }

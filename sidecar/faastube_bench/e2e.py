@@ -202,9 +202,10 @@ async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settin
                 fixed = await session.point(arrival, base_rate, count=settings.requests)
                 search = await session.max_rate(arrival, base_rate, budget_s=search_budget_s)
                 mode_result["arrivals"][arrival] = {"fixed_rate": fixed, **search}
+                best = search["max_rate_meeting_slo_per_s"]
+                best_text = "no rate" if best is None else f"{best:.1f}/s"
                 print(f"[{time.monotonic() - started:6.1f}s]   {arrival}: P99 {fixed['p99_s'] * 1e3:.1f} ms at "
-                      f"{base_rate:.1f}/s; max {search['max_rate_meeting_slo_per_s']:.1f}/s within SLO",
-                      file=sys.stderr, flush=True)
+                      f"{base_rate:.1f}/s; max {best_text} within SLO", file=sys.stderr, flush=True)
             result["modes"][mode] = mode_result
     result["base_rate_per_s"] = base_rate
     result["ratios"] = _ratios(result, arrivals)

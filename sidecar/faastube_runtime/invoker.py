@@ -1,9 +1,14 @@
-"""Calling function workers over HTTP on their Unix sockets, one call per replica at a time.
+"""Calling function workers over HTTP (Unix socket or TCP), one call per replica at a time.
 
 Each function has a queue of idle replicas; a call takes one (waiting is the
 request's queueing time), sends ``POST /call``, and puts the replica back. So the
 concurrency of a function is bounded by its replica count, and a waiting call
 costs nothing but a parked coroutine.
+
+The replica set may change while serving (``set_replicas``: in a cluster, pods
+come and go behind a function's Service). A removed replica finishes the call it
+is running and is then dropped instead of going back to the queue; a call for a
+function with no replica waits for one, within its timeout.
 
 A call the gateway gives up on (timeout, failed sibling) is not cut off: the worker
 is busy with it either way. It becomes an orphan that runs to its end; whatever
@@ -24,6 +29,7 @@ from typing import Any, Self
 import aiohttp
 
 from faastube_runtime import dag, errors, wire
+from faastube_runtime.addresses import Address
 
 logger = logging.getLogger(__name__)
 
@@ -31,37 +37,115 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Replica:
     function: str
-    index: int
-    socket_path: str
+    index: int  # distinct per function over the pool's life (log names: fn[index])
+    address: Address
 
 
 class WorkerPool:
-    """A ``dag.FunctionInvoker`` over worker processes; use as an async context manager."""
+    """A ``dag.FunctionInvoker`` over worker processes; use as an async context manager.
 
-    def __init__(self, plan: dag.RequestPlan, replicas: Mapping[str, list[Replica]], *,
-                 discard: Callable[[Sequence[str]], Awaitable[None]]) -> None:
-        missing = {f.name for f in plan.functions} - {name for name, r in replicas.items() if r}
-        if missing:
+    ``require_all`` (local mode) refuses to start unless every function has a
+    replica; a cluster gateway starts empty and learns replicas as pods get ready.
+    """
+
+    def __init__(self, plan: dag.RequestPlan, replicas: Mapping[str, Sequence[Replica]], *,
+                 discard: Callable[[Sequence[str]], Awaitable[None]],
+                 require_all: bool = True) -> None:
+        names = {f.name for f in plan.functions}
+        unknown = set(replicas) - names
+        if unknown:
+            raise errors.StartupFailed(f"replicas given for unknown function(s) {sorted(unknown)}")
+        missing = names - {name for name, r in replicas.items() if r}
+        if missing and require_all:
             raise errors.StartupFailed(f"no worker replica for function(s) {sorted(missing)}")
         self._plan = plan
-        self._replicas = {name: list(r) for name, r in replicas.items()}
-        self._idle: dict[str, asyncio.Queue[Replica]] = {}
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # function -> address -> replica: the current members; the idle queues may still
+        # hold replicas removed since (skipped when taken)
+        self._members: dict[str, dict[Address, Replica]] = {name: {} for name in names}
+        self._next_index = {name: 0 for name in names}
+        self._idle: dict[str, asyncio.Queue[Replica]] = {name: asyncio.Queue() for name in names}
+        self._sessions: dict[Replica, aiohttp.ClientSession] = {}
         self._discard = discard
         self._orphans: set[asyncio.Task[None]] = set()
         # request id -> replicas whose call for it failed or was abandoned (they may hold reads)
         self._failed_on: dict[str, set[Replica]] = {}
+        self._initial = {name: list(r) for name, r in replicas.items()}
+        self._entered = False
 
     async def __aenter__(self) -> Self:
-        for name, replicas in self._replicas.items():
-            queue: asyncio.Queue[Replica] = asyncio.Queue()
+        # Sessions are made inside the loop that uses them.
+        self._entered = True
+        for name, replicas in self._initial.items():
             for replica in replicas:
-                queue.put_nowait(replica)
-                self._sessions[replica.socket_path] = aiohttp.ClientSession(
-                    connector=aiohttp.UnixConnector(path=replica.socket_path),
-                    timeout=aiohttp.ClientTimeout(total=None))
-            self._idle[name] = queue
+                self._add(replica)
+                self._next_index[name] = max(self._next_index[name], replica.index + 1)
         return self
+
+    def _add(self, replica: Replica) -> None:
+        self._members[replica.function][replica.address] = replica
+        self._sessions[replica] = aiohttp.ClientSession(connector=replica.address.connector(),
+                                                        timeout=aiohttp.ClientTimeout(total=None))
+        self._idle[replica.function].put_nowait(replica)
+
+    def replicas(self, function: str) -> tuple[Replica, ...]:
+        """The current members of ``function``'s replica set."""
+        return tuple(self._members[function].values())
+
+    def set_replicas(self, function: str, addresses: Sequence[Address]) -> None:
+        """Make ``addresses`` the replica set of ``function`` (idempotent)."""
+        if function not in self._members:
+            raise errors.BadInput(f"unknown function {function!r}")
+        if not self._entered:
+            raise errors.StartupFailed("set_replicas before the pool was entered")
+        current = self._members[function]
+        wanted = set(addresses)
+        for address in [a for a in current if a not in wanted]:
+            replica = current.pop(address)
+            logger.info("replica %s[%d] at %s left", function, replica.index, address)
+            self._prune_idle(function)
+        for address in addresses:
+            if address not in current:
+                replica = Replica(function, self._next_index[function], address)
+                self._next_index[function] += 1
+                logger.info("replica %s[%d] at %s joined", function, replica.index, address)
+                self._add(replica)
+
+    def _prune_idle(self, function: str) -> None:
+        """Drop idle replicas that are no longer members (busy ones go when they come back)."""
+        queue = self._idle[function]
+        kept = []
+        while not queue.empty():
+            replica = queue.get_nowait()
+            if self._is_member(replica):
+                kept.append(replica)
+            else:
+                self._close_session(replica)
+        for replica in kept:
+            queue.put_nowait(replica)
+
+    def _is_member(self, replica: Replica) -> bool:
+        return self._members[replica.function].get(replica.address) is replica
+
+    def _close_session(self, replica: Replica) -> None:
+        session = self._sessions.pop(replica, None)
+        if session is not None:
+            self._track(session.close())
+
+    def _give_back(self, replica: Replica) -> None:
+        if self._is_member(replica):
+            self._idle[replica.function].put_nowait(replica)
+        elif not self._failed_on_any(replica):
+            self._close_session(replica)
+
+    def _failed_on_any(self, replica: Replica) -> bool:
+        return any(replica in failed for failed in self._failed_on.values())
+
+    async def _take(self, function: str) -> Replica:
+        while True:
+            replica = await self._idle[function].get()
+            if self._is_member(replica):
+                return replica
+            self._close_session(replica)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -84,7 +168,7 @@ class WorkerPool:
     async def invoke(self, function: str, inputs: Mapping[str, str], *, request_id: str,
                      attempt: int, final: bool, timeout_s: float) -> dag.CallOutcome:
         queued = time.monotonic()
-        replica = await self._idle[function].get()
+        replica = await self._take(function)
         queue_s = time.monotonic() - queued
         body = wire.CallBody(request_id=request_id, attempt=attempt, final=final, inputs=dict(inputs),
                              timeout_s=max(1e-3, timeout_s - queue_s))
@@ -97,9 +181,9 @@ class WorkerPool:
             raise
         except BaseException:
             self._failed_on.setdefault(request_id, set()).add(replica)
-            self._idle[function].put_nowait(replica)
+            self._give_back(replica)
             raise
-        self._idle[function].put_nowait(replica)
+        self._give_back(replica)
         t = reply["timings"]
         return dag.CallOutcome(outputs=reply["outputs"], get_s=t["get_s"], compute_s=t["compute_s"],
                                put_s=t["put_s"], queue_s=queue_s + t["wait_s"],
@@ -120,15 +204,18 @@ class WorkerPool:
             self._track(self._send_forget(replica, request_id))
 
     async def _send_forget(self, replica: Replica, request_id: str) -> None:
-        session = self._sessions.get(replica.socket_path)
+        session = self._sessions.get(replica)
         if session is None:
             return
         try:
-            async with session.post(f"http://worker{wire.FORGET_PATH}",
+            async with session.post(f"{replica.address.base_url}{wire.FORGET_PATH}",
                                     json={"request_id": request_id}) as response:
                 await response.read()
         except aiohttp.ClientError as e:
             logger.debug("forget %s on %s[%d]: %s", request_id, replica.function, replica.index, e)
+        finally:
+            if not self._is_member(replica) and not self._failed_on_any(replica):
+                self._close_session(replica)
 
     async def _finish_orphan(self, call: asyncio.Future[wire.ReplyBody], replica: Replica) -> None:
         try:
@@ -140,13 +227,13 @@ class WorkerPool:
                         replica.function, replica.index)
             await self._discard(reply["refs"])
         finally:
-            self._idle[replica.function].put_nowait(replica)
+            self._give_back(replica)
 
     async def _post(self, replica: Replica, body: wire.CallBody) -> wire.ReplyBody:
-        session = self._sessions[replica.socket_path]
+        session = self._sessions[replica]
         where = f"{replica.function}[{replica.index}]"
         try:
-            async with session.post(f"http://worker{wire.CALL_PATH}", json=body) as response:
+            async with session.post(f"{replica.address.base_url}{wire.CALL_PATH}", json=body) as response:
                 text = await response.text()
                 status = response.status
         except aiohttp.ClientError as e:

@@ -29,6 +29,7 @@ from faastube import sdk
 from faastube.workflow import Workflow
 
 from faastube_runtime import dag, errors, wire
+from faastube_runtime.addresses import Address
 from faastube_runtime.gateway import ClientStore, Gateway, GatewayConfig, build_app
 from faastube_runtime.invoker import Replica, WorkerPool
 
@@ -189,7 +190,7 @@ class LocalRuntime:
                 if device is not None:
                     args += ["--device", str(device)]
                 self._spawn(f"fn-{spec.name}-{index}", args)
-                replicas.setdefault(spec.name, []).append(Replica(spec.name, index, path))
+                replicas.setdefault(spec.name, []).append(Replica(spec.name, index, Address.unix(path)))
         return replicas
 
     def _check_alive(self, name: str) -> None:
@@ -232,9 +233,9 @@ class LocalRuntime:
 
     async def _wait_worker(self, replica: Replica) -> None:
         async def probe() -> None:
-            if not os.path.exists(replica.socket_path):
-                raise FileNotFoundError(replica.socket_path)
-            connector = aiohttp.UnixConnector(path=replica.socket_path)
+            if not os.path.exists(replica.address.path):
+                raise FileNotFoundError(replica.address.path)
+            connector = aiohttp.UnixConnector(path=replica.address.path)
             async with (aiohttp.ClientSession(connector=connector) as s,
                         s.get(f"http://worker{wire.HEALTH_PATH}") as response):
                 if response.status != 200:

@@ -1,14 +1,16 @@
 """A function worker: one process serving one function's calls from the gateway.
 
-The gateway reaches each worker over HTTP on a Unix socket (``POST /call``); a
-call names the input refs, the worker fetches them from the node's sidecar,
+The gateway reaches each worker over HTTP (``POST /call``), on a Unix socket in
+local mode or on a TCP port in a cluster (``addresses``); a call names the input refs, the worker fetches them from the node's sidecar,
 runs the handler and answers with the output refs and timings. One call runs at
 a time per process (replicas are processes), on one dedicated thread: the
 handler is ordinary blocking code, and CUDA's current device is per thread, so
 that thread is the one bound to this worker's GPU.
 
 Run as ``python -m faastube_runtime.worker --workflow W.yaml --function NAME
---listen SOCK --sidecar SOCK [--device N] [--passing tube|host-centric]``.
+--listen SOCK --sidecar SOCK [--device N] [--passing tube|host-centric]`` (local
+mode), or as ``faastube worker`` configured from the pod's environment
+(``worker_cli``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from faastube import errors as ft_errors
 from faastube import sdk
 from faastube.workflow import Workflow, load_workflow
 
-from faastube_runtime import dag, errors, handlers, wire
+from faastube_runtime import dag, errors, handlers, startup, wire
+from faastube_runtime.addresses import Address, parse_address
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +43,17 @@ SHUTDOWN_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    workflow_path: str
+    workflow: Workflow
     function: str
-    listen_path: str
+    listen: Address
     sidecar_socket: str
-    device: int | None = None
+    device: int | None = None  # CUDA ordinal in this process
+    # The node's GPU index (the operator's placement): translated to this process's CUDA
+    # ordinal through the sidecar's device map, since a container sees its GPU as device 0.
+    gpu_index: int | None = None
     passing: sdk.Passing = "tube"
+    startup_timeout_s: float = 0.0  # how long to wait for the sidecar's socket (0: try once)
+    namespace: str | None = None  # the Workflow's (None: the client's default)
 
 
 def _status_for(exc: BaseException) -> tuple[int, bool]:
@@ -192,21 +200,36 @@ def _error(exc: BaseException) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def _connect(config: WorkerConfig, workflow: Workflow) -> Any:
-    from faastube import client as ft_client
-
-    return ft_client.connect(config.sidecar_socket, workflow=workflow.name, function=config.function)
+def cuda_ordinal(client: Any, gpu_index: int) -> int:
+    """This process's CUDA ordinal of the node's GPU ``gpu_index``, from the sidecar's map."""
+    # The client keeps the map private; a public accessor there would be better.
+    gpu_of: dict[int, int] = getattr(client, "_gpu_of", {})
+    for ordinal, gpu in gpu_of.items():
+        if gpu == gpu_index:
+            return ordinal
+    raise errors.BadInput(
+        f"GPU index {gpu_index}: not visible in this process (the sidecar maps CUDA devices "
+        f"{sorted(gpu_of.items()) or 'none'} as (ordinal, GPU index); backend "
+        f"{getattr(client, 'backend', '?')})")
 
 
 async def serve(config: WorkerConfig) -> None:
-    workflow = load_workflow(config.workflow_path)
+    workflow = config.workflow
     try:
         spec = workflow.function(config.function)
     except KeyError as e:
         raise errors.BadInput(f"--function: {e.args[0]}") from None
     handler = handlers.load_handler(workflow, spec)
-    client = _connect(config, workflow)
-    worker = FunctionWorker(workflow, config.function, handler, client, device=config.device,
+    client = await asyncio.to_thread(startup.connect_sidecar, config.sidecar_socket,
+                                     namespace=config.namespace, workflow=workflow.name,
+                                     function=config.function,
+                                     startup_timeout_s=config.startup_timeout_s)
+    try:
+        device = config.device if config.gpu_index is None else cuda_ordinal(client, config.gpu_index)
+    except BaseException:
+        client.close()
+        raise
+    worker = FunctionWorker(workflow, config.function, handler, client, device=device,
                             passing=config.passing)
     runner = web.AppRunner(build_app(worker), handle_signals=False, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -216,11 +239,20 @@ async def serve(config: WorkerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await runner.setup()
     try:
-        if os.path.exists(config.listen_path):
-            os.unlink(config.listen_path)
-        await web.UnixSite(runner, config.listen_path).start()
+        listen = config.listen
+        site: web.BaseSite
+        if listen.scheme == "unix":
+            if os.path.exists(listen.path):
+                os.unlink(listen.path)
+            site = web.UnixSite(runner, listen.path)
+        else:
+            site = web.TCPSite(runner, listen.host, listen.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise errors.BadInput(f"--listen: cannot listen on {listen}: {e.strerror or e}") from e
         logger.info("worker %s listening on %s (device %s, %s passing)", config.function,
-                    config.listen_path, config.device, config.passing)
+                    runner.addresses, device, config.passing)
         await stop.wait()
     finally:
         await runner.cleanup()
@@ -231,7 +263,8 @@ async def serve(config: WorkerConfig) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workflow", required=True, help="the workflow YAML")
     parser.add_argument("--function", required=True, help="the function this worker serves")
-    parser.add_argument("--listen", required=True, help="Unix socket path to serve calls on")
+    parser.add_argument("--listen", required=True,
+                        help="where to serve calls: a Unix socket path, unix:/path or tcp://host:port")
     parser.add_argument("--sidecar", required=True, help="the sidecar's Unix socket")
     parser.add_argument("--device", type=int, default=None, help="GPU index (omit for a CPU function)")
     parser.add_argument("--passing", choices=sdk.PASSINGS, default="tube")
@@ -244,9 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s worker[{args.function}] %(name)s: %(message)s")
-    config = WorkerConfig(workflow_path=args.workflow, function=args.function, listen_path=args.listen,
-                          sidecar_socket=args.sidecar, device=args.device, passing=args.passing)
     try:
+        config = WorkerConfig(workflow=load_workflow(args.workflow), function=args.function,
+                              listen=parse_address(args.listen, field="--listen", listen=True),
+                              sidecar_socket=args.sidecar, device=args.device, passing=args.passing)
         asyncio.run(serve(config))
     except ft_errors.FaastubeError as e:
         print(f"worker {args.function}: {e}", file=sys.stderr)

@@ -265,6 +265,9 @@ async def test_operator_places_deploys_replaces_and_cleans_up_a_workflow(cluster
     assert {"name": "FAASTUBE_FUNCTION", "value": "detect"} in container["env"]
     assert detect["metadata"]["ownerReferences"][0]["uid"] == wf["metadata"]["uid"]
     assert await c.get(f"/api/v1/namespaces/{NS}/services/traffic-gateway") is not None
+    services = {s["metadata"]["name"]: s for s in await c.items(f"/api/v1/namespaces/{NS}/services")}
+    assert services["traffic-detect"]["spec"]["clusterIP"] == "None"  # headless: DNS lists replicas
+    assert services["traffic-detect"]["metadata"]["ownerReferences"][0]["uid"] == wf["metadata"]["uid"]
 
     # The Deployment controller finishes: the timer turns the workflow Ready.
     await c.finish_rollouts()
@@ -294,6 +297,7 @@ async def test_operator_places_deploys_replaces_and_cleans_up_a_workflow(cluster
     async def rolled() -> Any:
         dep = await c.get(f"/apis/apps/v1/namespaces/{NS}/deployments/traffic-detect")
         gone = await c.get(f"/apis/apps/v1/namespaces/{NS}/deployments/traffic-classify")
+        gone = gone or await c.get(f"/api/v1/namespaces/{NS}/services/traffic-classify")
         obj = await c.get(_wf_path("traffic"))
         return (dep and dep["spec"]["replicas"] == 2 and gone is None
                 and obj["status"].get("observedGeneration") == 2 and (dep, obj))
@@ -331,9 +335,9 @@ async def test_operator_places_deploys_replaces_and_cleans_up_a_workflow(cluster
 
     async def cleaned() -> Any:
         left = await c.items(f"/apis/apps/v1/namespaces/{NS}/deployments")
-        svc = await c.get(f"/api/v1/namespaces/{NS}/services/traffic-gateway")
+        services = await c.items(f"/api/v1/namespaces/{NS}/services")
         obj = await c.get(_wf_path("traffic"))
-        return not left and svc is None and obj is None
+        return not left and not services and obj is None
 
     await c.eventually("the workflow and its children to be deleted", cleaned)
     assert c.proc.returncode is None  # type: ignore[attr-defined]

@@ -49,10 +49,50 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-def test_one_deployment_per_function_plus_gateway_deployment_and_service() -> None:
-    assert set(_children()) == {"Deployment/traffic-decode", "Deployment/traffic-detect",
-                                "Deployment/traffic-post", "Deployment/traffic-classify",
+def test_one_deployment_and_headless_service_per_function_plus_the_gateway() -> None:
+    functions = ("decode", "detect", "post", "classify")
+    assert set(_children()) == {*(f"Deployment/traffic-{f}" for f in functions),
+                                *(f"Service/traffic-{f}" for f in functions),
                                 "Deployment/traffic-gateway", "Service/traffic-gateway"}
+
+
+def test_function_service_is_headless_and_selects_only_that_functions_pods() -> None:
+    svc = _children()["Service/traffic-detect"]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {"faastube.io/workflow": "traffic", "faastube.io/function": "detect"}
+    assert svc["spec"]["ports"] == [{"name": "http", "port": SETTINGS.worker_port, "targetPort": "http",
+                                     "protocol": "TCP"}]
+    assert svc["metadata"]["namespace"] == "team-a"
+    assert svc["metadata"]["labels"]["faastube.io/workflow"] == "traffic"  # found (and deleted) by label
+
+
+def test_function_container_runs_the_worker_on_its_port_with_the_workflow_document() -> None:
+    container = _children()["Deployment/traffic-post"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["faastube", "worker", "--listen",
+                                    f"tcp://0.0.0.0:{SETTINGS.worker_port}"]
+    assert container["ports"] == [{"name": "http", "containerPort": SETTINGS.worker_port,
+                                   "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    env = _env(container)
+    document = json.loads(env["FAASTUBE_WORKFLOW_DOCUMENT"])
+    assert wf.parse_workflow(document) == _workflow()
+    assert env["FAASTUBE_HANDLER"] == "functions:post" and env["FAASTUBE_NAMESPACE"] == "team-a"
+    assert "FAASTUBE_GPU_INDEX" not in env  # a CPU function
+
+
+def test_the_function_env_configures_a_real_worker_command_line() -> None:
+    worker_cli = pytest.importorskip("faastube_runtime.worker_cli")
+    import argparse
+
+    container = _children()["Deployment/traffic-detect"]["spec"]["template"]["spec"]["containers"][0]
+    environ = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    parser = argparse.ArgumentParser()
+    worker_cli.add_arguments(parser)
+    config = worker_cli.build_config(parser.parse_args(container["command"][2:]), environ)
+    assert (config.function, config.gpu_index, config.sidecar_socket) == (
+        "detect", 1, "/var/run/faastube/faastube.sock")
+    assert str(config.listen) == f"tcp://0.0.0.0:{SETTINGS.worker_port}"
+    assert config.workflow == _workflow()
 
 
 def test_every_built_object_is_a_valid_kubernetes_object() -> None:
@@ -103,20 +143,49 @@ def test_an_unplaced_function_has_no_pin_and_the_null_removes_an_old_one() -> No
     dep = manifests.function_deployment(w, w.function("post"), namespace="ns",
                                         where=Where(None), settings=SETTINGS,
                                         workflow_spec_hash="h")
-    assert dep["spec"]["template"]["spec"]["affinity"] is None
+    affinity = dep["spec"]["template"]["spec"]["affinity"]
+    assert affinity["nodeAffinity"] is None  # a merge patch drops an old pin
+    # ... but the workflow's pods still share one node: refs are node-local
+    term = affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term == {"labelSelector": {"matchLabels": {"faastube.io/workflow": "traffic"}},
+                    "topologyKey": "kubernetes.io/hostname"}
     assert manifests.resolve_placement(w, placed)["post"] == Where("node-a")
+    pinned = manifests.function_deployment(w, w.function("post"), namespace="ns",
+                                           where=Where("node-a"), settings=SETTINGS,
+                                           workflow_spec_hash="h")
+    assert pinned["spec"]["template"]["spec"]["affinity"]["podAffinity"] is None
 
 
-def test_gateway_runs_the_runtime_image_with_the_workflow_and_prefers_the_entry_node() -> None:
+def test_unplaced_workflow_objects_are_valid_and_the_gateway_joins_the_functions() -> None:
+    children = _children({name: Where(None) for name in ("decode", "detect", "post", "classify")})
+    for obj in children.values():
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+    gateway = children["Deployment/traffic-gateway"]["spec"]["template"]["spec"]
+    assert gateway["affinity"]["nodeAffinity"] is None
+    assert gateway["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0][
+        "topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_gateway_runs_the_runtime_image_with_the_workflow_on_the_entry_node() -> None:
     children = _children()
-    pod = children["Deployment/traffic-gateway"]["spec"]["template"]["spec"]
+    template = children["Deployment/traffic-gateway"]["spec"]["template"]
+    pod = template["spec"]
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/faastube/faastube:9"
-    assert container["command"][:2] == ["faastube", "gateway"] and "9000" in container["command"]
+    assert container["command"][:4] == ["faastube", "gateway", "--port", "9000"]
+    services = [a for a in container["command"] if a.startswith("--function-service=")]
+    assert services == [f"--function-service={f}=traffic-{f}.team-a.svc:{SETTINGS.worker_port}"
+                        for f in ("decode", "detect", "post", "classify")]
     doc = json.loads(_env(container)["FAASTUBE_WORKFLOW_DOCUMENT"])
     assert doc["spec"] == SPEC and doc["metadata"]["name"] == "traffic"
-    preferred = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert preferred[0]["preference"]["matchExpressions"][0]["values"] == ["node-a"]
+    # The gateway stores inputs and reads outputs through the node's sidecar: same node,
+    # required (decode, the entry, follows detect to node-a).
+    required = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert required["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["node-a"]
+    # The sidecar admits only pods labelled with a workflow and a function.
+    assert template["metadata"]["labels"]["faastube.io/function"] == "gateway"
+    assert children["Deployment/traffic-gateway"]["spec"]["selector"]["matchLabels"] == {
+        "faastube.io/workflow": "traffic", "faastube.io/component": "gateway"}
     svc = children["Service/traffic-gateway"]
     assert svc["spec"]["ports"][0]["port"] == 9000
     assert svc["spec"]["selector"] == {"faastube.io/workflow": "traffic",
@@ -156,3 +225,5 @@ def test_settings_reject_bad_values_naming_the_field() -> None:
         OperatorSettings(gateway_port=0)
     with pytest.raises(ValueError, match="image_pull_policy"):
         OperatorSettings(image_pull_policy="Sometimes")
+    with pytest.raises(ValueError, match="worker_port"):
+        OperatorSettings(worker_port=70000)

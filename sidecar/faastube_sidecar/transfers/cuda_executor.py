@@ -9,6 +9,14 @@ and the slot is reused only after an event says its forwarding hop finished.
 Everything works on raw pointers, so buffers may come from any allocator (CuPy,
 torch, cuda.core pools, the pinned host ring).
 
+The link streams are non-blocking, so on their own they would not wait for work
+the caller queued on the default stream (e.g. the kernel that fills the source):
+a copy could read the source before it is written. So each transfer's first chunk
+records an event on the legacy default stream of its source and destination GPUs
+(which also covers the blocking and per-thread default streams), and every chunk's
+first hop waits on it. Work on the caller's own non-blocking streams must be
+finished (or synchronized) before submitting; the executor cannot see it.
+
 Completion is found by polling each in-flight chunk's last event (``poll``), from
 the one thread that drives the scheduler (``CudaTransferEngine``). Host callbacks
 (``cudaLaunchHostFunc``) would need the GIL on a driver thread, which risks
@@ -45,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 _H2D = 1  # cudaMemcpyHostToDevice
 _D2H = 2  # cudaMemcpyDeviceToHost
+_STREAM_LEGACY = 1  # cudaStreamLegacy: the current device's implicit default stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +115,9 @@ class CudaChunkExecutor:
         self._slot_next: dict[int, int] = {}
         self._staging_mem: list[Any] = []
         self._inflight: list[_InFlight] = []
+        # transfer id -> events after the work queued on its GPUs' default streams
+        # before its first chunk; dropped once done (later chunks then need no wait).
+        self._ready: dict[str, list[Any]] = {}
         for a in self._gpus:
             for b in self._gpus:
                 if a != b and self._rt.deviceCanAccessPeer(a, b):
@@ -159,12 +171,31 @@ class CudaChunkExecutor:
         event.record(stream)
         return event
 
+    def _ready_events(self, chunk: Chunk) -> list[Any]:
+        """Events the chunk's first hop waits on: its transfer's buffers are written."""
+        if chunk.seq == 0:  # the scheduler numbers a transfer's chunks in issue order
+            events = []
+            gpus = {chunk.hops[0].src, chunk.hops[-1].dst} - {HOST}
+            for gpu in sorted(int(g) for g in gpus):
+                with self._cp.cuda.Device(gpu):
+                    event = self._cp.cuda.Event(block=False, disable_timing=True)
+                    self._rt.eventRecord(event.ptr, _STREAM_LEGACY)
+                events.append(event)
+            self._ready[chunk.transfer_id] = events
+            return events
+        events = self._ready.get(chunk.transfer_id, [])
+        if events and all(e.done for e in events):
+            del self._ready[chunk.transfer_id]
+            return []
+        return events
+
     def issue(self, chunk: Chunk, on_done: ChunkDone) -> None:
         if len(chunk.hops) > 1 and chunk.size_bytes > self._staging.slot_bytes:
             raise TransferError(f"chunk {chunk.transfer_id}#{chunk.seq}: {chunk.size_bytes} bytes "
                                 f"exceed the staging slot ({self._staging.slot_bytes}); "
                                 f"lower the relay links' chunk_bytes")
         src_ptr = chunk.src_address + chunk.offset_bytes
+        ready = self._ready_events(chunk)
         prev_event: Any = None
         src_slot: _Slot | None = None
         n = chunk.size_bytes
@@ -174,6 +205,9 @@ class CudaChunkExecutor:
             dst_slot = None if last else self._slot(int(hop.dst))
             dst_ptr = chunk.dst_address + chunk.offset_bytes if dst_slot is None else dst_slot.ptr
             with self._cp.cuda.Device(self._device_of(hop)):
+                if i == 0:
+                    for event in ready:
+                        stream.wait_event(event)
                 if prev_event is not None:
                     stream.wait_event(prev_event)
                 if dst_slot is not None and dst_slot.free_event is not None:
@@ -203,6 +237,8 @@ class CudaChunkExecutor:
         if finished:
             done_ids = {id(f) for f in finished}
             self._inflight = [f for f in self._inflight if id(f) not in done_ids]
+            for tid in [t for t, events in self._ready.items() if all(e.done for e in events)]:
+                del self._ready[tid]
             for f in finished:
                 f.on_done(f.chunk)  # may issue more chunks
         return len(finished)
@@ -217,6 +253,7 @@ class CudaChunkExecutor:
         except Exception:  # cleanup must not raise; the context may already be gone
             logger.exception("cuda executor: synchronize at close failed")
         self._inflight.clear()
+        self._ready.clear()
         self._slots.clear()
         self._staging_mem.clear()
         self._streams.clear()

@@ -1,0 +1,242 @@
+"""``faastube gateway``: serve one workflow's ``POST /invoke`` in front of its worker pods.
+
+The workflow comes from ``--workflow FILE`` or ``$FAASTUBE_WORKFLOW_DOCUMENT``
+(what the operator sets), the sidecar from ``--sidecar`` or ``$FAASTUBE_SOCKET``.
+Each function's replicas come from exactly one of:
+
+* ``--function-endpoint NAME=URL`` (repeatable; one flag per replica):
+  ``unix:/path``, ``/path``, ``tcp://host:port`` or ``http://host:port``;
+* ``--function-service NAME=HOST:PORT``: every address ``HOST`` resolves to is a
+  replica listening on ``PORT``, looked up again every ``--resolve-interval``
+  seconds (the operator passes each function's headless Service,
+  ``<workflow>-<function>.<namespace>.svc``).
+
+The gateway must run on the node whose sidecar holds the workflow's data: refs
+are node-local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from faastube import errors as ft_errors
+from faastube.workflow import Workflow
+
+from faastube_runtime import dag, discovery, errors, startup, workflow_source
+from faastube_runtime.addresses import MAX_UNIX_PATH_BYTES, Address, parse_address, parse_host_port
+from faastube_runtime.gateway import (
+    DEFAULT_MAX_BODY_BYTES,
+    ClientStore,
+    Gateway,
+    GatewayConfig,
+    build_app,
+)
+from faastube_runtime.invoker import Replica, WorkerPool
+from faastube_runtime.workflow_source import ENV_SOCKET
+
+logger = logging.getLogger(__name__)
+
+GATEWAY_IDENTITY = "gateway"  # the function name the gateway claims at the sidecar
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    workflow: Workflow
+    sidecar_socket: str
+    host: str = "0.0.0.0"
+    port: int = 8080
+    endpoints: Mapping[str, tuple[Address, ...]] = field(default_factory=dict)
+    services: tuple[discovery.ServiceTarget, ...] = ()
+    resolve_interval_s: float = discovery.DEFAULT_INTERVAL_S
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    startup_timeout_s: float = 60.0
+    namespace: str | None = None  # the Workflow's (None: the client's default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workflow", default=None,
+                        help="the Workflow YAML/JSON file (default: $FAASTUBE_WORKFLOW_DOCUMENT)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to serve on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port to serve on (default %(default)s)")
+    parser.add_argument("--sidecar", default=None, help=f"the sidecar's Unix socket (default: ${ENV_SOCKET})")
+    parser.add_argument("--namespace", default=None,
+                        help="the Workflow's namespace (default: $FAASTUBE_NAMESPACE, else the document's)")
+    parser.add_argument("--function-endpoint", action="append", default=[], metavar="NAME=URL",
+                        help="a replica of function NAME: unix:/path, /path, tcp://host:port or "
+                             "http://host:port (repeat per replica)")
+    parser.add_argument("--function-service", action="append", default=[], metavar="NAME=HOST:PORT",
+                        help="function NAME's replicas: every address HOST resolves to, on PORT")
+    parser.add_argument("--resolve-interval", type=float, default=discovery.DEFAULT_INTERVAL_S,
+                        help="seconds between DNS lookups of --function-service names (default %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds (default %(default)s)")
+    parser.add_argument("--call-timeout", type=float, default=30.0,
+                        help="seconds per function call (default %(default)s)")
+    parser.add_argument("--retries", type=int, default=2, help="extra attempts of a failed call (default 2)")
+    parser.add_argument("--max-in-flight", type=int, default=256,
+                        help="requests served at once; more are answered 503 (default %(default)s)")
+    parser.add_argument("--startup-timeout", type=float, default=60.0,
+                        help="seconds to wait for the sidecar's socket (default %(default)s)")
+
+
+def _split_pair(text: str, *, flag: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise errors.BadInput(f"{flag}: {text!r} is not NAME=VALUE")
+    return name.strip(), value.strip()
+
+
+def _replica_sources(
+    workflow: Workflow, endpoint_flags: Sequence[str], service_flags: Sequence[str], problems: list[str],
+) -> tuple[dict[str, tuple[Address, ...]], tuple[discovery.ServiceTarget, ...]]:
+    known = {f.name for f in workflow.functions}
+    known_text = ", ".join(f.name for f in workflow.functions)
+    endpoints: dict[str, list[Address]] = {}
+    owner: dict[Address, str] = {}
+    for text in endpoint_flags:
+        try:
+            name, value = _split_pair(text, flag="--function-endpoint")
+            if name not in known:
+                raise errors.BadInput(f"--function-endpoint {text!r}: workflow {workflow.name!r} has no "
+                                      f"function {name!r} (it has {known_text})")
+            address = parse_address(value, field=f"--function-endpoint {name}")
+        except errors.BadInput as e:
+            problems.append(str(e))
+            continue
+        if address in owner:
+            problems.append(f"--function-endpoint {text!r}: {address} is already a replica of "
+                            f"{owner[address]!r}")
+            continue
+        owner[address] = name
+        endpoints.setdefault(name, []).append(address)
+    services: dict[str, discovery.ServiceTarget] = {}
+    for text in service_flags:
+        try:
+            name, value = _split_pair(text, flag="--function-service")
+            if name not in known:
+                raise errors.BadInput(f"--function-service {text!r}: workflow {workflow.name!r} has no "
+                                      f"function {name!r} (it has {known_text})")
+            host, port = parse_host_port(value, field=f"--function-service {name}")
+        except errors.BadInput as e:
+            problems.append(str(e))
+            continue
+        if name in services:
+            problems.append(f"--function-service: function {name!r} is given twice")
+        elif name in endpoints:
+            problems.append(f"function {name!r}: give either --function-endpoint or "
+                            "--function-service, not both")
+        else:
+            services[name] = discovery.ServiceTarget(name, host, port)
+    missing = [f.name for f in workflow.functions if f.name not in endpoints and f.name not in services]
+    if missing:
+        problems.append(f"no replicas for function(s) {', '.join(missing)}: give --function-endpoint "
+                        "NAME=URL or --function-service NAME=HOST:PORT for each")
+    return ({name: tuple(a) for name, a in endpoints.items()},
+            tuple(services[f.name] for f in workflow.functions if f.name in services))
+
+
+def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> GatewaySettings:
+    """The gateway's settings, or ``BadInput`` / ``WorkflowInvalid`` naming every problem."""
+    workflow = workflow_source.load(args.workflow, environ)
+    problems: list[str] = []
+    sidecar = workflow_source.setting(args.sidecar, environ, ENV_SOCKET)
+    if sidecar is None:
+        problems.append(f"--sidecar: not given and ${ENV_SOCKET} is not set")
+    elif len(sidecar.encode()) > MAX_UNIX_PATH_BYTES:
+        problems.append(f"--sidecar: {sidecar!r} is longer than {MAX_UNIX_PATH_BYTES} bytes")
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port: must be in 0..65535, got {args.port}")
+    if not args.host.strip():
+        problems.append("--host: empty")
+    for flag, value in (("--resolve-interval", args.resolve_interval), ("--request-timeout", args.request_timeout),
+                        ("--call-timeout", args.call_timeout)):
+        if not value > 0:
+            problems.append(f"{flag}: must be positive, got {value}")
+    if args.retries < 0:
+        problems.append(f"--retries: must be 0 or more, got {args.retries}")
+    if args.max_in_flight < 1:
+        problems.append(f"--max-in-flight: must be at least 1, got {args.max_in_flight}")
+    if not args.startup_timeout >= 0:
+        problems.append(f"--startup-timeout: must be 0 or more, got {args.startup_timeout}")
+    endpoints, services = _replica_sources(workflow, args.function_endpoint, args.function_service, problems)
+    if problems or sidecar is None:
+        raise errors.BadInput("; ".join(problems))
+    policy = dag.DagPolicy(request_timeout_s=args.request_timeout, call_timeout_s=args.call_timeout,
+                           max_retries=args.retries)
+    return GatewaySettings(
+        workflow=workflow, sidecar_socket=sidecar, host=args.host.strip(), port=args.port,
+        endpoints=endpoints, services=services, resolve_interval_s=args.resolve_interval,
+        gateway=GatewayConfig(policy=policy, max_in_flight=args.max_in_flight,
+                              max_body_bytes=DEFAULT_MAX_BODY_BYTES),
+        startup_timeout_s=args.startup_timeout,
+        namespace=workflow_source.namespace(args.namespace, environ, workflow))
+
+
+async def serve(settings: GatewaySettings, *, resolver: discovery.Resolver | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then finish in-flight requests and exit."""
+    workflow = settings.workflow
+    plan = dag.plan_workflow(workflow)
+    client = await asyncio.to_thread(startup.connect_sidecar, settings.sidecar_socket,
+                                     namespace=settings.namespace, workflow=workflow.name,
+                                     function=GATEWAY_IDENTITY,
+                                     startup_timeout_s=settings.startup_timeout_s)
+    store = ClientStore(client)
+    if stop is None:  # the process is ours: signals stop it
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    static = {name: [Replica(name, i, a) for i, a in enumerate(addresses)]
+              for name, addresses in settings.endpoints.items()}
+    runner: web.AppRunner | None = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            pool = await stack.enter_async_context(
+                WorkerPool(plan, static, discard=store.discard, require_all=False))
+            if settings.services:
+                await stack.enter_async_context(discovery.ServiceDiscovery(
+                    pool, settings.services, resolver=resolver, interval_s=settings.resolve_interval_s))
+            gateway = Gateway(workflow.name, plan, pool, store, config=settings.gateway)
+            runner = web.AppRunner(build_app(gateway), access_log=None, handle_signals=False,
+                                   shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            await runner.setup()
+            site = web.TCPSite(runner, settings.host, settings.port)
+            try:
+                await site.start()
+            except OSError as e:
+                raise errors.BadInput(f"--port: cannot listen on {settings.host}:{settings.port}: "
+                                      f"{e.strerror or e}") from e
+            counts = ", ".join(f"{f.name}={len(pool.replicas(f.name))}" for f in workflow.functions)
+            logger.info("gateway of workflow %s serving on %s; replicas %s", workflow.name,
+                        runner.addresses, counts)
+            await stop.wait()
+            logger.info("stopping: finishing in-flight requests")
+            await runner.cleanup()  # before the pool closes: requests still use it
+            runner = None
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        store.close()
+        client.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = build_settings(args, os.environ)
+        asyncio.run(serve(settings))
+    except ft_errors.FaastubeError as e:
+        print(f"faastube gateway: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
