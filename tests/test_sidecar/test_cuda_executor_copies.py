@@ -117,6 +117,7 @@ def test_chunked_gpu_to_host_copy_is_exact(ring: PinnedHostRing, executor: CudaC
     src = device_buffer(0, SIZE, 0)
     with cp.cuda.Device(0):
         src[:] = cp.random.default_rng(7).integers(0, 256, SIZE, dtype=cp.uint8)
+        cp.cuda.Device(0).synchronize()   # the source is complete before any copy reads it
     piece = ring.allocate(SIZE)
     out = ring.view(piece)
     out[:] = 0xCD
@@ -145,6 +146,7 @@ def test_gpu_to_gpu_direct_and_relayed_copies_are_exact(executor: CudaChunkExecu
     src = device_buffer(0, SIZE, 0)
     with cp.cuda.Device(0):
         src[:] = cp.random.default_rng(11).integers(0, 256, SIZE, dtype=cp.uint8)
+        cp.cuda.Device(0).synchronize()   # the source is complete before any copy reads it
     dst = device_buffer(1, SIZE, 0xEE)
     req = TransferRequest("p2p", FunctionIdentity("wf", "f"), make_route(paths, SIZE),
                           src_address=src.data.ptr, dst_address=dst.data.ptr)
