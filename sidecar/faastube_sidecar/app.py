@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 class SidecarSettings:
     socket_path: Path
     backend: str = "auto"                     # auto | cuda | host
+    copy_events: bool = True                  # GPU gets reply before their copy ends (IPC events)
+    multipath: bool = True                    # large host<->GPU copies over several PCIe links
     metrics_port: int = 0                     # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
     gpu_limits: PoolLimits = field(
@@ -61,7 +63,10 @@ def resolve_backend(name: str) -> str:
 def build(settings: SidecarSettings, *, registry: CollectorRegistry | None = None,
           attestor: Attestor | None = None) -> SidecarServer:
     backend_name = resolve_backend(settings.backend)
-    options = {"pool_max_bytes": settings.gpu_limits.max_bytes} if backend_name == "cuda" else {}
+    options: dict[str, object] = {}
+    if backend_name == "cuda":
+        options = {"pool_max_bytes": settings.gpu_limits.max_bytes, "copy_events": settings.copy_events,
+                   "multipath": settings.multipath}
     backend = create_backend(backend_name, **options)
     metrics = SidecarMetrics(registry or CollectorRegistry())
     config = DataPlaneConfig(default_ttl_s=settings.default_ttl_s, host_limits=settings.host_limits,

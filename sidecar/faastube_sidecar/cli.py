@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-clients", type=_positive_int, default=1024)
     parser.add_argument("--max-frame", type=_size, default=1 << 20, metavar="SIZE",
                         help="largest request body accepted (default 1Mi)")
+    parser.add_argument("--no-copy-events", action="store_true",
+                        help="GPU gets wait for their copy in the sidecar instead of ordering the "
+                             "consumer's stream after it with an inter-process event")
+    parser.add_argument("--no-multipath", action="store_true",
+                        help="large host<->GPU copies use only the target GPU's own PCIe link")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="event loop: uvloop when installed, else asyncio")
     parser.add_argument("--spin-us", type=float, default=0.0, metavar="US",
@@ -172,7 +177,8 @@ def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import defer
         gpu_limits=PoolLimits(args.gpu_slab, args.gpu_pool_max, args.gpu_pool_min, args.idle_release),
         host_limits=PoolLimits(args.host_slab, args.host_pool_max, 0, args.idle_release),
         default_ttl_s=args.default_ttl, max_clients=args.max_clients, max_body_bytes=args.max_frame,
-        identity=args.identity, node_name=args.node_name, kube=kube)
+        identity=args.identity, node_name=args.node_name, kube=kube,
+        copy_events=not args.no_copy_events, multipath=not args.no_multipath)
 
 
 def run(args: argparse.Namespace) -> int:

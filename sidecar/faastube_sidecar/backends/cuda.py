@@ -73,7 +73,7 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, *, pool_max_bytes: int = 0, devices: list[int] | None = None,
-                 multipath: bool = True) -> None:
+                 multipath: bool = True, copy_events: bool = True) -> None:
         import cupy
         from cuda.core import Device, DeviceMemoryResource, DeviceMemoryResourceOptions
 
@@ -113,7 +113,7 @@ class CudaBackend:
                 self._mrs[i].peer_accessible_by = peers
         self._ipc_events: dict[int, int] = {}
         self._ipc_event_handles: dict[int, bytes] = {}
-        for i in self.gpus:
+        for i in self.gpus if copy_events else ():
             try:
                 with cupy.cuda.Device(i):
                     event = rt.eventCreateWithFlags(_EVENT_DISABLE_TIMING | _EVENT_INTERPROCESS)
