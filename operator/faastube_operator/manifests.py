@@ -188,7 +188,9 @@ def function_deployment(
     """
     labels = function_labels(workflow.name, fn.name)
     selector = {LABEL_WORKFLOW: workflow.name, LABEL_FUNCTION: fn.name}
-    volumes, mounts = _socket_volume(settings)
+    # A GPU function gets the sidecar's socket directory from the device plugin's Allocate
+    # (no hostPath in the pod, which Pod Security "baseline" forbids); CPU functions mount it.
+    volumes, mounts = ([], []) if fn.gpu and where.gpu is not None else _socket_volume(settings)
     env = [
         ("FAASTUBE_WORKFLOW", workflow.name),
         ("FAASTUBE_NAMESPACE", namespace),

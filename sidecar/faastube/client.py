@@ -297,6 +297,15 @@ class Client:
 
     # --- locations ----------------------------------------------------------------------------
 
+    @property
+    def gpu_indices(self) -> dict[int, int]:
+        """This process's CUDA ordinal -> the node's GPU index, for every GPU the sidecar pools."""
+        return dict(self._gpu_of)
+
+    def cuda_ordinal(self, gpu_index: int) -> int | None:
+        """This process's CUDA ordinal of the node's GPU `gpu_index` (None: not visible here)."""
+        return self._ordinal_of.get(gpu_index)
+
     def _resolve(self, device: Device) -> str:
         if device in ("cpu", "host"):
             return protocol.HOST

@@ -202,11 +202,10 @@ def _error(exc: BaseException) -> web.Response:
 
 def cuda_ordinal(client: Any, gpu_index: int) -> int:
     """This process's CUDA ordinal of the node's GPU ``gpu_index``, from the sidecar's map."""
-    # The client keeps the map private; a public accessor there would be better.
-    gpu_of: dict[int, int] = getattr(client, "_gpu_of", {})
-    for ordinal, gpu in gpu_of.items():
-        if gpu == gpu_index:
-            return ordinal
+    ordinal = client.cuda_ordinal(gpu_index)
+    if ordinal is not None:
+        return int(ordinal)
+    gpu_of: dict[int, int] = client.gpu_indices
     raise errors.BadInput(
         f"GPU index {gpu_index}: not visible in this process (the sidecar maps CUDA devices "
         f"{sorted(gpu_of.items()) or 'none'} as (ordinal, GPU index); backend "

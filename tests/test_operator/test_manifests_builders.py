@@ -119,7 +119,8 @@ def test_gpu_function_gets_its_gpu_resource_labels_env_and_node_pin() -> None:
     assert terms == [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In",
                                             "values": ["node-a"]}]}]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-    assert pod["spec"]["volumes"][0]["hostPath"]["path"] == "/var/run/faastube"
+    # The device plugin's Allocate mounts the socket directory: no hostPath in a GPU pod.
+    assert pod["spec"]["volumes"] == [] and container["volumeMounts"] == []
 
 
 def test_cpu_function_follows_the_gpu_function_it_feeds() -> None:
@@ -134,6 +135,9 @@ def test_cpu_function_follows_the_gpu_function_it_feeds() -> None:
     assert "resources" not in decode["containers"][0]
     assert decode["containers"][0]["image"] == "example/fn:1"
     assert post["containers"][0]["image"] == SETTINGS.image  # no image: the runtime image
+    # No device plugin allocation for a CPU function: it mounts the socket directory itself.
+    assert decode["volumes"][0]["hostPath"]["path"] == "/var/run/faastube"
+    assert decode["containers"][0]["volumeMounts"][0]["mountPath"] == "/var/run/faastube"
 
 
 def test_an_unplaced_function_has_no_pin_and_the_null_removes_an_old_one() -> None:

@@ -64,9 +64,9 @@ def test_preferred_allocation_refuses_required_slots_that_are_not_available():
 def test_container_allocation_names_the_gpu_and_mounts_the_socket_directory():
     alloc = container_allocation(GPU, ["gpu2-slot1"], socket=SocketMount(host_dir="/var/run/faastube"))
     assert alloc.envs["NVIDIA_VISIBLE_DEVICES"] == "GPU-2"
-    assert alloc.envs["FAASTUBE_SOCKET"] == "/run/faastube/sidecar.sock"
+    assert alloc.envs["FAASTUBE_SOCKET"] == "/var/run/faastube/faastube.sock"
     assert alloc.envs["FAASTUBE_GPU_INDEX"] == "2"
-    assert [(m.host_path, m.container_path) for m in alloc.mounts] == [("/var/run/faastube", "/run/faastube")]
+    assert [(m.host_path, m.container_path) for m in alloc.mounts] == [("/var/run/faastube", "/var/run/faastube")]
     assert alloc.devices == ()
 
 

@@ -185,9 +185,9 @@ async def test_allocate_hands_over_the_gpu_and_the_socket_directory(kubelet, ser
     assert len(response.container_responses) == 2
     container = response.container_responses[0]
     assert container.envs["NVIDIA_VISIBLE_DEVICES"] == UUID1
-    assert container.envs["FAASTUBE_SOCKET"] == "/run/faastube/sidecar.sock"
+    assert container.envs["FAASTUBE_SOCKET"] == "/var/run/faastube/faastube.sock"
     assert [(m.host_path, m.container_path, m.read_only) for m in container.mounts] == [
-        ("/run/faastube-host", "/run/faastube", True)]
+        ("/run/faastube-host", "/var/run/faastube", True)]
 
 
 @pytest.mark.parametrize("bad_id", ["gpu0-slot0", "gpu1-slot7", "nvidia0", ""])

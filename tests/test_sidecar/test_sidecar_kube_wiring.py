@@ -110,10 +110,10 @@ async def test_sidecar_registers_one_resource_per_gpu_and_hands_out_its_socket_d
     assert container.envs["NVIDIA_VISIBLE_DEVICES"] == LENT.gpu(2).uuid
     assert container.envs["FAASTUBE_GPU_INDEX"] == "2"
     (mount,) = container.mounts
-    assert (mount.container_path, mount.read_only) == ("/run/faastube", True)
+    assert (mount.container_path, mount.read_only) == ("/var/run/faastube", True)
     # The pod's FAASTUBE_SOCKET, seen through the mount, is the sidecar's own socket.
     in_pod = container.envs["FAASTUBE_SOCKET"]
-    assert in_pod == "/run/faastube/faastube.sock"
+    assert in_pod == "/var/run/faastube/faastube.sock"
     host_path = Path(mount.host_path) / os.path.relpath(in_pod, mount.container_path)
     assert host_path == sidecar.socket_path and host_path.is_socket()
 

@@ -136,8 +136,10 @@ class SocketMount:
     """
 
     host_dir: str
-    container_dir: str = "/run/faastube"
-    socket_name: str = "sidecar.sock"
+    # The same path the operator uses for pods that get no GPU (and so no Allocate):
+    # every function finds the socket at one place, $FAASTUBE_SOCKET.
+    container_dir: str = "/var/run/faastube"
+    socket_name: str = "faastube.sock"
 
     @property
     def container_socket(self) -> str:
