@@ -408,7 +408,9 @@ class DataPlane:
             logger.debug("object %s expired", record.ref)
             self._drop(record)
         for pool in self.pools.values():
-            for slab_id in pool.collect():
+            pool.collect()
+            # Also slabs retired under memory pressure since the last sweep.
+            for slab_id in pool.take_retired():
                 for session in self.sessions.values():
                     if slab_id in session.mapped_slabs:
                         session.retired_notices.append(slab_id)

@@ -128,6 +128,7 @@ class Pool(Generic[H]):
         self._clock = clock
         self.slabs: dict[int, Slab[H]] = {}
         self.alloc_failures = 0
+        self._unannounced: list[int] = []      # retired, but their mappers not told yet
 
     # --- accounting ---------------------------------------------------------------------------
 
@@ -195,10 +196,15 @@ class Pool(Generic[H]):
             if slab_ids is None or slab.id in slab_ids:
                 slab.mappers.discard(session_id)
 
+    def take_retired(self) -> list[int]:
+        """Slabs retired since the last call: their mappers must be told to unmap."""
+        out, self._unannounced = self._unannounced, []
+        return [slab_id for slab_id in out if slab_id in self.slabs]
+
     def collect(self, *, force: bool = False) -> list[int]:
         """Retire idle empty slabs above the floor; destroy retired slabs nobody maps.
 
-        Returns the ids of slabs newly retired (clients mapping them are told to unmap).
+        Returns the ids of slabs newly retired; they are also queued for `take_retired`.
         """
         now = self._clock()
         newly_retired: list[int] = []
@@ -213,6 +219,7 @@ class Pool(Generic[H]):
             slab.retired = True
             reserved -= slab.size
             newly_retired.append(slab.id)
+        self._unannounced.extend(s.id for s in self.slabs.values() if s.id in newly_retired and s.mappers)
         for slab in list(self.slabs.values()):
             if slab.retired and not slab.mappers and not slab.allocations:
                 del self.slabs[slab.id]

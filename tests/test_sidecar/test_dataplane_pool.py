@@ -104,3 +104,18 @@ def test_retired_slabs_take_no_new_allocations() -> None:
     b = pool.allocate(MiB)
     assert b.slab_id != a.slab_id
     pool.close()
+
+
+def test_slabs_retired_under_pressure_are_announced_so_they_can_be_freed() -> None:
+    pool, _ = make_pool(max_bytes=8 * MiB, idle_release_s=1e9)
+    a = pool.allocate(MiB)
+    pool.slabs[a.slab_id].mappers.add(3)     # a client still maps the (now empty) slab
+    pool.free(a)
+    assert pool.take_retired() == []
+    with pytest.raises(errors.OutOfPoolMemory):
+        pool.allocate(6 * MiB)               # room only once the empty slab is given back
+    assert pool.take_retired() == [a.slab_id], "its mapper must be told to unmap"
+    pool.unmapped_by(3)
+    pool.allocate(6 * MiB)
+    assert a.slab_id not in pool.slabs
+    pool.close()
