@@ -101,9 +101,13 @@ class Client:
         self._timeout_ms = -1 if timeout_s is None else max(1, int(timeout_s * 1000))
         # Busy-poll this long for a reply before sleeping: a sleeping process pays a wake-up
         # (tens of us in a VM) on every round trip. Costs CPU only while a reply is due.
-        self._spin_s = float(os.environ.get("FAASTUBE_SPIN_US", "0") if spin_us is None else spin_us) / 1e6
+        raw_spin = os.environ.get("FAASTUBE_SPIN_US", "0") if spin_us is None else spin_us
+        try:
+            self._spin_s = float(raw_spin) / 1e6
+        except (TypeError, ValueError):
+            raise errors.InvalidRequest(f"spin_us ($FAASTUBE_SPIN_US) must be a number, got {raw_spin!r}") from None
         if not 0 <= self._spin_s <= 0.01:
-            raise errors.InvalidRequest(f"spin_us must be in [0, 10000], got {self._spin_s * 1e6}")
+            raise errors.InvalidRequest(f"spin_us ($FAASTUBE_SPIN_US) must be in [0, 10000], got {raw_spin!r}")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         for attempt in range(50):

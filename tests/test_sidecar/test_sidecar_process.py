@@ -164,3 +164,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("spin", ["fast", "-1", "20000"])
+def test_a_bad_spin_setting_is_refused_with_its_value(sidecar, monkeypatch, spin) -> None:
+    monkeypatch.setenv("FAASTUBE_SPIN_US", spin)
+    with pytest.raises(errors.InvalidRequest, match="FAASTUBE_SPIN_US"):
+        ftc.connect(sidecar.socket_path)
+
+
+def test_a_spinning_client_gets_the_same_answers(sidecar) -> None:
+    with ftc.connect(sidecar.socket_path, spin_us=100) as c:
+        a = np.arange(1000)
+        assert np.array_equal(c.get(c.put(a), copy=True), a)
