@@ -17,14 +17,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sidecar"))
 
-from faastube import protocol  # noqa: E402
-import faastube.client as ftc  # noqa: E402
-from faastube_bench.dataplane import start_sidecar  # noqa: E402
+import faastube.client as ftc
+from faastube import protocol
 
 
 def run(events: bool) -> None:
-    import cupy as cp
     import subprocess
+
+    import cupy as cp
 
     d = tempfile.mkdtemp(prefix="diag-")
     path = os.path.join(d, "s.sock")

@@ -110,16 +110,16 @@ def _node_gpu_paths(node: NodeTopology) -> dict[tuple[int, int], tuple[float, Pa
         for b in indices:
             if a == b:
                 continue
-            link = node.link(a, b)
+            pair = node.link(a, b)
             # A declared PCIe pair (e.g. cross-socket, ~8 GB/s on a DGX-1) is the measured
             # speed of that pair; without one, the slower of the two PCIe links.
-            if link is not None and link.kind == "pcie" and not link.p2p:
-                through_host = link.bandwidth_bytes_per_s
+            if pair is not None and pair.kind == "pcie" and not pair.p2p:
+                through_host = pair.bandwidth_bytes_per_s
             else:
                 through_host = min(pcie[a], pcie[b])
             options: list[tuple[float, PathKind]] = [(through_host, "pcie-host")]
-            if link is not None and link.kind == "pcie" and link.p2p:
-                options.append((link.bandwidth_bytes_per_s, "pcie-p2p"))
+            if pair is not None and pair.kind == "pcie" and pair.p2p:
+                options.append((pair.bandwidth_bytes_per_s, "pcie-p2p"))
             relay = RELAY_EFFICIENCY * max(
                 (min(nvlink[(a, r)], nvlink[(r, b)]) for r in indices
                  if (a, r) in nvlink and (r, b) in nvlink), default=0.0)

@@ -11,8 +11,15 @@
 
 from faastube.client import Client, ObjectInfo, Writable, connect
 from faastube.errors import (
-    FaastubeError, InvalidRequest, ObjectNotReady, OutOfPoolMemory, PermissionDenied, RefNotFound,
-    RetryableError, Unavailable)
+    FaastubeError,
+    InvalidRequest,
+    ObjectNotReady,
+    OutOfPoolMemory,
+    PermissionDenied,
+    RefNotFound,
+    RetryableError,
+    Unavailable,
+)
 from faastube.sdk import function
 
 __all__ = [

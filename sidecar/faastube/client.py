@@ -23,8 +23,9 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class _LeaseState:
 class _Lease:
     """Owned by every view of one `get`; its death ends the read."""
 
-    __slots__ = ("state", "slab", "__weakref__")
+    __slots__ = ("__weakref__", "slab", "state")
 
     def __init__(self, slab: HostSlab | CudaSlab) -> None:
         self.state = _LeaseState()

@@ -13,12 +13,13 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
-
 from faastube import errors, protocol
+
 from faastube_sidecar.backends import Backend, CopyTicket, Span
 from faastube_sidecar.identity import Identity
 from faastube_sidecar.objects import ObjectRecord, ObjectTable, State, new_ref

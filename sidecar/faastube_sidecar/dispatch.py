@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from faastube import errors, protocol
 from faastube.protocol import Op
+
 from faastube_sidecar.dataplane import DataPlane, Reply, Session
 from faastube_sidecar.identity import Attestor, Identity, PeerCredentials
 from faastube_sidecar.metrics import SidecarMetrics

@@ -19,7 +19,8 @@ import asyncio
 import collections
 import logging
 import socket
-from typing import Any, Awaitable, Callable, Mapping, Sequence, cast
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
 
 from faastube import errors, protocol
 
@@ -30,8 +31,8 @@ FrameHandler = Callable[["FrameConnection", protocol.Header, bytes], Awaitable[N
 
 class FrameConnection(asyncio.Protocol):
     def __init__(self, sock: socket.socket, handler: FrameHandler, *,
-                 on_bad_header: Callable[["FrameConnection", errors.ProtocolError], None],
-                 on_closed: Callable[["FrameConnection"], None],
+                 on_bad_header: Callable[[FrameConnection, errors.ProtocolError], None],
+                 on_closed: Callable[[FrameConnection], None],
                  max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES) -> None:
         self.sock = sock
         self._handler = handler

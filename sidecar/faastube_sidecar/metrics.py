@@ -7,13 +7,13 @@ a collector, so there is no second copy of that state to keep in step.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
+from faastube import protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from faastube import protocol
 from faastube_sidecar.dataplane import DataPlane, TransferObserver
 from faastube_sidecar.identity import Identity
 

@@ -13,10 +13,11 @@ import enum
 import heapq
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from faastube import errors
+
 from faastube_sidecar.identity import Identity
 from faastube_sidecar.pool import Allocation
 

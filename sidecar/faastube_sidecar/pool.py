@@ -17,8 +17,9 @@ import bisect
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterable, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from faastube import errors
 
@@ -231,6 +232,6 @@ class Pool(Generic[H]):
         for slab in self.slabs.values():
             try:
                 self._backend.destroy_slab(slab.handle)
-            except Exception:  # noqa: BLE001 - shutdown must free every other slab too
+            except Exception:
                 logger.exception("pool %s: freeing slab %d failed", self.location, slab.id)
         self.slabs.clear()

@@ -15,11 +15,12 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable
 
 from faastube import errors, protocol
+
 from faastube_sidecar.dataplane import DataPlane, Session
 from faastube_sidecar.dispatch import Dispatcher, Result, error_body
 from faastube_sidecar.framing import FrameConnection
@@ -101,7 +102,7 @@ class SidecarServer:
                 expired = self.dataplane.sweep()
                 if expired:
                     self.metrics.objects_expired.inc(expired)
-            except Exception:  # noqa: BLE001 - housekeeping must keep running
+            except Exception:
                 logger.exception("sweep failed")
 
     # --- connections --------------------------------------------------------------------------

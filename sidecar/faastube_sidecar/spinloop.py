@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class SpinningSelector(selectors.EpollSelector):

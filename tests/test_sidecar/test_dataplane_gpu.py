@@ -17,8 +17,8 @@ except Exception:  # noqa: BLE001 - no driver
     GPUS = 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU")]
 
-import faastube.client as ftc  # noqa: E402
-from faastube import errors  # noqa: E402
+import faastube.client as ftc
+from faastube import errors
 
 
 @pytest.fixture

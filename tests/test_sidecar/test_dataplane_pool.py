@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from faastube import errors
 from faastube_sidecar.backends.host import HostBackend
 from faastube_sidecar.pool import ALIGN_BYTES, Pool, PoolLimits

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from faastube import errors, protocol
 from faastube.protocol import Kind, Op
 

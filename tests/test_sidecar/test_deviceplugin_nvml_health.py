@@ -6,7 +6,7 @@ import pytest
 
 pynvml = pytest.importorskip("pynvml")
 
-from faastube_sidecar.gpuhealth import HealthMonitor, NvmlHealthSource  # noqa: E402
+from faastube_sidecar.gpuhealth import HealthMonitor, NvmlHealthSource
 
 pytestmark = pytest.mark.gpu
 

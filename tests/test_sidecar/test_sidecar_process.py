@@ -7,10 +7,9 @@ import re
 import socket
 import urllib.request
 
+import faastube.client as ftc
 import numpy as np
 import pytest
-
-import faastube.client as ftc
 from faastube import errors
 
 

@@ -9,9 +9,8 @@ import signal
 import socket
 import time
 
-import numpy as np
-
 import faastube.client as ftc
+import numpy as np
 from faastube import protocol
 
 
@@ -36,7 +35,7 @@ def _read_reply(s: socket.socket) -> tuple[protocol.Header, dict] | None:
             if not chunk:
                 return None
             data += chunk
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         return None
     return header, protocol.decode_body(data[protocol.HEADER_SIZE:])
 

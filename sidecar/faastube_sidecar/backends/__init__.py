@@ -8,8 +8,8 @@ table, protocol, lifetimes) is tested on machines without a GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -33,7 +33,7 @@ class CopyTicket:
     """
 
     path: str
-    done: "asyncio.Future[None]"
+    done: asyncio.Future[None]
     wait_gpu: int | None = None
     route: str = ""          # the exact route, e.g. h2d-multipath[0,1,2,3] (a metric label)
 

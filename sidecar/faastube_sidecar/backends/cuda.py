@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from faastube import errors, protocol
+
 from faastube_sidecar.backends import CopyTicket, Export, Span
 from faastube_sidecar.backends.shm import ShmSegment
 
@@ -328,7 +329,7 @@ class CudaBackend:
         for mr in self._mrs.values():
             try:
                 mr.close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
+            except Exception:
                 logger.exception("closing a GPU pool failed")
 
 

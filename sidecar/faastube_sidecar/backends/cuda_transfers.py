@@ -12,13 +12,22 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from faastube.topology import NodeTopology
+
 from faastube_sidecar.transfers import planner
 from faastube_sidecar.transfers.cuda_executor import CudaTransferEngine
 from faastube_sidecar.transfers.scheduler import (
-    FunctionIdentity, LinkId, LinkSpec, TransferRequest, TransferResult, describe_route, make_route)
+    FunctionIdentity,
+    LinkId,
+    LinkSpec,
+    TransferRequest,
+    TransferResult,
+    describe_route,
+    make_route,
+)
 
 logger = logging.getLogger(__name__)
 

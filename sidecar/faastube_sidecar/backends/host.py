@@ -6,6 +6,7 @@ import asyncio
 import os
 
 from faastube import protocol
+
 from faastube_sidecar.backends import CopyTicket, Export, Span
 from faastube_sidecar.backends.shm import ShmSegment
 

@@ -10,7 +10,6 @@ import mmap
 import os
 
 import numpy as np
-
 from faastube import errors
 
 
