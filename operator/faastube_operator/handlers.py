@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 GROUP, VERSION = "faastube.io", "v1alpha1"
 FINALIZER = "faastube.io/cleanup"
+# How often kopf re-checks a timer that was mid-call when its workflow got deleted.
+# The finalizer stays until the timer has exited, and kopf's default (60 s) holds a
+# deleted workflow that long after a refresh merely overlapped the delete.
+TIMER_EXIT_POLLING_S = 0.5
 
 
 def _now() -> datetime.datetime:
@@ -57,6 +61,7 @@ def register(
     def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.INFO
+        settings.background.cancellation_polling = TIMER_EXIT_POLLING_S
         memo.api = api_factory()
         memo.nodes = {}  # GpuNode name -> cluster.NodeState last seen
 

@@ -261,16 +261,28 @@ def expected_deployments(obj: WorkflowObject) -> list[str]:
 
 def refresh(api: k8s.KubeApi, obj: WorkflowObject, *,
             now: datetime.datetime) -> tuple[dict[str, Any], Event] | None:
-    """A status patch and event when a deployed workflow became (or stopped being) Ready."""
+    """A status patch and event when a deployed workflow became (or stopped being) Ready.
+
+    Only while the status describes the current spec: after a spec change the
+    placement (hence the expected Deployments) is stale until the reconcile
+    handler has run, and that handler writes the status then.
+    """
     current = obj.status.get("phase")
     if current not in (Phase.DEPLOYING.value, Phase.RUNNING.value):
+        return None
+    observed = obj.status.get("observedGeneration")
+    if obj.generation is not None and observed != obj.generation:
         return None
     phase, message = rollout_phase(api, obj, expected_deployments(obj))
     if phase.value == current:
         return None
     event = (Event("Normal", "Ready", message) if phase is Phase.RUNNING
              else Event("Warning", "NotReady", message))
-    return _status(obj, phase, message, now=now), event
+    status = _status(obj, phase, message, now=now)
+    # Only the reconcile handler acts on a generation: a refresh racing with it must
+    # never move observedGeneration (back or forth).
+    status.pop("observedGeneration", None)
+    return status, event
 
 
 def delete_stale_children(api: k8s.KubeApi, obj: WorkflowObject, *, keep: set[str]) -> int:

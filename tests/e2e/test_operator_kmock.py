@@ -4,14 +4,15 @@ kmock serves list/watch/patch/delete over real HTTP and honours finalizers, but
 it has no controllers, admission or schema pruning (see kubernetes-notes.md):
 the test plays the Deployment controller by patching Deployment status, fills
 in ``uid``, ``resourceVersion`` and ``generation`` the way the API server would
-(``GenerationEmulator``), and checks schema validation separately
-(test_crds_schema.py).
+and keeps the watch gap-free (``ApiServerEmulator``), and checks schema
+validation separately (test_crds_schema.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import os
 import re
 import socket
@@ -40,33 +41,132 @@ WF = "faastube.io/v1alpha1"
 pytestmark = pytest.mark.timeout(120)
 
 
-class GenerationEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
-    """kmock plus the API server's ``metadata.generation`` bump on spec changes.
+class ApiServerEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock plus the API server's bookkeeping on writes and its list/watch contract.
 
-    resourceVersion is deliberately left constant: kmock's watch replays every stored
-    object whatever resourceVersion it is asked to start from, and kopf's optimistic
-    ``test`` ops would then race against stale replays, which a real API server never
-    sends.
+    kmock stores objects as sent, lists with a dummy resourceVersion and starts every
+    watch by streaming all stored objects again. A real API server fills ``uid`` and
+    ``creationTimestamp`` on create, gives each write a new ``resourceVersion``, bumps
+    ``generation`` on spec changes, and a watch from a list's resourceVersion sends
+    only later changes. kopf depends on all of it: it lists, then watches from the
+    list's version, and after its own patch it waits for the event carrying the
+    patched version. With kmock's constant versions and replayed objects it takes an
+    older event as the result of its patch and handles a stale body again; with
+    versions but the replay, its optimistic finalizer patch fails on the stale body.
     """
 
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._revision = 0  # etcd's revision: one counter for all writes
+        # Serialises writes with their revisions, and lists/watch starts against them, so
+        # a revision is applied before any later one and a list's revision covers its items.
+        self._writes = asyncio.Lock()
+
     async def _handle(self, request: Any) -> Any:
-        data = request.data  # mutated in place: the request itself is frozen
-        if (request.resource is not None and getattr(request, "action", None) == kmock.action.UPDATE
-                and request.subresource is None and isinstance(data, dict) and "spec" in data):
-            generation = int(self._current(request).get("metadata", {}).get("generation", 1))
-            data.setdefault("metadata", {})["generation"] = generation + 1
-        try:
+        action = getattr(request, "action", None)
+        if request.resource is None or action not in (
+                kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             return await super()._handle(request)
-        except jsonpatch.JsonPatchTestFailed as e:
-            # What the API server answers to a failed optimistic `test` op (kopf retries it).
-            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from e
+        async with self._writes:
+            self._stamp(request, action)
+            try:
+                return await super()._handle(request)
+            except jsonpatch.JsonPatchTestFailed as e:
+                # What the API server answers to a failed optimistic `test` op (kopf retries it).
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from e
+
+    def _stamp(self, request: Any, action: Any) -> None:
+        data = request.data  # mutated in place: the request itself is frozen
+        current = self._current(request)
+        if action == kmock.action.CREATE and isinstance(data, dict):
+            data.setdefault("metadata", {}).update({
+                "uid": str(uuid.uuid4()), "resourceVersion": self._next_revision(),
+                "generation": 1, "creationTimestamp": _timestamp()})
+        elif action == kmock.action.UPDATE and isinstance(data, list):
+            # JSON patch: its `test` ops see the old version, as they do on the API server.
+            data.append({"op": "add", "path": "/metadata/resourceVersion",
+                         "value": self._next_revision()})
+        elif action == kmock.action.UPDATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            expected = meta.get("resourceVersion")
+            if expected is not None and current and str(expected) != _version(current):
+                raise kmock.KubernetesError(status=409, reason="Conflict", message=(
+                    f"the object has been modified: resourceVersion {expected} "
+                    f"is not {_version(current)}"))
+            meta["resourceVersion"] = self._next_revision()
+            if request.subresource is None and "spec" in data:
+                meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
+        elif action == kmock.action.DELETE and current:
+            meta = current.get("metadata") or {}
+            if meta.get("finalizers") and not meta.get("deletionTimestamp"):
+                # Setting deletionTimestamp is a write; kmock makes it keeping the version.
+                for key, obj in self.objects.items():
+                    if self._is(request, key) and not obj.deleted:
+                        obj.patch({"metadata": {"resourceVersion": self._next_revision()}})
+
+    async def _serve_list(self, request: Any) -> Any:
+        await super()._serve_list(request)  # its checks (unknown resource: 404)
+        async with self._writes:
+            items = self._stored(request)
+            return {"metadata": {"resourceVersion": str(self._revision)}, "items": items}
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        """Changes after the requested resourceVersion, none lost, none replayed.
+
+        Without a version (or kmock's "..."), the stored objects come first as ADDED,
+        as for a watch from "0". The bus is marked and the objects read under the write
+        lock, so no write falls between them. Deletions between a list and the watch
+        are not replayed (kmock keeps no history of versions); the tests don't need it.
+        """
+        yield b""  # send the headers now, as kmock does
+        since = str((request.params or {}).get("resourceVersion") or "")
+        bus = self._buses[request.resource]
+        async with self._writes:
+            marker = await bus.mark()
+            snapshot = [raw for raw in self._stored(request)
+                        if not since.isdigit() or int(_version(raw) or 0) > int(since)]
+        try:
+            for raw in snapshot:
+                yield {"type": "ADDED", "object": raw}
+            async for event in bus.stream(since=marker):
+                meta = event.get("object", {}).get("metadata", {})
+                if self._watched(request, request.resource, meta.get("namespace"), meta.get("name")):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+    def _stored(self, request: Any) -> list[dict[str, Any]]:
+        return [obj.raw for key, obj in self.objects.items()
+                if not obj.deleted and self._watched(request, *key)]
+
+    @staticmethod
+    def _watched(request: Any, resource: Any, namespace: str | None, name: str | None) -> bool:
+        return bool(resource == request.resource
+                    and (request.namespace is None or namespace == request.namespace)
+                    and (request.name is None or name == request.name))
+
+    @staticmethod
+    def _is(request: Any, key: tuple[Any, str | None, str]) -> bool:
+        return key == (request.resource, request.namespace, request.name)
+
+    def _next_revision(self) -> str:
+        self._revision += 1
+        return str(self._revision)
 
     def _current(self, request: Any) -> dict[str, Any]:
-        for (resource, namespace, name), obj in self.objects.items():
-            if resource == request.resource and namespace == request.namespace \
-                    and name == request.name and not obj.deleted:
+        for key, obj in self.objects.items():
+            if self._is(request, key) and not obj.deleted:
                 return dict(obj.raw)
         return {}
+
+
+def _version(obj: dict[str, Any]) -> str | None:
+    version = (obj.get("metadata") or {}).get("resourceVersion")
+    return None if version is None else str(version)
+
+
+def _timestamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _free_port() -> int:
@@ -100,10 +200,6 @@ class Cluster:
         return list(data["items"])
 
     async def create(self, path: str, obj: dict[str, Any]) -> None:
-        # The API server's job, which kmock leaves to us.
-        obj.setdefault("metadata", {}).update({
-            "uid": str(uuid.uuid4()), "resourceVersion": "1", "generation": 1,
-            "creationTimestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")})
         status, data = await self.request("POST", path, obj)
         assert status in (200, 201), data
 
@@ -166,7 +262,7 @@ def _workflow(name: str, **spec_changes: Any) -> dict[str, Any]:
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     info = kmock.ResourceInfo
-    async with GenerationEmulator() as emulator, kmock.Server(emulator) as server:
+    async with ApiServerEmulator() as emulator, kmock.Server(emulator) as server:
         emulator.resources["faastube.io/v1alpha1/workflows"] = info(
             kind="Workflow", singular="workflow", namespaced=True, shortnames={"ftwf"},
             categories={"faastube"}, subresources={"status"},
