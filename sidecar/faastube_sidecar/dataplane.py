@@ -111,14 +111,12 @@ class DataPlane:
             if record is not None and record.state is State.WRITING:
                 self._drop(record)
         session.writing.clear()
-        for ref, count in session.leases.items():
+        for ref in session.leases:
             record = self.table.find_leased(ref)
             if record is None:
                 continue
             record.leases.pop(session.id, None)
-            if record.released and not record.busy():
-                self.table.draining.pop(record.ref, None)
-                self._free_memory(record)
+            self._free_if_drained(record)
         session.leases.clear()
         for pool in self.pools.values():
             pool.unmapped_by(session.id)
@@ -276,9 +274,7 @@ class DataPlane:
             else:
                 self.observer.transfer(ticket.path, record.nbytes, self._clock() - start,
                                        route=ticket.route or ticket.path, requester=who)
-            if record.released and not record.busy():
-                self.table.draining.pop(record.ref, None)
-                self._free_memory(record)
+            self._free_if_drained(record)
 
         ticket.done.add_done_callback(finished)
         return dst, ticket
@@ -324,9 +320,7 @@ class DataPlane:
             record.leases.pop(session.id, None)
         else:
             record.leases[session.id] = held
-        if record.released and not record.busy():
-            self.table.draining.pop(record.ref, None)
-            self._free_memory(record)
+        self._free_if_drained(record)
 
     def free(self, session: Session, body: Mapping[str, Any]) -> Reply:
         record = self.table.lookup(body["ref"])
@@ -336,6 +330,12 @@ class DataPlane:
 
     def _drop(self, record: ObjectRecord) -> None:
         if self.table.remove(record):
+            self._free_memory(record)
+
+    def _free_if_drained(self, record: ObjectRecord) -> None:
+        """A released object's memory goes back once its last reader and copy are done."""
+        if record.released and not record.busy():
+            self.table.draining.pop(record.ref, None)
             self._free_memory(record)
 
     def _free_memory(self, record: ObjectRecord) -> None:
