@@ -193,12 +193,11 @@ class Client:
     def _seal(self, writable: Writable | str, *, consumers: int | None, ttl: float | None,
               copied: str | None) -> str:
         if isinstance(writable, Writable):
-            if writable.location != protocol.HOST:
+            gpu = protocol.parse_location(writable.location)
+            if gpu is not None:
                 import cupy
 
                 # The writer's kernels must be done before readers can see the bytes.
-                gpu = protocol.parse_location(writable.location)
-                assert gpu is not None   # not the host: checked just above
                 with cupy.cuda.Device(self._ordinal_of[gpu]):
                     cupy.cuda.get_current_stream().synchronize()
             ref = writable.ref
