@@ -16,16 +16,19 @@ Shapes at full scale (N = 4 frames of 1024 x 2048, the Cityscapes resolution):
 
 Handlers derive their output shapes from their inputs; only ``make_input`` reads the
 scale (``FAASTUBE_EXAMPLE_SCALE``).
+
+The backend helpers shared by the four examples (backend choice, host and CUDA views,
+seeded stand-in weights, the model cache) live in ``faastube_examples.backend``.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import numpy as np
 from faastube.sdk import function
+from faastube_examples.backend import ExampleBackend, as_cuda, to_host
+from faastube_examples.models import dncnn_denoiser
 
 FRAMES = 4
 FULL_HEIGHT, FULL_WIDTH = 1024, 2048
@@ -44,83 +47,18 @@ PALETTE = np.array([
 # --- backend: torch on CUDA when present, NumPy stand-ins otherwise ------------------------------
 
 
-@functools.cache
-def _torch() -> Any:
-    """torch, when GPU handlers should run on CUDA; None for the NumPy stand-ins.
-
-    ``FAASTUBE_EXAMPLE_BACKEND`` = ``auto`` (default), ``torch`` (fail if unusable) or ``numpy``.
-    """
-    choice = os.environ.get("FAASTUBE_EXAMPLE_BACKEND", "auto")
-    if choice not in ("auto", "torch", "numpy"):
-        raise ValueError(f"FAASTUBE_EXAMPLE_BACKEND must be auto, torch or numpy, got {choice!r}")
-    if choice == "numpy":
-        return None
-    try:
-        import torch
-        import torchvision  # noqa: F401  (the GPU path needs both)
-    except ImportError:
-        if choice == "torch":
-            raise
-        return None
-    if not torch.cuda.is_available():
-        if choice == "torch":
-            raise RuntimeError("FAASTUBE_EXAMPLE_BACKEND=torch but no CUDA device is visible")
-        return None
-    return torch
-
-
-def default_scale() -> float:
-    """``FAASTUBE_EXAMPLE_SCALE``, else 1.0 on a CUDA machine and 0.1 (linear) on a CPU."""
-    raw = os.environ.get("FAASTUBE_EXAMPLE_SCALE")
-    if raw is None:
-        return 1.0 if _torch() is not None else 0.1
-    value = float(raw)
-    if not 0 < value <= 1:
-        raise ValueError(f"FAASTUBE_EXAMPLE_SCALE must be in (0, 1], got {raw!r}")
-    return value
-
-
-def _host(array: Any) -> np.ndarray:
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "detach"):
-        return np.asarray(array.detach().cpu().numpy())
-    return np.asarray(array.get())  # CuPy
-
-
-def _cuda(torch: Any, array: Any) -> Any:
-    """A CUDA tensor viewing ``array`` (CuPy/DLPack: zero-copy; NumPy: copied to the device)."""
-    if isinstance(array, torch.Tensor):
-        return array if array.is_cuda else array.cuda()
-    if isinstance(array, np.ndarray):
-        return torch.from_numpy(array).cuda()
-    return torch.from_dlpack(array)
-
-
-@functools.cache
-def _weights(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    rng = np.random.default_rng([SEED, sum(map(ord, name))])
-    return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
-
-
-@functools.cache
-def _model(name: str, device: int) -> Any:
-    torch = _torch()
-    import torchvision
-
-    torch.manual_seed(SEED)
+def _build_model(torch: Any, torchvision: Any, name: str) -> Any:
     if name == "denoiser":
-        # DnCNN-style: a few 3x3 convolutions estimate the noise, which is subtracted.
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(inplace=True),
-            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(inplace=True),
-            torch.nn.Conv2d(32, 3, 3, padding=1))
+        model = dncnn_denoiser(torch)
     elif name == "segmenter":
         model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
             weights=None, weights_backbone=None, num_classes=CLASSES, aux_loss=False)
     else:
         raise KeyError(name)
-    return model.eval().to(f"cuda:{device}")
+    return model
+
+
+_backend = ExampleBackend(seed=SEED, build_model=_build_model)
 
 
 # --- shapes ---------------------------------------------------------------------------------------
@@ -144,7 +82,7 @@ def edge_shapes(request_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ..
 
 def make_input(*, scale: float | None = None, seed: int = SEED) -> np.ndarray:
     """A request: noisy uint8 camera frames (a smooth gradient scene plus noise)."""
-    frames, height, width, _ = input_shape(default_scale() if scale is None else scale)
+    frames, height, width, _ = input_shape(_backend.default_scale() if scale is None else scale)
     rng = np.random.default_rng(seed)
     ys = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
     xs = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
@@ -173,30 +111,30 @@ def _box_blur(x: np.ndarray, radius: int, axes: tuple[int, int]) -> np.ndarray:
 @function
 def denoise(frames: Any) -> Any:
     """GPU: NHWC uint8 -> NCHW float32 in [0, 1] with the estimated noise removed."""
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, frames).permute(0, 3, 1, 2).float().div_(255.0)
+        x = as_cuda(torch, frames).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.no_grad():
-            return (x - 0.1 * _model("denoiser", x.device.index)(x)).clamp_(0, 1).contiguous()
-    x = _host(frames).astype(np.float32) / 255.0
+            return (x - 0.1 * _backend.model("denoiser", x.device.index)(x)).clamp_(0, 1).contiguous()
+    x = to_host(frames).astype(np.float32) / 255.0
     return np.ascontiguousarray(_box_blur(x, 1, axes=(1, 2)).transpose(0, 3, 1, 2))
 
 
 @function
 def segmentation(images: Any) -> Any:
     """GPU: per-pixel class (19 classes), stacked on the image as a 4th channel."""
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, images)
+        x = as_cuda(torch, images)
         with torch.no_grad():
-            logits = _model("segmenter", x.device.index)(x)["out"]
+            logits = _backend.model("segmenter", x.device.index)(x)["out"]
             classes = logits.argmax(dim=1, keepdim=True).float()
             return torch.cat([x, classes], dim=1).contiguous()
-    x = _host(images)
+    x = to_host(images)
     n, channels, height, width = x.shape
     patches = x.reshape(n, channels, height // PATCH, PATCH, width // PATCH, PATCH).transpose(0, 2, 4, 1, 3, 5)
     logits = patches.reshape(n, height // PATCH, width // PATCH, -1) @ \
-        _weights("segmenter", (channels * PATCH * PATCH, CLASSES))
+        _backend.weights("segmenter", (channels * PATCH * PATCH, CLASSES))
     classes = np.repeat(np.repeat(logits.argmax(axis=-1), PATCH, axis=1), PATCH, axis=2)
     return np.concatenate([x, classes[:, None].astype(np.float32)], axis=1)
 
@@ -204,9 +142,9 @@ def segmentation(images: Any) -> Any:
 @function
 def blur(segmented: Any) -> Any:
     """GPU: blur people, tint every pixel by its class colour, return NHWC uint8 frames."""
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, segmented)
+        x = as_cuda(torch, segmented)
         with torch.no_grad():
             rgb, classes = x[:, :3], x[:, 3:].long()
             blurred = torch.nn.functional.avg_pool2d(rgb, 2 * BLUR_RADIUS + 1, stride=1,
@@ -219,7 +157,7 @@ def blur(segmented: Any) -> Any:
             colour = palette[classes[:, 0]].permute(0, 3, 1, 2)
             out = (0.6 * rgb + 0.4 * colour).clamp_(0, 1).mul_(255).to(torch.uint8)
             return out.permute(0, 2, 3, 1).contiguous()
-    x = _host(segmented)
+    x = to_host(segmented)
     rgb = x[:, :3]
     classes = x[:, 3].astype(np.int64)
     blurred = _box_blur(rgb, BLUR_RADIUS, axes=(2, 3))

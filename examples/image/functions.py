@@ -19,16 +19,19 @@ Shapes at full scale (a batch of 64 ImageNet-sized images):
 
 Handlers derive their output shapes from their inputs; only ``make_input`` reads the
 scale (``FAASTUBE_EXAMPLE_SCALE``).
+
+The backend helpers shared by the four examples (backend choice, host and CUDA views,
+seeded stand-in weights, the model cache) live in ``faastube_examples.backend``.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import numpy as np
 from faastube.sdk import function, kwarg_name
+from faastube_examples.backend import ExampleBackend, as_cuda, to_host
+from faastube_examples.models import dncnn_denoiser
 
 BATCH = 64
 FULL_SIDE = 224
@@ -43,77 +46,9 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # --- backend: torch on CUDA when present, NumPy stand-ins otherwise ------------------------------
 
 
-@functools.cache
-def _torch() -> Any:
-    """torch, when GPU handlers should run on CUDA; None for the NumPy stand-ins.
-
-    ``FAASTUBE_EXAMPLE_BACKEND`` = ``auto`` (default), ``torch`` (fail if unusable) or ``numpy``.
-    """
-    choice = os.environ.get("FAASTUBE_EXAMPLE_BACKEND", "auto")
-    if choice not in ("auto", "torch", "numpy"):
-        raise ValueError(f"FAASTUBE_EXAMPLE_BACKEND must be auto, torch or numpy, got {choice!r}")
-    if choice == "numpy":
-        return None
-    try:
-        import torch
-        import torchvision  # noqa: F401  (the GPU path needs both)
-    except ImportError:
-        if choice == "torch":
-            raise
-        return None
-    if not torch.cuda.is_available():
-        if choice == "torch":
-            raise RuntimeError("FAASTUBE_EXAMPLE_BACKEND=torch but no CUDA device is visible")
-        return None
-    return torch
-
-
-def default_scale() -> float:
-    """``FAASTUBE_EXAMPLE_SCALE``, else 1.0 on a CUDA machine and 0.1 (linear) on a CPU."""
-    raw = os.environ.get("FAASTUBE_EXAMPLE_SCALE")
-    if raw is None:
-        return 1.0 if _torch() is not None else 0.1
-    value = float(raw)
-    if not 0 < value <= 1:
-        raise ValueError(f"FAASTUBE_EXAMPLE_SCALE must be in (0, 1], got {raw!r}")
-    return value
-
-
-def _host(array: Any) -> np.ndarray:
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "detach"):
-        return np.asarray(array.detach().cpu().numpy())
-    return np.asarray(array.get())  # CuPy
-
-
-def _cuda(torch: Any, array: Any) -> Any:
-    """A CUDA tensor viewing ``array`` (CuPy/DLPack: zero-copy; NumPy: copied to the device)."""
-    if isinstance(array, torch.Tensor):
-        return array if array.is_cuda else array.cuda()
-    if isinstance(array, np.ndarray):
-        return torch.from_numpy(array).cuda()
-    return torch.from_dlpack(array)
-
-
-@functools.cache
-def _weights(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    rng = np.random.default_rng([SEED, sum(map(ord, name))])
-    return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
-
-
-@functools.cache
-def _model(name: str, device: int) -> Any:
-    torch = _torch()
-    import torchvision
-
-    torch.manual_seed(SEED)
+def _build_model(torch: Any, torchvision: Any, name: str) -> Any:
     if name == "denoiser":
-        # DnCNN-style: a few 3x3 convolutions estimate the noise, which is subtracted.
-        model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(inplace=True),
-            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(inplace=True),
-            torch.nn.Conv2d(32, 3, 3, padding=1))
+        model = dncnn_denoiser(torch)
     elif name == "resnet18":
         model = torchvision.models.resnet18(weights=None, num_classes=CLASSES)
     elif name == "resnet50":
@@ -122,7 +57,10 @@ def _model(name: str, device: int) -> Any:
         model = torchvision.models.mobilenet_v3_large(weights=None, num_classes=CLASSES)
     else:
         raise KeyError(name)
-    return model.eval().to(f"cuda:{device}")
+    return model
+
+
+_backend = ExampleBackend(seed=SEED, build_model=_build_model)
 
 
 # --- shapes ---------------------------------------------------------------------------------------
@@ -147,21 +85,21 @@ def edge_shapes(request_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ..
 
 def make_input(*, scale: float | None = None, seed: int = SEED) -> np.ndarray:
     """A request: a batch of uint8 RGB images."""
-    shape = input_shape(default_scale() if scale is None else scale)
+    shape = input_shape(_backend.default_scale() if scale is None else scale)
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
 
 def _classify(model: str, images: Any) -> Any:
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, images)
+        x = as_cuda(torch, images)
         with torch.no_grad():
-            return _model(model, x.device.index)(x).contiguous()
-    x = _host(images)
+            return _backend.model(model, x.device.index)(x).contiguous()
+    x = to_host(images)
     n, channels, side, _ = x.shape
     grid = STAND_IN_GRIDS[model]
     pooled = x.reshape(n, channels, grid, side // grid, grid, side // grid).mean(axis=(3, 5))
-    return pooled.reshape(n, -1) @ _weights(model, (channels * grid * grid, CLASSES))
+    return pooled.reshape(n, -1) @ _backend.weights(model, (channels * grid * grid, CLASSES))
 
 
 # --- handlers -------------------------------------------------------------------------------------
@@ -170,15 +108,15 @@ def _classify(model: str, images: Any) -> Any:
 @function
 def denoise(images: Any) -> Any:
     """GPU: NHWC uint8 -> normalised NCHW float32 with the estimated noise removed."""
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, images).permute(0, 3, 1, 2).float().div_(255.0)
+        x = as_cuda(torch, images).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.no_grad():
-            x = (x - 0.1 * _model("denoiser", x.device.index)(x)).clamp_(0, 1)
+            x = (x - 0.1 * _backend.model("denoiser", x.device.index)(x)).clamp_(0, 1)
         mean = torch.as_tensor(MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.as_tensor(STD, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()
-    x = _host(images).astype(np.float32) / 255.0
+    x = to_host(images).astype(np.float32) / 255.0
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
     side_h, side_w = x.shape[1:3]
     smooth = sum(padded[:, dy:dy + side_h, dx:dx + side_w] for dy in range(3) for dx in range(3)) / 9.0
@@ -211,7 +149,7 @@ def aggregate(**logits: Any) -> np.ndarray:
         raise TypeError(f"aggregate expects the keyword arguments {sorted(expected)}, got {sorted(logits)}")
     total = np.zeros((), dtype=np.float64)
     for name in CLASSIFIERS:
-        z = _host(logits[kwarg_name(name)]).astype(np.float64)
+        z = to_host(logits[kwarg_name(name)]).astype(np.float64)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         total = total + z / z.sum(axis=1, keepdims=True)
     return (total / len(CLASSIFIERS)).astype(np.float32)

@@ -18,16 +18,19 @@ Shapes at full scale (N = 21 frames, K = 11 objects per frame):
 
 Handlers derive their output shapes from their inputs; only ``make_input`` reads the
 scale (``FAASTUBE_EXAMPLE_SCALE``), so every function of a run agrees on shapes.
+
+The backend helpers shared by the four examples (backend choice, host and CUDA views,
+seeded stand-in weights, the model cache) live in ``faastube_examples.backend``.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import numpy as np
 from faastube.sdk import function
+from faastube_examples.backend import ExampleBackend, as_cuda, to_host
+from faastube_examples.shapes import round_to_multiple
 
 FRAMES = 21
 OBJECTS_PER_FRAME = 11
@@ -44,72 +47,7 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # --- backend: torch on CUDA when present, NumPy stand-ins otherwise ------------------------------
 
 
-@functools.cache
-def _torch() -> Any:
-    """torch, when GPU handlers should run on CUDA; None for the NumPy stand-ins.
-
-    ``FAASTUBE_EXAMPLE_BACKEND`` = ``auto`` (default), ``torch`` (fail if unusable) or ``numpy``.
-    Read on first use, not at import, so tests and the runtime can set it first.
-    """
-    choice = os.environ.get("FAASTUBE_EXAMPLE_BACKEND", "auto")
-    if choice not in ("auto", "torch", "numpy"):
-        raise ValueError(f"FAASTUBE_EXAMPLE_BACKEND must be auto, torch or numpy, got {choice!r}")
-    if choice == "numpy":
-        return None
-    try:
-        import torch
-        import torchvision  # noqa: F401  (the GPU path needs both)
-    except ImportError:
-        if choice == "torch":
-            raise
-        return None
-    if not torch.cuda.is_available():
-        if choice == "torch":
-            raise RuntimeError("FAASTUBE_EXAMPLE_BACKEND=torch but no CUDA device is visible")
-        return None
-    return torch
-
-
-def default_scale() -> float:
-    """``FAASTUBE_EXAMPLE_SCALE``, else 1.0 on a CUDA machine and 0.1 (linear) on a CPU."""
-    raw = os.environ.get("FAASTUBE_EXAMPLE_SCALE")
-    if raw is None:
-        return 1.0 if _torch() is not None else 0.1
-    value = float(raw)
-    if not 0 < value <= 1:
-        raise ValueError(f"FAASTUBE_EXAMPLE_SCALE must be in (0, 1], got {raw!r}")
-    return value
-
-
-def _host(array: Any) -> np.ndarray:
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "detach"):
-        return np.asarray(array.detach().cpu().numpy())
-    return np.asarray(array.get())  # CuPy
-
-
-def _cuda(torch: Any, array: Any) -> Any:
-    """A CUDA tensor viewing ``array`` (CuPy/DLPack: zero-copy; NumPy: copied to the device)."""
-    if isinstance(array, torch.Tensor):
-        return array if array.is_cuda else array.cuda()
-    if isinstance(array, np.ndarray):
-        return torch.from_numpy(array).cuda()
-    return torch.from_dlpack(array)
-
-
-@functools.cache
-def _weights(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    rng = np.random.default_rng([SEED, sum(map(ord, name))])
-    return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
-
-
-@functools.cache
-def _model(name: str, device: int) -> Any:
-    torch = _torch()
-    import torchvision
-
-    torch.manual_seed(SEED)
+def _build_model(torch: Any, torchvision: Any, name: str) -> Any:
     if name == "detector":
         trunk = torchvision.models.resnet18(weights=None)
         # ResNet-18 up to layer2: stride 8, 128 channels; a 1x1 head scores objectness per cell.
@@ -119,22 +57,21 @@ def _model(name: str, device: int) -> Any:
         model = torchvision.models.resnet50(weights=None, num_classes=CLASSES)
     else:
         raise KeyError(name)
-    return model.eval().to(f"cuda:{device}")
+    return model
+
+
+_backend = ExampleBackend(seed=SEED, build_model=_build_model)
 
 
 # --- shapes ---------------------------------------------------------------------------------------
 
 
-def _multiple(value: float, multiple: int, *, minimum: int) -> int:
-    return max(minimum, multiple * round(value / multiple))
-
-
 def detect_size(frame_width: int) -> int:
-    return _multiple(frame_width * FULL_DETECT_SIZE / FULL_WIDTH, 32, minimum=32)
+    return round_to_multiple(frame_width * FULL_DETECT_SIZE / FULL_WIDTH, 32, minimum=32)
 
 
 def crop_size(detect_side: int) -> int:
-    return _multiple(detect_side * FULL_CROP_SIZE / FULL_DETECT_SIZE, 8, minimum=8)
+    return round_to_multiple(detect_side * FULL_CROP_SIZE / FULL_DETECT_SIZE, 8, minimum=8)
 
 
 def input_shape(scale: float) -> tuple[int, ...]:
@@ -160,7 +97,7 @@ def edge_shapes(request_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ..
 
 def make_input(*, scale: float | None = None, seed: int = SEED) -> np.ndarray:
     """A request: a low-resolution uint8 clip that ``decode`` expands to 1080p frames."""
-    shape = input_shape(default_scale() if scale is None else scale)
+    shape = input_shape(_backend.default_scale() if scale is None else scale)
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
 
@@ -170,7 +107,7 @@ def make_input(*, scale: float | None = None, seed: int = SEED) -> np.ndarray:
 @function
 def decode(clip: Any) -> np.ndarray:
     """CPU: expand the clip to full-resolution RGB frames (a codec's output size and layout)."""
-    clip = _host(clip)
+    clip = to_host(clip)
     return np.repeat(np.repeat(clip, DECODE_FACTOR, axis=1), DECODE_FACTOR, axis=2)
 
 
@@ -179,15 +116,15 @@ def preprocess(frames: Any) -> Any:
     """GPU: resize to the detector's square input, scale to [0, 1] and normalise, NCHW float32."""
     _frames_n, height, width, _ = frames.shape
     side = detect_size(width)
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, frames).permute(0, 3, 1, 2).float().div_(255.0)
+        x = as_cuda(torch, frames).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.no_grad():
             x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         mean = torch.as_tensor(MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.as_tensor(STD, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()
-    frames = _host(frames)
+    frames = to_host(frames)
     rows = np.arange(side) * height // side
     cols = np.arange(side) * width // side
     resized = frames[:, rows][:, :, cols].astype(np.float32) / 255.0
@@ -198,20 +135,20 @@ def preprocess(frames: Any) -> Any:
 @function
 def detection(images: Any) -> Any:
     """GPU: dense objectness at stride 8, upsampled and stacked on the image as a 4th channel."""
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, images)
+        x = as_cuda(torch, images)
         with torch.no_grad():
-            logits = _model("detector", x.device.index)(x)
+            logits = _backend.model("detector", x.device.index)(x)
             heat = torch.sigmoid(torch.nn.functional.interpolate(
                 logits, size=x.shape[-2:], mode="bilinear", align_corners=False))
             return torch.cat([x, heat], dim=1).contiguous()
-    x = _host(images)
+    x = to_host(images)
     n, channels, side, _ = x.shape
     cells = side // HEAT_STRIDE
     # A stride-8 patch convolution: each 8x8x3 patch -> one objectness logit.
     patches = x.reshape(n, channels, cells, HEAT_STRIDE, cells, HEAT_STRIDE).transpose(0, 2, 4, 1, 3, 5)
-    logits = patches.reshape(n, cells, cells, -1) @ _weights("detector", (channels * HEAT_STRIDE**2,))
+    logits = patches.reshape(n, cells, cells, -1) @ _backend.weights("detector", (channels * HEAT_STRIDE**2,))
     heat = 1.0 / (1.0 + np.exp(-logits))
     heat = np.repeat(np.repeat(heat, HEAT_STRIDE, axis=1), HEAT_STRIDE, axis=2)
     return np.concatenate([x, heat[:, None].astype(np.float32)], axis=1)
@@ -220,7 +157,7 @@ def detection(images: Any) -> Any:
 @function
 def postprocess(detections: Any) -> np.ndarray:
     """CPU: take the K strongest cells per frame and crop a recognition-sized window around each."""
-    x = _host(detections)
+    x = to_host(detections)
     n, _, side, _ = x.shape
     crop = crop_size(side)
     heat = x[:, 3, HEAT_STRIDE // 2::HEAT_STRIDE, HEAT_STRIDE // 2::HEAT_STRIDE]
@@ -239,13 +176,13 @@ def postprocess(detections: Any) -> np.ndarray:
 @function
 def recognition(crops: Any) -> Any:
     """GPU: classify every crop (ResNet-50 on CUDA; a pooled linear classifier on a CPU)."""
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, crops)
+        x = as_cuda(torch, crops)
         with torch.no_grad():
-            return _model("recognizer", x.device.index)(x).contiguous()
-    x = _host(crops)
+            return _backend.model("recognizer", x.device.index)(x).contiguous()
+    x = to_host(crops)
     m, channels, side, _ = x.shape
     grid = 4
     pooled = x.reshape(m, channels, grid, side // grid, grid, side // grid).mean(axis=(3, 5))
-    return pooled.reshape(m, -1) @ _weights("recognizer", (channels * grid * grid, CLASSES))
+    return pooled.reshape(m, -1) @ _backend.weights("recognizer", (channels * grid * grid, CLASSES))

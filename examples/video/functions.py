@@ -19,16 +19,19 @@ Shapes at full scale (32 frames of 1080p, 4 chunks of 8 frames, 8 faces per fram
 
 Handlers derive their output shapes from their inputs; only ``make_input`` reads the
 scale (``FAASTUBE_EXAMPLE_SCALE``).
+
+The backend helpers shared by the four examples (backend choice, host and CUDA views,
+seeded stand-in weights, the model cache) live in ``faastube_examples.backend``.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import numpy as np
 from faastube.sdk import function, kwarg_name
+from faastube_examples.backend import ExampleBackend, as_cuda, to_host
+from faastube_examples.shapes import round_to_multiple
 
 FRAMES = 32
 FACE_FUNCTIONS = ("face-0", "face-1", "face-2", "face-3")
@@ -45,71 +48,7 @@ STD = np.array([0.5, 0.5, 0.5], dtype=np.float32)
 # --- backend: torch on CUDA when present, NumPy stand-ins otherwise ------------------------------
 
 
-@functools.cache
-def _torch() -> Any:
-    """torch, when GPU handlers should run on CUDA; None for the NumPy stand-ins.
-
-    ``FAASTUBE_EXAMPLE_BACKEND`` = ``auto`` (default), ``torch`` (fail if unusable) or ``numpy``.
-    """
-    choice = os.environ.get("FAASTUBE_EXAMPLE_BACKEND", "auto")
-    if choice not in ("auto", "torch", "numpy"):
-        raise ValueError(f"FAASTUBE_EXAMPLE_BACKEND must be auto, torch or numpy, got {choice!r}")
-    if choice == "numpy":
-        return None
-    try:
-        import torch
-        import torchvision  # noqa: F401  (the GPU path needs both)
-    except ImportError:
-        if choice == "torch":
-            raise
-        return None
-    if not torch.cuda.is_available():
-        if choice == "torch":
-            raise RuntimeError("FAASTUBE_EXAMPLE_BACKEND=torch but no CUDA device is visible")
-        return None
-    return torch
-
-
-def default_scale() -> float:
-    """``FAASTUBE_EXAMPLE_SCALE``, else 1.0 on a CUDA machine and 0.1 (linear) on a CPU."""
-    raw = os.environ.get("FAASTUBE_EXAMPLE_SCALE")
-    if raw is None:
-        return 1.0 if _torch() is not None else 0.1
-    value = float(raw)
-    if not 0 < value <= 1:
-        raise ValueError(f"FAASTUBE_EXAMPLE_SCALE must be in (0, 1], got {raw!r}")
-    return value
-
-
-def _host(array: Any) -> np.ndarray:
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "detach"):
-        return np.asarray(array.detach().cpu().numpy())
-    return np.asarray(array.get())  # CuPy
-
-
-def _cuda(torch: Any, array: Any) -> Any:
-    """A CUDA tensor viewing ``array`` (CuPy/DLPack: zero-copy; NumPy: copied to the device)."""
-    if isinstance(array, torch.Tensor):
-        return array if array.is_cuda else array.cuda()
-    if isinstance(array, np.ndarray):
-        return torch.from_numpy(array).cuda()
-    return torch.from_dlpack(array)
-
-
-@functools.cache
-def _weights(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    rng = np.random.default_rng([SEED, sum(map(ord, name))])
-    return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
-
-
-@functools.cache
-def _model(name: str, device: int) -> Any:
-    torch = _torch()
-    import torchvision
-
-    torch.manual_seed(SEED)
+def _build_model(torch: Any, torchvision: Any, name: str) -> Any:
     if name == "face-detector":
         trunk = torchvision.models.resnet18(weights=None)
         # ResNet-18 up to layer3: stride 16, 256 channels; a 1x1 head scores "face here".
@@ -119,22 +58,21 @@ def _model(name: str, device: int) -> Any:
         model = torchvision.models.resnet18(weights=None, num_classes=EMBEDDING)
     else:
         raise KeyError(name)
-    return model.eval().to(f"cuda:{device}")
+    return model
+
+
+_backend = ExampleBackend(seed=SEED, build_model=_build_model)
 
 
 # --- shapes ---------------------------------------------------------------------------------------
 
 
-def _multiple(value: float, multiple: int, *, minimum: int) -> int:
-    return max(minimum, multiple * round(value / multiple))
-
-
 def crop_size(frame_width: int) -> int:
-    return _multiple(frame_width * FULL_CROP_SIZE / FULL_WIDTH, 8, minimum=8)
+    return round_to_multiple(frame_width * FULL_CROP_SIZE / FULL_WIDTH, 8, minimum=8)
 
 
 def cell_size(frame_width: int) -> int:
-    return _multiple(frame_width * FULL_CELL / FULL_WIDTH, 4, minimum=4)
+    return round_to_multiple(frame_width * FULL_CELL / FULL_WIDTH, 4, minimum=4)
 
 
 def input_shape(scale: float) -> tuple[int, ...]:
@@ -160,7 +98,7 @@ def edge_shapes(request_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ..
 
 def make_input(*, scale: float | None = None, seed: int = SEED) -> np.ndarray:
     """A request: a low-resolution uint8 clip that ``split`` expands to 1080p frames."""
-    shape = input_shape(default_scale() if scale is None else scale)
+    shape = input_shape(_backend.default_scale() if scale is None else scale)
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
 
@@ -182,7 +120,7 @@ def _window(centre: int, crop: int, limit: int) -> int:
 @function
 def split(clip: Any) -> dict[str, np.ndarray]:
     """CPU: decode the clip to full-resolution frames and cut it into one chunk per face function."""
-    frames = np.repeat(np.repeat(_host(clip), DECODE_FACTOR, axis=1), DECODE_FACTOR, axis=2)
+    frames = np.repeat(np.repeat(to_host(clip), DECODE_FACTOR, axis=1), DECODE_FACTOR, axis=2)
     chunks = np.array_split(frames, len(FACE_FUNCTIONS), axis=0)
     return dict(zip(FACE_FUNCTIONS, chunks, strict=True))
 
@@ -192,25 +130,25 @@ def detect_faces(frames: Any) -> Any:
     """GPU: score face likelihood per cell and crop the strongest FACES_PER_FRAME per frame."""
     n, height, width, _ = frames.shape
     crop = crop_size(width)
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = _cuda(torch, frames).permute(0, 3, 1, 2).float().div_(255.0)
+        x = as_cuda(torch, frames).permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.as_tensor(MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.as_tensor(STD, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
         with torch.no_grad():
-            heat = _model("face-detector", x.device.index)(x)[:, 0]
+            heat = _backend.model("face-detector", x.device.index)(x)[:, 0]
         stride = -(-height // heat.shape[1])
         centres = _face_centres(heat.float().cpu().numpy(), stride)
         crops = [x[f, :, _window(cy, crop, height):_window(cy, crop, height) + crop,
                    _window(cx, crop, width):_window(cx, crop, width) + crop]
                  for f in range(n) for cy, cx in centres[f]]
         return torch.stack(crops).contiguous()
-    host = (_host(frames).astype(np.float32) / 255.0 - MEAN) / STD
+    host = (to_host(frames).astype(np.float32) / 255.0 - MEAN) / STD
     cell = cell_size(width)
     rows, cols = height // cell, width // cell
     blocks = host[:, :rows * cell, :cols * cell].reshape(n, rows, cell, cols, cell, 3).mean(axis=(2, 4))
-    heat = blocks @ _weights("face-detector", (3,))
+    heat = blocks @ _backend.weights("face-detector", (3,))
     out = np.empty((n * FACES_PER_FRAME, 3, crop, crop), dtype=np.float32)
     for f, frame_centres in enumerate(_face_centres(heat, cell)):
         for k, (cy, cx) in enumerate(frame_centres):
@@ -228,16 +166,16 @@ def recognition(**faces: Any) -> Any:
     ordered = [faces[kwarg_name(name)] for name in FACE_FUNCTIONS]
     actor = np.random.default_rng([SEED, 1]).standard_normal(EMBEDDING).astype(np.float32)
     actor /= np.linalg.norm(actor)
-    torch = _torch()
+    torch = _backend.torch()
     if torch is not None:
-        x = torch.cat([_cuda(torch, f) for f in ordered])
+        x = torch.cat([as_cuda(torch, f) for f in ordered])
         with torch.no_grad():
-            embedding = torch.nn.functional.normalize(_model("face-embedder", x.device.index)(x), dim=1)
+            embedding = torch.nn.functional.normalize(_backend.model("face-embedder", x.device.index)(x), dim=1)
             return (embedding @ torch.as_tensor(actor, device=x.device)).contiguous()
-    x = np.concatenate([_host(f) for f in ordered])
+    x = np.concatenate([to_host(f) for f in ordered])
     m, channels, side, _ = x.shape
     grid = 4
     pooled = x.reshape(m, channels, grid, side // grid, grid, side // grid).mean(axis=(3, 5))
-    embedding = pooled.reshape(m, -1) @ _weights("face-embedder", (channels * grid * grid, EMBEDDING))
+    embedding = pooled.reshape(m, -1) @ _backend.weights("face-embedder", (channels * grid * grid, EMBEDDING))
     embedding /= np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
     return (embedding @ actor).astype(np.float32)
