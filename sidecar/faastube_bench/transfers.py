@@ -94,7 +94,8 @@ class _Bench:
     def __init__(self, args: argparse.Namespace, sizes: Sequence[int]) -> None:
         import cupy as cp
         import numpy as np
-        from faastube_sidecar.transfers import cuda_executor, hostring, scheduler
+        from faastube_bench import pinned_ring
+        from faastube_sidecar.transfers import cuda_executor, scheduler
 
         self.cp, self.np, self.ce, self.sc = cp, np, cuda_executor, scheduler
         self.args = args
@@ -108,7 +109,7 @@ class _Bench:
         self.chunk = args.chunk_mib * MiB
         biggest = max(self.sizes)
         t0 = time.perf_counter()
-        self.ring = hostring.PinnedHostRing(biggest)
+        self.ring = pinned_ring.PinnedHostRing(biggest)
         self.host_piece = self.ring.allocate(biggest)
         view = self.ring.view(self.host_piece)
         view[:] = np.arange(biggest, dtype=np.uint64).astype(np.uint8) if biggest <= 64 * MiB \

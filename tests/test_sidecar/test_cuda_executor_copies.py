@@ -28,7 +28,7 @@ from faastube_sidecar.transfers.cuda_executor import (
     node_links,
     run_to_completion,
 )
-from faastube_sidecar.transfers.hostring import PinnedHostRing
+from faastube_bench.pinned_ring import PinnedHostRing
 from faastube_sidecar.transfers.scheduler import (
     HOST,
     FunctionIdentity,

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from faastube.errors import RetryableError
-from faastube_sidecar.transfers.hostring import PinnedHostRing, RingAllocator, RingFull, RingSlice
+from faastube_bench.pinned_ring import PinnedHostRing, RingAllocator, RingFull, RingSlice
 from faastube_sidecar.transfers.scheduler import TransferError
 
 

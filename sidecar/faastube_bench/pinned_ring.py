@@ -1,10 +1,11 @@
-"""One pinned host ring buffer, shared by every transfer of the node.
+"""A pinned host ring buffer for the transfer benchmark and the executor's GPU tests.
 
-Why: pinning host memory runs at only ~1-2 GB/s and pageable copies go through
-the driver's small staging buffer (7-9 GB/s instead of ~55 GB/s), so the daemon
-pins one buffer once and sub-allocates it circularly. The buffer is an mmap of a
-memfd: a CPU function that receives the fd can write its output straight into
-pinned memory, with no extra copy.
+Pinning host memory runs at only ~1-2 GB/s and pageable copies go through the
+driver's small staging buffer (7-9 GB/s instead of ~55 GB/s), so a buffer is pinned
+once and sub-allocated circularly. The sidecar itself does the same with its host
+pool: its slabs are memfd segments registered once with cudaHostRegister, which CPU
+functions write into directly (`empty` + `seal`); this standalone ring lets the
+benchmark drive the transfer engine without a sidecar.
 
 ``RingAllocator`` is the pure circular allocator (frees may come out of order;
 space is reclaimed when the oldest allocation is freed). ``PinnedHostRing`` adds
