@@ -36,8 +36,11 @@ logger = logging.getLogger(__name__)
 PCIE_LANE_GBPS: Final[dict[int, float]] = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938,
                                            6: 7.563}
 PCIE_EFFICIENCY: Final = 0.85  # TLP/DLLP overhead: pinned copies reach ~85% of the lane rate
-# Per-link, per-direction NVLink rate in GB/s, by NVLink version as NVML reports it.
-NVLINK_LINK_GBPS: Final[dict[int, float]] = {1: 20.0, 2: 25.0, 3: 25.0, 4: 25.0, 5: 50.0}
+# Per-link, per-direction NVLink rate in GB/s, keyed by NVML's nvmlNvlinkVersion_t
+# (1: 1.0 P100, 2: 2.0 V100, 3: 2.2, 4: 3.0 A100, 5: 3.1, 6: 4.0 H100, 7: 5.0 B200, 8: 6.0),
+# not by NVLink generation: an H100 reports 6 (18 links x 25 GB/s = 450 GB/s a direction).
+NVLINK_LINK_GBPS: Final[dict[int, float]] = {1: 20.0, 2: 25.0, 3: 25.0, 4: 25.0, 5: 25.0, 6: 25.0,
+                                             7: 50.0, 8: 50.0}
 PCIE_RELATION_FACTOR: Final[dict[str, float]] = {
     "same-switch": 1.0, "same-host-bridge": 0.8, "cross-socket": 0.6}
 

@@ -24,7 +24,7 @@ class FakeGpu:
     pcie: tuple[int, int] = (5, 16)
     numa: int | None = 0
     nvlinks: list[tuple[str, int]] = field(default_factory=list)  # (remote bus id, remote type)
-    nvlink_version: int = 4
+    nvlink_version: int = 6   # what NVML reports for NVLink 4.0 (H100): NVML_NVLINK_VERSION_4_0
 
 
 class FakeNvml:
@@ -236,3 +236,14 @@ def test_the_real_nvml_describes_this_machine() -> None:
     assert all(g.pcie_bandwidth_bytes_per_s > 0 for g in node.gpus)
     assert len(node.links) == count * (count - 1) // 2
     assert topology.parse_node(topology.dump_node(node)) == node
+
+
+@pytest.mark.parametrize("nvml_version, per_link_gbps", [(2, 25.0), (4, 25.0), (6, 25.0), (7, 50.0)])
+def test_nvlink_rates_follow_nvmls_version_enum_not_the_generation(nvml_version, per_link_gbps) -> None:
+    # NVML numbers versions 1.0, 2.0, 2.2, 3.0, 3.1, 4.0, 5.0 as 1..7: an H100 (NVLink 4.0)
+    # reports 6; reading that as a generation doubled its bandwidth (900 instead of 450 GB/s).
+    nvml = lent_machine()
+    for gpu in nvml.gpus:
+        gpu.nvlink_version = nvml_version
+    node = discovery.discover_node(nvml, node_name="n")
+    assert node.gpu(0).nvlink_bandwidth_bytes_per_s == 18 * per_link_gbps * GBPS
