@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPU gets wait for their copy in the sidecar instead of ordering the "
                              "consumer's stream after it with an inter-process event")
     parser.add_argument("--no-multipath", action="store_true",
-                        help="large host<->GPU copies use only the target GPU's own PCIe link")
+                        help="large copies take one link: host<->GPU only the target GPU's own PCIe "
+                             "link, GPU<->GPU only the direct link (no relay GPUs)")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="event loop: uvloop when installed, else asyncio")
     parser.add_argument("--spin-us", type=float, default=0.0, metavar="US",

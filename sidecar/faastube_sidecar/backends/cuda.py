@@ -28,7 +28,7 @@ from faastube_sidecar.backends import CopyTicket, Export, Span
 from faastube_sidecar.backends.shm import ShmSegment
 
 if TYPE_CHECKING:
-    from faastube_sidecar.backends.cuda_transfers import HostTransfers
+    from faastube_sidecar.backends.cuda_transfers import ScheduledTransfers
 
 MULTIPATH_MIN_BYTES = 32 << 20   # below this one cudaMemcpyAsync beats the engine's thread hop
 
@@ -124,13 +124,14 @@ class CudaBackend:
                 logger.warning("GPU %d: no inter-process copy event (%s); GPU gets wait for copies", i, e)
         self._waiters = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.gpus)),
                                                               thread_name_prefix="faastube-cuda")
-        self._host_transfers = self._start_transfer_engine() if multipath else None
+        self._scheduled = self._start_transfer_engine() if multipath else None
+        self._relay_verdicts: dict[tuple[int, int], bool] = {}
         logger.info("cuda backend: GPUs %s, links %s", self.gpus, self._links)
 
-    def _start_transfer_engine(self) -> HostTransfers | None:
+    def _start_transfer_engine(self) -> ScheduledTransfers | None:
         """Large host<->GPU copies use every GPU's PCIe link; needs the NVML topology."""
         try:
-            from faastube_sidecar.backends.cuda_transfers import HostTransfers
+            from faastube_sidecar.backends.cuda_transfers import ScheduledTransfers
             from faastube_sidecar.discovery import discover_local_node
 
             topology = discover_local_node()
@@ -138,7 +139,7 @@ class CudaBackend:
                        if normalize_bus_id(g.pcie_bus_id) in self._bus_ids}
             if len(cuda_of) != len(topology.gpus):
                 raise ValueError("NVML and CUDA disagree on the GPUs")
-            return HostTransfers(topology, cuda_of)
+            return ScheduledTransfers(topology, cuda_of)
         except Exception as e:  # noqa: BLE001 - single-link copies still work: say so loudly
             logger.warning("multi-path host<->GPU copies are off (%s): large copies use one PCIe link", e)
             return None
@@ -242,12 +243,24 @@ class CudaBackend:
             return "local"
         return self._links[(src, dst)]
 
+    def _relays_pay(self, src_location: str, dst_location: str) -> bool:
+        """A GPU-to-GPU copy whose planned route is not just the direct link (asymmetric boxes)."""
+        src, dst = protocol.parse_location(src_location), protocol.parse_location(dst_location)
+        if src is None or dst is None or src == dst or self._scheduled is None:
+            return False
+        key = (src, dst)
+        verdict = self._relay_verdicts.get(key)
+        if verdict is None:
+            # Idle-link planning: the verdict depends on the topology only, so decide once per pair.
+            verdict = self._relay_verdicts[key] = self._scheduled.needs_engine(src, dst)
+        return verdict
+
     def _submit_scheduled(self, dst: Span, src: Span, path: str, requester: tuple[str, str] | None,
                           done: asyncio.Future[None]) -> CopyTicket:
-        assert self._host_transfers is not None
+        assert self._scheduled is not None
         loop = asyncio.get_running_loop()
         workflow, function = requester or ("", "sidecar")
-        route, future = self._host_transfers.submit(
+        route, future = self._scheduled.submit(
             src=_endpoint(src.location), dst=_endpoint(dst.location),
             src_address=self._ptr(src), dst_address=self._ptr(dst), nbytes=src.nbytes,
             workflow=workflow, function=function)
@@ -268,7 +281,8 @@ class CudaBackend:
         dst_gpu = protocol.parse_location(dst.location)
         gpu = dst_gpu if dst_gpu is not None else protocol.parse_location(src.location)
         assert gpu is not None
-        if path in ("h2d", "d2h") and self._host_transfers is not None and src.nbytes >= MULTIPATH_MIN_BYTES:
+        if self._scheduled is not None and src.nbytes >= MULTIPATH_MIN_BYTES and (
+                path in ("h2d", "d2h") or self._relays_pay(src.location, dst.location)):
             return self._submit_scheduled(dst, src, path, requester, done)
         stream = self._copy_streams[gpu]
         rt = self._cupy.cuda.runtime
@@ -323,8 +337,8 @@ class CudaBackend:
         return int(free), int(total)
 
     def close(self) -> None:
-        if self._host_transfers is not None:
-            self._host_transfers.close()
+        if self._scheduled is not None:
+            self._scheduled.close()
         self._waiters.shutdown(wait=True)
         for mr in self._mrs.values():
             try:

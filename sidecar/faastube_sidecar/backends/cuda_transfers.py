@@ -1,10 +1,12 @@
-"""Large host<->GPU copies of the CUDA backend, through the transfer engine.
+"""Large copies of the CUDA backend that deserve more than one link, through the transfer engine.
 
 Small copies go straight to one `cudaMemcpyAsync` (the engine's thread hop costs
-more than it saves). Large ones are planned over the node's topology (several
-GPUs' PCIe links, forwarded over NVLink) and run by the scheduler, which keeps
-few chunks in flight per link so that a small transfer never waits behind a
-large one, and shares bandwidth by SLO.
+more than it saves), and so do GPU-to-GPU copies whose best route is the direct
+link (every pair of an NVSwitch or fully NVLinked box). The rest are planned over
+the node's topology and run by the scheduler, which keeps few chunks in flight per
+link so that a small transfer never waits behind a large one, and shares bandwidth
+by SLO: host<->GPU over several GPUs' PCIe links forwarded over NVLink, and, on
+asymmetric boxes (DGX-1: 42% of pairs without NVLink), GPU-to-GPU over relay GPUs.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ MULTIPATH_MIN_BYTES = 32 << 20
 _ids = itertools.count(1)
 
 
-class HostTransfers:
-    """Plans and runs host<->GPU copies; endpoints are CUDA ordinals or "host"."""
+def is_single_direct(plan: planner.Plan) -> bool:
+    """True when a plan is one path over one link: a plain copy does the same, faster."""
+    return len(plan.paths) == 1 and len(plan.paths[0].hops) == 2
+
+
+class ScheduledTransfers:
+    """Plans and runs copies on the engine; endpoints are CUDA ordinals or "host"."""
 
     def __init__(self, topology: NodeTopology, cuda_of_topology: dict[int, int]) -> None:
         self._topology = topology
@@ -62,6 +69,11 @@ class HostTransfers:
                     bw = self._topology.gpu_bandwidth_bytes_per_s(gpu.index, other.index)
                     specs.append(LinkSpec(LinkId(f"p2p:{g}->{self._cuda[other.index]}"), bw, kind))
         return specs
+
+    def needs_engine(self, src: int, dst: int) -> bool:
+        """Whether a GPU-to-GPU copy should go through relays rather than its direct link."""
+        plan = planner.plan_paths(self._topology, self._topo[src], self._topo[dst], catalog=self._catalog)
+        return not is_single_direct(plan)
 
     def submit(self, *, src: Endpoint, dst: Endpoint, src_address: int, dst_address: int, nbytes: int,
                workflow: str, function: str) -> tuple[str, concurrent.futures.Future[TransferResult]]:
