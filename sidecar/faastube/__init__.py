@@ -6,7 +6,9 @@
     array = client.get(ref)
 
     @faastube.function
-    def detect(frames): ...                  # a workflow function (see docs/runtime.md)
+    def detect(frames):                      # a workflow function (see docs/runtime.md)
+        out = faastube.output(frames.shape, frames.dtype)   # pool memory: returned without a copy
+        ...
 """
 
 from faastube.client import Client, ObjectInfo, Writable, connect
@@ -20,9 +22,9 @@ from faastube.errors import (
     RetryableError,
     Unavailable,
 )
-from faastube.sdk import function
+from faastube.sdk import function, output
 
 __all__ = [
     "Client", "FaastubeError", "InvalidRequest", "ObjectInfo", "ObjectNotReady", "OutOfPoolMemory",
-    "PermissionDenied", "RefNotFound", "RetryableError", "Unavailable", "Writable", "connect", "function",
+    "PermissionDenied", "RefNotFound", "RetryableError", "Unavailable", "Writable", "connect", "function", "output",
 ]

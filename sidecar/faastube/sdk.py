@@ -25,6 +25,7 @@ CuPy and torch are imported lazily, only when a value of theirs shows up.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import time
@@ -209,6 +210,54 @@ def route_outputs(result: Any, readers: Sequence[str]) -> list[tuple[Any, tuple[
     return [(to_storable(result), tuple(readers))]
 
 
+# --- outputs written straight into pool memory ---------------------------------------------------
+
+class _OutputArena:
+    """Pool memory handed out by ``output()`` during one call, until it is sealed or freed."""
+
+    def __init__(self, client: Any, device: int | None) -> None:
+        self.client = client
+        self.device = device
+        self.pending: list[Any] = []          # faastube.client.Writable
+
+    def take(self, array: Any) -> Any | None:
+        """The pending allocation whose array *is* ``array`` (then it is no longer pending)."""
+        for i, writable in enumerate(self.pending):
+            if writable.array is array:
+                return self.pending.pop(i)
+        return None
+
+    def free_unused(self) -> None:
+        for writable in self.pending:
+            try:
+                self.client.free(writable.ref)
+            except errors.FaastubeError as e:
+                logger.debug("could not free unused output %s: %s", writable.ref, e)
+        self.pending.clear()
+
+
+_ARENA: contextvars.ContextVar[_OutputArena | None] = contextvars.ContextVar("faastube_output_arena",
+                                                                             default=None)
+
+
+def output(shape: int | Sequence[int], dtype: Any = np.float32) -> Any:
+    """An array for a handler to write its result into, then return, with no copy.
+
+    Inside a call run by the runtime (tube passing) it is pool memory: pinned shared
+    memory for a CPU function, the function's GPU pool for a GPU function; returning
+    it publishes it without copying (a returned array that is not from ``output`` is
+    copied into the pool as usual). Anywhere else (tests, host-centric passing) it is
+    a plain NumPy or CuPy array, so handlers run unchanged outside the runtime.
+    """
+    arena = _ARENA.get()
+    dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    if arena is None or not hasattr(arena.client, "empty"):
+        return np.empty(dims, dtype)
+    writable = arena.client.empty(dims, dtype, device="cpu" if arena.device is None else arena.device)
+    arena.pending.append(writable)
+    return writable.array
+
+
 # --- one invocation against the data plane -------------------------------------------------------
 
 class DataClient(Protocol):
@@ -221,6 +270,11 @@ class DataClient(Protocol):
     def release(self, ref: str) -> None: ...
 
     def free(self, ref: str) -> None: ...
+
+    # Used only for ``output()`` (it falls back to plain arrays where ``empty`` is missing).
+    def empty(self, shape: Sequence[int], dtype: Any = ..., *, device: int | str | None = None) -> Any: ...
+
+    def seal(self, writable: Any, *, consumers: int | None = None, ttl: float | None = None) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +362,11 @@ def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[
     output_bytes = 0
     result: Any = None
     groups: Any = None
+    # Handlers may write outputs straight into pool memory with ``output()`` (tube passing only:
+    # the host-centric baseline copies, as such platforms do).
+    arena = _OutputArena(client, device) if passing == "tube" else None
     try:
+        token = _ARENA.set(arena)
         try:
             result = call_handler(handler, arrays)
         except Exception as e:
@@ -316,18 +374,29 @@ def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[
             traceback.clear_frames(e.__traceback__)
             raise HandlerFailed(f"handler {getattr(handler, '__name__', handler)!r} raised "
                                 f"{type(e).__name__}: {e}") from e
+        finally:
+            _ARENA.reset(token)
         groups = route_outputs(result, readers)
         _synchronize([array for array, _ in groups])
         computed = time.perf_counter()
         for array, group_readers in groups:
-            ref = _store(client, array, consumers=len(group_readers), ttl_s=ttl_s, passing=passing)
+            written = arena.take(array) if arena is not None else None
+            if written is not None:
+                # Already in pool memory (from ``output()``): publish it, no copy.
+                ref = client.seal(written, consumers=len(group_readers), ttl=ttl_s)
+            else:
+                ref = _store(client, array, consumers=len(group_readers), ttl_s=ttl_s, passing=passing)
             stored.append(ref)
             output_bytes += int(array.nbytes)
             outputs.update({r: ref for r in group_readers})
         put_done = time.perf_counter()
+        if arena is not None:
+            arena.free_unused()
         if deadline is not None and time.monotonic() > deadline:
             raise CallExpired(f"call finished {time.monotonic() - deadline:.3f}s after its deadline")
     except BaseException:
+        if arena is not None:
+            arena.free_unused()
         discard(client, stored)
         held.update(views)  # keep the reads open (uncounted) for a retry
         # nothing but ``held`` may reference the views: the caller decides when reads end
@@ -361,6 +430,7 @@ def discard(client: DataClient, refs: Sequence[str]) -> None:
 
 __all__ = [
     "GATEWAY_READER",
+    "output",
     "REQUEST_INPUT",
     "CallExpired",
     "CallTimings",
