@@ -247,7 +247,7 @@ def output(shape: int | Sequence[int], dtype: Any = np.float32) -> Any:
     memory for a CPU function, the function's GPU pool for a GPU function; returning
     it publishes it without copying (a returned array that is not from ``output`` is
     copied into the pool as usual). Anywhere else (tests, host-centric passing) it is
-    a plain NumPy or CuPy array, so handlers run unchanged outside the runtime.
+    a plain NumPy array, so handlers run unchanged outside the runtime.
     """
     arena = _ARENA.get()
     dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
