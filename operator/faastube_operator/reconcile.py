@@ -121,6 +121,7 @@ def place_on_one_node(workflow: wf.Workflow, topo: Any, *, usage: Mapping[tuple[
     node is tried alone and the cheapest fit wins, else ``PlacementError``.
     """
     from faastube import topology
+
     from faastube_operator import placement
 
     decided = placement.place(workflow, topo, usage=usage)

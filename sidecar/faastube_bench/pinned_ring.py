@@ -23,7 +23,6 @@ import threading
 from typing import Any
 
 from faastube.errors import RetryableError
-
 from faastube_sidecar.transfers.scheduler import TransferError
 
 logger = logging.getLogger(__name__)

@@ -94,8 +94,9 @@ class _Bench:
     def __init__(self, args: argparse.Namespace, sizes: Sequence[int]) -> None:
         import cupy as cp
         import numpy as np
-        from faastube_bench import pinned_ring
         from faastube_sidecar.transfers import cuda_executor, scheduler
+
+        from faastube_bench import pinned_ring
 
         self.cp, self.np, self.ce, self.sc = cp, np, cuda_executor, scheduler
         self.args = args

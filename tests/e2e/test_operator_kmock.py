@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import itertools
 import os
 import re
 import socket

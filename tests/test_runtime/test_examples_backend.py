@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from faastube_examples.backend import ExampleBackend, select_torch, to_host
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import faastube
 import faastube.client as ftc
+import numpy as np
+import pytest
 from faastube import sdk
 
 

@@ -20,6 +20,7 @@ except cp.cuda.runtime.CUDARuntimeError:
 if _GPUS < 1:
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from faastube_bench.pinned_ring import PinnedHostRing
 from faastube_sidecar.transfers.cuda_executor import (
     CudaChunkExecutor,
     CudaTransferEngine,
@@ -28,7 +29,6 @@ from faastube_sidecar.transfers.cuda_executor import (
     node_links,
     run_to_completion,
 )
-from faastube_bench.pinned_ring import PinnedHostRing
 from faastube_sidecar.transfers.scheduler import (
     HOST,
     FunctionIdentity,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from faastube import topology
 from faastube_sidecar.backends.cuda_transfers import is_single_direct
 from faastube_sidecar.transfers import planner

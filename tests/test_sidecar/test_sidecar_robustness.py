@@ -112,7 +112,7 @@ def test_sending_file_descriptors_to_the_sidecar_leaks_nothing(sidecar) -> None:
 
     r, w = os.pipe()
     try:
-        for i in range(200):
+        for _ in range(200):
             s = _raw(sidecar.socket_path)
             frame = protocol.encode(protocol.Kind.REQUEST, 1, {"op": "ping"})
             s.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
