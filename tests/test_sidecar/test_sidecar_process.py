@@ -176,3 +176,37 @@ def test_a_spinning_client_gets_the_same_answers(sidecar) -> None:
     with ftc.connect(sidecar.socket_path, spin_us=100) as c:
         a = np.arange(1000)
         assert np.array_equal(c.get(c.put(a), copy=True), a)
+
+
+def test_sigterm_stops_the_sidecar_cleanly_and_removes_its_socket(make_sidecar) -> None:
+    sc = make_sidecar()
+    client = ftc.connect(sc.socket_path)
+    client.put(np.ones(10))
+    assert sc.stop() == 0
+    assert not sc.socket_path.exists()
+    with pytest.raises(errors.Unavailable):
+        client.ping()   # the connection is gone: a clear, retryable error
+
+
+def test_a_restarted_sidecar_serves_on_the_same_path(make_sidecar) -> None:
+    from conftest import SidecarProcess
+
+    sc = make_sidecar()
+    path = sc.socket_path
+    assert sc.stop() == 0
+    again = SidecarProcess(path)   # the socket's directory stays; the new file replaces the old
+    try:
+        with ftc.connect(path) as c:
+            assert np.array_equal(c.get(c.put(np.arange(3)), copy=True), np.arange(3))
+    finally:
+        assert again.stop() == 0
+
+
+def test_a_second_sidecar_refuses_to_steal_a_live_socket(sidecar) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "faastube.cli", "sidecar", "--socket", str(sidecar.socket_path),
+                          "--backend", "host"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "already listening" in out.stderr
+    assert sidecar.alive()
