@@ -18,8 +18,8 @@ from __future__ import annotations
 import array as _array
 import logging
 import os
-import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -132,10 +132,12 @@ class Client:
         self._pending_lock = threading.Lock()
         self._open_leases: dict[str, list[weakref.ref[_Lease]]] = {}
         self.closed = False
-        # Blocking socket; timeouts come from poll() in _recv, so MSG_DONTWAIT spins truly don't block.
+        # A blocking socket whose receive timeout is the kernel's (SO_RCVTIMEO): one recvmsg per
+        # reply, no poll() before it, and MSG_DONTWAIT spins really don't block.
         self._sock.settimeout(None)
-        self._poller = select.poll()
-        self._poller.register(self._sock, select.POLLIN)
+        if self._timeout_ms > 0:
+            seconds, ms = divmod(self._timeout_ms, 1000)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, ms * 1000))
         devices = _visible_devices()
         hello: dict[str, Any] = {"version": protocol.VERSION, "devices": devices}
         namespace = namespace or os.environ.get("FAASTUBE_NAMESPACE")
@@ -473,9 +475,10 @@ class Client:
                     return chunk, ancdata
                 except BlockingIOError:
                     continue
-        if not self._poller.poll(self._timeout_ms):
-            raise TimeoutError(f"no reply from the sidecar within {self._timeout_ms} ms")
-        chunk, ancdata, _flags, _addr = self._sock.recvmsg(_READ_BYTES, _ANCILLARY_BYTES)
+        try:
+            chunk, ancdata, _flags, _addr = self._sock.recvmsg(_READ_BYTES, _ANCILLARY_BYTES)
+        except BlockingIOError:   # SO_RCVTIMEO ran out
+            raise TimeoutError(f"no reply from the sidecar within {self._timeout_ms} ms") from None
         return chunk, ancdata
 
     def _read_frame(self) -> tuple[protocol.Header, dict[str, Any], list[int]]:

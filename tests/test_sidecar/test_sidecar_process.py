@@ -210,3 +210,19 @@ def test_a_second_sidecar_refuses_to_steal_a_live_socket(sidecar) -> None:
                           "--backend", "host"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "already listening" in out.stderr
     assert sidecar.alive()
+
+
+def test_a_sidecar_that_never_answers_times_out_with_a_clear_error(tmp_path) -> None:
+    import time
+
+    path = tmp_path / "mute.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="no reply from the sidecar within 300 ms"):
+            ftc.connect(path, timeout_s=0.3)
+        assert time.monotonic() - start < 5
+    finally:
+        listener.close()
