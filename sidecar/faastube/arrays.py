@@ -33,6 +33,7 @@ class CudaArray:
     shape: tuple[int, ...]
     device: int                 # this process's CUDA ordinal
     keepalive: Any              # holds the memory while we copy from it
+    stream: int = 0             # the stream its producer works on: copies are queued there
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -55,6 +56,13 @@ def describe(obj: Any) -> HostArray | CudaArray:
         if obj.device.type == "cpu":
             return HostArray(_contiguous(obj.numpy()))
         obj = obj.contiguous()
+        import torch
+
+        # torch's allocator reuses memory in order on the tensor's current stream: copy on it.
+        stream = int(torch.cuda.current_stream(obj.device).cuda_stream)
+        described = _describe_cuda(obj)
+        return CudaArray(described.ptr, described.nbytes, described.dtype, described.shape, described.device,
+                         described.keepalive, stream)
     if hasattr(obj, "__cuda_array_interface__"):
         return _describe_cuda(obj)
     if hasattr(obj, "__dlpack_device__"):
@@ -85,7 +93,16 @@ def _describe_cuda(obj: Any) -> CudaArray:
         return _describe_cuda(obj)
     ptr = int(cai["data"][0])
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return CudaArray(ptr, nbytes, dtype, shape, _device_of(ptr), obj)
+    device = _device_of(ptr)
+    stream = cai.get("stream")
+    if not isinstance(stream, int) or isinstance(stream, bool) or stream <= 0:
+        # No stream named (1 and 2 are CUDA's legacy and per-thread default streams, usable as they
+        # are): CuPy's current stream of that device.
+        import cupy
+
+        with cupy.cuda.Device(device):
+            stream = int(cupy.cuda.get_current_stream().ptr)
+    return CudaArray(ptr, nbytes, dtype, shape, device, obj, stream)
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

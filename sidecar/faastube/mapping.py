@@ -1,22 +1,40 @@
-"""Client-side mappings of the sidecar's slabs, each made once per process.
+"""Client-side mappings of the sidecar's slabs and events, each made once per process.
 
-A host slab is a shared-memory fd, mapped with mmap. A GPU slab lives in the
-sidecar's IPC-enabled pool: the pool is imported once per GPU from its fd, then each
-slab is mapped from its IPC descriptor (gpu-facts pitfall 3: open once, cache).
-Views handed to users keep their slab mapping alive through their owner chain.
+A host slab is a shared-memory fd, mapped with mmap: read-only unless it is one of
+this client's arenas (the sidecar sends a read-only descriptor then, so the kernel
+enforces it). A GPU slab lives in the sidecar's IPC pool of this client's workflow:
+the pool is imported once per GPU from its fd, then each slab is mapped from its
+export data (opening costs ~0.1-0.2 ms each, so never per object). Fence events are
+inter-process events the sidecar owns, opened once by id.
+
+Everything CUDA goes through the driver API (the public way to import one pool
+allocation), inside the device's primary context pushed for the call, so the
+caller's current device is left as it was. Views handed to users keep their slab
+mapping alive through their owner chain; a mapping is undone when its last user
+goes.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
+import ctypes
+import logging
 import mmap
 import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from faastube import errors
+from faastube import errors, protocol
+
+logger = logging.getLogger(__name__)
+
+IPC_HANDLE_BYTES = 64        # CUipcEventHandle and CUmemPoolPtrExportData are both 64 bytes
+MAX_OPEN_EVENTS = 256
 
 
 @dataclass(eq=False)
@@ -25,6 +43,7 @@ class HostSlab:
     size: int
     map: mmap.mmap
     bytes: np.ndarray          # uint8 view of the whole slab
+    writable: bool
 
     @property
     def ptr(self) -> int:
@@ -37,87 +56,133 @@ class CudaSlab:
     size: int
     gpu: int                   # the sidecar's GPU index
     ordinal: int               # this process's CUDA ordinal for that GPU
-    buffer: Any                # cuda.core Buffer imported from the sidecar's pool
     ptr: int
+    _finalizer: Any = None
+
+    writable = True            # CUDA IPC has no read-only mapping
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
 
 
-def map_host_slab(slab_id: int, size: int, fd: int) -> HostSlab:
+def map_host_slab(slab_id: int, size: int, fd: int, *, writable: bool) -> HostSlab:
     """Map a shared-memory slab; the fd is consumed (closed) either way."""
     try:
         if os.fstat(fd).st_size < size:
             raise errors.ProtocolError(f"slab {slab_id}: segment smaller than the {size} bytes announced")
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
     except OSError as e:
-        raise errors.ProtocolError(f"slab {slab_id}: cannot map shared memory: {e}") from e
+        raise errors.ProtocolError(f"slab {slab_id}: cannot map shared memory "
+                                   f"({'read-write' if writable else 'read-only'}): {e}") from e
     finally:
         os.close(fd)
-    return HostSlab(slab_id, size, mm, np.frombuffer(mm, dtype=np.uint8))
+    data = np.frombuffer(mm, dtype=np.uint8)
+    if not writable:
+        data = data.view()
+        data.flags.writeable = False
+    return HostSlab(slab_id, size, mm, data, writable)
 
 
 class CudaImporter:
-    """Imports the sidecar's GPU pools (once per GPU) and maps slabs from them."""
+    """Imports the sidecar's GPU pools (once per GPU), maps slabs, opens events."""
 
     def __init__(self) -> None:
-        from cuda.core import Device
+        from cuda.bindings import driver
 
-        self._Device = Device
-        self._pools: dict[int, Any] = {}       # sidecar GPU index -> mapped memory resource
-        self._streams: dict[int, Any] = {}
-        self._events: dict[int, int] = {}      # sidecar GPU index -> its copy event, opened once
+        self._d = driver
+        self._contexts: dict[int, Any] = {}     # ordinal -> retained primary context
+        self._pools: dict[int, Any] = {}        # sidecar GPU index -> imported CUmemoryPool
+        self._events: OrderedDict[int, tuple[int, Any]] = OrderedDict()   # event id -> (ordinal, CUevent)
+        self._handles: dict[int, bytes] = {}    # event id -> handle, known but not opened yet
 
-    def import_pool(self, gpu: int, ordinal: int, fd: int) -> None:
-        from cuda.core import DeviceMemoryResource
+    def _check(self, result: Any, what: str) -> Any:
+        err = result[0]
+        if err != self._d.CUresult.CUDA_SUCCESS:
+            raise errors.ProtocolError(f"{what}: CUDA error {err.name if hasattr(err, 'name') else err}")
+        return result[1] if len(result) > 1 else None
 
-        if gpu in self._pools:
-            os.close(fd)
-            return
-        device = self._Device(ordinal)
-        device.set_current()
+    @contextlib.contextmanager
+    def on_device(self, ordinal: int) -> Iterator[None]:
+        """Run driver calls in the device's primary context without moving the caller's."""
+        d = self._d
+        ctx = self._contexts.get(ordinal)
+        if ctx is None:
+            self._check(d.cuInit(0), "cuInit")
+            dev = self._check(d.cuDeviceGet(ordinal), f"device {ordinal}")
+            ctx = self._check(d.cuDevicePrimaryCtxRetain(dev), f"primary context of device {ordinal}")
+            self._contexts[ordinal] = ctx
+        self._check(d.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
         try:
-            # cuda.core may or may not close what it is given: hand it a duplicate, close ours.
-            self._pools[gpu] = DeviceMemoryResource.from_allocation_handle(device, os.dup(fd))
-        except Exception as e:
-            raise errors.ProtocolError(f"cannot import GPU {gpu}'s pool: {e}") from e
+            yield
         finally:
-            os.close(fd)
-        self._streams[gpu] = device.create_stream()
-
-    def copy_event(self, gpu: int, ordinal: int, handle_b64: str | None) -> int:
-        """The sidecar's inter-process copy event for a GPU (opened on first sight)."""
-        event = self._events.get(gpu)
-        if event is not None:
-            return event
-        if handle_b64 is None:
-            raise errors.ProtocolError(f"told to wait for GPU {gpu}'s copy event before receiving its handle")
-        import cupy
-
-        try:
-            handle = base64.b64decode(handle_b64, validate=True)
-            with cupy.cuda.Device(ordinal):
-                event = int(cupy.cuda.runtime.ipcOpenEventHandle(handle))
-        except Exception as e:
-            raise errors.ProtocolError(f"cannot open GPU {gpu}'s copy event: {e}") from e
-        self._events[gpu] = event
-        return event
+            d.cuCtxPopCurrent()
 
     def has_pool(self, gpu: int) -> bool:
         return gpu in self._pools
 
-    def map_slab(self, slab_id: int, size: int, gpu: int, ordinal: int, payload_b64: str) -> CudaSlab:
-        from cuda.core import Buffer
+    def import_pool(self, gpu: int, ordinal: int, fd: int) -> None:
+        """Import a GPU's pool from its fd (consumed either way)."""
+        try:
+            if gpu in self._pools:
+                return
+            d = self._d
+            with self.on_device(ordinal):
+                pool = self._check(d.cuMemPoolImportFromShareableHandle(
+                    fd, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                    f"importing GPU {gpu}'s pool")
+            self._pools[gpu] = pool
+        finally:
+            os.close(fd)
 
-        try:
-            from cuda.core._memory._ipc import IPCBufferDescriptor
-        except ImportError:  # pragma: no cover - older layouts
-            from cuda.core._memory import IPCBufferDescriptor  # type: ignore[no-redef]
-        if gpu not in self._pools:
+    def map_slab(self, slab_id: int, size: int, gpu: int, ordinal: int, payload_b64: str) -> CudaSlab:
+        pool = self._pools.get(gpu)
+        if pool is None:
             raise errors.ProtocolError(f"slab {slab_id} on GPU {gpu} arrived before that GPU's pool")
-        try:
-            payload = base64.b64decode(payload_b64, validate=True)
-            descriptor = IPCBufferDescriptor._init(payload, size)
-            self._Device(ordinal).set_current()
-            buffer = Buffer.from_ipc_descriptor(self._pools[gpu], descriptor, stream=self._streams[gpu])
-            self._streams[gpu].sync()
-        except Exception as e:
-            raise errors.ProtocolError(f"cannot map slab {slab_id} of GPU {gpu}: {e}") from e
-        return CudaSlab(slab_id, size, gpu, ordinal, buffer, int(buffer.handle))
+        payload = protocol.decode_handle(payload_b64, size=IPC_HANDLE_BYTES, what=f"slab {slab_id}'s export data")
+        d = self._d
+        export = d.CUmemPoolPtrExportData()
+        ctypes.memmove(export.getPtr(), payload, IPC_HANDLE_BYTES)
+        with self.on_device(ordinal):
+            ptr = self._check(d.cuMemPoolImportPointer(pool, export), f"mapping slab {slab_id} of GPU {gpu}")
+        slab = CudaSlab(slab_id, size, gpu, ordinal, int(ptr))
+        slab._finalizer = weakref.finalize(slab, _unmap, self, ordinal, ptr)
+        return slab
+
+    # --- events -------------------------------------------------------------------------------
+
+    def know_event(self, event_id: int, handle_b64: str) -> None:
+        if event_id not in self._events:
+            self._handles[event_id] = protocol.decode_handle(handle_b64, size=IPC_HANDLE_BYTES,
+                                                             what=f"event {event_id}'s handle")
+
+    def event(self, event_id: int, ordinal: int) -> int:
+        """The opened event (a CUevent as an int), opening it on first use."""
+        held = self._events.get(event_id)
+        if held is not None:
+            self._events.move_to_end(event_id)
+            return int(held[1])
+        handle = self._handles.pop(event_id, None)
+        if handle is None:
+            raise errors.ProtocolError(f"told to wait for event {event_id} before receiving its handle")
+        d = self._d
+        raw = d.CUipcEventHandle()
+        ctypes.memmove(raw.getPtr(), handle, IPC_HANDLE_BYTES)
+        with self.on_device(ordinal):
+            event = self._check(d.cuIpcOpenEventHandle(raw), f"opening event {event_id}")
+        self._events[event_id] = (ordinal, event)
+        while len(self._events) > MAX_OPEN_EVENTS:
+            _, (old_ordinal, old) = self._events.popitem(last=False)
+            with self.on_device(old_ordinal):
+                d.cuEventDestroy(old)
+        return int(event)
+
+
+def _unmap(importer: CudaImporter, ordinal: int, ptr: Any) -> None:
+    # A finalizer: never raises.
+    try:
+        with importer.on_device(ordinal):
+            importer._d.cuMemFree(ptr)
+    except Exception:  # noqa: BLE001
+        logger.debug("unmapping a GPU slab failed", exc_info=True)

@@ -9,23 +9,31 @@ file descriptors (SCM_RIGHTS) beside the reply that names them. JSON keeps the l
 client dependency-free; every body is validated against the schema of its op before
 anything acts on it, so a malformed message is an error reply, never a crash.
 
+A *notify* frame is a request that wants no reply: the sidecar answers it only when
+it fails (an error frame with its id, in order with every other reply). Publishing an
+object and ending reads are notifies, so a put costs no round trip at all.
+
 This module is pure (no sockets, no asyncio): both the client and the sidecar's
 framing layer use it.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 import json
+import re
+import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from faastube import errors
+from faastube.locations import Location
 
 MAGIC = b"FT"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<2sBBII")
 HEADER_SIZE = HEADER.size
 # Bodies are metadata only; 1 MiB is orders of magnitude above any legal message.
@@ -38,6 +46,7 @@ class Kind(enum.IntEnum):
     REQUEST = 1
     REPLY = 2
     ERROR = 3
+    NOTIFY = 4          # a request answered only if it fails
 
 
 class ErrorCode(enum.IntEnum):
@@ -123,12 +132,31 @@ def decode_body(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     return body
 
 
+# --- refs ----------------------------------------------------------------------------------------
+
+REF_PREFIX = "ft-"
+_REF_CHARS = 26          # 130 random bits in base32, lower case
+_REF_PATTERN = re.compile(rf"{REF_PREFIX}[a-z2-7]{{{_REF_CHARS}}}")
+
+
+def new_ref() -> str:
+    """A fresh ref. Clients name the objects they publish; the sidecar refuses duplicates."""
+    return REF_PREFIX + base64.b32encode(secrets.token_bytes(17)).decode()[:_REF_CHARS].lower()
+
+
+def check_ref(ref: object) -> str:
+    if not isinstance(ref, str) or _REF_PATTERN.fullmatch(ref) is None:
+        raise errors.InvalidRequest(
+            f"malformed ref {ref!r:.60}: expected '{REF_PREFIX}' and {_REF_CHARS} base32 characters")
+    return ref
+
+
 # --- request schemas ---------------------------------------------------------------------------
 
 class Op(str, enum.Enum):
     HELLO = "hello"
-    ALLOC = "alloc"
-    SEAL = "seal"
+    ARENA = "arena"
+    PUBLISH = "publish"
     GET = "get"
     RELEASE = "release"
     FREE = "free"
@@ -136,42 +164,61 @@ class Op(str, enum.Enum):
     UNMAP = "unmap"
     PING = "ping"
     STATS = "stats"
+    BYE = "bye"
 
 
-# Field type tags: "str", "int" (non-negative), "num" (non-negative), "bool", "shape", "strlist", "intlist", "devices".
+# Field type tags: "str", "int" (non-negative), "num" (non-negative), "bool", "shape", "refs",
+# "ints", "devices", "location" (parsed to a Location), "ref", "fence".
 _SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
     Op.HELLO: {"version": ("int", True), "namespace": ("str", False), "workflow": ("str", False),
                "function": ("str", False), "devices": ("devices", False)},
-    Op.ALLOC: {"nbytes": ("int", True), "dtype": ("str", True), "shape": ("shape", True),
-               "location": ("str", True)},
-    # copied: the path of the put's client-side copy ("local" or "host"), for transfer metrics.
-    Op.SEAL: {"ref": ("str", True), "consumers": ("int", False), "ttl_s": ("num", False),
-              "copied": ("str", False)},
-    Op.GET: {"ref": ("str", True), "location": ("str", True)},
+    # Writable memory for this client to sub-allocate its objects in: at least nbytes at location.
+    Op.ARENA: {"location": ("location", True), "nbytes": ("int", True)},
+    # An object written into this client's arena; fence: [[event id, end offset], ...] recorded after
+    # the bytes up to each end were written (GPU). copied: the put's client-side copy, for metrics.
+    Op.PUBLISH: {"ref": ("ref", True), "slab": ("int", True), "offset": ("int", True),
+                 "nbytes": ("int", True), "dtype": ("str", True), "shape": ("shape", True),
+                 "consumers": ("int", False), "ttl_s": ("num", False), "fence": ("fence", False),
+                 "copied": ("str", False)},
+    Op.GET: {"ref": ("ref", True), "location": ("location", True)},
     # consumed=false ends the reads without counting them (a failed call that will be retried).
-    Op.RELEASE: {"refs": ("strlist", True), "consumed": ("bool", False)},
-    Op.FREE: {"ref": ("str", True)},
-    Op.STAT: {"ref": ("str", True)},
-    Op.UNMAP: {"slabs": ("intlist", True)},
+    Op.RELEASE: {"refs": ("refs", True), "consumed": ("bool", False)},
+    Op.FREE: {"ref": ("ref", True)},
+    Op.STAT: {"ref": ("ref", True)},
+    # Slabs this client no longer maps; its arenas among them are given back.
+    Op.UNMAP: {"slabs": ("ints", True)},
     Op.PING: {},
     Op.STATS: {},
+    # A clean goodbye: every read still open ends now and counts (a crash, no bye, counts none).
+    Op.BYE: {},
 }
 
 MAX_LIST_ITEMS = 4096
 MAX_STRING = 256
 MAX_DIMS = 32
+MAX_FENCES = 4
 
 
-def _check_field(op: Op, name: str, tag: str, value: Any) -> None:
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _check_field(op: Op, name: str, tag: str, value: Any) -> Any:
+    """The field's value as the services use it (a Location for a location), or InvalidRequest."""
     def bad(expected: str) -> errors.InvalidRequest:
         return errors.InvalidRequest(f"{op.value}: field {name!r} must be {expected}, got {value!r:.80}")
 
-    if tag == "str":
+    if tag == "int":
+        if not _is_count(value):
+            raise bad("a non-negative integer")
+    elif tag == "ref":
+        if not isinstance(value, str) or _REF_PATTERN.fullmatch(value) is None:
+            raise bad(f"a ref ('{REF_PREFIX}' and {_REF_CHARS} base32 characters)")
+    elif tag == "location":
+        return Location.parse(value)
+    elif tag == "str":
         if not isinstance(value, str) or not value or len(value) > MAX_STRING:
             raise bad(f"a non-empty string of at most {MAX_STRING} characters")
-    elif tag == "int":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise bad("a non-negative integer")
     elif tag == "num":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
             raise bad("a finite non-negative number")
@@ -179,64 +226,83 @@ def _check_field(op: Op, name: str, tag: str, value: Any) -> None:
         if not isinstance(value, bool):
             raise bad("true or false")
     elif tag == "shape":
-        if (not isinstance(value, list) or len(value) > MAX_DIMS
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)):
+        if type(value) is not list or len(value) > MAX_DIMS or not all(_is_count(d) for d in value):
             raise bad(f"a list of at most {MAX_DIMS} non-negative integers")
-    elif tag in ("strlist", "intlist"):
-        item_tag = tag[:3]
-        if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
-            raise bad(f"a list of at most {MAX_LIST_ITEMS} items")
+    elif tag == "refs":
+        if type(value) is not list or len(value) > MAX_LIST_ITEMS:
+            raise bad(f"a list of at most {MAX_LIST_ITEMS} refs")
         for item in value:
-            _check_field(op, name + "[]", item_tag, item)
+            _check_field(op, name + "[]", "ref", item)
+    elif tag == "ints":
+        if type(value) is not list or len(value) > MAX_LIST_ITEMS or not all(_is_count(v) for v in value):
+            raise bad(f"a list of at most {MAX_LIST_ITEMS} non-negative integers")
+    elif tag == "fence":
+        if (type(value) is not list or not 1 <= len(value) <= MAX_FENCES
+                or not all(type(p) is list and len(p) == 2 and _is_count(p[0]) and _is_count(p[1])
+                           for p in value)):
+            raise bad(f"a list of 1 to {MAX_FENCES} [event id, end offset] pairs")
+        ends = [p[1] for p in value]
+        if ends != sorted(ends) or len(set(ends)) != len(ends):
+            raise bad("fences in increasing order of their end offsets")
     elif tag == "devices":
         if not isinstance(value, list) or len(value) > 64:
             raise bad("a list of at most 64 {ordinal, pci_bus_id} objects")
         for item in value:
             if (not isinstance(item, dict) or set(item) != {"ordinal", "pci_bus_id"}
-                    or not isinstance(item["ordinal"], int) or not isinstance(item["pci_bus_id"], str)
+                    or not _is_count(item["ordinal"]) or not isinstance(item["pci_bus_id"], str)
                     or len(item["pci_bus_id"]) > 32):
                 raise bad("a list of {ordinal: int, pci_bus_id: str} objects")
     else:  # pragma: no cover - a schema typo, caught by tests
         raise AssertionError(tag)
+    return value
+
+
+def parse_request(body: Mapping[str, Any]) -> tuple[Op, dict[str, Any]]:
+    """Check a request body against its op's schema.
+
+    Returns the op and the fields as the services use them: absent optional fields are
+    missing (or None), locations are :class:`Location` values.
+    """
+    raw_op = body.get("op")
+    try:
+        op = Op(raw_op)
+    except (ValueError, TypeError):
+        raise errors.InvalidRequest(f"unknown op {raw_op!r:.40}; known: {', '.join(o.value for o in Op)}") from None
+    schema = _SCHEMAS[op]
+    fields: dict[str, Any] = {}
+    for name, value in body.items():
+        if name == "op":
+            continue
+        spec = schema.get(name)
+        if spec is None:
+            unknown = sorted(set(body) - set(schema) - {"op"})
+            raise errors.InvalidRequest(f"{op.value}: unknown field(s) {', '.join(unknown)[:120]}")
+        if value is None and not spec[1]:
+            continue
+        fields[name] = _check_field(op, name, spec[0], value)
+    for name, (_tag, required) in schema.items():
+        if required and name not in fields:
+            raise errors.InvalidRequest(f"{op.value}: missing field {name!r}")
+    return op, fields
 
 
 def validate_request(body: Mapping[str, Any]) -> Op:
     """Check a request body against its op's schema; return the op."""
-    raw_op = body.get("op")
+    return parse_request(body)[0]
+
+
+# --- values inside replies ----------------------------------------------------------------------
+
+def encode_handle(handle: bytes) -> str:
+    return base64.b64encode(handle).decode()
+
+
+def decode_handle(text: object, *, size: int, what: str) -> bytes:
+    """An opaque CUDA handle from a reply; ProtocolError unless it is `size` bytes of base64."""
     try:
-        op = Op(raw_op)
-    except ValueError:
-        raise errors.InvalidRequest(f"unknown op {raw_op!r:.40}; known: {', '.join(o.value for o in Op)}") from None
-    schema = _SCHEMAS[op]
-    unknown = set(body) - set(schema) - {"op"}
-    if unknown:
-        raise errors.InvalidRequest(f"{op.value}: unknown field(s) {', '.join(sorted(unknown))[:120]}")
-    for name, (tag, required) in schema.items():
-        if name not in body:
-            if required:
-                raise errors.InvalidRequest(f"{op.value}: missing field {name!r}")
-            continue
-        value = body[name]
-        if value is None and not required:
-            continue
-        _check_field(op, name, tag, value)
-    return op
-
-
-# --- locations ---------------------------------------------------------------------------------
-
-HOST = "host"
-
-
-def gpu_location(index: int) -> str:
-    return f"gpu:{index}"
-
-
-def parse_location(text: str) -> int | None:
-    """None for the host, the GPU index for "gpu:N"; InvalidRequest otherwise."""
-    if text == HOST:
-        return None
-    prefix, _, rest = text.partition(":")
-    if prefix == "gpu" and rest.isdigit() and len(rest) <= 4:
-        return int(rest)
-    raise errors.InvalidRequest(f"bad location {text!r:.40}: expected 'host' or 'gpu:N'")
+        raw = base64.b64decode(str(text), validate=True)
+    except (ValueError, TypeError) as e:
+        raise errors.ProtocolError(f"{what}: not base64: {e}") from None
+    if len(raw) != size:
+        raise errors.ProtocolError(f"{what}: {len(raw)} bytes, expected {size}")
+    return raw

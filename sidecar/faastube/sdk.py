@@ -230,9 +230,9 @@ class _OutputArena:
     def free_unused(self) -> None:
         for writable in self.pending:
             try:
-                self.client.free(writable.ref)
+                self.client.free(writable)      # never sealed: back to this client's arena
             except errors.FaastubeError as e:
-                logger.debug("could not free unused output %s: %s", writable.ref, e)
+                logger.debug("could not free an unused output: %s", e)
         self.pending.clear()
 
 
@@ -269,7 +269,7 @@ class DataClient(Protocol):
 
     def release(self, ref: str) -> None: ...
 
-    def free(self, ref: str) -> None: ...
+    def free(self, ref: Any) -> None: ...
 
     # Used only for ``output()`` (it falls back to plain arrays where ``empty`` is missing).
     def empty(self, shape: Sequence[int], dtype: Any = ..., *, device: int | str | None = None) -> Any: ...

@@ -17,7 +17,13 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 
 from faastube_sidecar.backends import create_backend, cuda_visible
-from faastube_sidecar.dataplane import DataPlane, DataPlaneConfig
+from faastube_sidecar.dataplane import (
+    DEFAULT_GPU_LIMITS,
+    DEFAULT_HOST_LIMITS,
+    DEFAULT_TTL_S,
+    DataPlane,
+    DataPlaneConfig,
+)
 from faastube_sidecar.dispatch import Dispatcher
 from faastube_sidecar.identity import Attestor, ClaimAttestor
 from faastube_sidecar.kube import KubernetesPieces, KubeSettings
@@ -36,18 +42,15 @@ class SidecarSettings:
     multipath: bool = True                    # large host<->GPU copies over several PCIe links
     metrics_port: int = 0                     # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"
-    gpu_limits: PoolLimits = field(
-        default_factory=lambda: PoolLimits(slab_bytes=512 << 20, max_bytes=16 << 30))
-    host_limits: PoolLimits = field(
-        default_factory=lambda: PoolLimits(slab_bytes=64 << 20, max_bytes=8 << 30))
-    default_ttl_s: float = 600.0
+    gpu_limits: PoolLimits = DEFAULT_GPU_LIMITS
+    host_limits: PoolLimits = DEFAULT_HOST_LIMITS
+    default_ttl_s: float = DEFAULT_TTL_S
     max_clients: int = 1024
     max_body_bytes: int = 1 << 20
     identity: str = "local"                   # local | kubernetes
     node_name: str | None = None
     kube: KubeSettings = field(default_factory=KubeSettings)
     shutdown_timeout_s: float = 10.0
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def uses_kubernetes(self) -> bool:

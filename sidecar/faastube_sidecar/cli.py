@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from faastube import errors
-from faastube.units import parse_duration, parse_size
+from faastube.units import format_size, parse_duration, parse_size
 
+from faastube_sidecar.dataplane import DEFAULT_GPU_LIMITS, DEFAULT_HOST_LIMITS, DEFAULT_TTL_S
 from faastube_sidecar.pool import PoolLimits
 
 DEFAULT_SOCKET = "/var/run/faastube/faastube.sock"
@@ -59,18 +60,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda: GPU pools; host: shared memory only; auto: cuda when a GPU is visible")
     parser.add_argument("--metrics-port", type=_port, default=0, help="Prometheus port (0: off)")
     parser.add_argument("--metrics-host", default="0.0.0.0")
-    parser.add_argument("--gpu-pool-max", type=_size, default=16 << 30, metavar="SIZE",
-                        help="most memory each GPU's pool may reserve (default 16Gi)")
-    parser.add_argument("--gpu-pool-min", type=_size, default=0, metavar="SIZE",
-                        help="memory each GPU's pool keeps reserved when idle (default 0)")
-    parser.add_argument("--gpu-slab", type=_size, default=512 << 20, metavar="SIZE",
-                        help="GPU pool growth step (default 512Mi)")
-    parser.add_argument("--host-pool-max", type=_size, default=8 << 30, metavar="SIZE")
-    parser.add_argument("--host-slab", type=_size, default=64 << 20, metavar="SIZE")
-    parser.add_argument("--idle-release", type=_duration, default=30.0, metavar="DURATION",
-                        help="empty slabs idle this long are given back (default 30s)")
-    parser.add_argument("--default-ttl", type=_duration, default=600.0, metavar="DURATION",
-                        help="lifetime of objects put without a ttl (default 10m)")
+    gpu, host = DEFAULT_GPU_LIMITS, DEFAULT_HOST_LIMITS
+    parser.add_argument("--gpu-pool-max", type=_size, default=gpu.max_bytes, metavar="SIZE",
+                        help=f"most memory the pools of each GPU may reserve, all workflows together "
+                             f"(default {format_size(gpu.max_bytes)})")
+    parser.add_argument("--gpu-quota", type=_size, metavar="SIZE",
+                        help="most memory one workflow's pool may reserve on each GPU (default: "
+                             "half of --gpu-pool-max)")
+    parser.add_argument("--gpu-pool-min", type=_size, default=gpu.min_bytes, metavar="SIZE",
+                        help="memory each workflow's pool keeps reserved on a GPU when idle (default 0)")
+    parser.add_argument("--gpu-slab", type=_size, default=gpu.slab_bytes, metavar="SIZE",
+                        help=f"growth step of the sidecar's own GPU slabs (default {format_size(gpu.slab_bytes)})")
+    parser.add_argument("--gpu-arena", type=_size, default=gpu.arena_bytes, metavar="SIZE",
+                        help=f"smallest GPU arena a function writes its outputs in "
+                             f"(default {format_size(gpu.arena_bytes)})")
+    parser.add_argument("--host-pool-max", type=_size, default=host.max_bytes, metavar="SIZE",
+                        help=f"most host (pinned) memory the pools may reserve (default {format_size(host.max_bytes)})")
+    parser.add_argument("--host-quota", type=_size, metavar="SIZE",
+                        help="most host memory one workflow may reserve (default: half of --host-pool-max)")
+    parser.add_argument("--host-slab", type=_size, default=host.slab_bytes, metavar="SIZE")
+    parser.add_argument("--host-arena", type=_size, default=host.arena_bytes, metavar="SIZE",
+                        help=f"smallest host arena (default {format_size(host.arena_bytes)})")
+    parser.add_argument("--idle-release", type=_duration, default=gpu.idle_release_s, metavar="DURATION",
+                        help=f"empty slabs idle this long are given back (default {gpu.idle_release_s:g}s)")
+    parser.add_argument("--default-ttl", type=_duration, default=DEFAULT_TTL_S, metavar="DURATION",
+                        help=f"lifetime of objects put without a ttl (default {DEFAULT_TTL_S:g}s)")
     parser.add_argument("--max-clients", type=_positive_int, default=1024)
     parser.add_argument("--max-frame", type=_size, default=1 << 20, metavar="SIZE",
                         help="largest request body accepted (default 1Mi)")
@@ -118,11 +132,15 @@ def _usage_error(message: str) -> NoReturn:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot express; exits 2 naming the flags, as argparse does."""
-    for name in ("gpu_slab", "host_slab"):
+    for name in ("gpu_slab", "host_slab", "gpu_arena", "host_arena"):
         if getattr(args, name) < 1 << 20:
             _usage_error(f"--{name.replace('_', '-')} must be at least 1Mi")
     if args.gpu_pool_min > args.gpu_pool_max:
         _usage_error("--gpu-pool-min is larger than --gpu-pool-max")
+    for kind in ("gpu", "host"):
+        quota = getattr(args, f"{kind}_quota")
+        if quota is not None and not 1 << 20 <= quota <= getattr(args, f"{kind}_pool_max"):
+            _usage_error(f"--{kind}-quota must be between 1Mi and --{kind}-pool-max")
     topology_user = args.device_plugin or args.publish_node
     needs = [
         ("--kubelet-dir", args.kubelet_dir is not None, args.device_plugin, "--device-plugin"),
@@ -175,8 +193,10 @@ def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import defer
     return SidecarSettings(
         socket_path=Path(args.socket), backend=args.backend, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        gpu_limits=PoolLimits(args.gpu_slab, args.gpu_pool_max, args.gpu_pool_min, args.idle_release),
-        host_limits=PoolLimits(args.host_slab, args.host_pool_max, 0, args.idle_release),
+        gpu_limits=PoolLimits(args.gpu_slab, args.gpu_pool_max, args.gpu_pool_min, args.idle_release,
+                              arena_bytes=args.gpu_arena, quota_bytes=args.gpu_quota or args.gpu_pool_max // 2),
+        host_limits=PoolLimits(args.host_slab, args.host_pool_max, 0, args.idle_release,
+                               arena_bytes=args.host_arena, quota_bytes=args.host_quota or args.host_pool_max // 2),
         default_ttl_s=args.default_ttl, max_clients=args.max_clients, max_body_bytes=args.max_frame,
         identity=args.identity, node_name=args.node_name, kube=kube,
         copy_events=not args.no_copy_events, multipath=not args.no_multipath)

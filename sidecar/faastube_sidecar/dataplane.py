@@ -1,29 +1,40 @@
 """The data-plane service: pools, objects and sessions, one method per request.
 
 Everything here runs on the sidecar's event loop thread; only device copies leave
-it (the backend awaits them). Methods take validated request bodies (the dispatch
-layer checked their shape) and return reply bodies plus the fds to pass with them.
+it (the backend awaits them). Methods take validated request fields (the dispatch
+layer parsed them) and return reply bodies plus the fds to pass with them (the
+reply owns those fds).
+
+Tenancy: every pool belongs to one domain (namespace + workflow). A session only
+ever receives handles to its own domain's slabs and fence events, publishes only
+into arenas leased to it, and reads only its domain's objects.
+
+The fast path: a writer sub-allocates objects in its arena itself and publishes
+each with one notify (no reply); a reader's `get` is one round trip whose reply
+carries everything the reader needs (the slab on first sight, the fence to order
+its stream after). GPU writes are ordered by fence events the writer records on
+the GPU, never by a synchronize.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from faastube import errors, protocol
+from faastube.locations import Location
 
-from faastube_sidecar.backends import Backend, CopyTicket, Span
-from faastube_sidecar.identity import Identity
-from faastube_sidecar.objects import ObjectRecord, ObjectTable, State, new_ref
-from faastube_sidecar.pool import Allocation, Pool, PoolLimits, PoolStats
+from faastube_sidecar.backends import Backend, Span
+from faastube_sidecar.identity import Domain, Identity
+from faastube_sidecar.lifetimes import Fence, Lifetimes, ObjectRecord, Replica
+from faastube_sidecar.pool import Allocation, Budget, Pool, PoolLimits, PoolStats
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +42,26 @@ logger = logging.getLogger(__name__)
 _DTYPE_KINDS = set("biufc")
 
 
+# The one place pool defaults are written (flags, settings and tests start from these).
+# Each workflow may hold half of a location's pools by default: one workflow can't starve the rest.
+DEFAULT_HOST_LIMITS = PoolLimits(slab_bytes=64 << 20, max_bytes=8 << 30, arena_bytes=16 << 20,
+                                 quota_bytes=4 << 30)
+DEFAULT_GPU_LIMITS = PoolLimits(slab_bytes=512 << 20, max_bytes=16 << 30, arena_bytes=64 << 20,
+                                quota_bytes=8 << 30)
+DEFAULT_TTL_S = 600.0
+
+
 @dataclass(frozen=True, slots=True)
 class DataPlaneConfig:
-    default_ttl_s: float = 600.0        # objects nobody frees die after this
+    default_ttl_s: float = DEFAULT_TTL_S        # objects nobody frees die after this
     max_ttl_s: float = 86400.0
     max_consumers: int = 1 << 16
-    host_limits: PoolLimits = PoolLimits(slab_bytes=64 << 20, max_bytes=8 << 30)
-    gpu_limits: PoolLimits = PoolLimits(slab_bytes=512 << 20, max_bytes=16 << 30)
+    host_limits: PoolLimits = DEFAULT_HOST_LIMITS
+    gpu_limits: PoolLimits = DEFAULT_GPU_LIMITS
+    # A get of a ref not published yet waits this long for it: publishes are notifies, and the
+    # writer's notify can reach the sidecar after the reader's get that it made possible.
+    publish_grace_s: float = 0.5
+    fence_events_per_gpu: int = 2
 
 
 @dataclass(eq=False)
@@ -47,12 +71,20 @@ class Session:
     id: int
     identity: Identity | None = None
     device_map: dict[int, int] = field(default_factory=dict)     # client ordinal -> our GPU index
-    mapped_slabs: set[int] = field(default_factory=set)
-    known_pools: set[str] = field(default_factory=set)
-    known_events: set[int] = field(default_factory=set)          # GPUs whose copy event the client holds
-    leases: Counter[str] = field(default_factory=Counter)
-    writing: set[str] = field(default_factory=set)
+    mapped: dict[int, bool] = field(default_factory=dict)        # slab id -> mapped writable
+    known_pools: set[Location] = field(default_factory=set)
+    known_events: set[int] = field(default_factory=set)
+    arenas: set[int] = field(default_factory=set)
+    fences: dict[int, tuple[int, ...]] = field(default_factory=dict)   # GPU -> its fence event ids
+    freed_notices: list[list[int]] = field(default_factory=list)       # [slab, offset] of its arenas
     retired_notices: list[int] = field(default_factory=list)
+    said_bye: bool = False
+
+    @property
+    def domain(self) -> Domain:
+        if self.identity is None:
+            raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
+        return self.identity.domain
 
 
 class TransferObserver:
@@ -74,13 +106,43 @@ class DataPlane:
         self.config = config
         self.observer = observer or TransferObserver()
         self._clock = clock
-        self.pools: dict[str, Pool[Any]] = {}
-        for location in backend.locations():
-            limits = config.host_limits if location == protocol.HOST else config.gpu_limits
-            self.pools[location] = Pool(location, backend, limits, clock=clock)
-        self.table = ObjectTable()
+        self.locations: tuple[Location, ...] = tuple(backend.locations())
+        self.budgets = {loc: Budget(loc, self._limits(loc)) for loc in self.locations}
+        self.pools: dict[tuple[Domain, Location], Pool[Any]] = {}
+        self._slab_pool: dict[int, Pool[Any]] = {}                  # slab id -> its pool
+        self.lifetimes = Lifetimes(self._free_memory)
         self.sessions: dict[int, Session] = {}
         self._next_session = 1
+        self._awaiting: dict[str, list[asyncio.Future[None]]] = {}  # refs a get waits to see published
+        self._fence_users: Counter[int] = Counter()                 # event id -> replicas fenced by it
+        self._orphan_events: set[int] = set()                       # their writer left
+        self._open_domains: set[Domain] = set()                     # domains the backend holds resources of
+
+    def _limits(self, location: Location) -> PoolLimits:
+        return self.config.host_limits if location.is_host else self.config.gpu_limits
+
+    # --- pools --------------------------------------------------------------------------------
+
+    def _pool(self, domain: Domain, location: Location) -> Pool[Any]:
+        pool = self.pools.get((domain, location))
+        if pool is None:
+            pool = Pool(domain, location, self.backend, self._limits(location), self.budgets[location],
+                        reclaim=self._reclaim, clock=self._clock)
+            self.pools[(domain, location)] = pool
+        return pool
+
+    def _reclaim(self, location: Location) -> None:
+        for (_, loc), pool in list(self.pools.items()):
+            if loc == location:
+                pool.collect(force=True)
+        self._forget_empty_pools()
+
+    def pools_at(self, location: Location) -> Iterator[Pool[Any]]:
+        return (pool for (_, loc), pool in self.pools.items() if loc == location)
+
+    def _index_slabs(self, pool: Pool[Any]) -> None:
+        for slab in pool:
+            self._slab_pool[slab.id] = pool
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -90,59 +152,60 @@ class DataPlane:
         self.sessions[session.id] = session
         return session
 
-    def hello(self, session: Session, identity: Identity, body: Mapping[str, Any]) -> Reply:
+    def hello(self, session: Session, identity: Identity, fields: Mapping[str, Any]) -> Reply:
         if session.identity is not None:
             raise errors.InvalidRequest("hello: this connection already said hello")
         session.identity = identity
-        for device in body.get("devices") or ():
+        for device in fields.get("devices") or ():
             gpu = self.backend.gpu_for_bus_id(device["pci_bus_id"])
             if gpu is not None:
                 session.device_map[device["ordinal"]] = gpu
         return {"session": session.id, "backend": self.backend.name,
-                "locations": list(self.pools), "device_map": {str(k): v for k, v in session.device_map.items()},
+                "locations": [str(loc) for loc in self.locations],
+                "device_map": {str(k): v for k, v in session.device_map.items()},
                 "identity": {"namespace": identity.namespace, "workflow": identity.workflow,
-                             "function": identity.function}}, []
+                             "function": identity.function},
+                "align": 512,
+                "arena_bytes": {str(loc): self._limits(loc).arena_bytes for loc in self.locations},
+                "quota_bytes": {str(loc): self.budgets[loc].quota_bytes for loc in self.locations}}, []
+
+    def bye(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        """A clean goodbye: reads still open end now, and count."""
+        session.said_bye = True
+        self.lifetimes.end_session(session.id, clean=True)
+        return {}, []
 
     def close_session(self, session: Session) -> None:
         """The client went away (cleanly or not): give back everything it held."""
         self.sessions.pop(session.id, None)
-        for ref in list(session.writing):
-            record = self.table.find_leased(ref)
-            if record is not None and record.state is State.WRITING:
-                self._drop(record)
-        session.writing.clear()
-        for ref in session.leases:
-            record = self.table.find_leased(ref)
-            if record is None:
-                continue
-            record.leases.pop(session.id, None)
-            self._free_if_drained(record)
-        session.leases.clear()
-        for pool in self.pools.values():
-            pool.unmapped_by(session.id)
-            pool.collect()
+        self.lifetimes.end_session(session.id, clean=session.said_bye)
+        if session.identity is not None:
+            for (domain, _), pool in list(self.pools.items()):
+                if domain == session.domain:
+                    pool.writer_left(session.id)
+                    pool.unmapped_by(session.id)
+                    pool.collect()
+        for event_ids in session.fences.values():
+            self._orphan_events.update(event_ids)
+            self._drop_unused_events(event_ids)
+        self._forget_empty_pools()
 
     # --- requests -----------------------------------------------------------------------------
 
-    def _identity(self, session: Session) -> Identity:
-        if session.identity is None:
-            raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
-        return session.identity
-
-    def _location(self, session: Session, text: str) -> str:
-        protocol.parse_location(text)  # a malformed location gets its own message
-        if text not in self.pools:
-            known = ", ".join(self.pools)
-            raise errors.InvalidRequest(f"location {text!r} has no pool on this node (known: {known})")
-        return text
+    def _location(self, location: Location) -> Location:
+        if location not in self.budgets:
+            known = ", ".join(str(loc) for loc in self.locations)
+            raise errors.InvalidRequest(f"location {location} has no pool on this node (known: {known})")
+        return location
 
     def _check_access(self, session: Session, record: ObjectRecord, action: str) -> None:
-        who = self._identity(session)
-        owner = record.owner
-        if (who.namespace, who.workflow) != (owner.namespace, owner.workflow):
+        who = session.identity
+        if who is None:
+            raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
+        if who.domain != record.domain:
             raise errors.PermissionDenied(
-                f"{action} {record.ref}: function {who.function!r} of workflow {who.namespace}/{who.workflow} "
-                f"may not touch data of workflow {owner.namespace}/{owner.workflow}")
+                f"{action} {record.ref}: function {who.function!r} of workflow {who.domain} "
+                f"may not touch data of workflow {record.domain}")
 
     def _ttl(self, ttl_s: float | None) -> float:
         if ttl_s is None:
@@ -151,288 +214,385 @@ class DataPlane:
             raise errors.InvalidRequest(f"ttl_s must be in (0, {self.config.max_ttl_s}], got {ttl_s}")
         return float(ttl_s)
 
-    def alloc(self, session: Session, body: Mapping[str, Any]) -> Reply:
-        identity = self._identity(session)
-        location = self._location(session, body["location"])
-        nbytes, shape = body["nbytes"], tuple(body["shape"])
+    def arena(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        domain = session.domain
+        location = self._location(fields["location"])
+        pool = self._pool(domain, location)
+        slab = pool.grant_arena(session.id, fields["nbytes"])
+        self._slab_pool[slab.id] = pool
+        session.arenas.add(slab.id)
+        reply, fds = self._introduce(session, pool, slab.id, writable=True)
+        reply["arena"] = {"slab": slab.id, "size": slab.size, "location": str(location)}
+        if location.gpu is not None and location.gpu not in session.fences:
+            events = self.backend.fence_events(domain, location.gpu, self.config.fence_events_per_gpu)
+            session.fences[location.gpu] = tuple(e.id for e in events)
+            reply["fences"] = [e.id for e in events]
+            reply["events"] = {str(e.id): protocol.encode_handle(e.handle) for e in events}
+            session.known_events.update(e.id for e in events)
+        return self._with_notices(session, reply), fds
+
+    def publish(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        identity = session.identity
+        if identity is None:
+            raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
+        slab_id = fields["slab"]
+        pool = self._slab_pool.get(slab_id)
+        if pool is None or slab_id not in session.arenas:
+            raise errors.InvalidRequest(f"publish: slab {slab_id} is not an arena of this client")
+        nbytes, shape = fields["nbytes"], tuple(fields["shape"])
         try:
-            dtype = np.dtype(body["dtype"])
+            dtype = np.dtype(fields["dtype"])
         except TypeError as e:
-            raise errors.InvalidRequest(f"alloc: bad dtype {body['dtype']!r:.40}: {e}") from None
+            raise errors.InvalidRequest(f"publish: bad dtype {fields['dtype']!r:.40}: {e}") from None
         if dtype.kind not in _DTYPE_KINDS or dtype.hasobject:
-            raise errors.InvalidRequest(f"alloc: dtype {dtype.str} is not a plain numeric type")
+            raise errors.InvalidRequest(f"publish: dtype {dtype.str} is not a plain numeric type")
         if math.prod(shape) * dtype.itemsize != nbytes:
             raise errors.InvalidRequest(
-                f"alloc: nbytes {nbytes} != product of shape {list(shape)} x itemsize {dtype.itemsize}")
-        alloc = self.pools[location].allocate(nbytes)
-        now = self._clock()
-        record = ObjectRecord(new_ref(), identity, nbytes, dtype.str, shape, State.WRITING,
-                              {location: alloc}, session.id, now, now + self.config.default_ttl_s)
-        self.table.add(record)
-        session.writing.add(record.ref)
-        reply, fds = self._describe(session, alloc)
-        reply["ref"] = record.ref
-        return reply, fds
-
-    def seal(self, session: Session, body: Mapping[str, Any]) -> Reply:
-        record = self.table.lookup(body["ref"])
-        if record.writer_session != session.id or record.state is not State.WRITING:
-            raise errors.InvalidRequest(f"seal {record.ref}: only its writer can seal it, once")
-        consumers = body.get("consumers")
+                f"publish: nbytes {nbytes} != product of shape {list(shape)} x itemsize {dtype.itemsize}")
+        consumers = fields.get("consumers")
         if consumers is not None and not 1 <= consumers <= self.config.max_consumers:
-            raise errors.InvalidRequest(f"seal: consumers must be in [1, {self.config.max_consumers}], got {consumers}")
-        copied = body.get("copied")
+            raise errors.InvalidRequest(f"publish: consumers must be in [1, {self.config.max_consumers}], "
+                                        f"got {consumers}")
+        ttl_s = self._ttl(fields.get("ttl_s"))
+        fence = self._fence(session, pool.location, nbytes, fields.get("fence"))
+        copied = fields.get("copied")
+        if copied is not None and copied not in ("local", "host"):
+            raise errors.InvalidRequest(f"publish: copied must be 'local' or 'host', got {copied!r:.20}")
+        ref = fields["ref"]
+        if self.lifetimes.find(ref) is not None or self.lifetimes.fate(ref) is not None:
+            raise errors.InvalidRequest(f"publish: ref {ref} is already in use; use a fresh one")
+        alloc = pool.claim(session.id, slab_id, fields["offset"], nbytes)
+        now = self._clock()
+        record = ObjectRecord(ref, identity, nbytes, dtype.str, shape, {pool.location: Replica(alloc, fence)},
+                              session.id, now, now + ttl_s, consumers)
+        self.lifetimes.publish(record)
+        if fence is not None:
+            self._fence_users.update(event for event, _ in fence)
         if copied is not None:
-            if copied not in ("local", "host"):
-                raise errors.InvalidRequest(f"seal: copied must be 'local' or 'host', got {copied!r:.20}")
-            self.observer.transfer(copied, record.nbytes, 0.0)
-        record.state = State.SEALED
-        record.consumers_left = consumers
-        session.writing.discard(record.ref)
-        self.table.set_expiry(record, self._clock() + self._ttl(body.get("ttl_s")))
-        return self._with_notices(session, {}), []
+            self.observer.transfer(copied, nbytes, 0.0)
+        for waiter in self._awaiting.pop(ref, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        return {}, []
 
-    def get_local(self, session: Session, body: Mapping[str, Any]) -> Reply | None:
-        """Serve a get without awaiting anything, if a replica is already where it is wanted."""
-        record, location = self._readable(session, body)
-        alloc = record.replicas.get(location)
-        if alloc is None:
+    def _fence(self, session: Session, location: Location, nbytes: int, raw: list[list[int]] | None) -> Fence | None:
+        if raw is None:
             return None
-        self._start_lease(session, record)
-        return self._get_reply(session, record, alloc, "local")
+        gpu = location.gpu
+        own = session.fences.get(gpu, ()) if gpu is not None else ()
+        for event, end in raw:
+            if event not in own:
+                raise errors.InvalidRequest(f"publish: fence event {event} is not one of this client's "
+                                            f"events for {location}")
+            if end > nbytes:
+                raise errors.InvalidRequest(f"publish: fence end {end} is past the object's {nbytes} bytes")
+        if raw[-1][1] != nbytes:
+            raise errors.InvalidRequest("publish: the last fence must end at the object's last byte")
+        return tuple((event, end) for event, end in raw)
 
-    async def get(self, session: Session, body: Mapping[str, Any]) -> Reply:
-        record, location = self._readable(session, body)
-        alloc = record.replicas.get(location)
-        if alloc is not None:
-            self._start_lease(session, record)
-            return self._get_reply(session, record, alloc, "local")
-        # The lease starts now, so a free() during the copy can't recycle the source under it.
-        self._start_lease(session, record)
-        try:
-            alloc, ticket = self._replicate(session, record, location)
-            if ticket.wait_gpu is None:
-                # The consumer can't order itself after the copy (a CPU reader): wait for it here.
-                # Our lease keeps the bytes even if the object is freed meanwhile.
-                await asyncio.shield(ticket.done)
-        except BaseException:
-            self._end_lease(session, record)
-            raise
-        return self._get_reply(session, record, alloc, ticket.path)
+    # --- get ----------------------------------------------------------------------------------
 
-    def _readable(self, session: Session, body: Mapping[str, Any]) -> tuple[ObjectRecord, str]:
-        record = self.table.lookup(body["ref"])
+    def get_local(self, session: Session, fields: Mapping[str, Any]) -> Reply | None:
+        """Serve a get without awaiting anything, if the data is already where it is wanted."""
+        record = self.lifetimes.find(fields["ref"])
+        if record is None:
+            return None
         self._check_access(session, record, "get")
-        if record.state is State.WRITING:
-            raise errors.ObjectNotReady(f"get {record.ref}: not sealed yet")
-        return record, self._location(session, body["location"])
+        location = self._location(fields["location"])
+        replica = record.replicas.get(location)
+        if replica is None or (replica.landing is not None and replica.fence is None):
+            return None
+        self.lifetimes.open_lease(record, session.id)
+        return self._get_reply(session, record, replica, "local")
 
-    def _start_lease(self, session: Session, record: ObjectRecord) -> None:
-        record.leases[session.id] = record.leases.get(session.id, 0) + 1
-        session.leases[record.ref] += 1
+    async def get(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        ref = fields["ref"]
+        record = self.lifetimes.find(ref)
+        if record is None:
+            record = await self._published(ref)
+        self._check_access(session, record, "get")
+        location = self._location(fields["location"])
+        # The lease starts now, so a free() during a copy can't recycle the bytes under it.
+        self.lifetimes.open_lease(record, session.id)
+        try:
+            replica = record.replicas.get(location)
+            path = "local"
+            if replica is None:
+                replica, path = self._replicate(session, record, location)
+            if replica.landing is not None and replica.fence is None:
+                # The reader can't order itself after the copy on a GPU (a CPU reader, or the copy
+                # went through the transfer engine): wait for it here.
+                await asyncio.shield(replica.landing)
+                if record.replicas.get(location) is not replica:
+                    raise errors.InternalError(f"get {ref}: the copy to {location} failed; see the sidecar's log")
+        except BaseException:
+            self.lifetimes.end_lease(session.id, ref, counted=False)
+            raise
+        return self._get_reply(session, record, replica, path)
 
-    def _get_reply(self, session: Session, record: ObjectRecord, alloc: Allocation, path: str) -> Reply:
-        reply, fds = self._describe(session, alloc)
-        reply.update(ref=record.ref, dtype=record.dtype, shape=list(record.shape), path=path)
-        wait_gpu = record.pending.get(alloc.location)
-        if wait_gpu is not None:
-            wait: dict[str, Any] = {"gpu": wait_gpu}
-            if wait_gpu not in session.known_events:
-                handle = self.backend.copy_event(wait_gpu)
-                if handle is not None:
-                    wait["event"] = base64.b64encode(handle).decode()
-                    session.known_events.add(wait_gpu)
-            reply["wait"] = wait
-        return reply, fds
+    async def _published(self, ref: str) -> ObjectRecord:
+        fate = self.lifetimes.fate(ref)
+        if fate is not None:
+            raise errors.RefNotFound(ref, fate)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._awaiting.setdefault(ref, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.config.publish_grace_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._awaiting.get(ref)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._awaiting[ref]
+        record = self.lifetimes.find(ref)
+        if record is None:
+            raise errors.RefNotFound(ref, self.lifetimes.fate(ref) or
+                                     f"unknown to this sidecar (not published within {self.config.publish_grace_s:g}s)")
+        return record
 
-    def _replicate(self, session: Session, record: ObjectRecord, location: str) -> tuple[Allocation, CopyTicket]:
+    def _get_reply(self, session: Session, record: ObjectRecord, replica: Replica, path: str) -> Reply:
+        alloc = replica.alloc
+        pool = self._slab_pool[alloc.slab_id]
+        reply, fds = self._introduce(session, pool, alloc.slab_id, writable=alloc.slab_id in session.arenas)
+        reply.update(ref=record.ref, dtype=record.dtype, shape=list(record.shape), path=path,
+                     alloc={"slab": alloc.slab_id, "location": str(alloc.location), "offset": alloc.offset,
+                            "nbytes": alloc.nbytes})
+        fence = replica.fence
+        if fence is not None:
+            if self.backend.fence_pending(fence):
+                reply["fence"] = [list(pair) for pair in fence]
+                unseen = [event for event, _ in fence if event not in session.known_events]
+                if unseen:
+                    reply["events"] = {str(e): protocol.encode_handle(self.backend.event_handle(e)) for e in unseen}
+                    session.known_events.update(unseen)
+            else:
+                self._drop_fence(replica)
+        return self._with_notices(session, reply), fds
+
+    def _drop_fence(self, replica: Replica) -> None:
+        fence, replica.fence = replica.fence, None
+        if fence:
+            events = [event for event, _ in fence if self._fence_users.get(event)]
+            self._fence_users.subtract(events)
+            self._drop_unused_events(events)
+
+    def _drop_unused_events(self, event_ids: Any) -> None:
+        dead = [e for e in event_ids if e in self._orphan_events and self._fence_users.get(e, 0) <= 0]
+        if dead:
+            for e in dead:
+                self._orphan_events.discard(e)
+                self._fence_users.pop(e, None)
+            self.backend.drop_events(dead)
+
+    def _replicate(self, session: Session, record: ObjectRecord, location: Location) -> tuple[Replica, str]:
         source_location = self._best_source(record, location)
         src = record.replicas[source_location]
-        dst = self.pools[location].allocate(record.nbytes)
+        dst = self._pool(record.domain, location).allocate(record.nbytes)
+        self._slab_pool[dst.slab_id] = self._pool(record.domain, location)
+        after = src.fence if src.fence is not None and self.backend.fence_pending(src.fence) else None
         start = self._clock()
+        who = session.identity
         try:
-            who = self._identity(session)
-            ticket = self.backend.submit_copy(self._span(dst), self._span(src),
-                                              requester=(f"{who.namespace}/{who.workflow}", who.function))
+            ticket = self.backend.submit_copy(
+                self._span(dst), self._span(src.alloc), after=after, domain=record.domain,
+                requester=(str(record.domain), who.function if who else "sidecar"))
         except BaseException:
-            self.pools[location].free(dst)
+            self._slab_pool[dst.slab_id].free(dst)
             raise
-        record.replicas[location] = dst
-        record.pending[location] = ticket.wait_gpu
-        record.copies_in_flight += 1
+        replica = Replica(dst, ticket.fence, ticket.done)
+        record.replicas[location] = replica
+        self.lifetimes.copy_started(record, location)
         logger.debug("replicating %s to %s over %s %s (%d bytes)", record.ref, location, ticket.path, ticket.route,
                      record.nbytes)
 
         def finished(done: asyncio.Future[None]) -> None:
-            record.copies_in_flight -= 1
-            record.pending.pop(location, None)
-            if done.exception() is not None:
-                logger.error("copy of %s to %s failed: %s", record.ref, location, done.exception())
-                if record.replicas.get(location) is dst:
+            replica.landing = None
+            if done.cancelled() or done.exception() is not None:
+                logger.error("copy of %s to %s failed: %s", record.ref, location,
+                             "cancelled" if done.cancelled() else done.exception())
+                if record.replicas.get(location) is replica:
                     del record.replicas[location]
-                    self.pools[location].free(dst)
+                    self._slab_pool[dst.slab_id].free(dst)
             else:
+                replica.fence = None      # landed: later readers need not wait for anything
                 self.observer.transfer(ticket.path, record.nbytes, self._clock() - start,
                                        route=ticket.route or ticket.path, requester=who)
-            self._free_if_drained(record)
+            self.lifetimes.copy_finished(record, location)
 
         ticket.done.add_done_callback(finished)
-        return dst, ticket
+        return replica, ticket.path
 
     @staticmethod
-    def _best_source(record: ObjectRecord, location: str) -> str:
+    def _best_source(record: ObjectRecord, location: Location) -> Location:
         # A GPU source beats the host for a GPU destination (NVLink beats PCIe); else the origin.
-        if location != protocol.HOST:
-            for loc in record.replicas:
-                if loc != protocol.HOST:
+        # Replicas still landing without a fence can't be ordered after: skip them.
+        candidates = [loc for loc, rep in record.replicas.items() if rep.landing is None or rep.fence is not None]
+        if not location.is_host:
+            for loc in candidates:
+                if not loc.is_host:
                     return loc
-        return record.origin
+        return record.origin if record.origin in candidates else candidates[0]
 
     def _span(self, alloc: Allocation) -> Span:
-        slab = self.pools[alloc.location].slab(alloc.slab_id)
+        slab = self._slab_pool[alloc.slab_id].slab(alloc.slab_id)
         return Span(alloc.location, slab.handle, alloc.offset, alloc.nbytes)
 
-    def release(self, session: Session, body: Mapping[str, Any]) -> Reply:
-        self._identity(session)
-        consumed = body.get("consumed", True)
-        for ref in body["refs"]:
-            if session.leases.get(ref, 0) <= 0:
-                continue  # nothing held: a late or duplicate release is harmless
-            record = self.table.find_leased(ref)
-            if record is None:
-                session.leases.pop(ref, None)
-                continue
-            self._end_lease(session, record)
-            if consumed and not record.released and record.consumers_left is not None:
-                record.consumers_left -= 1
-                if record.consumers_left <= 0:
-                    self._drop(record)
+    # --- the rest of an object's life ------------------------------------------------------------
+
+    def release(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        if session.identity is None:
+            raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
+        consumed = fields.get("consumed", True)
+        for ref in fields["refs"]:
+            # A late or duplicate release is harmless: nothing held, nothing ends.
+            self.lifetimes.end_lease(session.id, ref, counted=consumed)
         return self._with_notices(session, {}), []
 
-    def _end_lease(self, session: Session, record: ObjectRecord) -> None:
-        left = session.leases[record.ref] - 1
-        if left <= 0:
-            session.leases.pop(record.ref, None)
-        else:
-            session.leases[record.ref] = left
-        held = record.leases.get(session.id, 0) - 1
-        if held <= 0:
-            record.leases.pop(session.id, None)
-        else:
-            record.leases[session.id] = held
-        self._free_if_drained(record)
-
-    def free(self, session: Session, body: Mapping[str, Any]) -> Reply:
-        record = self.table.lookup(body["ref"])
+    def free(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        record = self.lifetimes.lookup(fields["ref"])
         self._check_access(session, record, "free")
-        self._drop(record)
+        who = session.identity
+        self.lifetimes.release(record, f"freed by function {who.function if who else '?'!r}")
         return self._with_notices(session, {}), []
-
-    def _drop(self, record: ObjectRecord) -> None:
-        if self.table.remove(record):
-            self._free_memory(record)
-
-    def _free_if_drained(self, record: ObjectRecord) -> None:
-        """A released object's memory goes back once its last reader and copy are done."""
-        if record.released and not record.busy():
-            self.table.draining.pop(record.ref, None)
-            self._free_memory(record)
 
     def _free_memory(self, record: ObjectRecord) -> None:
-        for location, alloc in record.replicas.items():
-            self.pools[location].free(alloc)
+        for replica in record.replicas.values():
+            self._drop_fence(replica)
+            alloc = replica.alloc
+            writer = self._slab_pool[alloc.slab_id].free(alloc)
+            if writer is not None:
+                owner = self.sessions.get(writer)
+                if owner is not None:
+                    owner.freed_notices.append([alloc.slab_id, alloc.offset])
         record.replicas = {}
 
-    def stat(self, session: Session, body: Mapping[str, Any]) -> Reply:
-        record = self.table.lookup(body["ref"])
+    def stat(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        record = self.lifetimes.lookup(fields["ref"])
         self._check_access(session, record, "stat")
         return self._with_notices(session, {
             "ref": record.ref, "nbytes": record.nbytes, "dtype": record.dtype, "shape": list(record.shape),
-            "state": record.state.value, "locations": list(record.replicas),
+            "state": "sealed", "locations": [str(loc) for loc in record.replicas],
             "consumers_left": record.consumers_left, "readers": record.lease_count(),
             "expires_in_s": max(0.0, record.expiry_s - self._clock()),
             "owner": {"namespace": record.owner.namespace, "workflow": record.owner.workflow,
                       "function": record.owner.function},
         }), []
 
-    def unmap(self, session: Session, body: Mapping[str, Any]) -> Reply:
-        self._identity(session)
-        slab_ids = set(body["slabs"])
-        session.mapped_slabs -= slab_ids
-        for pool in self.pools.values():
-            pool.unmapped_by(session.id, slab_ids)
-            pool.collect()
-        return {}, []
-
-    def ping(self, session: Session, body: Mapping[str, Any]) -> Reply:
+    def unmap(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        domain = session.domain
+        slab_ids = set(fields["slabs"])
+        for slab_id in slab_ids:
+            session.mapped.pop(slab_id, None)
+            if slab_id in session.arenas:
+                session.arenas.discard(slab_id)
+                pool = self._slab_pool.get(slab_id)
+                if pool is not None:
+                    pool.return_arena(session.id, slab_id)
+        for (dom, _), pool in list(self.pools.items()):
+            if dom == domain:
+                pool.unmapped_by(session.id, slab_ids)
+                pool.collect()
+        self._forget_empty_pools()
         return self._with_notices(session, {}), []
 
-    def stats_body(self, session: Session, body: Mapping[str, Any]) -> Reply:
+    def ping(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        return self._with_notices(session, {}), []
+
+    def stats_body(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        mine = session.identity.domain if session.identity is not None else None
         return {"pools": [_stats_dict(s) for s in self.pool_stats()],
-                "objects": len(self.table), "draining": len(self.table.draining),
+                "domain_reserved_bytes": {str(loc): budget.by_domain.get(mine, 0) if mine else 0
+                                          for loc, budget in self.budgets.items()},
+                "objects": len(self.lifetimes), "draining": len(self.lifetimes.draining),
                 "sessions": len(self.sessions)}, []
 
     # --- replies ------------------------------------------------------------------------------
 
-    def _describe(self, session: Session, alloc: Allocation) -> Reply:
-        """The allocation as a client sees it, introducing its slab on first sight."""
-        reply: dict[str, Any] = {"alloc": {"slab": alloc.slab_id, "location": alloc.location,
-                                           "offset": alloc.offset, "nbytes": alloc.nbytes}}
-        fds: list[int] = []
-        if alloc.slab_id not in session.mapped_slabs:
-            slab = self.pools[alloc.location].slab(alloc.slab_id)
-            with_pool = alloc.location not in session.known_pools
-            export = self.backend.export_slab(slab.handle, with_pool=with_pool)
-            reply["slab"] = {"id": slab.id, "location": slab.location, **export.descriptor,
-                             "fds": len(export.fds)}
-            fds.extend(export.fds)
-            session.mapped_slabs.add(slab.id)
-            slab.mappers.add(session.id)
-            if export.fds or alloc.location == protocol.HOST:
-                session.known_pools.add(alloc.location)
-            elif with_pool:  # pragma: no cover - a backend that exports pools must send a fd
-                raise errors.InternalError("backend exported no pool handle")
-        return self._with_notices(session, reply), fds
+    def _introduce(self, session: Session, pool: Pool[Any], slab_id: int, *, writable: bool) -> Reply:
+        """A reply that introduces the slab if this client has not mapped it (or only read-only)."""
+        mapped = session.mapped.get(slab_id)
+        if mapped is not None and (mapped or not writable):
+            return {}, []
+        slab = pool.slab(slab_id)
+        if slab.domain != session.domain:   # pragma: no cover - the checks above make this impossible
+            raise errors.InternalError(f"refusing to hand slab {slab_id} of {slab.domain} to {session.domain}")
+        with_pool = slab.location not in session.known_pools
+        export = self.backend.export_slab(slab.handle, with_pool=with_pool, writable=writable)
+        session.mapped[slab_id] = writable
+        session.known_pools.add(slab.location)
+        slab.mappers.add(session.id)
+        return {"slab": {"id": slab.id, "location": str(slab.location), **export.descriptor,
+                         "fds": len(export.fds)}}, list(export.fds)
 
     def _with_notices(self, session: Session, reply: dict[str, Any]) -> dict[str, Any]:
         if session.retired_notices:
             reply["retired"] = session.retired_notices
             session.retired_notices = []
+        if session.freed_notices:
+            reply["freed"] = session.freed_notices
+            session.freed_notices = []
         return reply
 
     # --- housekeeping -------------------------------------------------------------------------
 
     def sweep(self) -> int:
         """Expire objects and shrink pools; returns how many objects expired."""
-        expired = self.table.expired(self._clock())
-        for record in expired:
-            logger.debug("object %s expired", record.ref)
-            self._drop(record)
-        for pool in self.pools.values():
+        expired = self.lifetimes.expire(self._clock())
+        for pool in list(self.pools.values()):
             pool.collect()
             # Also slabs retired under memory pressure since the last sweep.
             for slab_id in pool.take_retired():
                 for session in self.sessions.values():
-                    if slab_id in session.mapped_slabs:
+                    if slab_id in session.mapped:
                         session.retired_notices.append(slab_id)
-        return len(expired)
+        self._forget_empty_pools()
+        return expired
+
+    def _forget_empty_pools(self) -> None:
+        live_slabs: set[int] = set()
+        for key, pool in list(self.pools.items()):
+            if pool.empty():
+                del self.pools[key]
+            else:
+                live_slabs.update(pool.slabs)
+        for slab_id in [s for s in self._slab_pool if s not in live_slabs]:
+            del self._slab_pool[slab_id]
+        active = {domain for domain, _ in self.pools}
+        active.update(s.identity.domain for s in self.sessions.values() if s.identity is not None)
+        for domain in list(self._open_domains - active):
+            self.backend.close_domain(domain)
+        self._open_domains = active
 
     def pool_stats(self) -> list[PoolStats]:
-        return [pool.stats() for pool in self.pools.values()]
+        """One line per location: every domain's pools there together."""
+        out = []
+        for location in self.locations:
+            stats = [pool.stats() for pool in self.pools_at(location)]
+            out.append(PoolStats(location, sum(s.reserved_bytes for s in stats), sum(s.used_bytes for s in stats),
+                                 sum(s.slabs for s in stats), sum(s.allocations for s in stats)))
+        return out
 
-    def objects_by_location(self) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        for record in self.table:
+    def objects_by_location(self) -> Counter[Location]:
+        counts: Counter[Location] = Counter()
+        for record in self.lifetimes:
             counts.update(record.replicas.keys())
         return counts
 
     def close(self) -> None:
         for session in list(self.sessions.values()):
             self.close_session(session)
+        self.lifetimes.release_all("the sidecar shut down")
         for pool in self.pools.values():
             pool.close()
+        self.pools.clear()
+        for domain in self._open_domains:
+            self.backend.close_domain(domain)
+        self._open_domains = set()
 
 
 def _stats_dict(stats: PoolStats) -> dict[str, Any]:
-    return {"location": stats.location, "reserved_bytes": stats.reserved_bytes, "used_bytes": stats.used_bytes,
+    return {"location": str(stats.location), "reserved_bytes": stats.reserved_bytes, "used_bytes": stats.used_bytes,
             "slabs": stats.slabs, "allocations": stats.allocations}
+

@@ -2,8 +2,10 @@
 
 Most requests are answered without awaiting anything (metadata, zero-copy gets):
 `dispatch` returns their reply directly, so the server writes it in the same
-callback that read the request. Only a hello (attestation) or a get that needs a
-copy returns an awaitable.
+callback that read the request. Only a hello (attestation), a get that needs a
+copy and a get of a ref whose publish is still on its way return an awaitable.
+Notifies (requests that want no reply) are limited to ops that return nothing a
+client needs: publish, release, free, unmap and bye.
 
 Exceptions become error replies here and only here: services raise faastube
 errors, this layer turns them into wire codes and counts them.
@@ -27,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 Result = tuple[protocol.Kind, dict[str, Any], list[int]]
 
+# Ops a client may send without waiting for their reply.
+NOTIFY_OPS = frozenset({Op.PUBLISH, Op.RELEASE, Op.FREE, Op.UNMAP, Op.BYE})
+
 
 class Dispatcher:
     def __init__(self, dataplane: DataPlane, attestor: Attestor, metrics: SidecarMetrics) -> None:
@@ -36,26 +41,28 @@ class Dispatcher:
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         dp = dataplane
         self._sync: dict[Op, Callable[[Session, Mapping[str, Any]], Reply]] = {
-            Op.ALLOC: dp.alloc, Op.SEAL: dp.seal, Op.RELEASE: dp.release, Op.FREE: dp.free,
-            Op.STAT: dp.stat, Op.UNMAP: dp.unmap, Op.PING: dp.ping, Op.STATS: dp.stats_body,
+            Op.ARENA: dp.arena, Op.PUBLISH: dp.publish, Op.RELEASE: dp.release, Op.FREE: dp.free,
+            Op.STAT: dp.stat, Op.UNMAP: dp.unmap, Op.PING: dp.ping, Op.STATS: dp.stats_body, Op.BYE: dp.bye,
         }
 
     def dispatch(self, session: Session, peer: PeerCredentials | None,
-                 body: Mapping[str, Any]) -> Result | Awaitable[Result]:
+                 body: Mapping[str, Any], *, notify: bool = False) -> Result | Awaitable[Result]:
         """Serve one decoded request body; never raises for a bad request."""
         start = time.perf_counter()
         op_label = "invalid"
         try:
-            op = protocol.validate_request(body)
+            op, fields = protocol.parse_request(body)
             op_label = op.value
+            if notify and op not in NOTIFY_OPS:
+                raise errors.ProtocolError(f"{op.value} needs a reply: send it as a request, not a notify")
             if op is Op.HELLO:
-                return self._finish_async(op_label, start, self._hello(session, peer, body))
+                return self._finish_async(op_label, start, self._hello(session, peer, fields))
             if op is Op.GET:
-                reply = self.dataplane.get_local(session, body)
+                reply = self.dataplane.get_local(session, fields)
                 if reply is None:
-                    return self._finish_async(op_label, start, self.dataplane.get(session, body))
+                    return self._finish_async(op_label, start, self.dataplane.get(session, fields))
             else:
-                reply = self._sync[op](session, body)
+                reply = self._sync[op](session, fields)
         except Exception as e:  # noqa: BLE001 - turned into an error reply
             return self._fail(op_label, start, e)
         return self._ok(op_label, start, reply)
@@ -94,7 +101,8 @@ class Dispatcher:
 
     async def _hello(self, session: Session, peer: PeerCredentials | None, body: Mapping[str, Any]) -> Reply:
         if body["version"] != protocol.VERSION:
-            raise errors.ProtocolError(f"hello: client speaks protocol {body['version']}, sidecar {protocol.VERSION}")
+            raise errors.ProtocolError(f"hello: the client speaks protocol {body['version']}, this sidecar "
+                                       f"{protocol.VERSION}: use the faastube client of the sidecar's release")
         claimed = None
         if body.get("namespace") or body.get("workflow") or body.get("function"):
             # Empty fields are filled by the attestor (local default, or the attested pod).

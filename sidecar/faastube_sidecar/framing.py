@@ -10,6 +10,10 @@ exactly when it is empty): frames never overtake each other.
 This layer knows frames and file descriptors, nothing of what frames mean. The
 handler it calls may answer at once (returns None) or return an awaitable; while
 that runs, reading pauses, so replies leave in request order.
+
+Descriptors given to `send` belong to this layer from then on: each is closed once
+its frame is written (the kernel has given the peer its own copy), or when the
+connection goes away before that.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import array
 import asyncio
 import collections
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
@@ -65,6 +70,8 @@ class FrameConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        for _, fds in self._queued:
+            _close_all(fds)
         self._queued.clear()
         self._on_closed(self)
 
@@ -115,9 +122,12 @@ class FrameConnection(asyncio.Protocol):
             self._drain()
 
     def send(self, kind: protocol.Kind, request_id: int, body: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+        """Queue a frame; the fds are ours to close from here on."""
         if self._closing:
+            _close_all(fds)
             return
         if len(fds) > protocol.MAX_FDS_PER_FRAME:
+            _close_all(fds)
             raise errors.InternalError(f"{len(fds)} fds exceed {protocol.MAX_FDS_PER_FRAME} per frame")
         data = protocol.encode(kind, request_id, body)
         if self._writable and not self._queued:
@@ -127,6 +137,7 @@ class FrameConnection(asyncio.Protocol):
 
     def _write(self, data: bytes, fds: Sequence[int]) -> None:
         if self.transport is None:
+            _close_all(fds)
             return
         if not fds:
             self.transport.write(data)
@@ -139,6 +150,7 @@ class FrameConnection(asyncio.Protocol):
             sent = 0
         except OSError as e:
             logger.debug("sendmsg failed: %s", e)
+            _close_all(fds)
             self.close()
             return
         if sent == 0:
@@ -147,6 +159,7 @@ class FrameConnection(asyncio.Protocol):
             self._writable = False
             asyncio.get_running_loop().call_later(0.001, self.resume_writing)
             return
+        _close_all(fds)   # the peer holds its own copies now
         if sent < len(data):
             self.transport.write(data[sent:])
 
@@ -154,3 +167,11 @@ class FrameConnection(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

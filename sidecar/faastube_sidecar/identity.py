@@ -51,6 +51,21 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid=pid, uid=uid, gid=gid)
 
 
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """The unit of isolation: one workflow in one namespace.
+
+    Memory is partitioned by domain (a slab holds one domain's objects, and a client is
+    only handed handles to its own domain's slabs); functions of a domain share data.
+    """
+
+    namespace: str
+    workflow: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.workflow}"
+
+
 @dataclass(frozen=True)
 class Identity:
     """A function of a workflow. In a *claim*, an empty field means "not claimed"."""
@@ -59,6 +74,10 @@ class Identity:
     workflow: str
     function: str
     pod: str | None = None  # "<namespace>/<name>" when attested from a pod
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(self.namespace, self.workflow)
 
 
 class Attestor(Protocol):

@@ -20,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from faastube import topology
+from faastube import locations, topology
 from faastube.errors import FaastubeError
+from faastube.locations import Location
 
 from faastube_sidecar import discovery, gpuhealth, identity, nodepublisher
 
@@ -97,7 +98,7 @@ class PoolOwner(Protocol):
     """The part of the DataPlane read here (kept narrow: the data plane is evolving)."""
 
     @property
-    def pools(self) -> Mapping[str, Any]: ...  # location -> Pool (with .limits.max_bytes)
+    def budgets(self) -> Mapping[Any, Any]: ...  # Location -> Budget (with .max_bytes)
 
     def pool_stats(self) -> Sequence[Any]: ...  # PoolStats(location, reserved_bytes, used_bytes, ...)
 
@@ -116,24 +117,23 @@ class DataPlanePoolStats:
         self._default_limit_bytes = default_limit_bytes
 
     def missing_pools(self) -> list[int]:
-        return [i for i in self._indices if _location(i) not in self._dataplane.pools]
+        return [i for i in self._indices if _location(i) not in self._dataplane.budgets]
 
     def pool_stats(self) -> Mapping[int, nodepublisher.GpuPoolStats]:
         by_location = {s.location: s for s in self._dataplane.pool_stats()}
         out: dict[int, nodepublisher.GpuPoolStats] = {}
         for index in self._indices:
             stats = by_location.get(_location(index))
-            pool = self._dataplane.pools.get(_location(index))
-            if stats is None or pool is None:
+            budget = self._dataplane.budgets.get(_location(index))
+            if stats is None or budget is None:
                 out[index] = nodepublisher.GpuPoolStats(0, 0, self._default_limit_bytes)
             else:
-                out[index] = nodepublisher.GpuPoolStats(stats.reserved_bytes, stats.used_bytes,
-                                                        pool.limits.max_bytes)
+                out[index] = nodepublisher.GpuPoolStats(stats.reserved_bytes, stats.used_bytes, budget.max_bytes)
         return out
 
 
-def _location(gpu_index: int) -> str:
-    return f"gpu:{gpu_index}"
+def _location(gpu_index: int) -> Location:
+    return locations.gpu(gpu_index)
 
 
 # --- health -------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ class KubernetesPieces:
             pools = DataPlanePoolStats(dataplane, self.node.gpu_indices,
                                        default_limit_bytes=gpu_limit_bytes)
             missing = pools.missing_pools()
-            if missing and any(loc.startswith("gpu:") for loc in dataplane.pools):
+            if missing and any(not loc.is_host for loc in dataplane.budgets):
                 logger.warning("GPUs %s of the topology have no pool in this sidecar", missing)
             self._publisher = nodepublisher.NodePublisher(
                 k8s.CustomObjectsApi(self._client), self.node, health=self._health, pools=pools,

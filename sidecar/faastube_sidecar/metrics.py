@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from faastube import protocol
+from faastube.locations import Location
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -22,10 +22,9 @@ _LATENCY_BUCKETS = (20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-
                     0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def gpu_label(location: str) -> str:
-    """'gpu:3' -> '3'; the host pool is labelled 'host'."""
-    gpu = protocol.parse_location(location)
-    return "host" if gpu is None else str(gpu)
+def gpu_label(location: Location) -> str:
+    """GPU 3 -> '3'; the host pool is labelled 'host'."""
+    return "host" if location.gpu is None else str(location.gpu)
 
 
 class SidecarMetrics(TransferObserver):
@@ -86,24 +85,34 @@ class PoolCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         dataplane = self._get()
-        reserved = GaugeMetricFamily("faastube_pool_reserved_bytes", "Bytes the pool holds from the device",
+        reserved = GaugeMetricFamily("faastube_pool_reserved_bytes", "Bytes the pools hold from the device",
                                      labels=["gpu"])
-        used = GaugeMetricFamily("faastube_pool_used_bytes", "Bytes of the pool given to objects", labels=["gpu"])
-        limit = GaugeMetricFamily("faastube_pool_limit_bytes", "Most bytes the pool may reserve", labels=["gpu"])
-        slabs = GaugeMetricFamily("faastube_pool_slabs", "Slabs the pool holds", labels=["gpu"])
+        used = GaugeMetricFamily("faastube_pool_used_bytes", "Bytes of the pools given to objects", labels=["gpu"])
+        limit = GaugeMetricFamily("faastube_pool_limit_bytes", "Most bytes the pools may reserve", labels=["gpu"])
+        quota = GaugeMetricFamily("faastube_pool_quota_bytes", "Most bytes one workflow may reserve",
+                                  labels=["gpu"])
+        slabs = GaugeMetricFamily("faastube_pool_slabs", "Slabs the pools hold", labels=["gpu"])
+        refusals = GaugeMetricFamily("faastube_pool_refusals", "Slabs refused by the limit or a quota since start",
+                                     labels=["gpu"])
         objects = GaugeMetricFamily("faastube_objects", "Object replicas held, by location", labels=["gpu"])
+        by_domain = GaugeMetricFamily("faastube_pool_workflow_reserved_bytes",
+                                      "Bytes each workflow's pools hold", labels=["gpu", "namespace", "workflow"])
         draining = GaugeMetricFamily("faastube_objects_draining", "Released objects still leased by readers")
         counts = dataplane.objects_by_location()
-        for location, pool in dataplane.pools.items():
-            label = gpu_label(location)
-            stats = pool.stats()
+        for stats in dataplane.pool_stats():
+            label = gpu_label(stats.location)
+            budget = dataplane.budgets[stats.location]
             reserved.add_metric([label], stats.reserved_bytes)
             used.add_metric([label], stats.used_bytes)
-            limit.add_metric([label], pool.limits.max_bytes)
+            limit.add_metric([label], budget.max_bytes)
+            quota.add_metric([label], budget.quota_bytes)
             slabs.add_metric([label], stats.slabs)
-            objects.add_metric([label], counts.get(location, 0))
-        draining.add_metric([], len(dataplane.table.draining))
-        yield from (reserved, used, limit, slabs, objects, draining)
+            refusals.add_metric([label], budget.refusals)
+            objects.add_metric([label], counts.get(stats.location, 0))
+            for domain, held in budget.by_domain.items():
+                by_domain.add_metric([label, domain.namespace, domain.workflow], held)
+        draining.add_metric([], len(dataplane.lifetimes.draining))
+        yield from (reserved, used, limit, quota, slabs, refusals, objects, by_domain, draining)
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())

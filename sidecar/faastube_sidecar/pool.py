@@ -1,14 +1,25 @@
-"""One memory pool per location (a GPU, or the host), grown and shrunk in slabs.
+"""Memory pools: one per (domain, location), grown and shrunk in slabs.
 
-The backend hands out large *slabs* (an IPC-enabled CUDA pool allocation, or a
-shared-memory segment); objects are sub-allocated inside them. A client maps each
-slab once and then reaches every object in it by (slab, offset), so a `get` costs a
-round trip and some pointer arithmetic, never a fresh IPC mapping (mapping costs
-~0.25 ms on H100; a round trip is tens of microseconds).
+A *slab* is one backend allocation (a range of a GPU's IPC pool, or a shared-memory
+segment) that belongs to exactly one domain for its whole life: a client is only
+ever handed slabs of its own domain, so whatever it maps holds nothing of another
+workflow. A fresh slab comes from the backend zeroed (CUDA slabs are wiped when
+created; memfd pages are zero), so no slab shows another domain's old bytes.
 
-Slabs that stay empty past an idle period are *retired*: no new allocations, and
-the backend frees them once every client that mapped them has unmapped (CUDA
-requires importers to unmap before the exporter frees).
+Slabs come in two kinds:
+
+- an *arena* is leased to one client (its writer), which sub-allocates its objects in
+  it locally and publishes each with one message; the pool only checks that a
+  published range lies inside the arena and overlaps no live object, and tells the
+  writer when a range is free again. An arena whose writer left (or gave it back) is
+  granted again, once empty, to another writer of the same domain.
+- a *shared* slab is sub-allocated by the sidecar itself, for the copies it makes
+  (a replica of an object on another GPU, or on the host).
+
+Every byte a pool reserves is charged to a :class:`Budget` per location: the node's
+limit for that location and each domain's quota. Empty slabs idle past
+``idle_release_s`` are retired: no new use, and the backend frees them once every
+client that mapped them has unmapped (CUDA requires importers to unmap first).
 """
 
 from __future__ import annotations
@@ -17,11 +28,14 @@ import bisect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from faastube import errors
+from faastube.locations import Location
+
+from faastube_sidecar.identity import Domain
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +46,9 @@ H = TypeVar("H")
 
 
 class SlabBackend(Protocol[H]):
-    """What a pool needs from a backend: make and destroy slabs at one location."""
+    """What a pool needs from a backend: make and destroy one domain's slabs at one location."""
 
-    def create_slab(self, location: str, nbytes: int) -> H: ...
+    def create_slab(self, domain: Domain, location: Location, nbytes: int) -> H: ...
 
     def destroy_slab(self, handle: H) -> None: ...
 
@@ -43,89 +57,143 @@ def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    slab_id: int
+    location: Location
+    offset: int
+    nbytes: int          # bytes of the object
+    reserved: int        # bytes taken from the slab (aligned)
+
+
 @dataclass(eq=False)
 class Slab(Generic[H]):
     id: int
-    location: str
+    domain: Domain
+    location: Location
     size: int
     handle: H
-    free: list[tuple[int, int]] = field(default_factory=list)   # sorted (offset, length)
-    used_bytes: int = 0
-    allocations: int = 0
+    arena: bool                                   # sub-allocated by a client (else by the sidecar)
+    writer: int | None = None                     # the session an arena is leased to
+    live: dict[int, int] = field(default_factory=dict)          # offset -> reserved bytes in use
+    free: list[tuple[int, int]] = field(default_factory=list)   # shared slabs: sorted (offset, length)
     mappers: set[int] = field(default_factory=set)              # session ids that mapped it
     retired: bool = False
     idle_since: float = 0.0
 
     def __post_init__(self) -> None:
-        self.free = [(0, self.size)]
+        if not self.arena:
+            self.free = [(0, self.size)]
 
-    def try_alloc(self, nbytes: int) -> int | None:
-        """First fit; returns the offset or None."""
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.live.values())
+
+    # --- shared slabs: first fit ---------------------------------------------------------------
+
+    def take(self, reserved: int) -> int | None:
         for i, (off, length) in enumerate(self.free):
-            if length >= nbytes:
-                if length == nbytes:
+            if length >= reserved:
+                if length == reserved:
                     del self.free[i]
                 else:
-                    self.free[i] = (off + nbytes, length - nbytes)
-                self.used_bytes += nbytes
-                self.allocations += 1
+                    self.free[i] = (off + reserved, length - reserved)
+                self.live[off] = reserved
                 return off
         return None
 
-    def release(self, offset: int, nbytes: int, now: float) -> None:
+    def give_back(self, offset: int, reserved: int) -> None:
         i = bisect.bisect_left(self.free, (offset, 0))
         # Coalesce with the following and the preceding free blocks.
-        if i < len(self.free) and offset + nbytes == self.free[i][0]:
-            nbytes += self.free[i][1]
+        if i < len(self.free) and offset + reserved == self.free[i][0]:
+            reserved += self.free[i][1]
             del self.free[i]
         if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == offset:
-            offset, nbytes = self.free[i - 1][0], self.free[i - 1][1] + nbytes
-            self.free[i - 1] = (offset, nbytes)
+            offset, reserved = self.free[i - 1][0], self.free[i - 1][1] + reserved
+            self.free[i - 1] = (offset, reserved)
         else:
-            self.free.insert(i, (offset, nbytes))
-        self.allocations -= 1
-        self.used_bytes = self.size - sum(length for _, length in self.free)
-        if self.allocations == 0:
-            self.idle_since = now
+            self.free.insert(i, (offset, reserved))
 
+    # --- arenas: ranges the writer chose ---------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    slab_id: int
-    location: str
-    offset: int
-    nbytes: int          # bytes asked for
-    reserved: int        # bytes taken from the slab (aligned)
+    def overlaps(self, offset: int, reserved: int) -> bool:
+        end = offset + reserved
+        for start, length in self.live.items():
+            if start < end and offset < start + length:
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
 class PoolLimits:
-    slab_bytes: int = 256 << 20        # growth step
-    max_bytes: int = 8 << 30           # the pool never reserves more than this
-    min_bytes: int = 0                 # keep at least this much reserved when idle
-    idle_release_s: float = 30.0       # empty slabs older than this are retired
+    slab_bytes: int = 256 << 20        # growth step of the shared slabs
+    max_bytes: int = 8 << 30           # the node's pools at this location never reserve more
+    min_bytes: int = 0                 # keep at least this much reserved when idle (per domain)
+    idle_release_s: float = 30.0       # empty slabs idle this long are retired
+    arena_bytes: int = 64 << 20        # smallest arena granted to a writer
+    quota_bytes: int | None = None     # most one domain may reserve here (None: max_bytes)
 
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    location: str
+    location: Location
     reserved_bytes: int
     used_bytes: int
     slabs: int
     allocations: int
 
 
+class Budget:
+    """Bytes reserved at one location: the node's limit and each domain's quota."""
+
+    def __init__(self, location: Location, limits: PoolLimits) -> None:
+        self.location = location
+        self.max_bytes = limits.max_bytes
+        self.quota_bytes = min(limits.quota_bytes or limits.max_bytes, limits.max_bytes)
+        self.total = 0
+        self.by_domain: dict[Domain, int] = {}
+        self.refusals = 0
+
+    def check(self, domain: Domain, nbytes: int) -> str | None:
+        """Why `nbytes` more can't be reserved for `domain`, or None if they can."""
+        held = self.by_domain.get(domain, 0)
+        if held + nbytes > self.quota_bytes:
+            return (f"workflow {domain} would hold {held + nbytes} bytes at {self.location}, over its quota "
+                    f"of {self.quota_bytes} (free or consume some of its objects, or raise the quota)")
+        if self.total + nbytes > self.max_bytes:
+            return (f"the node's {self.location} pools are full ({self.total} of {self.max_bytes} bytes "
+                    f"reserved, {nbytes} more wanted)")
+        return None
+
+    def charge(self, domain: Domain, nbytes: int) -> None:
+        self.total += nbytes
+        self.by_domain[domain] = self.by_domain.get(domain, 0) + nbytes
+
+    def refund(self, domain: Domain, nbytes: int) -> None:
+        self.total -= nbytes
+        left = self.by_domain.get(domain, 0) - nbytes
+        if left > 0:
+            self.by_domain[domain] = left
+        else:
+            self.by_domain.pop(domain, None)
+
+
 _slab_ids = itertools.count(1)
 
 
 class Pool(Generic[H]):
-    """Sub-allocates objects in slabs at one location."""
+    """One domain's slabs at one location."""
 
-    def __init__(self, location: str, backend: SlabBackend[H], limits: PoolLimits,
-                 *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, domain: Domain, location: Location, backend: SlabBackend[H], limits: PoolLimits,
+                 budget: Budget, *, reclaim: Callable[[Location], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.domain = domain
         self.location = location
         self._backend = backend
         self.limits = limits
+        self.budget = budget
+        # Called when the budget is short: free what can be freed at this location, in every domain.
+        self._reclaim = reclaim
         self._clock = clock
         self.slabs: dict[int, Slab[H]] = {}
         self.alloc_failures = 0
@@ -143,54 +211,118 @@ class Pool(Generic[H]):
 
     def stats(self) -> PoolStats:
         return PoolStats(self.location, self.reserved_bytes, self.used_bytes, len(self.slabs),
-                         sum(s.allocations for s in self.slabs.values()))
+                         sum(len(s.live) for s in self.slabs.values()))
 
-    # --- allocation ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Slab[H]]:
+        return iter(self.slabs.values())
+
+    def empty(self) -> bool:
+        return not self.slabs
+
+    # --- shared slabs (the sidecar's own copies) -------------------------------------------------
 
     def allocate(self, nbytes: int) -> Allocation:
         reserved = align_up(max(nbytes, 1), ALIGN_BYTES)
         for slab in self.slabs.values():
-            if slab.retired:
+            if slab.arena or slab.retired:
                 continue
-            off = slab.try_alloc(reserved)
+            off = slab.take(reserved)
             if off is not None:
                 return Allocation(slab.id, self.location, off, nbytes, reserved)
-        slab = self._grow(reserved)
-        off = slab.try_alloc(reserved)
+        slab = self._grow(max(self.limits.slab_bytes, align_up(reserved, LARGE_ROUND_BYTES)), arena=False)
+        off = slab.take(reserved)
         if off is None:  # pragma: no cover - a fresh slab always fits what it was sized for
             raise errors.InternalError(f"fresh slab {slab.id} cannot hold {reserved} bytes")
         return Allocation(slab.id, self.location, off, nbytes, reserved)
 
-    def _grow(self, reserved: int) -> Slab[H]:
-        size = max(self.limits.slab_bytes, align_up(reserved, LARGE_ROUND_BYTES))
-        if self.reserved_bytes + size > self.limits.max_bytes:
-            # Make room by freeing empty slabs nobody maps any more, then try again.
-            self.collect(force=True)
-        if self.reserved_bytes + size > self.limits.max_bytes:
-            self.alloc_failures += 1
-            raise errors.OutOfPoolMemory(
-                f"pool {self.location}: {reserved} bytes do not fit (used {self.used_bytes} of "
-                f"{self.reserved_bytes} reserved, limit {self.limits.max_bytes})")
-        try:
-            handle = self._backend.create_slab(self.location, size)
-        except errors.OutOfPoolMemory:
-            self.alloc_failures += 1
-            raise
-        slab = Slab(next(_slab_ids), self.location, size, handle, idle_since=self._clock())
-        self.slabs[slab.id] = slab
-        logger.debug("pool %s: new slab %d of %d bytes", self.location, slab.id, size)
+    # --- arenas -------------------------------------------------------------------------------
+
+    def grant_arena(self, session_id: int, nbytes: int) -> Slab[H]:
+        """An empty arena of at least `nbytes` leased to `session_id` (reused within the domain first)."""
+        wanted = max(self.limits.arena_bytes, align_up(max(nbytes, 1), LARGE_ROUND_BYTES))
+        reusable = [s for s in self.slabs.values()
+                    if s.arena and s.writer is None and not s.retired and not s.live and s.size >= nbytes]
+        if reusable:
+            slab = min(reusable, key=lambda s: s.size)
+        else:
+            slab = self._grow(wanted, arena=True)
+        slab.writer = session_id
         return slab
 
-    def free(self, alloc: Allocation) -> None:
-        slab = self.slabs.get(alloc.slab_id)
-        if slab is None:  # pragma: no cover - the object table never frees twice
-            raise errors.InternalError(f"allocation in unknown slab {alloc.slab_id}")
-        slab.release(alloc.offset, alloc.reserved, self._clock())
+    def claim(self, session_id: int, slab_id: int, offset: int, nbytes: int) -> Allocation:
+        """Record an object its writer placed in its arena; InvalidRequest if the range is not its own."""
+        slab = self.slabs.get(slab_id)
+        if slab is None or not slab.arena or slab.writer != session_id:
+            raise errors.InvalidRequest(f"publish: slab {slab_id} is not an arena of this client at {self.location}")
+        reserved = align_up(max(nbytes, 1), ALIGN_BYTES)
+        if offset % ALIGN_BYTES or offset + reserved > slab.size:
+            raise errors.InvalidRequest(
+                f"publish: range [{offset}, {offset + reserved}) is not a {ALIGN_BYTES}-aligned range "
+                f"inside slab {slab_id} of {slab.size} bytes")
+        if slab.overlaps(offset, reserved):
+            raise errors.InvalidRequest(f"publish: range at offset {offset} of slab {slab_id} overlaps a live object")
+        slab.live[offset] = reserved
+        return Allocation(slab.id, self.location, offset, nbytes, reserved)
 
-    # --- mapping and shrinking ----------------------------------------------------------------
+    def return_arena(self, session_id: int, slab_id: int) -> bool:
+        slab = self.slabs.get(slab_id)
+        if slab is None or slab.writer != session_id:
+            return False
+        slab.writer = None
+        if not slab.live:
+            slab.idle_since = self._clock()
+        return True
+
+    def writer_left(self, session_id: int) -> None:
+        now = self._clock()
+        for slab in self.slabs.values():
+            if slab.writer == session_id:
+                slab.writer = None
+                if not slab.live:
+                    slab.idle_since = now
+
+    # --- both kinds ---------------------------------------------------------------------------
+
+    def free(self, alloc: Allocation) -> int | None:
+        """Give an object's bytes back; returns the arena writer to tell, if any."""
+        slab = self.slabs.get(alloc.slab_id)
+        if slab is None or slab.live.pop(alloc.offset, None) is None:
+            raise errors.InternalError(f"pool {self.domain}@{self.location}: freeing an unknown range "
+                                       f"{alloc.slab_id}:{alloc.offset}")
+        if not slab.arena:
+            slab.give_back(alloc.offset, alloc.reserved)
+        if not slab.live:
+            slab.idle_since = self._clock()
+        return slab.writer
 
     def slab(self, slab_id: int) -> Slab[H]:
         return self.slabs[slab_id]
+
+    def _grow(self, size: int, *, arena: bool) -> Slab[H]:
+        refusal = self.budget.check(self.domain, size)
+        if refusal is not None:
+            # Make room by freeing empty slabs nobody maps any more, then try again.
+            self.collect(force=True)
+            if self._reclaim is not None:
+                self._reclaim(self.location)
+            refusal = self.budget.check(self.domain, size)
+        if refusal is not None:
+            self.alloc_failures += 1
+            self.budget.refusals += 1
+            raise errors.OutOfPoolMemory(f"{size} bytes do not fit: {refusal}")
+        try:
+            handle = self._backend.create_slab(self.domain, self.location, size)
+        except errors.OutOfPoolMemory:
+            self.alloc_failures += 1
+            raise
+        self.budget.charge(self.domain, size)
+        slab = Slab(next(_slab_ids), self.domain, self.location, size, handle, arena, idle_since=self._clock())
+        self.slabs[slab.id] = slab
+        logger.debug("pool %s@%s: new %s slab %d of %d bytes", self.domain, self.location,
+                     "arena" if arena else "shared", slab.id, size)
+        return slab
+
+    # --- mapping and shrinking ----------------------------------------------------------------
 
     def unmapped_by(self, session_id: int, slab_ids: Iterable[int] | None = None) -> None:
         for slab in self.slabs.values():
@@ -205,13 +337,14 @@ class Pool(Generic[H]):
     def collect(self, *, force: bool = False) -> list[int]:
         """Retire idle empty slabs above the floor; destroy retired slabs nobody maps.
 
+        Arenas leased to a writer are the writer's to give back, never retired here.
         Returns the ids of slabs newly retired; they are also queued for `take_retired`.
         """
         now = self._clock()
         newly_retired: list[int] = []
         reserved = self.reserved_bytes
         for slab in sorted(self.slabs.values(), key=lambda s: s.idle_since):
-            if slab.retired or slab.allocations:
+            if slab.retired or slab.live or slab.writer is not None:
                 continue
             if not force and now - slab.idle_since < self.limits.idle_release_s:
                 continue
@@ -220,18 +353,23 @@ class Pool(Generic[H]):
             slab.retired = True
             reserved -= slab.size
             newly_retired.append(slab.id)
-        self._unannounced.extend(s.id for s in self.slabs.values() if s.id in newly_retired and s.mappers)
+            if slab.mappers:
+                self._unannounced.append(slab.id)
         for slab in list(self.slabs.values()):
-            if slab.retired and not slab.mappers and not slab.allocations:
-                del self.slabs[slab.id]
-                self._backend.destroy_slab(slab.handle)
-                logger.debug("pool %s: freed slab %d", self.location, slab.id)
+            if slab.retired and not slab.mappers and not slab.live:
+                self._destroy(slab)
         return newly_retired
 
+    def _destroy(self, slab: Slab[H]) -> None:
+        del self.slabs[slab.id]
+        self.budget.refund(self.domain, slab.size)
+        self._backend.destroy_slab(slab.handle)
+        logger.debug("pool %s@%s: freed slab %d", self.domain, self.location, slab.id)
+
     def close(self) -> None:
-        for slab in self.slabs.values():
+        for slab in list(self.slabs.values()):
             try:
-                self._backend.destroy_slab(slab.handle)
+                self._destroy(slab)
             except Exception:
-                logger.exception("pool %s: freeing slab %d failed", self.location, slab.id)
+                logger.exception("pool %s@%s: freeing slab %d failed", self.domain, self.location, slab.id)
         self.slabs.clear()

@@ -138,7 +138,8 @@ class SidecarServer:
         conn.send(protocol.Kind.ERROR, 0, error_body(exc))
 
     def _frame(self, conn: FrameConnection, header: protocol.Header, raw: bytes) -> Awaitable[None] | None:
-        if header.kind is not protocol.Kind.REQUEST:
+        notify = header.kind is protocol.Kind.NOTIFY
+        if header.kind is not protocol.Kind.REQUEST and not notify:
             self.metrics.frames_rejected.labels("not_a_request").inc()
             conn.send(protocol.Kind.ERROR, header.request_id, error_body(
                 errors.ProtocolError(f"expected a request frame, got {header.kind.name.lower()}")))
@@ -150,9 +151,12 @@ class SidecarServer:
             conn.send(protocol.Kind.ERROR, header.request_id, error_body(e))
             return None
         state: _ConnectionState = conn.state
-        result = self.dispatcher.dispatch(state.session, state.peer, body)
+        result = self.dispatcher.dispatch(state.session, state.peer, body, notify=notify)
         if isinstance(result, tuple):
-            conn.send(result[0], header.request_id, result[1], result[2])
+            if notify and result[0] is not protocol.Kind.ERROR:
+                _close_fds(result[2])     # a notify is answered only when it fails
+            else:
+                conn.send(result[0], header.request_id, result[1], result[2])
             return None
         return self._reply_later(conn, header.request_id, result)
 
@@ -208,3 +212,11 @@ def _remove_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise errors.InvalidRequest(f"--socket {path}: another sidecar is already listening there")
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,116 +1,131 @@
-"""Object lifetimes in the data-plane service: consumers, free, expiry, leases, sessions, access."""
+"""Object lifetimes in the data-plane service: consumers, free, expiry, leases, goodbyes, access."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
-from faastube import errors
-from faastube_sidecar.backends.host import HostBackend
-from faastube_sidecar.dataplane import DataPlane, DataPlaneConfig
-from faastube_sidecar.identity import Identity
-from faastube_sidecar.pool import PoolLimits
-
-ALICE = Identity("ns", "wf-a", "producer")
-ALICE_READER = Identity("ns", "wf-a", "consumer")
-MALLORY = Identity("ns", "wf-b", "thief")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from dataplane_doubles import (
+    ALICE,
+    ALICE_READER,
+    MALLORY,
+    MiB,
+    Writer,
+    close_fds,
+    get,
+    make_dataplane,
+    reserved,
+    session,
+    used,
+)
+from faastube import errors, protocol
+from faastube.locations import HOST
 
 
 @pytest.fixture
 def dp():
-    clock = Clock()
-    plane = DataPlane(HostBackend(), DataPlaneConfig(default_ttl_s=60.0,
-                                                     host_limits=PoolLimits(slab_bytes=1 << 20, max_bytes=8 << 20)),
-                      clock=clock)
+    plane, clock = make_dataplane()
     plane.clock = clock  # type: ignore[attr-defined]
     yield plane
     plane.close()
 
 
-def session(dp: DataPlane, identity: Identity):
-    s = dp.open_session()
-    dp.hello(s, identity, {"version": 1})
-    return s
-
-
-def put(dp: DataPlane, s, nbytes: int = 4096, **seal) -> str:
-    reply, _ = dp.alloc(s, {"nbytes": nbytes, "dtype": "|u1", "shape": [nbytes], "location": "host"})
-    dp.seal(s, {"ref": reply["ref"], **seal})
-    return reply["ref"]
-
-
-async def get(dp: DataPlane, s, ref: str):
-    return (await dp.get(s, {"ref": ref, "location": "host"}))[0]
-
-
-def used(dp: DataPlane) -> int:
-    return dp.pools["host"].used_bytes
-
-
 async def test_an_object_dies_after_its_declared_consumers_have_read_it(dp) -> None:
     p, r1, r2 = session(dp, ALICE), session(dp, ALICE_READER), session(dp, ALICE_READER)
-    ref = put(dp, p, consumers=2)
+    ref = Writer(dp, p).put(consumers=2)
     for reader in (r1, r2):
         await get(dp, reader, ref)
         dp.release(reader, {"refs": [ref]})
-    with pytest.raises(errors.RefNotFound, match=ref):
+    with pytest.raises(errors.RefNotFound, match="consumed"):
         dp.stat(p, {"ref": ref})
     assert used(dp) == 0
 
 
 async def test_memory_stays_until_the_last_reader_lets_go_even_after_free(dp) -> None:
     p, r = session(dp, ALICE), session(dp, ALICE_READER)
-    ref = put(dp, p)
+    ref = Writer(dp, p).put()
     await get(dp, r, ref)
     dp.free(p, {"ref": ref})
-    with pytest.raises(errors.RefNotFound):
+    with pytest.raises(errors.RefNotFound, match="freed by function 'producer'"):
         await get(dp, r, ref)
     assert used(dp) > 0, "a reader still holds a view"
     dp.release(r, {"refs": [ref]})
     assert used(dp) == 0
 
 
+async def test_a_writer_learns_that_its_range_is_free_only_after_the_last_reader(dp) -> None:
+    p, r = session(dp, ALICE), session(dp, ALICE_READER)
+    w = Writer(dp, p)
+    ref = w.put(consumers=1)
+    await get(dp, r, ref)
+    assert "freed" not in dp.ping(p, {})[0]
+    dp.release(r, {"refs": [ref]})
+    assert dp.ping(p, {})[0]["freed"] == [[w.slab, 0]]
+    assert "freed" not in dp.ping(p, {})[0], "told once"
+
+
 async def test_objects_expire_at_their_ttl(dp) -> None:
     p = session(dp, ALICE)
-    short, default = put(dp, p, ttl_s=5.0), put(dp, p)
+    w = Writer(dp, p)
+    short, default = w.put(ttl_s=5.0), w.put()
     dp.clock.now += 6
     assert dp.sweep() == 1
-    with pytest.raises(errors.RefNotFound):
+    with pytest.raises(errors.RefNotFound, match="expired"):
         dp.stat(p, {"ref": short})
     dp.stat(p, {"ref": default})
     dp.clock.now += 60
     dp.sweep()
-    assert used(dp) == 0 and len(dp.table) == 0
+    assert used(dp) == 0 and len(dp.lifetimes) == 0
 
 
-async def test_a_writer_that_disconnects_loses_its_unsealed_allocations_but_not_sealed_objects(dp) -> None:
+async def test_a_writer_that_disconnects_keeps_its_published_objects(dp) -> None:
     p = session(dp, ALICE)
-    sealed = put(dp, p)
-    dp.alloc(p, {"nbytes": 1000, "dtype": "|u1", "shape": [1000], "location": "host"})
+    published = Writer(dp, p).put()
     dp.close_session(p)
     q = session(dp, ALICE_READER)
-    assert dp.stat(q, {"ref": sealed})[0]["state"] == "sealed"
-    assert len(dp.table) == 1
+    assert dp.stat(q, {"ref": published})[0]["state"] == "sealed"
+    await get(dp, q, published)
 
 
 async def test_a_reader_that_crashes_gives_back_its_lease_without_counting_as_a_consumer(dp) -> None:
     p, r = session(dp, ALICE), session(dp, ALICE_READER)
-    ref = put(dp, p, consumers=1)
+    ref = Writer(dp, p).put(consumers=1)
     await get(dp, r, ref)
-    dp.close_session(r)
+    dp.close_session(r)                      # no bye: a crash
     info = dp.stat(p, {"ref": ref})[0]
     assert info["readers"] == 0 and info["consumers_left"] == 1
 
 
+async def test_a_reader_that_says_goodbye_with_a_read_open_counts_it(dp) -> None:
+    p, r = session(dp, ALICE), session(dp, ALICE_READER)
+    ref = Writer(dp, p).put(consumers=1)
+    await get(dp, r, ref)
+    dp.bye(r, {})
+    dp.close_session(r)
+    with pytest.raises(errors.RefNotFound, match="consumed"):
+        dp.stat(p, {"ref": ref})
+    assert used(dp) == 0
+
+
+async def test_reads_ended_as_not_consumed_do_not_count(dp) -> None:
+    p, r = session(dp, ALICE), session(dp, ALICE_READER)
+    ref = Writer(dp, p).put(consumers=1)
+    await get(dp, r, ref)
+    dp.release(r, {"refs": [ref], "consumed": False})
+    assert dp.stat(p, {"ref": ref})[0]["consumers_left"] == 1
+
+
+async def test_a_late_or_repeated_release_changes_nothing(dp) -> None:
+    p, r = session(dp, ALICE), session(dp, ALICE_READER)
+    ref = Writer(dp, p).put(consumers=2)
+    await get(dp, r, ref)
+    dp.release(r, {"refs": [ref, ref, ref]})
+    assert dp.stat(p, {"ref": ref})[0]["consumers_left"] == 1
+
+
 async def test_another_workflow_cannot_read_stat_or_free_the_object(dp) -> None:
     p, m = session(dp, ALICE), session(dp, MALLORY)
-    ref = put(dp, p)
+    ref = Writer(dp, p).put()
     with pytest.raises(errors.PermissionDenied, match="wf-b"):
         await get(dp, m, ref)
     with pytest.raises(errors.PermissionDenied):
@@ -119,59 +134,107 @@ async def test_another_workflow_cannot_read_stat_or_free_the_object(dp) -> None:
         dp.free(m, {"ref": ref})
 
 
-async def test_an_unsealed_object_cannot_be_read_and_only_its_writer_seals_it(dp) -> None:
+async def test_a_get_waits_briefly_for_a_publish_still_on_its_way(dp) -> None:
     p, r = session(dp, ALICE), session(dp, ALICE_READER)
-    reply, _ = dp.alloc(p, {"nbytes": 8, "dtype": "|u1", "shape": [8], "location": "host"})
-    with pytest.raises(errors.ObjectNotReady):
-        await get(dp, r, reply["ref"])
-    with pytest.raises(errors.InvalidRequest, match="only its writer"):
-        dp.seal(r, {"ref": reply["ref"]})
-    dp.seal(p, {"ref": reply["ref"]})
-    with pytest.raises(errors.InvalidRequest, match="once"):
-        dp.seal(p, {"ref": reply["ref"]})
+    w = Writer(dp, p)
+    slab, offset = w.place(64)
+    ref = protocol.new_ref()
+    pending = asyncio.ensure_future(get(dp, r, ref))
+    await asyncio.sleep(0.01)
+    assert not pending.done()
+    dp.publish(p, {"ref": ref, "slab": slab, "offset": offset, "nbytes": 64, "dtype": "|u1", "shape": [64]})
+    assert (await pending)["ref"] == ref
 
 
-@pytest.mark.parametrize("body, match", [
-    ({"nbytes": 12, "dtype": "<f4", "shape": [2], "location": "host"}, "nbytes 12"),
-    ({"nbytes": 8, "dtype": "O", "shape": [1], "location": "host"}, "plain numeric"),
-    ({"nbytes": 8, "dtype": "not-a-dtype", "shape": [1], "location": "host"}, "bad dtype"),
-    ({"nbytes": 8, "dtype": "<f8", "shape": [1], "location": "gpu:0"}, "no pool"),
-])
-async def test_bad_allocations_are_refused_with_the_reason(dp, body, match) -> None:
+async def test_a_ref_never_published_is_not_found_after_the_grace(dp) -> None:
+    r = session(dp, ALICE_READER)
+    ref = protocol.new_ref()
+    with pytest.raises(errors.RefNotFound, match="not published within"):
+        await get(dp, r, ref)
+
+
+async def test_a_ref_cannot_be_published_twice_even_after_it_died(dp) -> None:
     p = session(dp, ALICE)
+    w = Writer(dp, p)
+    ref = w.put()
+    dp.free(p, {"ref": ref})
+    slab, offset = w.place(8)
+    with pytest.raises(errors.InvalidRequest, match="already in use"):
+        dp.publish(p, {"ref": ref, "slab": slab, "offset": offset, "nbytes": 8, "dtype": "|u1", "shape": [8]})
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"nbytes": 12, "dtype": "<f4", "shape": [2]}, "nbytes 12"),
+    ({"nbytes": 8, "dtype": "O", "shape": [1]}, "plain numeric"),
+    ({"nbytes": 8, "dtype": "not-a-dtype", "shape": [1]}, "bad dtype"),
+    ({"nbytes": 8, "dtype": "|u1", "shape": [8], "consumers": 0}, "consumers"),
+    ({"nbytes": 8, "dtype": "|u1", "shape": [8], "ttl_s": 0}, "ttl_s"),
+    ({"nbytes": 8, "dtype": "|u1", "shape": [8], "ttl_s": 1e9}, "ttl_s"),
+    ({"nbytes": 8, "dtype": "|u1", "shape": [8], "fence": [[1, 8]]}, "fence event 1"),
+    ({"nbytes": 8, "dtype": "|u1", "shape": [8], "offset": 100}, "aligned"),
+    ({"nbytes": 8, "dtype": "|u1", "shape": [8], "offset": 64 * MiB}, "inside slab"),
+    ({"nbytes": 8, "dtype": "|u1", "shape": [8], "slab": 999999}, "not an arena of this client"),
+])
+async def test_bad_publishes_are_refused_with_the_reason(dp, fields, match) -> None:
+    p = session(dp, ALICE)
+    slab, offset = Writer(dp, p).place(8)
     with pytest.raises(errors.InvalidRequest, match=match):
-        dp.alloc(p, body)
+        dp.publish(p, {"ref": protocol.new_ref(), "slab": slab, "offset": offset, **fields})
+
+
+async def test_a_publish_may_not_overlap_a_live_object(dp) -> None:
+    p = session(dp, ALICE)
+    w = Writer(dp, p)
+    w.put(4096)
+    with pytest.raises(errors.InvalidRequest, match="overlaps a live object"):
+        dp.publish(p, {"ref": protocol.new_ref(), "slab": w.slab, "offset": 512, "nbytes": 8, "dtype": "|u1",
+                       "shape": [8]})
+
+
+async def test_only_the_arena_holder_publishes_into_it(dp) -> None:
+    p, q = session(dp, ALICE), session(dp, ALICE_READER)
+    slab, offset = Writer(dp, p).place(8)
+    with pytest.raises(errors.InvalidRequest, match="not an arena of this client"):
+        dp.publish(q, {"ref": protocol.new_ref(), "slab": slab, "offset": offset, "nbytes": 8, "dtype": "|u1",
+                       "shape": [8]})
 
 
 async def test_requests_before_hello_are_refused(dp) -> None:
     s = dp.open_session()
     with pytest.raises(errors.InvalidRequest, match="hello"):
-        dp.alloc(s, {"nbytes": 8, "dtype": "|u1", "shape": [8], "location": "host"})
+        dp.arena(s, {"nbytes": 8, "location": HOST})
 
 
-async def test_unknown_and_malformed_refs_are_told_apart(dp) -> None:
+async def test_unknown_refs_say_so(dp) -> None:
     p = session(dp, ALICE)
-    with pytest.raises(errors.RefNotFound, match="ft-aaaaaaaaaaaaaaaaaaaaaaaaaa"):
+    with pytest.raises(errors.RefNotFound, match="ft-aaaaaaaaaaaaaaaaaaaaaaaaaa.*unknown"):
         dp.stat(p, {"ref": "ft-aaaaaaaaaaaaaaaaaaaaaaaaaa"})
-    with pytest.raises(errors.InvalidRequest, match="malformed ref"):
-        dp.stat(p, {"ref": "bogus"})
-
-
-async def test_seal_validates_consumers_and_ttl(dp) -> None:
-    p = session(dp, ALICE)
-    for extra, match in (({"consumers": 0}, "consumers"), ({"ttl_s": 0}, "ttl_s"), ({"ttl_s": 1e9}, "ttl_s")):
-        reply, _ = dp.alloc(p, {"nbytes": 8, "dtype": "|u1", "shape": [8], "location": "host"})
-        with pytest.raises(errors.InvalidRequest, match=match):
-            dp.seal(p, {"ref": reply["ref"], **extra})
 
 
 async def test_retired_slabs_are_announced_to_the_sessions_that_map_them(dp) -> None:
-    p = session(dp, ALICE)
-    ref = put(dp, p)
-    dp.free(p, {"ref": ref})
+    p, r = session(dp, ALICE), session(dp, ALICE_READER)
+    w = Writer(dp, p)
+    ref = w.put(consumers=1)
+    await get(dp, r, ref)
+    dp.release(r, {"refs": [ref]})
+    dp.unmap(p, {"slabs": [w.slab]})          # the writer gives its arena back
     dp.clock.now += 3600
     dp.sweep()
-    reply, _ = dp.ping(p, {})
-    assert reply.get("retired"), "the client is told to unmap"
-    dp.unmap(p, {"slabs": reply["retired"]})
-    assert dp.pools["host"].reserved_bytes == 0
+    reply, _ = dp.ping(r, {})
+    assert reply.get("retired") == [w.slab], "the reader is told to unmap"
+    dp.unmap(r, {"slabs": reply["retired"]})
+    assert reserved(dp) == 0
+
+
+async def test_an_empty_arena_given_back_is_granted_to_the_next_writer_of_the_domain(dp) -> None:
+    p, q = session(dp, ALICE), session(dp, ALICE_READER)
+    first = Writer(dp, p)
+    first.place(8)
+    dp.unmap(p, {"slabs": [first.slab]})
+    reply, fds = dp.arena(q, {"location": HOST, "nbytes": 8})
+    close_fds(fds)
+    assert reply["arena"]["slab"] == first.slab
+    m = session(dp, MALLORY)
+    reply, fds = dp.arena(m, {"location": HOST, "nbytes": 8})
+    close_fds(fds)
+    assert reply["arena"]["slab"] != first.slab, "never another domain's slab"

@@ -1,9 +1,12 @@
-"""Device backends: where slabs come from and how bytes move between them.
+"""Device backends: where slabs come from, how bytes move between them, and fences.
 
 `host` keeps everything in shared-memory segments (no GPU: CI, laptops, CPU nodes);
-`cuda` keeps one IPC-enabled stream-ordered pool per GPU plus pinned host slabs.
-Both speak the same slab/export/copy interface, so everything above them (object
-table, protocol, lifetimes) is tested on machines without a GPU.
+`cuda` keeps one IPC-enabled stream-ordered pool per (domain, GPU) plus pinned host
+slabs. Both speak the same interface, so everything above them (object lifetimes,
+tenancy, protocol) is tested on machines without a GPU.
+
+Ownership: the descriptors in an :class:`Export` belong to whoever receives the
+export (the reply that carries them closes them once sent).
 """
 
 from __future__ import annotations
@@ -12,65 +15,86 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from faastube.locations import Location
+
+from faastube_sidecar.identity import Domain
+
+# (event id, end offset) pairs: the bytes up to each end are ready once that event is.
+Fence = tuple[tuple[int, int], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class Span:
     """A byte range inside one slab: the unit copies work on."""
 
-    location: str
+    location: Location
     handle: Any          # the backend's slab handle
     offset: int
     nbytes: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CopyTicket:
     """A copy that has been issued. `done` resolves when the bytes have landed.
 
-    `wait_gpu` names the GPU whose inter-process copy event was recorded right after
-    this copy: a GPU consumer can order its own stream after the copy
-    (cudaStreamWaitEvent) instead of waiting for a round trip that says it finished.
+    `fence`, when set, is an event recorded right after the copy on the destination GPU:
+    a GPU consumer orders its own stream after it instead of waiting for `done`.
     """
 
     path: str
     done: asyncio.Future[None]
-    wait_gpu: int | None = None
-    route: str = ""          # the exact route, e.g. h2d-multipath[0,1,2,3] (a metric label)
+    fence: Fence | None = None
+    route: str = ""          # the exact route, e.g. h2d-multipath[0,1,2,3] (a metric label), once known
 
 
 @dataclass(frozen=True, slots=True)
 class Export:
-    """What a client needs to map a slab: a JSON-able descriptor plus fds to pass."""
+    """What a client needs to map a slab: a JSON-able descriptor plus fds it now owns."""
 
     descriptor: dict[str, Any]
     fds: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class FenceEvent:
+    id: int
+    handle: bytes        # the IPC handle a client opens once
+
+
 class Backend(Protocol):
     name: str
 
-    def locations(self) -> tuple[str, ...]:
-        """Every location this backend has a pool for ("host", "gpu:0", ...)."""
+    def locations(self) -> tuple[Location, ...]:
+        """Every location this backend has pools for (host first)."""
 
     def gpu_for_bus_id(self, pci_bus_id: str) -> int | None:
         """The GPU index for a client's device, by PCI bus id (None if not ours)."""
 
-    def create_slab(self, location: str, nbytes: int) -> Any:
-        """A new slab; raises OutOfPoolMemory when the device can't hold it."""
+    def create_slab(self, domain: Domain, location: Location, nbytes: int) -> Any:
+        """A new zeroed slab of `domain`; raises OutOfPoolMemory when the device can't hold it."""
 
     def destroy_slab(self, handle: Any) -> None: ...
 
-    def export_slab(self, handle: Any, *, with_pool: bool) -> Export:
-        """Descriptor for a client; `with_pool` adds the per-location pool handle."""
+    def export_slab(self, handle: Any, *, with_pool: bool, writable: bool) -> Export:
+        """Descriptor for a client of the slab's domain; `with_pool` adds the domain's pool handle,
+        `writable` a mapping that may write (host memory is otherwise exported read-only)."""
 
-    def submit_copy(self, dst: Span, src: Span, *, requester: tuple[str, str] | None = None) -> CopyTicket:
-        """Issue a copy of src's bytes into dst for (workflow, function); the ticket says which path."""
+    def fence_events(self, domain: Domain, gpu: int, count: int) -> list[FenceEvent]:
+        """`count` new inter-process events on `gpu` that one writer of `domain` records its fences on."""
 
-    def copy_event(self, gpu: int) -> bytes | None:
-        """The IPC handle of `gpu`'s copy event (None: consumers must wait for `done`)."""
+    def event_handle(self, event_id: int) -> bytes: ...
 
-    def memory_info(self, location: str) -> tuple[int, int]:
-        """(free, total) bytes of the device behind a location."""
+    def fence_pending(self, fence: Fence) -> bool:
+        """True while the last event of `fence` has not completed."""
+
+    def drop_events(self, event_ids: list[int]) -> None: ...
+
+    def submit_copy(self, dst: Span, src: Span, *, after: Fence | None, domain: Domain,
+                    requester: tuple[str, str] | None = None) -> CopyTicket:
+        """Copy src's bytes into dst, each chunk after its fence event; the ticket says which path."""
+
+    def close_domain(self, domain: Domain) -> None:
+        """The domain holds no slab any more: let go of its per-domain resources."""
 
     def close(self) -> None: ...
 

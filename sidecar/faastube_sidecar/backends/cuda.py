@@ -1,43 +1,59 @@
-"""The CUDA backend: one IPC-enabled, stream-ordered memory pool per GPU.
+"""The CUDA backend: one IPC-enabled, stream-ordered memory pool per (domain, GPU).
 
-Slabs on a GPU are allocations from a cuda.core `DeviceMemoryResource(ipc_enabled=True)`
-owned by the sidecar. A client imports each GPU's pool once (its fd travels over the
-socket with SCM_RIGHTS) and maps each slab once from its IPC descriptor; it never
-allocates in our pools, and it can't outlive-free anything (gpu-facts pitfall 5).
+Tenancy. An imported IPC pool is a capability for every allocation in it, and CUDA
+has no read-only mapping, so each domain (namespace + workflow) gets pools of its
+own: a client imports only its domain's pools and maps only its domain's slabs.
+A new slab is wiped before anyone sees it (the memory may have held another
+domain's freed bytes inside this process: ~0.13 ms per 512 MiB on H200, measured).
+Copies of a domain run on that domain's streams and record that domain's events, so
+a hostile client that stalls its own fences stalls only its own workflow.
+
+Fences. Writers order their GPU writes with *fence events*: inter-process events
+this backend creates (one set per writer and GPU) and the writer records on its
+stream after each written range. The sidecar owns them, so they outlive the writer;
+its copies wait on them on the GPU (cudaStreamWaitEvent), and readers do the same.
 
 Host slabs are shared-memory segments registered with `cudaHostRegister`, so CPU
 functions write straight into pinned memory and host<->GPU copies run at pinned
 speed without a staging copy.
 
-Copies are issued on per-GPU streams and awaited from a small thread pool, so the
-event loop keeps serving while the copy engines work.
+Slab and pointer export go through the driver API (cuMemPoolExportPointer), the
+public way to name one allocation of an IPC pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
+import ctypes
+import itertools
 import logging
+import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from faastube import errors, protocol
+from faastube.locations import HOST, Location
 
-from faastube_sidecar.backends import CopyTicket, Export, Span
+from faastube_sidecar.backends import CopyTicket, Export, Fence, FenceEvent, Span
 from faastube_sidecar.backends.shm import ShmSegment
+from faastube_sidecar.identity import Domain
 
 if TYPE_CHECKING:
     from faastube_sidecar.backends.cuda_transfers import ScheduledTransfers
 
 MULTIPATH_MIN_BYTES = 32 << 20   # below this one cudaMemcpyAsync beats the engine's thread hop
+FENCE_TIMEOUT_S = 60.0           # a writer whose fence never completes: its copies fail after this
 
 logger = logging.getLogger(__name__)
 
 _MEMCPY_DEFAULT = 4   # cudaMemcpyDefault: direction inferred through unified addressing
-_PEER_BYTES_PER_S = 380e9   # measured NVLink peer rate on H100: when to look for a copy's end
+_PEER_BYTES_PER_S = 380e9   # measured NVLink peer rate on H100/H200: when to look for a copy's end
 _EVENT_DISABLE_TIMING = 0x2
 _EVENT_INTERPROCESS = 0x4
+_EXPORT_DATA_BYTES = 64   # sizeof(CUmemPoolPtrExportData)
+_event_ids = itertools.count(1)
 
 
 def normalize_bus_id(bus_id: str) -> str:
@@ -50,10 +66,11 @@ def normalize_bus_id(bus_id: str) -> str:
 @dataclass(eq=False)
 class GpuSlab:
     gpu: int
+    domain: Domain
     buffer: Any          # cuda.core Buffer, owned
     ptr: int
     size: int
-    payload: bytes       # IPC descriptor payload (cudaMemPoolPtrExportData)
+    payload: bytes       # cudaMemPoolPtrExportData of the allocation
 
 
 @dataclass(eq=False)
@@ -62,12 +79,26 @@ class HostSlab:
     ptr: int
 
     @property
-    def fd(self) -> int:
-        return self.segment.fd
-
-    @property
     def size(self) -> int:
         return self.segment.size
+
+
+@dataclass(eq=False)
+class _Event:
+    gpu: int
+    domain: Domain
+    ptr: int             # cudaEvent_t
+    handle: bytes        # cudaIpcEventHandle_t
+
+
+@dataclass(eq=False)
+class _DomainGpu:
+    """One domain's resources on one GPU."""
+
+    mr: Any                          # cuda.core DeviceMemoryResource(ipc_enabled=True)
+    stream: Any                      # cupy Stream for this domain's copies issued on this GPU
+    copy_event: int | None = None    # event id recorded after each copy that lands here
+    slabs: int = 0
 
 
 class CudaBackend:
@@ -76,52 +107,40 @@ class CudaBackend:
     def __init__(self, *, pool_max_bytes: int = 0, devices: list[int] | None = None,
                  multipath: bool = True, copy_events: bool = True) -> None:
         import cupy
-        from cuda.core import Device, DeviceMemoryResource, DeviceMemoryResourceOptions
+        from cuda.bindings import driver
+        from cuda.core import Device
 
         self._cupy = cupy
+        self._driver = driver
         count = cupy.cuda.runtime.getDeviceCount()
         if count == 0:
             raise errors.Unavailable("the cuda backend needs a GPU and none is visible")
         self.gpus = list(range(count)) if devices is None else devices
+        self._pool_max_bytes = pool_max_bytes
+        self._copy_events_enabled = copy_events
         self._devices = {i: Device(i) for i in self.gpus}
-        self._mrs: dict[int, Any] = {}
         self._alloc_streams: dict[int, Any] = {}
-        self._copy_streams: dict[int, Any] = {}
         self._bus_ids: dict[str, int] = {}
         for i in self.gpus:
             dev = self._devices[i]
             dev.set_current()
-            options = DeviceMemoryResourceOptions(ipc_enabled=True, max_size=pool_max_bytes)
-            self._mrs[i] = DeviceMemoryResource(dev, options)
             self._alloc_streams[i] = dev.create_stream()
-            with cupy.cuda.Device(i):
-                self._copy_streams[i] = cupy.cuda.Stream(non_blocking=True)
             self._bus_ids[normalize_bus_id(dev.pci_bus_id)] = i
         self._links = self._peer_links()
         rt = cupy.cuda.runtime
+        self._peers: dict[int, list[int]] = {}
         for i in self.gpus:
-            peers = [j for j in self.gpus if j != i and self._devices[i].can_access_peer(j)]
+            self._peers[i] = [j for j in self.gpus if j != i and self._devices[i].can_access_peer(j)]
             with cupy.cuda.Device(i):
-                for j in peers:
+                for j in self._peers[i]:
                     # Without peer access a peer copy is staged through the host (~38 GB/s, not ~390).
                     try:
                         rt.deviceEnablePeerAccess(j)
                     except cupy.cuda.runtime.CUDARuntimeError as e:
                         if "AlreadyEnabled" not in str(e) and "ALREADY" not in str(e).upper():
                             logger.warning("peer access %d -> %d: %s", i, j, e)
-            if peers:
-                # Peer copies out of this pool need the peers to have access to it.
-                self._mrs[i].peer_accessible_by = peers
-        self._ipc_events: dict[int, int] = {}
-        self._ipc_event_handles: dict[int, bytes] = {}
-        for i in self.gpus if copy_events else ():
-            try:
-                with cupy.cuda.Device(i):
-                    event = rt.eventCreateWithFlags(_EVENT_DISABLE_TIMING | _EVENT_INTERPROCESS)
-                    self._ipc_event_handles[i] = bytes(rt.ipcGetEventHandle(event))
-                self._ipc_events[i] = event
-            except Exception as e:  # noqa: BLE001 - consumers then wait for the copy's end instead
-                logger.warning("GPU %d: no inter-process copy event (%s); GPU gets wait for copies", i, e)
+        self._domains: dict[tuple[Domain, int], _DomainGpu] = {}
+        self._events: dict[int, _Event] = {}
         self._waiters = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.gpus)),
                                                               thread_name_prefix="faastube-cuda")
         self._scheduled = self._start_transfer_engine() if multipath else None
@@ -173,8 +192,10 @@ class CudaBackend:
 
     # --- locations ----------------------------------------------------------------------------
 
-    def locations(self) -> tuple[str, ...]:
-        return (protocol.HOST, *(protocol.gpu_location(i) for i in self.gpus))
+    def locations(self) -> tuple[Location, ...]:
+        from faastube.locations import gpu
+
+        return (HOST, *(gpu(i) for i in self.gpus))
 
     def gpu_for_bus_id(self, pci_bus_id: str) -> int | None:
         try:
@@ -182,10 +203,59 @@ class CudaBackend:
         except ValueError:
             return None
 
+    # --- per-domain resources -----------------------------------------------------------------
+
+    def _domain_gpu(self, domain: Domain, gpu: int) -> _DomainGpu:
+        held = self._domains.get((domain, gpu))
+        if held is not None:
+            return held
+        from cuda.core import DeviceMemoryResource, DeviceMemoryResourceOptions
+
+        dev = self._devices[gpu]
+        dev.set_current()
+        try:
+            mr = DeviceMemoryResource(dev, DeviceMemoryResourceOptions(ipc_enabled=True,
+                                                                       max_size=self._pool_max_bytes))
+        except Exception as e:
+            raise errors.OutOfPoolMemory(f"GPU {gpu}: cannot create a memory pool for workflow {domain}: {e}") from e
+        if self._peers[gpu]:
+            # Peer copies out of this pool need the peers to have access to it.
+            mr.peer_accessible_by = self._peers[gpu]
+        with self._cupy.cuda.Device(gpu):
+            stream = self._cupy.cuda.Stream(non_blocking=True)
+        held = _DomainGpu(mr, stream)
+        if self._copy_events_enabled:
+            try:
+                held.copy_event = self._new_event(domain, gpu).id
+            except Exception as e:  # noqa: BLE001 - consumers then wait for the copy's end instead
+                logger.warning("GPU %d: no inter-process copy event for %s (%s); GPU gets wait for copies",
+                               gpu, domain, e)
+        self._domains[(domain, gpu)] = held
+        return held
+
+    def close_domain(self, domain: Domain) -> None:
+        for (dom, gpu), held in list(self._domains.items()):
+            if dom != domain:
+                continue
+            if held.slabs:
+                logger.warning("GPU %d: workflow %s still holds %d slabs; its pool stays", gpu, domain, held.slabs)
+                continue
+            del self._domains[(dom, gpu)]
+            if held.copy_event is not None:
+                self.drop_events([held.copy_event])
+            try:
+                held.stream.synchronize()
+                held.mr.close()
+            except Exception:  # noqa: BLE001 - closing must go on
+                logger.exception("GPU %d: closing the pool of %s failed", gpu, domain)
+        for event_id, event in list(self._events.items()):
+            if event.domain == domain:
+                self.drop_events([event_id])
+
     # --- slabs --------------------------------------------------------------------------------
 
-    def create_slab(self, location: str, nbytes: int) -> GpuSlab | HostSlab:
-        gpu = protocol.parse_location(location)
+    def create_slab(self, domain: Domain, location: Location, nbytes: int) -> GpuSlab | HostSlab:
+        gpu = location.gpu
         if gpu is None:
             segment = ShmSegment(nbytes, name="faastube-host")
             try:
@@ -194,15 +264,33 @@ class CudaBackend:
                 segment.close()
                 raise errors.OutOfPoolMemory(f"cannot pin {nbytes} bytes of host memory: {e}") from e
             return HostSlab(segment, segment.address)
+        if gpu not in self._devices:
+            raise errors.InvalidRequest(f"no GPU {gpu} in this sidecar")
+        held = self._domain_gpu(domain, gpu)
         self._devices[gpu].set_current()
         stream = self._alloc_streams[gpu]
         try:
-            buf = self._mrs[gpu].allocate(nbytes, stream=stream)
-            stream.sync()
+            buf = held.mr.allocate(nbytes, stream=stream)
         except Exception as e:
             raise errors.OutOfPoolMemory(f"GPU {gpu} cannot hold a {nbytes}-byte slab: {e}") from e
-        _, (payload, _size) = buf.ipc_descriptor.__reduce__()
-        return GpuSlab(gpu, buf, int(buf.handle), nbytes, bytes(payload))
+        try:
+            ptr = int(buf.handle)
+            # Wipe: the pool's memory may have held another domain's bytes in this process.
+            self._cupy.cuda.runtime.memsetAsync(ptr, 0, nbytes, int(stream.handle))
+            stream.sync()
+            payload = self._export_pointer(ptr)
+        except Exception:
+            buf.close(stream)
+            raise
+        held.slabs += 1
+        return GpuSlab(gpu, domain, buf, ptr, nbytes, payload)
+
+    def _export_pointer(self, ptr: int) -> bytes:
+        d = self._driver
+        err, data = d.cuMemPoolExportPointer(ptr)
+        if err != d.CUresult.CUDA_SUCCESS:
+            raise errors.InternalError(f"cuMemPoolExportPointer failed: {err}")
+        return ctypes.string_at(data.getPtr(), _EXPORT_DATA_BYTES)
 
     def destroy_slab(self, handle: GpuSlab | HostSlab) -> None:
         if isinstance(handle, HostSlab):
@@ -214,16 +302,65 @@ class CudaBackend:
         self._devices[handle.gpu].set_current()
         handle.buffer.close(self._alloc_streams[handle.gpu])
         self._alloc_streams[handle.gpu].sync()
+        held = self._domains.get((handle.domain, handle.gpu))
+        if held is not None:
+            held.slabs -= 1
 
-    def export_slab(self, handle: GpuSlab | HostSlab, *, with_pool: bool) -> Export:
+    def export_slab(self, handle: GpuSlab | HostSlab, *, with_pool: bool, writable: bool) -> Export:
         if isinstance(handle, HostSlab):
-            return Export({"kind": "shm", "size": handle.size}, (handle.fd,))
+            return Export({"kind": "shm", "size": handle.size, "writable": writable},
+                          (handle.segment.export_fd(writable=writable),))
         descriptor = {"kind": "cuda", "gpu": handle.gpu, "size": handle.size,
-                      "payload": base64.b64encode(handle.payload).decode()}
+                      "payload": protocol.encode_handle(handle.payload)}
         fds: tuple[int, ...] = ()
         if with_pool:
-            fds = (int(self._mrs[handle.gpu].allocation_handle.handle),)
+            pool_fd = int(self._domains[(handle.domain, handle.gpu)].mr.allocation_handle.handle)
+            fds = (os.dup(pool_fd),)
         return Export(descriptor, fds)
+
+    # --- fence events -------------------------------------------------------------------------
+
+    def _new_event(self, domain: Domain, gpu: int) -> FenceEvent:
+        rt = self._cupy.cuda.runtime
+        with self._cupy.cuda.Device(gpu):
+            ptr = rt.eventCreateWithFlags(_EVENT_DISABLE_TIMING | _EVENT_INTERPROCESS)
+            try:
+                handle = bytes(rt.ipcGetEventHandle(ptr))
+            except Exception:
+                rt.eventDestroy(ptr)
+                raise
+        event = _Event(gpu, domain, ptr, handle)
+        event_id = next(_event_ids)
+        self._events[event_id] = event
+        return FenceEvent(event_id, handle)
+
+    def fence_events(self, domain: Domain, gpu: int, count: int) -> list[FenceEvent]:
+        if gpu not in self._devices:
+            raise errors.InvalidRequest(f"no GPU {gpu} in this sidecar")
+        return [self._new_event(domain, gpu) for _ in range(count)]
+
+    def event_handle(self, event_id: int) -> bytes:
+        return self._events[event_id].handle
+
+    def fence_pending(self, fence: Fence) -> bool:
+        event = self._events.get(fence[-1][0])
+        if event is None:
+            return False
+        try:
+            return self._cupy.cuda.runtime.eventQuery(event.ptr) != 0
+        except self._cupy.cuda.runtime.CUDARuntimeError:
+            return False
+
+    def drop_events(self, event_ids: list[int]) -> None:
+        for event_id in event_ids:
+            event = self._events.pop(event_id, None)
+            if event is None:
+                continue
+            try:
+                with self._cupy.cuda.Device(event.gpu):
+                    self._cupy.cuda.runtime.eventDestroy(event.ptr)
+            except Exception:  # noqa: BLE001 - an event we can't destroy is a small leak, not a failure
+                logger.exception("destroying event %d failed", event_id)
 
     # --- copies -------------------------------------------------------------------------------
 
@@ -231,44 +368,30 @@ class CudaBackend:
     def _ptr(span: Span) -> int:
         return int(span.handle.ptr) + span.offset
 
-    def path_for(self, dst_location: str, src_location: str) -> str:
-        dst, src = protocol.parse_location(dst_location), protocol.parse_location(src_location)
-        if dst is None and src is None:
+    def path_for(self, dst: Location, src: Location) -> str:
+        if dst.is_host and src.is_host:
             return "host"
-        if dst is None:
+        if dst.gpu is None:
             return "d2h"
-        if src is None:
+        if src.gpu is None:
             return "h2d"
-        if dst == src:
+        if dst.gpu == src.gpu:
             return "local"
-        return self._links[(src, dst)]
+        return self._links[(src.gpu, dst.gpu)]
 
-    def _relays_pay(self, src_location: str, dst_location: str) -> bool:
+    def _relays_pay(self, src: Location, dst: Location) -> bool:
         """A GPU-to-GPU copy whose planned route is not just the direct link (asymmetric boxes)."""
-        src, dst = protocol.parse_location(src_location), protocol.parse_location(dst_location)
-        if src is None or dst is None or src == dst or self._scheduled is None:
+        if src.gpu is None or dst.gpu is None or src.gpu == dst.gpu or self._scheduled is None:
             return False
-        key = (src, dst)
+        key = (src.gpu, dst.gpu)
         verdict = self._relay_verdicts.get(key)
         if verdict is None:
             # Idle-link planning: the verdict depends on the topology only, so decide once per pair.
-            verdict = self._relay_verdicts[key] = self._scheduled.needs_engine(src, dst)
+            verdict = self._relay_verdicts[key] = self._scheduled.needs_engine(src.gpu, dst.gpu)
         return verdict
 
-    def _submit_scheduled(self, dst: Span, src: Span, path: str, requester: tuple[str, str] | None,
-                          done: asyncio.Future[None]) -> CopyTicket:
-        assert self._scheduled is not None
-        loop = asyncio.get_running_loop()
-        workflow, function = requester or ("", "sidecar")
-        route, future = self._scheduled.submit(
-            src=_endpoint(src.location), dst=_endpoint(dst.location),
-            src_address=self._ptr(src), dst_address=self._ptr(dst), nbytes=src.nbytes,
-            workflow=workflow, function=function)
-
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(_settle, done, f.exception()))
-        return CopyTicket(path, done, None, route)
-
-    def submit_copy(self, dst: Span, src: Span, *, requester: tuple[str, str] | None = None) -> CopyTicket:
+    def submit_copy(self, dst: Span, src: Span, *, after: Fence | None, domain: Domain,
+                    requester: tuple[str, str] | None = None) -> CopyTicket:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         path = self.path_for(dst.location, src.location)
@@ -277,38 +400,84 @@ class CudaBackend:
             dst.handle.segment.bytes[dst.offset:dst.offset + n] = src.handle.segment.bytes[src.offset:src.offset + n]
             done.set_result(None)
             return CopyTicket(path, done)
-        # Issue on the stream of the GPU that receives (or, for d2h, sends) the bytes.
-        dst_gpu = protocol.parse_location(dst.location)
-        gpu = dst_gpu if dst_gpu is not None else protocol.parse_location(src.location)
-        assert gpu is not None
         if self._scheduled is not None and src.nbytes >= MULTIPATH_MIN_BYTES and (
                 path in ("h2d", "d2h") or self._relays_pay(src.location, dst.location)):
-            return self._submit_scheduled(dst, src, path, requester, done)
-        stream = self._copy_streams[gpu]
+            return self._submit_scheduled(dst, src, path, after, requester, done)
+        # Issue on the domain's stream of the GPU that receives (or, for d2h, sends) the bytes.
+        gpu = dst.location.gpu if dst.location.gpu is not None else src.location.gpu
+        if gpu is None:  # pragma: no cover - path "host" returned above
+            raise errors.InternalError("a host-to-host copy reached the GPU path")
+        held = self._domain_gpu(domain, gpu)
+        stream = held.stream
         rt = self._cupy.cuda.runtime
         with self._cupy.cuda.Device(gpu):
-            if path in ("nvlink", "pcie", "peer"):
-                src_gpu = protocol.parse_location(src.location)
-                rt.memcpyPeerAsync(self._ptr(dst), gpu, self._ptr(src), src_gpu, src.nbytes, stream.ptr)
-            else:
-                rt.memcpyAsync(self._ptr(dst), self._ptr(src), src.nbytes, _MEMCPY_DEFAULT, stream.ptr)
-            wait_gpu = None
-            ipc_event = self._ipc_events.get(gpu)
-            if dst_gpu is not None and ipc_event is not None:
-                # Consumers on this GPU order their stream after this record: no round trip to wait for.
-                rt.eventRecord(ipc_event, stream.ptr)
-                wait_gpu = gpu
+            start = 0
+            for event_id, end in after or ((0, src.nbytes),):
+                event = self._events.get(event_id)
+                if event is not None:
+                    rt.streamWaitEvent(stream.ptr, event.ptr, 0)
+                if end > start:
+                    if path in ("nvlink", "pcie", "peer"):
+                        rt.memcpyPeerAsync(self._ptr(dst) + start, gpu, self._ptr(src) + start,
+                                           src.location.gpu, end - start, stream.ptr)
+                    else:
+                        rt.memcpyAsync(self._ptr(dst) + start, self._ptr(src) + start, end - start,
+                                       _MEMCPY_DEFAULT, stream.ptr)
+                start = end
+            fence: Fence | None = None
+            if dst.location.gpu is not None and held.copy_event is not None:
+                # Readers on this GPU order their stream after this record: no round trip to wait for.
+                rt.eventRecord(self._events[held.copy_event].ptr, stream.ptr)
+                fence = ((held.copy_event, dst.nbytes),)
             finished = stream.record()
-        if wait_gpu is None:
+        if fence is None:
             # Someone waits for this copy (a CPU reader): block a helper thread on it.
             future = loop.run_in_executor(self._waiters, finished.synchronize)
             future.add_done_callback(lambda f: _settle(done, f.exception()))
         else:
-            # The consumer's stream already waits on the GPU; we only need to know when the
+            # The reader's stream already waits on the GPU; we only need to know when the
             # memory is free to recycle, so poll from the loop instead of waking a thread.
             estimate_s = max(src.nbytes / _PEER_BYTES_PER_S, 50e-6)
             loop.call_later(estimate_s, self._poll_copy, loop, finished, done, estimate_s)
-        return CopyTicket(path, done, wait_gpu)
+        return CopyTicket(path, done, fence)
+
+    def _submit_scheduled(self, dst: Span, src: Span, path: str, after: Fence | None,
+                          requester: tuple[str, str] | None, done: asyncio.Future[None]) -> CopyTicket:
+        """Through the transfer engine, whose streams every domain shares: so the writer's fence is
+        awaited on the host first (a fence that never completes then stalls only this copy)."""
+        scheduled = self._scheduled
+        if scheduled is None:  # pragma: no cover - checked by the caller
+            raise errors.InternalError("the transfer engine is off")
+        loop = asyncio.get_running_loop()
+        workflow, function = requester or ("", "sidecar")
+        ticket = CopyTicket(path, done, None, f"{path}-engine")
+
+        def start() -> None:
+            route, future = scheduled.submit(
+                src=_endpoint(src.location), dst=_endpoint(dst.location),
+                src_address=self._ptr(src), dst_address=self._ptr(dst), nbytes=src.nbytes,
+                workflow=workflow, function=function)
+            ticket.route = route
+            future.add_done_callback(lambda f: loop.call_soon_threadsafe(_settle, done, f.exception()))
+
+        if after is not None and self.fence_pending(after):
+            deadline = time.monotonic() + FENCE_TIMEOUT_S
+
+            def check(interval_s: float) -> None:
+                if done.done():
+                    return
+                if not self.fence_pending(after):
+                    start()
+                elif time.monotonic() > deadline:
+                    _settle(done, errors.Unavailable(
+                        f"the writer's GPU work never finished ({FENCE_TIMEOUT_S:g}s): copy abandoned"))
+                else:
+                    loop.call_later(interval_s, check, min(interval_s * 2, 0.005))
+
+            loop.call_soon(check, 50e-6)
+        else:
+            start()
+        return ticket
 
     def _poll_copy(self, loop: asyncio.AbstractEventLoop, finished: Any, done: asyncio.Future[None],
                    interval_s: float) -> None:
@@ -322,29 +491,13 @@ class CudaBackend:
         else:
             loop.call_later(min(interval_s * 2, 0.01), self._poll_copy, loop, finished, done, min(interval_s * 2, 0.01))
 
-    def copy_event(self, gpu: int) -> bytes | None:
-        return self._ipc_event_handles.get(gpu)
-
-    def memory_info(self, location: str) -> tuple[int, int]:
-        gpu = protocol.parse_location(location)
-        if gpu is None:
-            import os
-
-            page = os.sysconf("SC_PAGE_SIZE")
-            return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
-        with self._cupy.cuda.Device(gpu):
-            free, total = self._cupy.cuda.runtime.memGetInfo()
-        return int(free), int(total)
-
     def close(self) -> None:
         if self._scheduled is not None:
             self._scheduled.close()
         self._waiters.shutdown(wait=True)
-        for mr in self._mrs.values():
-            try:
-                mr.close()
-            except Exception:
-                logger.exception("closing a GPU pool failed")
+        for domain in {d for d, _ in self._domains}:
+            self.close_domain(domain)
+        self.drop_events(list(self._events))
 
 
 def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
@@ -356,6 +509,5 @@ def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
         done.set_result(None)
 
 
-def _endpoint(location: str) -> int | Literal["host"]:
-    gpu = protocol.parse_location(location)
-    return "host" if gpu is None else gpu
+def _endpoint(location: Location) -> int | Literal["host"]:
+    return "host" if location.gpu is None else location.gpu

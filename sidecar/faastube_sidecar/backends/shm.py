@@ -1,7 +1,13 @@
 """Shared-memory segments: a memfd, mapped here, whose fd is passed to clients.
 
 memfd segments have no name in any filesystem, so a crashed sidecar leaves nothing
-behind in /dev/shm; the memory is gone once the last mapping and fd close.
+behind in /dev/shm; the memory is gone once the last mapping and fd close. A new
+segment reads as zeros (the kernel clears pages on first touch), so a fresh slab
+never shows anyone's old bytes.
+
+Readers get a *read-only* descriptor: the memfd reopened through /proc/self/fd with
+O_RDONLY, a new open file description that can't be mapped for writing. Only the
+writer of an arena gets the read-write descriptor.
 """
 
 from __future__ import annotations
@@ -34,6 +40,15 @@ class ShmSegment:
     @property
     def address(self) -> int:
         return int(self.bytes.ctypes.data)
+
+    def export_fd(self, *, writable: bool) -> int:
+        """A new descriptor for a client (the caller owns it): read-write, or read-only."""
+        if writable:
+            return os.dup(self.fd)
+        try:
+            return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise errors.InternalError(f"cannot open a read-only descriptor of a shared-memory slab: {e}") from e
 
     def close(self) -> None:
         if self.fd < 0:

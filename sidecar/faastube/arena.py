@@ -1,0 +1,122 @@
+"""Client-side sub-allocation inside the arenas the sidecar leases to this client.
+
+An arena is a slab of the client's own domain that only this client writes. The
+client places each object in it here, writes the bytes, and publishes the range with
+one message; the sidecar tells it (a ``freed`` notice on a later reply) when a range
+is free again, after every reader has let go. No round trip per object.
+
+Pure bookkeeping: no sockets, no GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+ALIGN_BYTES = 512            # must match the sidecar's pool alignment
+
+
+def align_up(n: int, a: int = ALIGN_BYTES) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(eq=False)
+class Arena:
+    slab_id: int
+    size: int
+    free: list[tuple[int, int]] = field(default_factory=list)    # sorted (offset, length)
+    used: dict[int, int] = field(default_factory=dict)           # offset -> reserved bytes
+    idle_since: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if not self.free and not self.used:
+            self.free = [(0, self.size)]
+
+    @property
+    def empty(self) -> bool:
+        return not self.used
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(length for _, length in self.free)
+
+    def take(self, nbytes: int) -> int | None:
+        """First fit; the offset of `nbytes` (aligned) or None."""
+        reserved = align_up(max(nbytes, 1))
+        for i, (off, length) in enumerate(self.free):
+            if length >= reserved:
+                if length == reserved:
+                    del self.free[i]
+                else:
+                    self.free[i] = (off + reserved, length - reserved)
+                self.used[off] = reserved
+                return off
+        return None
+
+    def give(self, offset: int) -> bool:
+        """Return a range; False if nothing was allocated there (a stale or repeated notice)."""
+        reserved = self.used.pop(offset, None)
+        if reserved is None:
+            return False
+        i = bisect.bisect_left(self.free, (offset, 0))
+        if i < len(self.free) and offset + reserved == self.free[i][0]:
+            reserved += self.free[i][1]
+            del self.free[i]
+        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == offset:
+            self.free[i - 1] = (self.free[i - 1][0], self.free[i - 1][1] + reserved)
+        else:
+            self.free.insert(i, (offset, reserved))
+        if not self.used:
+            self.idle_since = time.monotonic()
+        return True
+
+
+class Arenas:
+    """This client's arenas at one location."""
+
+    def __init__(self, *, keep_empty: int = 2) -> None:
+        self._arenas: dict[int, Arena] = {}
+        self.keep_empty = keep_empty
+
+    def __iter__(self) -> Iterator[Arena]:
+        return iter(self._arenas.values())
+
+    def __len__(self) -> int:
+        return len(self._arenas)
+
+    def __contains__(self, slab_id: int) -> bool:
+        return slab_id in self._arenas
+
+    def add(self, slab_id: int, size: int) -> None:
+        if slab_id not in self._arenas:
+            self._arenas[slab_id] = Arena(slab_id, size)
+
+    def allocate(self, nbytes: int) -> tuple[int, int] | None:
+        """(slab id, offset) of room for `nbytes`, preferring the fullest arena that fits."""
+        reserved = align_up(max(nbytes, 1))
+        fitting = [a for a in self._arenas.values() if a.free and max(length for _, length in a.free) >= reserved]
+        for arena in sorted(fitting, key=lambda a: (a.empty, a.size)):
+            offset = arena.take(nbytes)
+            if offset is not None:
+                return arena.slab_id, offset
+        return None
+
+    def give(self, slab_id: int, offset: int) -> bool:
+        arena = self._arenas.get(slab_id)
+        return arena is not None and arena.give(offset)
+
+    def busy(self) -> bool:
+        return any(not a.empty for a in self._arenas.values())
+
+    def surplus(self) -> list[int]:
+        """Empty arenas beyond `keep_empty` (the smallest kept): slabs to give back."""
+        empty = sorted((a for a in self._arenas.values() if a.empty), key=lambda a: -a.size)
+        extra = empty[self.keep_empty:]
+        for arena in extra:
+            del self._arenas[arena.slab_id]
+        return [a.slab_id for a in extra]
+
+    def drop(self, slab_id: int) -> None:
+        self._arenas.pop(slab_id, None)
