@@ -127,7 +127,7 @@ class DataPlane:
         pool = self.pools.get((domain, location))
         if pool is None:
             pool = Pool(domain, location, self.backend, self._limits(location), self.budgets[location],
-                        reclaim=self._reclaim, clock=self._clock)
+                        reclaim=self._reclaim, on_slab=self._index_slab, clock=self._clock)
             self.pools[(domain, location)] = pool
         return pool
 
@@ -135,14 +135,15 @@ class DataPlane:
         for (_, loc), pool in list(self.pools.items()):
             if loc == location:
                 pool.collect(force=True)
-        self._forget_empty_pools()
 
     def pools_at(self, location: Location) -> Iterator[Pool[Any]]:
         return (pool for (_, loc), pool in self.pools.items() if loc == location)
 
-    def _index_slabs(self, pool: Pool[Any]) -> None:
-        for slab in pool:
-            self._slab_pool[slab.id] = pool
+    def _index_slab(self, slab_id: int, pool: Pool[Any] | None) -> None:
+        if pool is None:
+            self._slab_pool.pop(slab_id, None)
+        else:
+            self._slab_pool[slab_id] = pool
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -219,7 +220,6 @@ class DataPlane:
         location = self._location(fields["location"])
         pool = self._pool(domain, location)
         slab = pool.grant_arena(session.id, fields["nbytes"])
-        self._slab_pool[slab.id] = pool
         session.arenas.add(slab.id)
         reply, fds = self._introduce(session, pool, slab.id, writable=True)
         reply["arena"] = {"slab": slab.id, "size": slab.size, "location": str(location)}
@@ -390,7 +390,6 @@ class DataPlane:
         source_location = self._best_source(record, location)
         src = record.replicas[source_location]
         dst = self._pool(record.domain, location).allocate(record.nbytes)
-        self._slab_pool[dst.slab_id] = self._pool(record.domain, location)
         after = src.fence if src.fence is not None and self.backend.fence_pending(src.fence) else None
         start = self._clock()
         who = session.identity
@@ -551,14 +550,9 @@ class DataPlane:
         return expired
 
     def _forget_empty_pools(self) -> None:
-        live_slabs: set[int] = set()
         for key, pool in list(self.pools.items()):
             if pool.empty():
                 del self.pools[key]
-            else:
-                live_slabs.update(pool.slabs)
-        for slab_id in [s for s in self._slab_pool if s not in live_slabs]:
-            del self._slab_pool[slab_id]
         active = {domain for domain, _ in self.pools}
         active.update(s.identity.domain for s in self.sessions.values() if s.identity is not None)
         for domain in list(self._open_domains - active):

@@ -12,9 +12,14 @@ Slabs come in two kinds:
   it locally and publishes each with one message; the pool only checks that a
   published range lies inside the arena and overlaps no live object, and tells the
   writer when a range is free again. An arena whose writer left (or gave it back) is
-  granted again, once empty, to another writer of the same domain.
+  granted again, once empty, to another writer of the same domain, unless it is
+  frozen.
 - a *shared* slab is sub-allocated by the sidecar itself, for the copies it makes
   (a replica of an object on another GPU, or on the host).
+
+Where the OS can enforce it (host memory), a slab is *frozen* once its writers have
+mapped it (an arena at its first publish, a shared slab at birth): readers can then
+only ever map it read-only.
 
 Every byte a pool reserves is charged to a :class:`Budget` per location: the node's
 limit for that location and each domain's quota. Empty slabs idle past
@@ -46,9 +51,11 @@ H = TypeVar("H")
 
 
 class SlabBackend(Protocol[H]):
-    """What a pool needs from a backend: make and destroy one domain's slabs at one location."""
+    """What a pool needs from a backend: make, freeze and destroy one domain's slabs at one location."""
 
     def create_slab(self, domain: Domain, location: Location, nbytes: int) -> H: ...
+
+    def freeze_slab(self, handle: H) -> bool: ...
 
     def destroy_slab(self, handle: H) -> None: ...
 
@@ -78,6 +85,7 @@ class Slab(Generic[H]):
     live: dict[int, int] = field(default_factory=dict)          # offset -> reserved bytes in use
     free: list[tuple[int, int]] = field(default_factory=list)   # shared slabs: sorted (offset, length)
     mappers: set[int] = field(default_factory=set)              # session ids that mapped it
+    frozen: bool = False                          # no new writable mapping possible (host memory)
     retired: bool = False
     idle_since: float = 0.0
 
@@ -186,6 +194,7 @@ class Pool(Generic[H]):
 
     def __init__(self, domain: Domain, location: Location, backend: SlabBackend[H], limits: PoolLimits,
                  budget: Budget, *, reclaim: Callable[[Location], None] | None = None,
+                 on_slab: Callable[[int, Pool[H] | None], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.domain = domain
         self.location = location
@@ -194,6 +203,8 @@ class Pool(Generic[H]):
         self.budget = budget
         # Called when the budget is short: free what can be freed at this location, in every domain.
         self._reclaim = reclaim
+        # Told of each slab made (with this pool) and destroyed (None): the owner's slab index.
+        self._on_slab = on_slab
         self._clock = clock
         self.slabs: dict[int, Slab[H]] = {}
         self.alloc_failures = 0
@@ -239,13 +250,15 @@ class Pool(Generic[H]):
 
     def grant_arena(self, session_id: int, nbytes: int) -> Slab[H]:
         """An empty arena of at least `nbytes` leased to `session_id` (reused within the domain first)."""
-        wanted = max(self.limits.arena_bytes, align_up(max(nbytes, 1), LARGE_ROUND_BYTES))
-        reusable = [s for s in self.slabs.values()
-                    if s.arena and s.writer is None and not s.retired and not s.live and s.size >= nbytes]
+        needed = align_up(max(nbytes, 1), LARGE_ROUND_BYTES)
+        reusable = [s for s in self.slabs.values() if s.arena and s.writer is None and not s.frozen
+                    and not s.retired and not s.live and s.size >= nbytes]
         if reusable:
             slab = min(reusable, key=lambda s: s.size)
         else:
-            slab = self._grow(wanted, arena=True)
+            # The usual arena size, else just what this object needs, when memory is short.
+            wanted = self.limits.arena_bytes if nbytes <= self.limits.arena_bytes else needed
+            slab = self._grow(wanted, arena=True, fallback=(needed, align_up(max(nbytes, 1), ALIGN_BYTES)))
         slab.writer = session_id
         return slab
 
@@ -261,6 +274,9 @@ class Pool(Generic[H]):
                 f"inside slab {slab_id} of {slab.size} bytes")
         if slab.overlaps(offset, reserved):
             raise errors.InvalidRequest(f"publish: range at offset {offset} of slab {slab_id} overlaps a live object")
+        if not slab.frozen:
+            # The writer mapped its arena before publishing into it: from now on nobody else can.
+            slab.frozen = self._backend.freeze_slab(slab.handle)
         slab.live[offset] = reserved
         return Allocation(slab.id, self.location, offset, nbytes, reserved)
 
@@ -298,7 +314,7 @@ class Pool(Generic[H]):
     def slab(self, slab_id: int) -> Slab[H]:
         return self.slabs[slab_id]
 
-    def _grow(self, size: int, *, arena: bool) -> Slab[H]:
+    def _grow(self, size: int, *, arena: bool, fallback: tuple[int, ...] = ()) -> Slab[H]:
         refusal = self.budget.check(self.domain, size)
         if refusal is not None:
             # Make room by freeing empty slabs nobody maps any more, then try again.
@@ -306,6 +322,11 @@ class Pool(Generic[H]):
             if self._reclaim is not None:
                 self._reclaim(self.location)
             refusal = self.budget.check(self.domain, size)
+        for smaller in fallback:
+            if refusal is None or smaller >= size:
+                break
+            if self.budget.check(self.domain, smaller) is None:
+                size, refusal = smaller, None
         if refusal is not None:
             self.alloc_failures += 1
             self.budget.refusals += 1
@@ -317,7 +338,11 @@ class Pool(Generic[H]):
             raise
         self.budget.charge(self.domain, size)
         slab = Slab(next(_slab_ids), self.domain, self.location, size, handle, arena, idle_since=self._clock())
+        if not arena:
+            slab.frozen = self._backend.freeze_slab(handle)     # only the sidecar writes its own slabs
         self.slabs[slab.id] = slab
+        if self._on_slab is not None:
+            self._on_slab(slab.id, self)
         logger.debug("pool %s@%s: new %s slab %d of %d bytes", self.domain, self.location,
                      "arena" if arena else "shared", slab.id, size)
         return slab
@@ -362,6 +387,8 @@ class Pool(Generic[H]):
 
     def _destroy(self, slab: Slab[H]) -> None:
         del self.slabs[slab.id]
+        if self._on_slab is not None:
+            self._on_slab(slab.id, None)
         self.budget.refund(self.domain, slab.size)
         self._backend.destroy_slab(slab.handle)
         logger.debug("pool %s@%s: freed slab %d", self.domain, self.location, slab.id)

@@ -55,15 +55,23 @@ class SidecarServer:
         path = self.config.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_socket(path)
+        # Bind and listen under a temporary name, then rename into place: a client that sees the
+        # socket file can connect at once (no window between bind and listen).
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(str(path))
+            listener.bind(str(staging))
             # Any local process may connect; who it is gets attested at hello, not by file mode.
-            os.chmod(path, 0o666)
+            os.chmod(staging, 0o666)
             listener.listen(min(self.config.max_clients, socket.SOMAXCONN))
             listener.setblocking(False)
+            os.rename(staging, path)
         except OSError:
             listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
             raise
         self._listener = listener
         logger.info("listening on %s (backend %s)", path, self.dataplane.backend.name)

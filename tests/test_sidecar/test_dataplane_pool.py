@@ -77,14 +77,33 @@ def test_claims_must_be_aligned_inside_the_arena_and_clear_of_live_objects() -> 
     assert pool.free(alloc) == 7, "the writer is the one to tell"
 
 
-def test_an_arena_returns_to_the_domain_when_its_writer_leaves() -> None:
-    pool, clock = make_pool()
+def test_an_unused_arena_returns_to_the_domain_when_its_writer_leaves() -> None:
+    pool, _ = make_pool()
+    arena = pool.grant_arena(7, 100)
+    pool.writer_left(7)
+    assert pool.grant_arena(9, 100).id == arena.id
+
+
+def test_an_arena_published_into_is_frozen_and_never_handed_out_for_writing_again() -> None:
+    pool, clock = make_pool(idle_release_s=1.0)
     arena = pool.grant_arena(7, 100)
     alloc = pool.claim(7, arena.id, 0, 100)
+    assert arena.frozen and arena.handle.frozen, "host memory: sealed against new writable mappings"
     pool.writer_left(7)
     assert pool.grant_arena(8, 100).id != arena.id, "not while an object lives in it"
     pool.free(alloc)
-    assert pool.grant_arena(9, 100).id == arena.id
+    assert pool.grant_arena(9, 100).id != arena.id, "nor once empty: a new writer could not map it"
+    clock.now += 5
+    assert arena.id in pool.collect(), "it is retired instead"
+
+
+def test_the_sidecars_own_host_slabs_are_frozen_from_birth() -> None:
+    pool, _ = make_pool()
+    alloc = pool.allocate(100)
+    slab = pool.slab(alloc.slab_id)
+    assert slab.frozen
+    with pytest.raises(errors.InternalError, match="frozen"):
+        slab.handle.export_fd(writable=True)
 
 
 def test_a_domain_over_its_quota_is_refused_while_others_still_allocate() -> None:

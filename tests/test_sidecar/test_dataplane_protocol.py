@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from faastube import errors, protocol
+from faastube.locations import Location
 from faastube.protocol import Kind, Op
 
 
@@ -37,38 +38,66 @@ def test_bodies_must_be_json_objects(raw: bytes) -> None:
         protocol.decode_body(raw)
 
 
+REF = "ft-" + "a" * 26
+
+
 @pytest.mark.parametrize("body, match", [
     ({"op": "nope"}, "unknown op"),
     ({}, "unknown op"),
-    ({"op": "get", "ref": "ft-x"}, "missing field 'location'"),
-    ({"op": "get", "ref": "ft-x", "location": "host", "extra": 1}, "unknown field"),
-    ({"op": "alloc", "nbytes": -1, "dtype": "<f4", "shape": [1], "location": "host"}, "nbytes"),
-    ({"op": "alloc", "nbytes": True, "dtype": "<f4", "shape": [1], "location": "host"}, "nbytes"),
-    ({"op": "alloc", "nbytes": 4, "dtype": "<f4", "shape": [1.5], "location": "host"}, "shape"),
-    ({"op": "alloc", "nbytes": 4, "dtype": "", "shape": [1], "location": "host"}, "dtype"),
-    ({"op": "alloc", "nbytes": 4, "dtype": "<f4", "shape": [1] * 40, "location": "host"}, "shape"),
-    ({"op": "seal", "ref": "ft-x", "ttl_s": float("nan")}, "ttl_s"),
-    ({"op": "seal", "ref": "ft-x", "ttl_s": float("inf")}, "ttl_s"),
-    ({"op": "release", "refs": "ft-x"}, "refs"),
+    ({"op": "get", "ref": REF}, "missing field 'location'"),
+    ({"op": "get", "ref": REF, "location": "host", "extra": 1}, "unknown field"),
+    ({"op": "get", "ref": REF, "location": "gpu:x"}, "bad location"),
+    ({"op": "get", "ref": "x" * 1000, "location": "host"}, "ref"),
+    ({"op": "arena", "nbytes": -1, "location": "host"}, "nbytes"),
+    ({"op": "arena", "nbytes": True, "location": "host"}, "nbytes"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1.5]}, "shape"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "", "shape": [1]}, "dtype"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1] * 40}, "shape"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1],
+      "ttl_s": float("nan")}, "ttl_s"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1],
+      "ttl_s": float("inf")}, "ttl_s"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1],
+      "fence": [[1, 4], [2, 2]]}, "increasing order"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1],
+      "fence": [[1, 1], [2, 2], [3, 3], [4, 4], [5, 5]]}, "1 to 4"),
+    ({"op": "publish", "ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1],
+      "fence": [[1]]}, "pairs"),
+    ({"op": "publish", "ref": "ft-UPPERCASE", "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4",
+      "shape": [1]}, "ref"),
+    ({"op": "release", "refs": REF}, "refs"),
     ({"op": "release", "refs": [1, 2]}, "refs"),
     ({"op": "unmap", "slabs": ["a"]}, "slabs"),
     ({"op": "hello", "version": 1, "devices": [{"ordinal": 0}]}, "devices"),
-    ({"op": "get", "ref": "x" * 1000, "location": "host"}, "ref"),
 ])
 def test_each_schema_violation_names_the_field(body, match) -> None:
     with pytest.raises(errors.InvalidRequest, match=match):
-        protocol.validate_request(body)
+        protocol.parse_request(body)
 
 
 def test_every_op_accepts_its_minimal_valid_body() -> None:
     minimal = {
-        Op.HELLO: {"version": 1}, Op.ALLOC: {"nbytes": 4, "dtype": "<f4", "shape": [1], "location": "host"},
-        Op.SEAL: {"ref": "r"}, Op.GET: {"ref": "r", "location": "gpu:0"}, Op.RELEASE: {"refs": []},
-        Op.FREE: {"ref": "r"}, Op.STAT: {"ref": "r"}, Op.UNMAP: {"slabs": [1]}, Op.PING: {}, Op.STATS: {},
+        Op.HELLO: {"version": 2}, Op.ARENA: {"nbytes": 4, "location": "host"},
+        Op.PUBLISH: {"ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1]},
+        Op.GET: {"ref": REF, "location": "gpu:0"}, Op.RELEASE: {"refs": []},
+        Op.FREE: {"ref": REF}, Op.STAT: {"ref": REF}, Op.UNMAP: {"slabs": [1]}, Op.PING: {}, Op.STATS: {},
+        Op.BYE: {},
     }
     assert set(minimal) == set(Op)
     for op, body in minimal.items():
-        assert protocol.validate_request({"op": op.value, **body}) is op
+        assert protocol.parse_request({"op": op.value, **body})[0] is op
+
+
+def test_locations_are_parsed_once_at_the_edge() -> None:
+    _, fields = protocol.parse_request({"op": "get", "ref": REF, "location": "gpu:3"})
+    assert fields["location"] == Location(3) and str(fields["location"]) == "gpu:3"
+
+
+def test_new_refs_are_well_formed_and_distinct() -> None:
+    refs = {protocol.new_ref() for _ in range(1000)}
+    assert len(refs) == 1000
+    for ref in refs:
+        assert protocol.check_ref(ref) == ref
 
 
 @pytest.mark.parametrize("exc", [
@@ -87,10 +116,11 @@ def test_ref_not_found_keeps_the_ref() -> None:
 
 @pytest.mark.parametrize("text, gpu", [("host", None), ("gpu:0", 0), ("gpu:12", 12)])
 def test_locations_parse(text, gpu) -> None:
-    assert protocol.parse_location(text) == gpu
+    location = Location.parse(text)
+    assert location.gpu == gpu and str(location) == text
 
 
-@pytest.mark.parametrize("text", ["gpu", "gpu:", "gpu:-1", "cpu", "gpu:1x", "gpu:99999"])
+@pytest.mark.parametrize("text", ["gpu", "gpu:", "gpu:-1", "cpu", "gpu:1x", "gpu:99999", 3, None])
 def test_bad_locations_are_refused(text) -> None:
     with pytest.raises(errors.InvalidRequest, match="location"):
-        protocol.parse_location(text)
+        Location.parse(text)

@@ -22,13 +22,15 @@ from pathlib import Path
 import pytest
 import yaml
 from faastube import client as ft_client
-from faastube import topology
+from faastube import locations, topology
 from faastube.errors import PermissionDenied
+from faastube.locations import HOST
 from faastube_sidecar.backends.host import HostBackend
 from faastube_sidecar.deviceplugin import api_pb2
+from faastube_sidecar.identity import Domain
 from faastube_sidecar.kube import DataPlanePoolStats
 from faastube_sidecar.nodepublisher import GpuPoolStats
-from faastube_sidecar.pool import Pool, PoolLimits
+from faastube_sidecar.pool import Budget, Pool, PoolLimits
 from test_deviceplugin_kubelet import Kubelet
 
 GIB = 1 << 30
@@ -175,17 +177,19 @@ def test_pool_stats_come_from_the_gpu_pools_with_their_limits():
     # Real pools over shared memory stand in for GPU memory; GPU 2 has no pool at all.
     backend = HostBackend()
     limits = PoolLimits(slab_bytes=4 * MIB, max_bytes=64 * MIB)
-    pools = {loc: Pool(loc, backend, limits) for loc in ("host", "gpu:0", "gpu:1")}
+    where = (HOST, locations.gpu(0), locations.gpu(1))
+    budgets = {loc: Budget(loc, limits) for loc in where}
+    pools = {loc: Pool(Domain("ns", "wf"), loc, backend, limits, budgets[loc]) for loc in where}
 
     class Owner:  # the two members of the DataPlane the source reads
         def __init__(self):
-            self.pools = pools
+            self.budgets = budgets
 
         def pool_stats(self):
             return [p.stats() for p in pools.values()]
 
-    pools["gpu:1"].allocate(3 * MIB)
-    pools["host"].allocate(1 * MIB)
+    pools[locations.gpu(1)].allocate(3 * MIB)
+    pools[HOST].allocate(1 * MIB)
     try:
         stats = DataPlanePoolStats(Owner(), [0, 1, 2], default_limit_bytes=16 * MIB).pool_stats()
         assert stats[0] == GpuPoolStats(0, 0, 64 * MIB)

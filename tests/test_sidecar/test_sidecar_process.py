@@ -89,7 +89,7 @@ def test_consumed_objects_are_released_when_views_are_garbage_collected(sidecar)
 
 
 def test_running_out_of_pool_memory_is_an_error_the_caller_can_handle(make_sidecar) -> None:
-    sc = make_sidecar("--host-pool-max", "4Mi", "--host-slab", "1Mi")
+    sc = make_sidecar("--host-pool-max", "4Mi", "--host-quota", "4Mi", "--host-slab", "1Mi")
     with ftc.connect(sc.socket_path) as c:
         keep = [c.put(np.zeros(1 << 20, np.uint8)) for _ in range(4)]
         with pytest.raises(errors.OutOfPoolMemory):

@@ -64,7 +64,7 @@ def test_thousands_of_random_frames_leave_the_sidecar_serving(sidecar) -> None:
 
 def test_truncated_frames_and_mid_frame_hangups_are_survived(sidecar) -> None:
     rng = random.Random(99)
-    frame = protocol.encode(protocol.Kind.REQUEST, 1, {"op": "hello", "version": 1})
+    frame = protocol.encode(protocol.Kind.REQUEST, 1, {"op": "hello", "version": protocol.VERSION})
     for _ in range(1000):
         s = _raw(sidecar.socket_path)
         try:
@@ -89,7 +89,7 @@ def test_well_framed_garbage_gets_error_replies_and_the_connection_survives(side
         assert reply[0].kind is protocol.Kind.ERROR and reply[0].request_id == i + 1
         assert reply[1]["message"]
     # The same connection still works once it says hello properly.
-    s.sendall(protocol.encode(protocol.Kind.REQUEST, 5000, {"op": "hello", "version": 1}))
+    s.sendall(protocol.encode(protocol.Kind.REQUEST, 5000, {"op": "hello", "version": protocol.VERSION}))
     reply = _read_reply(s)
     assert reply is not None and reply[0].kind is protocol.Kind.REPLY
     s.close()

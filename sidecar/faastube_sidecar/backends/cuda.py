@@ -306,6 +306,12 @@ class CudaBackend:
         if held is not None:
             held.slabs -= 1
 
+    def freeze_slab(self, handle: GpuSlab | HostSlab) -> bool:
+        if isinstance(handle, HostSlab):
+            handle.segment.freeze()
+            return True
+        return False     # CUDA IPC has no read-only mapping: whoever maps a GPU slab may write it
+
     def export_slab(self, handle: GpuSlab | HostSlab, *, with_pool: bool, writable: bool) -> Export:
         if isinstance(handle, HostSlab):
             return Export({"kind": "shm", "size": handle.size, "writable": writable},

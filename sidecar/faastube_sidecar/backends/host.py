@@ -27,6 +27,10 @@ class HostBackend:
     def destroy_slab(self, handle: ShmSegment) -> None:
         handle.close()
 
+    def freeze_slab(self, handle: ShmSegment) -> bool:
+        handle.freeze()
+        return True
+
     def export_slab(self, handle: ShmSegment, *, with_pool: bool, writable: bool) -> Export:
         return Export({"kind": "shm", "size": handle.size, "writable": writable},
                       (handle.export_fd(writable=writable),))
