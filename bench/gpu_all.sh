@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark of the project, for one call on the lent GPU machine.
-#   bash bench/gpu_all.sh [tests] [dataplane] [transfers] [e2e] [topology]   (default: all)
+#   bash bench/gpu_all.sh [tests] [dataplane] [dataplane-spin] [transfers] [e2e] [topology]   (default: all)
 # Writes logs and JSON under $OUT (or /tmp/faastube-gpu) and prints a short summary last.
 set -u
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ fi
 OUT="${OUT:-/tmp/faastube-gpu}"
 mkdir -p "$OUT"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(topology tests dataplane transfers e2e)
+[ ${#steps[@]} -eq 0 ] && steps=(topology tests dataplane dataplane-spin transfers e2e)
 summary="$OUT/summary.txt"
 : > "$summary"
 ft() { python3 -m faastube.cli "$@"; }
@@ -35,14 +35,22 @@ for step in "${steps[@]}"; do
         $(ls tests/test_runtime/test_*gpu*.py 2>/dev/null) > "$OUT/pytest-gpu.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$OUT/pytest-gpu.log")" >> "$summary" ;;
     dataplane)
-      timeout 300 python3 -m faastube.cli bench dataplane --out "$OUT" > "$OUT/dataplane.log" 2>&1
-      echo "dataplane (default: uvloop if installed, no spin): rc=$?" >> "$summary"
-      grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane.log" >> "$summary"
-      # Variants, to see where round-trip time goes: the plain asyncio loop; clients that spin.
-      timeout 120 python3 -m faastube.cli bench dataplane --no-baselines --patterns same-gpu gpu-gpu \
-        --spin-us 200 --sidecar-spin-us 200 --tag spin200 --out "$OUT" > "$OUT/dataplane-spin.log" 2>&1
-      echo "dataplane, client and sidecar spinning 200 us: rc=$?" >> "$summary"
-      grep -E "^\[(MET |MISS)\]|^metadata|^zero-copy" "$OUT/dataplane-spin.log" >> "$summary" ;;
+      # Default run (~3-4 min on 2x H200): every pattern, method and size, 1/4/8 pairs; JSON + PNGs in $OUT.
+      timeout 330 python3 -m faastube.cli --log-level WARNING bench dataplane --out "$OUT" > "$OUT/dataplane.log" 2>&1
+      rc=$?
+      echo "dataplane: rc=$rc $(grep -m1 -E '^\([0-9]+ s\)$' "$OUT/dataplane.log")" >> "$summary"
+      grep -E "^\[(MET|MISS|N/A)\]" "$OUT/dataplane.log" >> "$summary"
+      sed -n '/^== dataplane:/,$p' "$OUT/dataplane.log" >> "$summary"
+      [ $rc -ne 0 ] && tail -15 "$OUT/dataplane.log" >> "$summary" ;;
+    dataplane-spin)
+      # Where round-trip time goes: clients and sidecar busy-polling 200 us (the tube alone, quick).
+      timeout 180 python3 -m faastube.cli --log-level WARNING bench dataplane --quick --patterns same-gpu gpu-gpu \
+        --methods tube-put tube-seal floor ping --pairs 8 --spin-us 200 --sidecar-spin-us 200 --tag spin200 \
+        --no-plot --out "$OUT" > "$OUT/dataplane-spin.log" 2>&1
+      rc=$?
+      echo "dataplane, client and sidecar spinning 200 us: rc=$rc" >> "$summary"
+      grep -E "^\[(MET|MISS)\]" "$OUT/dataplane-spin.log" >> "$summary"
+      [ $rc -ne 0 ] && tail -15 "$OUT/dataplane-spin.log" >> "$summary" ;;
     transfers)
       timeout 420 python3 -m faastube.cli bench transfers --out "$OUT" > "$OUT/transfers.log" 2>&1
       echo "transfers: rc=$?" >> "$summary"
