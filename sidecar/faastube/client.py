@@ -47,7 +47,7 @@ import numpy as np
 from faastube import arrays, errors, protocol
 from faastube.arena import Arenas
 from faastube.locations import HOST, Location
-from faastube.mapping import CudaImporter, CudaSlab, HostSlab, map_host_slab
+from faastube.mapping import IPC_HANDLE_BYTES, CudaSlab, HostSlab, cuda_importer, map_host_slab
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ _ANCILLARY_BYTES = socket.CMSG_SPACE(protocol.MAX_FDS_PER_FRAME * _array.array("
 # GPU puts at least this large are copied in two halves, each fenced: a reader on another GPU
 # starts copying the first half while the second is still being written.
 _SPLIT_PUT_BYTES = 32 << 20
-_FLUSH_INTERVAL_S = 0.0005
 _EVENT_DISABLE_TIMING = 0x2
 
 Device = int | str | None
@@ -167,9 +166,11 @@ class Client:
         self._rbuf = bytearray()
         self._rfds: list[int] = []
         self._slabs: dict[int, HostSlab | CudaSlab] = {}
-        self._cuda: CudaImporter | None = None
+        self._pools: dict[int, tuple[int, int]] = {}             # GPU -> the imported pool's key
+        self._event_handles: dict[int, bytes] = {}               # event id -> IPC handle
         self._arenas: dict[Location, Arenas] = {}
-        self._fences: dict[int, tuple[int, ...]] = {}            # GPU -> this client's fence event ids
+        self._fences: dict[int, tuple[int, ...]] = {}            # GPU -> this client's ring of fence events
+        self._fence_turn = 0
         self._put_streams: dict[int, tuple[Any, int, int]] = {}  # ordinal -> (stream, local event x2)
         self._notifies: collections.deque[tuple[int, protocol.Op, Any]] = collections.deque()
         self._deferred: list[errors.FaastubeError] = []
@@ -178,8 +179,6 @@ class Client:
         self._forgotten: collections.deque[tuple[Location, int, int]] = collections.deque()
         self._idle_events: list[tuple[int, int]] = []            # (ordinal, event) for reuse
         self._reads: dict[str, list[_Read]] = {}
-        self._flusher: threading.Thread | None = None
-        self._flush_wakeup = threading.Event()
         self.closed = False
         self.last_path = "local"
         # A blocking socket whose receive timeout is the kernel's (SO_RCVTIMEO): one recvmsg per
@@ -306,6 +305,7 @@ class Client:
                 lease = _Lease(read, slab)
                 weakref.finalize(lease, self._views_died, read)
                 self._reads.setdefault(ref, []).append(read)
+                _FLUSHER.start()
                 view = self._view(slab, int(reply["alloc"]["offset"]), tuple(reply["shape"]), reply["dtype"],
                                   lease, readonly=True)
             except (KeyError, TypeError, ValueError) as e:
@@ -327,9 +327,15 @@ class Client:
         """
         with self._lock:
             read = self._open_read(ref)
-            if read is None:
-                raise errors.InvalidRequest(f"release {ref!r}: this client holds no open read of it")
-            self._end_read(read, consumed)
+            if read is not None:
+                self._end_read(read, consumed)
+            else:
+                # Its views may have been garbage collected already, the read's end queued but not
+                # yet sent: this release says how it counts.
+                queued = next((item for item in self._releases if item.ref == ref), None)
+                if queued is None:
+                    raise errors.InvalidRequest(f"release {ref!r}: this client holds no open read of it")
+                queued.consumed = consumed
             self._send_releases()
 
     def free(self, ref: str | Writable) -> None:
@@ -341,18 +347,27 @@ class Client:
                 ref.discard()
                 return
             ref = ref.ref or ""
-        self._call(protocol.Op.FREE, {"ref": ref})
+        with self._lock:
+            self._raise_deferred()
+            self._call(protocol.Op.FREE, {"ref": ref})
 
     def stat(self, ref: str) -> ObjectInfo:
-        r, _ = self._call(protocol.Op.STAT, {"ref": ref})
+        with self._lock:
+            self._raise_deferred()
+            r, _ = self._call(protocol.Op.STAT, {"ref": ref})
         return ObjectInfo(r["ref"], r["nbytes"], r["dtype"], tuple(r["shape"]), r["state"], tuple(r["locations"]),
                           r["consumers_left"], r["readers"], r["expires_in_s"], r["owner"])
 
     def stats(self) -> dict[str, Any]:
-        return self._call(protocol.Op.STATS, {})[0]
+        with self._lock:
+            self._raise_deferred()
+            return self._call(protocol.Op.STATS, {})[0]
 
     def ping(self) -> None:
-        self._call(protocol.Op.PING, {})
+        """One metadata round trip (it also picks up notices, and raises a deferred error)."""
+        with self._lock:
+            self._raise_deferred()
+            self._call(protocol.Op.PING, {})
 
     def flush(self) -> None:
         """Send ended reads (waiting for GPU readers' work), pick up notices, raise deferred errors."""
@@ -378,7 +393,6 @@ class Client:
             finally:
                 self.closed = True
                 self._sock.close()
-                self._flush_wakeup.set()
                 for deferred in self._deferred:
                     logger.warning("faastube: %s", deferred)
                 self._deferred.clear()
@@ -476,25 +490,28 @@ class Client:
             return self._fence_after(slab, parts)
 
     def _fence_after(self, slab: CudaSlab, parts: list[tuple[int, int]]) -> list[list[int]]:
-        """Record this client's fence events after the work queued so far on each part's stream.
+        """Record fence events after the work queued so far on each part's stream.
 
-        The fences are always recorded on this client's own put stream (chained to the user's
-        stream by a local event), so a later record of the same event is always later in one
-        stream: a reader waiting on a re-recorded event waits at worst a little longer."""
+        Fences are always recorded on this client's own put stream (chained to the user's
+        stream by a local event), taking the next events of the ring the sidecar gave us for
+        this GPU: a reader waits for an event's latest record, which is then this put's, or,
+        after a deep burst of puts, a later one of the same stream (a little longer, never wrong)."""
         import cupy
 
         rt = cupy.cuda.runtime
-        fence_ids = self._fences.get(slab.gpu)
-        if not fence_ids or self._cuda is None:
+        ring = self._fences.get(slab.gpu)
+        if not ring:
             raise errors.ProtocolError(f"no fence events for GPU {slab.gpu} from the sidecar")
-        put_stream, local = self._put_stream(slab.ordinal)
-        fence_events = fence_ids[-len(parts):]
         out = []
-        for (user_stream, end), (event_id, local_event) in zip(parts, zip(fence_events, local[-len(parts):])):
-            rt.eventRecord(local_event, user_stream)
-            rt.streamWaitEvent(put_stream.ptr, local_event, 0)
-            rt.eventRecord(self._cuda.event(event_id, slab.ordinal), put_stream.ptr)
-            out.append([event_id, end])
+        with cupy.cuda.Device(slab.ordinal):
+            put_stream, local = self._put_stream(slab.ordinal)
+            for i, (user_stream, end) in enumerate(parts):
+                event_id = ring[self._fence_turn % len(ring)]
+                self._fence_turn += 1
+                rt.eventRecord(local[i], user_stream)
+                rt.streamWaitEvent(put_stream.ptr, local[i], 0)
+                rt.eventRecord(self._event(event_id, slab.ordinal), put_stream.ptr)
+                out.append([event_id, end])
         return out
 
     def _put_stream(self, ordinal: int) -> tuple[Any, tuple[int, ...]]:
@@ -539,20 +556,21 @@ class Client:
     # --- reading ------------------------------------------------------------------------------
 
     def _learn_events(self, reply: dict[str, Any]) -> None:
-        events = reply.get("events")
-        if events:
-            if self._cuda is None:
-                self._cuda = CudaImporter()
-            for event_id, handle in events.items():
-                self._cuda.know_event(int(event_id), handle)
+        for event_id, handle in (reply.get("events") or {}).items():
+            self._event_handles[int(event_id)] = protocol.decode_handle(
+                handle, size=IPC_HANDLE_BYTES, what=f"event {event_id}'s handle")
+
+    def _event(self, event_id: int, ordinal: int) -> int:
+        handle = self._event_handles.get(event_id)
+        if handle is None:
+            raise errors.ProtocolError(f"told to use event {event_id} before receiving its handle")
+        return cuda_importer().event(handle, ordinal)
 
     def _wait_fence(self, fence: list[list[int]], ordinal: int, stream_ptr: int) -> None:
         """Order our stream after the last event of the fence (the whole object written)."""
-        if self._cuda is None:
-            raise errors.ProtocolError("a fence arrived before any event handle")
         import cupy
 
-        event = self._cuda.event(int(fence[-1][0]), ordinal)
+        event = self._event(int(fence[-1][0]), ordinal)
         with cupy.cuda.Device(ordinal):
             cupy.cuda.runtime.streamWaitEvent(stream_ptr, event, 0)
 
@@ -585,11 +603,13 @@ class Client:
             if ordinal is None:
                 _close_all(mine)
                 raise errors.ProtocolError(f"slab {slab_id} is on GPU {gpu}, which this process can't see")
-            if self._cuda is None:
-                self._cuda = CudaImporter()
+            importer = cuda_importer()
             if mine:
-                self._cuda.import_pool(gpu, ordinal, mine[0])
-            self._slabs[slab_id] = self._cuda.map_slab(slab_id, size, gpu, ordinal, intro["payload"])
+                self._pools[gpu] = importer.import_pool(ordinal, mine[0])
+            pool = self._pools.get(gpu)
+            if pool is None:
+                raise errors.ProtocolError(f"slab {slab_id} on GPU {gpu} arrived before that GPU's pool")
+            self._slabs[slab_id] = importer.map_slab(pool, slab_id, size, gpu, ordinal, intro["payload"])
             return
         _close_all(mine)
         raise errors.ProtocolError(f"slab {slab_id}: unknown kind {kind!r}")
@@ -675,8 +695,6 @@ class Client:
                 item.event = None
             ready.append(item)
         self._releases.extendleft(reversed(held))
-        if held:
-            self._start_flusher()
         return ready
 
     def _release_frames(self, *, wait: bool = False) -> list[bytes]:
@@ -701,26 +719,17 @@ class Client:
         if frames:
             self._send(frames)
 
-    def _start_flusher(self) -> None:
-        if self._flusher is None or not self._flusher.is_alive():
-            self._flusher = threading.Thread(target=self._flush_loop, name="faastube-releases", daemon=True)
-            self._flusher.start()
-        self._flush_wakeup.set()
-
-    def _flush_loop(self) -> None:
-        """Send releases whose readers' GPU work finished while the client sat idle."""
-        while not self.closed:
-            self._flush_wakeup.wait(timeout=1.0)
-            self._flush_wakeup.clear()
-            while self._releases and not self.closed:
-                time.sleep(_FLUSH_INTERVAL_S)
-                with self._lock:
-                    if self.closed:
-                        return
-                    try:
-                        self._send_releases()
-                    except errors.FaastubeError:
-                        return
+    def _flush_idle(self) -> None:
+        """From the flusher thread: send what is ready, unless the client is busy (it will itself)."""
+        if self.closed or not self._releases or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if not self.closed:
+                self._send_releases()
+        except errors.FaastubeError as e:
+            logger.debug("flushing releases failed: %s", e)
+        finally:
+            self._lock.release()
 
     # --- wire ---------------------------------------------------------------------------------
 
@@ -939,6 +948,38 @@ def _importable() -> set[str]:
 
 # Clients still open at interpreter exit say goodbye: their open reads end normally.
 _LIVE: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+class _Flusher:
+    """One thread per process that sends reads ended while their client sat idle.
+
+    A view garbage collected ends its read, but the collector may run at any moment (inside
+    another call of the same client); it only queues. So does a GPU read whose stream still
+    works. This thread sends what became ready, so an idle client holds nothing back for long.
+    """
+
+    INTERVAL_S = 0.01
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._guard:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="faastube-releases", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.INTERVAL_S)
+            for client in list(_LIVE):
+                client._flush_idle()
+
+
+_FLUSHER = _Flusher()
 
 
 @atexit.register

@@ -21,6 +21,7 @@ import ctypes
 import logging
 import mmap
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -86,16 +87,24 @@ def map_host_slab(slab_id: int, size: int, fd: int, *, writable: bool) -> HostSl
 
 
 class CudaImporter:
-    """Imports the sidecar's GPU pools (once per GPU), maps slabs, opens events."""
+    """Imports the sidecar's GPU pools, maps slabs, opens events: once per *process*.
+
+    Every client of a process shares this (see `cuda_importer()`): CUDA maps one pool
+    allocation once per process, whichever client asks. Pools are known by the identity
+    of their file (the sidecar passes duplicates of one descriptor), slabs by their
+    pool and export data, events by their handle.
+    """
 
     def __init__(self) -> None:
         from cuda.bindings import driver
 
         self._d = driver
+        self._lock = threading.RLock()
         self._contexts: dict[int, Any] = {}     # ordinal -> retained primary context
-        self._pools: dict[int, Any] = {}        # sidecar GPU index -> imported CUmemoryPool
-        self._events: OrderedDict[int, tuple[int, Any]] = OrderedDict()   # event id -> (ordinal, CUevent)
-        self._handles: dict[int, bytes] = {}    # event id -> handle, known but not opened yet
+        self._pools: dict[tuple[int, int], Any] = {}            # (st_dev, st_ino) -> CUmemoryPool
+        self._slabs: weakref.WeakValueDictionary[tuple[tuple[int, int], bytes], CudaSlab] = \
+            weakref.WeakValueDictionary()
+        self._events: OrderedDict[bytes, Any] = OrderedDict()   # handle -> CUevent
 
     def _check(self, result: Any, what: str) -> Any:
         err = result[0]
@@ -107,76 +116,82 @@ class CudaImporter:
     def on_device(self, ordinal: int) -> Iterator[None]:
         """Run driver calls in the device's primary context without moving the caller's."""
         d = self._d
-        ctx = self._contexts.get(ordinal)
-        if ctx is None:
-            self._check(d.cuInit(0), "cuInit")
-            dev = self._check(d.cuDeviceGet(ordinal), f"device {ordinal}")
-            ctx = self._check(d.cuDevicePrimaryCtxRetain(dev), f"primary context of device {ordinal}")
-            self._contexts[ordinal] = ctx
+        with self._lock:
+            ctx = self._contexts.get(ordinal)
+            if ctx is None:
+                self._check(d.cuInit(0), "cuInit")
+                dev = self._check(d.cuDeviceGet(ordinal), f"device {ordinal}")
+                ctx = self._check(d.cuDevicePrimaryCtxRetain(dev), f"primary context of device {ordinal}")
+                self._contexts[ordinal] = ctx
         self._check(d.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
         try:
             yield
         finally:
             d.cuCtxPopCurrent()
 
-    def has_pool(self, gpu: int) -> bool:
-        return gpu in self._pools
-
-    def import_pool(self, gpu: int, ordinal: int, fd: int) -> None:
-        """Import a GPU's pool from its fd (consumed either way)."""
+    def import_pool(self, ordinal: int, fd: int) -> tuple[int, int]:
+        """Import a pool from its fd (consumed either way); returns the key that names it."""
         try:
-            if gpu in self._pools:
-                return
-            d = self._d
-            with self.on_device(ordinal):
-                pool = self._check(d.cuMemPoolImportFromShareableHandle(
-                    fd, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-                    f"importing GPU {gpu}'s pool")
-            self._pools[gpu] = pool
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            with self._lock:
+                if key not in self._pools:
+                    d = self._d
+                    with self.on_device(ordinal):
+                        self._pools[key] = self._check(d.cuMemPoolImportFromShareableHandle(
+                            fd, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                            "importing a GPU pool")
+            return key
         finally:
             os.close(fd)
 
-    def map_slab(self, slab_id: int, size: int, gpu: int, ordinal: int, payload_b64: str) -> CudaSlab:
-        pool = self._pools.get(gpu)
-        if pool is None:
-            raise errors.ProtocolError(f"slab {slab_id} on GPU {gpu} arrived before that GPU's pool")
+    def map_slab(self, pool_key: tuple[int, int], slab_id: int, size: int, gpu: int, ordinal: int,
+                 payload_b64: str) -> CudaSlab:
         payload = protocol.decode_handle(payload_b64, size=IPC_HANDLE_BYTES, what=f"slab {slab_id}'s export data")
-        d = self._d
-        export = d.CUmemPoolPtrExportData()
-        ctypes.memmove(export.getPtr(), payload, IPC_HANDLE_BYTES)
-        with self.on_device(ordinal):
-            ptr = self._check(d.cuMemPoolImportPointer(pool, export), f"mapping slab {slab_id} of GPU {gpu}")
-        slab = CudaSlab(slab_id, size, gpu, ordinal, int(ptr))
-        slab._finalizer = weakref.finalize(slab, _unmap, self, ordinal, ptr)
-        return slab
+        with self._lock:
+            pool = self._pools.get(pool_key)
+            if pool is None:
+                raise errors.ProtocolError(f"slab {slab_id} on GPU {gpu} arrived before that GPU's pool")
+            known = self._slabs.get((pool_key, payload))
+            if known is not None:
+                return known
+            d = self._d
+            export = d.CUmemPoolPtrExportData()
+            ctypes.memmove(export.getPtr(), payload, IPC_HANDLE_BYTES)
+            with self.on_device(ordinal):
+                ptr = self._check(d.cuMemPoolImportPointer(pool, export), f"mapping slab {slab_id} of GPU {gpu}")
+            slab = CudaSlab(slab_id, size, gpu, ordinal, int(ptr))
+            slab._finalizer = weakref.finalize(slab, _unmap, self, ordinal, ptr)
+            self._slabs[(pool_key, payload)] = slab
+            return slab
 
-    # --- events -------------------------------------------------------------------------------
-
-    def know_event(self, event_id: int, handle_b64: str) -> None:
-        if event_id not in self._events:
-            self._handles[event_id] = protocol.decode_handle(handle_b64, size=IPC_HANDLE_BYTES,
-                                                             what=f"event {event_id}'s handle")
-
-    def event(self, event_id: int, ordinal: int) -> int:
-        """The opened event (a CUevent as an int), opening it on first use."""
-        held = self._events.get(event_id)
-        if held is not None:
-            self._events.move_to_end(event_id)
-            return int(held[1])
-        handle = self._handles.pop(event_id, None)
-        if handle is None:
-            raise errors.ProtocolError(f"told to wait for event {event_id} before receiving its handle")
-        d = self._d
-        raw = d.CUipcEventHandle()
-        ctypes.memmove(raw.getPtr(), handle, IPC_HANDLE_BYTES)
-        with self.on_device(ordinal):
-            event = self._check(d.cuIpcOpenEventHandle(raw), f"opening event {event_id}")
-        self._events[event_id] = (ordinal, event)
-        while len(self._events) > MAX_OPEN_EVENTS:
-            _, (old_ordinal, old) = self._events.popitem(last=False)
-            with self.on_device(old_ordinal):
+    def event(self, handle: bytes, ordinal: int) -> int:
+        """An inter-process event (a CUevent as an int), opened on first use."""
+        with self._lock:
+            event = self._events.get(handle)
+            if event is not None:
+                self._events.move_to_end(handle)
+                return int(event)
+            d = self._d
+            raw = d.CUipcEventHandle()
+            ctypes.memmove(raw.getPtr(), handle, IPC_HANDLE_BYTES)
+            with self.on_device(ordinal):
+                event = self._check(d.cuIpcOpenEventHandle(raw), "opening a fence event")
+            self._events[handle] = event
+            while len(self._events) > MAX_OPEN_EVENTS:
+                _, old = self._events.popitem(last=False)
                 d.cuEventDestroy(old)
-        return int(event)
+            return int(event)
+
+
+_IMPORTER: CudaImporter | None = None
+
+
+def cuda_importer() -> CudaImporter:
+    global _IMPORTER
+    if _IMPORTER is None:
+        _IMPORTER = CudaImporter()
+    return _IMPORTER
 
 
 def _unmap(importer: CudaImporter, ordinal: int, ptr: Any) -> None:

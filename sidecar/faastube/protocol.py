@@ -25,7 +25,7 @@ import json
 import re
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,9 +102,15 @@ class Header:
     body_bytes: int
 
 
+# One encoder and decoder, built once: json.dumps/loads build (or look up) theirs on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder()
+_KINDS = {int(k): k for k in Kind}
+
+
 def encode(kind: Kind, request_id: int, body: Mapping[str, Any]) -> bytes:
-    payload = json.dumps(body, separators=(",", ":")).encode()
-    return HEADER.pack(MAGIC, VERSION, int(kind), request_id & 0xFFFFFFFF, len(payload)) + payload
+    payload = _ENCODER.encode(body).encode()
+    return HEADER.pack(MAGIC, VERSION, kind, request_id & 0xFFFFFFFF, len(payload)) + payload
 
 
 def decode_header(data: bytes | bytearray | memoryview, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Header:
@@ -113,10 +119,9 @@ def decode_header(data: bytes | bytearray | memoryview, *, max_body_bytes: int =
         raise errors.ProtocolError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r})")
     if version != VERSION:
         raise errors.ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
-    try:
-        frame_kind = Kind(kind)
-    except ValueError:
-        raise errors.ProtocolError(f"unknown frame kind {kind}") from None
+    frame_kind = _KINDS.get(kind)
+    if frame_kind is None:
+        raise errors.ProtocolError(f"unknown frame kind {kind}")
     if body_bytes > max_body_bytes:
         raise errors.ProtocolError(f"frame body of {body_bytes} bytes exceeds the limit of {max_body_bytes}")
     return Header(frame_kind, request_id, body_bytes)
@@ -124,7 +129,7 @@ def decode_header(data: bytes | bytearray | memoryview, *, max_body_bytes: int =
 
 def decode_body(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
-        body = json.loads(bytes(data))
+        body = _DECODER.decode(bytes(data).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise errors.ProtocolError(f"frame body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
@@ -203,58 +208,95 @@ def _is_count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-def _check_field(op: Op, name: str, tag: str, value: Any) -> Any:
-    """The field's value as the services use it (a Location for a location), or InvalidRequest."""
-    def bad(expected: str) -> errors.InvalidRequest:
-        return errors.InvalidRequest(f"{op.value}: field {name!r} must be {expected}, got {value!r:.80}")
+# Checkers: return the field's value as the services use it, or the description of what it must be
+# (as an _Expected) so the caller builds the error message. No closures, no exceptions on success:
+# this runs for every field of every request.
+class _Expected(str):
+    pass
 
-    if tag == "int":
-        if not _is_count(value):
-            raise bad("a non-negative integer")
-    elif tag == "ref":
-        if not isinstance(value, str) or _REF_PATTERN.fullmatch(value) is None:
-            raise bad(f"a ref ('{REF_PREFIX}' and {_REF_CHARS} base32 characters)")
-    elif tag == "location":
+
+def _int(value: Any) -> Any:
+    return value if type(value) is int and value >= 0 else _Expected("a non-negative integer")
+
+
+def _ref(value: Any) -> Any:
+    if type(value) is str and _REF_PATTERN.fullmatch(value) is not None:
+        return value
+    return _Expected(f"a ref ('{REF_PREFIX}' and {_REF_CHARS} base32 characters)")
+
+
+def _location(value: Any) -> Any:
+    try:
         return Location.parse(value)
-    elif tag == "str":
-        if not isinstance(value, str) or not value or len(value) > MAX_STRING:
-            raise bad(f"a non-empty string of at most {MAX_STRING} characters")
-    elif tag == "num":
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
-            raise bad("a finite non-negative number")
-    elif tag == "bool":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-    elif tag == "shape":
-        if type(value) is not list or len(value) > MAX_DIMS or not all(_is_count(d) for d in value):
-            raise bad(f"a list of at most {MAX_DIMS} non-negative integers")
-    elif tag == "refs":
-        if type(value) is not list or len(value) > MAX_LIST_ITEMS:
-            raise bad(f"a list of at most {MAX_LIST_ITEMS} refs")
-        for item in value:
-            _check_field(op, name + "[]", "ref", item)
-    elif tag == "ints":
-        if type(value) is not list or len(value) > MAX_LIST_ITEMS or not all(_is_count(v) for v in value):
-            raise bad(f"a list of at most {MAX_LIST_ITEMS} non-negative integers")
-    elif tag == "fence":
-        if (type(value) is not list or not 1 <= len(value) <= MAX_FENCES
-                or not all(type(p) is list and len(p) == 2 and _is_count(p[0]) and _is_count(p[1])
-                           for p in value)):
-            raise bad(f"a list of 1 to {MAX_FENCES} [event id, end offset] pairs")
-        ends = [p[1] for p in value]
-        if ends != sorted(ends) or len(set(ends)) != len(ends):
-            raise bad("fences in increasing order of their end offsets")
-    elif tag == "devices":
-        if not isinstance(value, list) or len(value) > 64:
-            raise bad("a list of at most 64 {ordinal, pci_bus_id} objects")
-        for item in value:
-            if (not isinstance(item, dict) or set(item) != {"ordinal", "pci_bus_id"}
-                    or not _is_count(item["ordinal"]) or not isinstance(item["pci_bus_id"], str)
-                    or len(item["pci_bus_id"]) > 32):
-                raise bad("a list of {ordinal: int, pci_bus_id: str} objects")
-    else:  # pragma: no cover - a schema typo, caught by tests
-        raise AssertionError(tag)
+    except errors.InvalidRequest:
+        return _Expected("'host' or 'gpu:N'")
+
+
+def _str(value: Any) -> Any:
+    if type(value) is str and 0 < len(value) <= MAX_STRING:
+        return value
+    return _Expected(f"a non-empty string of at most {MAX_STRING} characters")
+
+
+def _num(value: Any) -> Any:
+    if type(value) in (int, float) and value >= 0 and value != float("inf"):
+        return value
+    return _Expected("a finite non-negative number")
+
+
+def _bool(value: Any) -> Any:
+    return value if type(value) is bool else _Expected("true or false")
+
+
+def _shape(value: Any) -> Any:
+    if type(value) is list and len(value) <= MAX_DIMS and all(type(d) is int and d >= 0 for d in value):
+        return value
+    return _Expected(f"a list of at most {MAX_DIMS} non-negative integers")
+
+
+def _refs(value: Any) -> Any:
+    if type(value) is list and len(value) <= MAX_LIST_ITEMS and \
+            all(type(r) is str and _REF_PATTERN.fullmatch(r) is not None for r in value):
+        return value
+    return _Expected(f"a list of at most {MAX_LIST_ITEMS} refs")
+
+
+def _ints(value: Any) -> Any:
+    if type(value) is list and len(value) <= MAX_LIST_ITEMS and all(_is_count(v) for v in value):
+        return value
+    return _Expected(f"a list of at most {MAX_LIST_ITEMS} non-negative integers")
+
+
+def _fence(value: Any) -> Any:
+    if (type(value) is not list or not 1 <= len(value) <= MAX_FENCES
+            or not all(type(p) is list and len(p) == 2 and _is_count(p[0]) and _is_count(p[1]) for p in value)):
+        return _Expected(f"a list of 1 to {MAX_FENCES} [event id, end offset] pairs")
+    ends = [p[1] for p in value]
+    if ends != sorted(ends) or len(set(ends)) != len(ends):
+        return _Expected("fences in increasing order of their end offsets")
     return value
+
+
+def _devices(value: Any) -> Any:
+    if not isinstance(value, list) or len(value) > 64:
+        return _Expected("a list of at most 64 {ordinal, pci_bus_id} objects")
+    for item in value:
+        if (not isinstance(item, dict) or set(item) != {"ordinal", "pci_bus_id"}
+                or not _is_count(item["ordinal"]) or not isinstance(item["pci_bus_id"], str)
+                or len(item["pci_bus_id"]) > 32):
+            return _Expected("a list of {ordinal: int, pci_bus_id: str} objects")
+    return value
+
+
+_CHECKERS: dict[str, Callable[[Any], Any]] = {
+    "int": _int, "ref": _ref, "location": _location, "str": _str, "num": _num, "bool": _bool, "shape": _shape,
+    "refs": _refs, "ints": _ints, "fence": _fence, "devices": _devices,
+}
+# op -> field -> (checker, required); op -> its required fields
+_COMPILED = {op: {name: (_CHECKERS[tag], required) for name, (tag, required) in schema.items()}
+             for op, schema in _SCHEMAS.items()}
+_REQUIRED = {op: tuple(name for name, (_, required) in schema.items() if required) for op, schema in _SCHEMAS.items()}
+_OPS = {op.value: op for op in Op}
 
 
 def parse_request(body: Mapping[str, Any]) -> tuple[Op, dict[str, Any]]:
@@ -264,11 +306,10 @@ def parse_request(body: Mapping[str, Any]) -> tuple[Op, dict[str, Any]]:
     missing (or None), locations are :class:`Location` values.
     """
     raw_op = body.get("op")
-    try:
-        op = Op(raw_op)
-    except (ValueError, TypeError):
-        raise errors.InvalidRequest(f"unknown op {raw_op!r:.40}; known: {', '.join(o.value for o in Op)}") from None
-    schema = _SCHEMAS[op]
+    op = _OPS.get(raw_op) if type(raw_op) is str else None
+    if op is None:
+        raise errors.InvalidRequest(f"unknown op {raw_op!r:.40}; known: {', '.join(o.value for o in Op)}")
+    schema = _COMPILED[op]
     fields: dict[str, Any] = {}
     for name, value in body.items():
         if name == "op":
@@ -279,9 +320,12 @@ def parse_request(body: Mapping[str, Any]) -> tuple[Op, dict[str, Any]]:
             raise errors.InvalidRequest(f"{op.value}: unknown field(s) {', '.join(unknown)[:120]}")
         if value is None and not spec[1]:
             continue
-        fields[name] = _check_field(op, name, spec[0], value)
-    for name, (_tag, required) in schema.items():
-        if required and name not in fields:
+        checked = spec[0](value)
+        if type(checked) is _Expected:
+            raise errors.InvalidRequest(f"{op.value}: field {name!r} must be {checked}, got {value!r:.80}")
+        fields[name] = checked
+    for name in _REQUIRED[op]:
+        if name not in fields:
             raise errors.InvalidRequest(f"{op.value}: missing field {name!r}")
     return op, fields
 

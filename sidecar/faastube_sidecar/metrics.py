@@ -31,7 +31,7 @@ class SidecarMetrics(TransferObserver):
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.request_seconds = Histogram(
-            "faastube_request_seconds", "Time to serve one request, by op", ["op"],
+            "faastube_request_seconds", "Time to serve one request that has a reply (notifies are not timed), by op", ["op"],
             buckets=_LATENCY_BUCKETS, registry=registry)
         self.requests = Counter(
             "faastube_requests_total", "Requests served, by op and result (ok or an error code)",

@@ -83,6 +83,7 @@ class Slab(Generic[H]):
     arena: bool                                   # sub-allocated by a client (else by the sidecar)
     writer: int | None = None                     # the session an arena is leased to
     live: dict[int, int] = field(default_factory=dict)          # offset -> reserved bytes in use
+    starts: list[int] = field(default_factory=list)             # arenas: sorted offsets of `live`
     free: list[tuple[int, int]] = field(default_factory=list)   # shared slabs: sorted (offset, length)
     mappers: set[int] = field(default_factory=set)              # session ids that mapped it
     frozen: bool = False                          # no new writable mapping possible (host memory)
@@ -125,11 +126,24 @@ class Slab(Generic[H]):
     # --- arenas: ranges the writer chose ---------------------------------------------------------
 
     def overlaps(self, offset: int, reserved: int) -> bool:
-        end = offset + reserved
-        for start, length in self.live.items():
-            if start < end and offset < start + length:
-                return True
+        i = bisect.bisect_left(self.starts, offset)
+        if i < len(self.starts) and self.starts[i] < offset + reserved:
+            return True                     # the next live range starts inside ours
+        if i > 0:
+            before = self.starts[i - 1]
+            return before + self.live[before] > offset     # the previous one reaches into ours
         return False
+
+    def place(self, offset: int, reserved: int) -> None:
+        self.live[offset] = reserved
+        bisect.insort(self.starts, offset)
+
+    def vacate(self, offset: int) -> bool:
+        if self.live.pop(offset, None) is None:
+            return False
+        if self.arena:
+            del self.starts[bisect.bisect_left(self.starts, offset)]
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +291,7 @@ class Pool(Generic[H]):
         if not slab.frozen:
             # The writer mapped its arena before publishing into it: from now on nobody else can.
             slab.frozen = self._backend.freeze_slab(slab.handle)
-        slab.live[offset] = reserved
+        slab.place(offset, reserved)
         return Allocation(slab.id, self.location, offset, nbytes, reserved)
 
     def return_arena(self, session_id: int, slab_id: int) -> bool:
@@ -302,7 +316,7 @@ class Pool(Generic[H]):
     def free(self, alloc: Allocation) -> int | None:
         """Give an object's bytes back; returns the arena writer to tell, if any."""
         slab = self.slabs.get(alloc.slab_id)
-        if slab is None or slab.live.pop(alloc.offset, None) is None:
+        if slab is None or not slab.vacate(alloc.offset):
             raise errors.InternalError(f"pool {self.domain}@{self.location}: freeing an unknown range "
                                        f"{alloc.slab_id}:{alloc.offset}")
         if not slab.arena:

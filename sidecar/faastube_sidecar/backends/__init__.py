@@ -87,9 +87,6 @@ class Backend(Protocol):
 
     def event_handle(self, event_id: int) -> bytes: ...
 
-    def fence_pending(self, fence: Fence) -> bool:
-        """True while the last event of `fence` has not completed."""
-
     def drop_events(self, event_ids: list[int]) -> None: ...
 
     def submit_copy(self, dst: Span, src: Span, *, after: Fence | None, domain: Domain,

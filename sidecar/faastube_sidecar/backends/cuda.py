@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 MULTIPATH_MIN_BYTES = 32 << 20   # below this one cudaMemcpyAsync beats the engine's thread hop
 FENCE_TIMEOUT_S = 60.0           # a writer whose fence never completes: its copies fail after this
+COPY_EVENTS = 4                  # per domain and GPU, recorded in turn after the sidecar's copies
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,16 @@ class _DomainGpu:
 
     mr: Any                          # cuda.core DeviceMemoryResource(ipc_enabled=True)
     stream: Any                      # cupy Stream for this domain's copies issued on this GPU
-    copy_event: int | None = None    # event id recorded after each copy that lands here
+    copy_events: tuple[int, ...] = ()   # a ring of event ids, one recorded after each copy landing here
+    next_event: int = 0
     slabs: int = 0
+
+    def copy_event(self) -> int | None:
+        if not self.copy_events:
+            return None
+        event = self.copy_events[self.next_event % len(self.copy_events)]
+        self.next_event += 1
+        return event
 
 
 class CudaBackend:
@@ -226,7 +235,7 @@ class CudaBackend:
         held = _DomainGpu(mr, stream)
         if self._copy_events_enabled:
             try:
-                held.copy_event = self._new_event(domain, gpu).id
+                held.copy_events = tuple(self._new_event(domain, gpu).id for _ in range(COPY_EVENTS))
             except Exception as e:  # noqa: BLE001 - consumers then wait for the copy's end instead
                 logger.warning("GPU %d: no inter-process copy event for %s (%s); GPU gets wait for copies",
                                gpu, domain, e)
@@ -241,8 +250,7 @@ class CudaBackend:
                 logger.warning("GPU %d: workflow %s still holds %d slabs; its pool stays", gpu, domain, held.slabs)
                 continue
             del self._domains[(dom, gpu)]
-            if held.copy_event is not None:
-                self.drop_events([held.copy_event])
+            self.drop_events(list(held.copy_events))
             try:
                 held.stream.synchronize()
                 held.mr.close()
@@ -348,15 +356,6 @@ class CudaBackend:
     def event_handle(self, event_id: int) -> bytes:
         return self._events[event_id].handle
 
-    def fence_pending(self, fence: Fence) -> bool:
-        event = self._events.get(fence[-1][0])
-        if event is None:
-            return False
-        try:
-            return self._cupy.cuda.runtime.eventQuery(event.ptr) != 0
-        except self._cupy.cuda.runtime.CUDARuntimeError:
-            return False
-
     def drop_events(self, event_ids: list[int]) -> None:
         for event_id in event_ids:
             event = self._events.pop(event_id, None)
@@ -408,7 +407,7 @@ class CudaBackend:
             return CopyTicket(path, done)
         if self._scheduled is not None and src.nbytes >= MULTIPATH_MIN_BYTES and (
                 path in ("h2d", "d2h") or self._relays_pay(src.location, dst.location)):
-            return self._submit_scheduled(dst, src, path, after, requester, done)
+            return self._submit_scheduled(dst, src, path, after, domain, requester, done)
         # Issue on the domain's stream of the GPU that receives (or, for d2h, sends) the bytes.
         gpu = dst.location.gpu if dst.location.gpu is not None else src.location.gpu
         if gpu is None:  # pragma: no cover - path "host" returned above
@@ -431,10 +430,11 @@ class CudaBackend:
                                        _MEMCPY_DEFAULT, stream.ptr)
                 start = end
             fence: Fence | None = None
-            if dst.location.gpu is not None and held.copy_event is not None:
+            copy_event = held.copy_event() if dst.location.gpu is not None else None
+            if copy_event is not None:
                 # Readers on this GPU order their stream after this record: no round trip to wait for.
-                rt.eventRecord(self._events[held.copy_event].ptr, stream.ptr)
-                fence = ((held.copy_event, dst.nbytes),)
+                rt.eventRecord(self._events[copy_event].ptr, stream.ptr)
+                fence = ((copy_event, dst.nbytes),)
             finished = stream.record()
         if fence is None:
             # Someone waits for this copy (a CPU reader): block a helper thread on it.
@@ -447,7 +447,7 @@ class CudaBackend:
             loop.call_later(estimate_s, self._poll_copy, loop, finished, done, estimate_s)
         return CopyTicket(path, done, fence)
 
-    def _submit_scheduled(self, dst: Span, src: Span, path: str, after: Fence | None,
+    def _submit_scheduled(self, dst: Span, src: Span, path: str, after: Fence | None, domain: Domain,
                           requester: tuple[str, str] | None, done: asyncio.Future[None]) -> CopyTicket:
         """Through the transfer engine, whose streams every domain shares: so the writer's fence is
         awaited on the host first (a fence that never completes then stalls only this copy)."""
@@ -466,13 +466,25 @@ class CudaBackend:
             ticket.route = route
             future.add_done_callback(lambda f: loop.call_soon_threadsafe(_settle, done, f.exception()))
 
-        if after is not None and self.fence_pending(after):
+        if after:
+            # Order a marker of our own after the writer's fence on the domain's stream, and poll it:
+            # the engine starts once the writer's bytes are there.
+            gpu = src.location.gpu if src.location.gpu is not None else dst.location.gpu
+            if gpu is None:  # pragma: no cover - fences only exist on GPUs
+                raise errors.InternalError("a fence on host memory")
+            held = self._domain_gpu(domain, gpu)
+            with self._cupy.cuda.Device(gpu):
+                for event_id, _ in after:
+                    event = self._events.get(event_id)
+                    if event is not None:
+                        self._cupy.cuda.runtime.streamWaitEvent(held.stream.ptr, event.ptr, 0)
+                marker = held.stream.record()
             deadline = time.monotonic() + FENCE_TIMEOUT_S
 
             def check(interval_s: float) -> None:
                 if done.done():
                     return
-                if not self.fence_pending(after):
+                if marker.done:
                     start()
                 elif time.monotonic() > deadline:
                     _settle(done, errors.Unavailable(

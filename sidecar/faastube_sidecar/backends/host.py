@@ -41,9 +41,6 @@ class HostBackend:
     def event_handle(self, event_id: int) -> bytes:
         raise errors.InvalidRequest(f"no event {event_id}: the host backend has no GPUs")
 
-    def fence_pending(self, fence: Fence) -> bool:
-        return False
-
     def drop_events(self, event_ids: list[int]) -> None:
         pass
 
