@@ -34,6 +34,30 @@ for step in "${steps[@]}"; do
         tests/test_sidecar/test_sidecar_kube_nvml.py tests/test_sidecar/test_scheduler_cuda_ordering.py \
         $(ls tests/test_runtime/test_*gpu*.py 2>/dev/null) > "$OUT/pytest-gpu.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$OUT/pytest-gpu.log")" >> "$summary" ;;
+    tests-dataplane)
+      # The data plane's GPU tests alone (tenancy, fences, peer copies, reads), plus the SDK's.
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts= -ra \
+        tests/test_sidecar/test_dataplane_gpu.py tests/test_runtime/test_sdk_gpu_passing.py \
+        > "$OUT/pytest-gpu-dataplane.log" 2>&1
+      echo "tests-dataplane: rc=$? $(tail -1 "$OUT/pytest-gpu-dataplane.log")" >> "$summary"
+      grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu-dataplane.log" | head -20 >> "$summary" ;;
+    breakdown)
+      # Where each microsecond of a put and a get goes (same GPU), without and with spinning.
+      timeout 120 python3 bench/breakdown_dataplane.py --out "$OUT" > "$OUT/breakdown.log" 2>&1
+      echo "breakdown: rc=$?" >> "$summary"
+      cat "$OUT/breakdown.log" | tail -40 >> "$summary"
+      timeout 120 python3 bench/breakdown_dataplane.py --out "$OUT" --spin-us 200 --sidecar-spin-us 200 \
+        > "$OUT/breakdown-spin.log" 2>&1
+      echo "breakdown, spinning 200 us: rc=$?" >> "$summary"
+      grep -E "card|total|wait for" "$OUT/breakdown-spin.log" >> "$summary" ;;
+    dataplane-quick)
+      timeout 240 python3 -m faastube.cli --log-level WARNING bench dataplane --quick --out "$OUT" --tag quick \
+        > "$OUT/dataplane-quick.log" 2>&1
+      rc=$?
+      echo "dataplane --quick: rc=$rc" >> "$summary"
+      grep -E "^\[(MET|MISS|N/A)\]" "$OUT/dataplane-quick.log" >> "$summary"
+      sed -n '/^== dataplane:/,$p' "$OUT/dataplane-quick.log" >> "$summary"
+      [ $rc -ne 0 ] && tail -25 "$OUT/dataplane-quick.log" >> "$summary" ;;
     dataplane)
       # Default run (~3-4 min on 2x H200): every pattern, method and size, 1/4/8 pairs; JSON + PNGs in $OUT.
       timeout 330 python3 -m faastube.cli --log-level WARNING bench dataplane --out "$OUT" > "$OUT/dataplane.log" 2>&1
