@@ -290,6 +290,85 @@ def probe_ipc() -> None:
     buf.close(stream)
 
 
+# --- 3b. can a third process query an event the creator made and another importer recorded? ---------
+
+def _recorder(handle: bytes, conn: Any) -> None:
+    import cupy
+    d = drv()
+    cupy.cuda.Device(0).use()
+    cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))
+    h = d.CUipcEventHandle()
+    ctypes.memmove(h.getPtr(), handle, 64)
+    event = check(d.cuIpcOpenEventHandle(h))
+    s = cupy.cuda.Stream(non_blocking=True)
+    big = cupy.empty(1 << 30, dtype=cupy.uint8)
+    conn.recv()
+    with s:
+        for _ in range(60):
+            big.fill(1)
+    check((d.cuEventRecord(event, s.ptr)[0], None))
+    conn.send("recorded")
+    s.synchronize()
+    conn.send("done")
+    conn.recv()
+
+
+def _querier(handle: bytes, conn: Any) -> None:
+    import cupy
+    d = drv()
+    cupy.cuda.Device(0).use()
+    cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))
+    h = d.CUipcEventHandle()
+    ctypes.memmove(h.getPtr(), handle, 64)
+    event = check(d.cuIpcOpenEventHandle(h))
+    out: dict[str, Any] = {}
+    conn.send("ready")
+    assert conn.recv() == "recorded"
+    out["query_while_other_importers_work_runs"] = int(d.cuEventQuery(event)[0])
+    assert conn.recv() == "done"
+    out["query_after_it_finished"] = int(d.cuEventQuery(event)[0])
+    s = cupy.cuda.Stream(non_blocking=True)
+    plain, waited = [], []
+    for _ in range(300):
+        t = time.perf_counter()
+        s.synchronize()
+        plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        d.cuStreamWaitEvent(s.ptr, event, 0)
+        s.synchronize()
+        waited.append(time.perf_counter() - t)
+    out["sync_plain"] = us(plain[50:])
+    out["sync_after_ipc_event_wait"] = us(waited[50:])
+    conn.send(out)
+
+
+def probe_query() -> None:
+    import cupy
+    cupy.cuda.Device(0).use()
+    event = cupy.cuda.runtime.eventCreateWithFlags(0x2 | 0x4)
+    handle = bytes(cupy.cuda.runtime.ipcGetEventHandle(event))
+    ctx = mp.get_context("spawn")
+    a_here, a_there = ctx.Pipe()
+    b_here, b_there = ctx.Pipe()
+    rec = ctx.Process(target=_recorder, args=(handle, a_there))
+    que = ctx.Process(target=_querier, args=(handle, b_there))
+    rec.start()
+    que.start()
+    assert b_here.recv() == "ready"
+    a_here.send("go")
+    assert a_here.recv() == "recorded"
+    note("creator_query_while_importer_work_runs (600 = not ready)", int(cupy.cuda.runtime.eventQuery(event)))
+    b_here.send("recorded")
+    assert a_here.recv() == "done"
+    b_here.send("done")
+    out = b_here.recv()
+    for k, v in out.items():
+        note(k, v)
+    a_here.send("bye")
+    rec.join(30)
+    que.join(30)
+
+
 # --- 4. CuPy views --------------------------------------------------------------------------------
 
 def probe_views() -> None:
@@ -392,9 +471,13 @@ def probe_overlap() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--only", nargs="*", help="probes to run (default: all)")
     args = parser.parse_args()
+    only = set(args.only or ())
     for name, fn in (("round_trips", probe_round_trips), ("pools", probe_pools), ("ipc", probe_ipc),
-                     ("views", probe_views), ("overlap", probe_overlap)):
+                     ("query", probe_query), ("views", probe_views), ("overlap", probe_overlap)):
+        if only and name not in only:
+            continue
         t = time.perf_counter()
         try:
             fn()

@@ -51,6 +51,12 @@ def describe(obj: Any) -> HostArray | CudaArray:
     """Where obj's bytes are, as a contiguous array (copying only to make it contiguous)."""
     if isinstance(obj, np.ndarray):
         return HostArray(_contiguous(obj))
+    cupy_module = sys.modules.get("cupy")
+    if cupy_module is not None and type(obj) is cupy_module.ndarray and obj.flags.c_contiguous:
+        # The common case, read from the array's attributes (its interface dict costs more).
+        device = obj.data.device_id
+        return CudaArray(obj.data.ptr, obj.nbytes, obj.dtype, obj.shape, device, obj,
+                         _current_stream(cupy_module, device))
     if _torch_tensor(obj):
         obj = obj.detach()
         if obj.device.type == "cpu":
@@ -100,9 +106,15 @@ def _describe_cuda(obj: Any) -> CudaArray:
         # are): CuPy's current stream of that device.
         import cupy
 
-        with cupy.cuda.Device(device):
-            stream = int(cupy.cuda.get_current_stream().ptr)
+        stream = _current_stream(cupy, device)
     return CudaArray(ptr, nbytes, dtype, shape, device, obj, stream)
+
+
+def _current_stream(cupy: Any, device: int) -> int:
+    if cupy.cuda.runtime.getDevice() == device:
+        return int(cupy.cuda.get_current_stream().ptr)
+    with cupy.cuda.Device(device):
+        return int(cupy.cuda.get_current_stream().ptr)
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

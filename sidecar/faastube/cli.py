@@ -8,6 +8,7 @@ Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import sys
@@ -52,6 +53,11 @@ def _configure_logging(level: str, fmt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A crash in native code (CUDA, a driver) prints the Python stack that led there.
+    try:
+        faulthandler.enable()
+    except (AttributeError, OSError, ValueError):   # stderr is not a real file (captured in tests)
+        pass
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # Parse only the global options and the command name; the subcommand parses the rest.

@@ -32,6 +32,7 @@ import array as _array
 import atexit
 import collections
 import logging
+import math
 import os
 import socket
 import struct
@@ -166,7 +167,6 @@ class Client:
         self._rbuf = bytearray()
         self._rfds: list[int] = []
         self._slabs: dict[int, HostSlab | CudaSlab] = {}
-        self._pools: dict[int, tuple[int, int]] = {}             # GPU -> the imported pool's key
         self._event_handles: dict[int, bytes] = {}               # event id -> IPC handle
         self._arenas: dict[Location, Arenas] = {}
         self._fences: dict[int, tuple[int, ...]] = {}            # GPU -> this client's ring of fence events
@@ -604,11 +604,11 @@ class Client:
                 _close_all(mine)
                 raise errors.ProtocolError(f"slab {slab_id} is on GPU {gpu}, which this process can't see")
             importer = cuda_importer()
+            pool = str(intro["pool"])
             if mine:
-                self._pools[gpu] = importer.import_pool(ordinal, mine[0])
-            pool = self._pools.get(gpu)
-            if pool is None:
-                raise errors.ProtocolError(f"slab {slab_id} on GPU {gpu} arrived before that GPU's pool")
+                importer.import_pool(pool, ordinal, mine[0])
+            elif not importer.has_pool(pool):
+                raise errors.ProtocolError(f"slab {slab_id} on GPU {gpu} arrived before its pool {pool}")
             self._slabs[slab_id] = importer.map_slab(pool, slab_id, size, gpu, ordinal, intro["payload"])
             return
         _close_all(mine)
@@ -616,8 +616,8 @@ class Client:
 
     def _view(self, slab: HostSlab | CudaSlab, offset: int, shape: tuple[int, ...], dtype: str,
               owner: object, *, readonly: bool) -> Any:
-        dt = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        dt = _DTYPES.get(dtype) or np.dtype(dtype)
+        nbytes = math.prod(shape) * dt.itemsize
         if offset < 0 or offset + nbytes > slab.size:
             raise errors.ProtocolError(f"object at offset {offset} ({nbytes} bytes) lies outside slab {slab.id}")
         if isinstance(slab, HostSlab):
@@ -887,10 +887,16 @@ def _check_publish_args(consumers: int | None, ttl: float | None) -> None:
         raise errors.InvalidRequest(f"ttl must be a positive number of seconds, got {ttl!r}")
 
 
+_DTYPES = {np.dtype(t).str: np.dtype(t) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8",
+                                                    "c8", "c16", "?")}
+
+
 def _stream_ptr(stream: Stream, ordinal: int) -> int:
     if stream is None:
         import cupy
 
+        if cupy.cuda.runtime.getDevice() == ordinal:
+            return int(cupy.cuda.get_current_stream().ptr)
         with cupy.cuda.Device(ordinal):
             return int(cupy.cuda.get_current_stream().ptr)
     if isinstance(stream, int):

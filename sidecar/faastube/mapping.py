@@ -90,9 +90,9 @@ class CudaImporter:
     """Imports the sidecar's GPU pools, maps slabs, opens events: once per *process*.
 
     Every client of a process shares this (see `cuda_importer()`): CUDA maps one pool
-    allocation once per process, whichever client asks. Pools are known by the identity
-    of their file (the sidecar passes duplicates of one descriptor), slabs by their
-    pool and export data, events by their handle.
+    allocation once per process, whichever client asks. Pools are known by the name the
+    sidecar gives them (unique for its life, random per sidecar), slabs by their pool and
+    export data, events by their handle.
     """
 
     def __init__(self) -> None:
@@ -101,9 +101,8 @@ class CudaImporter:
         self._d = driver
         self._lock = threading.RLock()
         self._contexts: dict[int, Any] = {}     # ordinal -> retained primary context
-        self._pools: dict[tuple[int, int], Any] = {}            # (st_dev, st_ino) -> CUmemoryPool
-        self._slabs: weakref.WeakValueDictionary[tuple[tuple[int, int], bytes], CudaSlab] = \
-            weakref.WeakValueDictionary()
+        self._pools: dict[str, Any] = {}                        # the sidecar's pool name -> CUmemoryPool
+        self._slabs: weakref.WeakValueDictionary[tuple[str, bytes], CudaSlab] = weakref.WeakValueDictionary()
         self._events: OrderedDict[bytes, Any] = OrderedDict()   # handle -> CUevent
 
     def _check(self, result: Any, what: str) -> Any:
@@ -129,11 +128,13 @@ class CudaImporter:
         finally:
             d.cuCtxPopCurrent()
 
-    def import_pool(self, ordinal: int, fd: int) -> tuple[int, int]:
-        """Import a pool from its fd (consumed either way); returns the key that names it."""
+    def has_pool(self, name: str) -> bool:
+        return name in self._pools
+
+    def import_pool(self, name: str, ordinal: int, fd: int) -> None:
+        """Import the pool the sidecar calls `name` from its fd (consumed either way)."""
+        key = name
         try:
-            st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino)
             with self._lock:
                 if key not in self._pools:
                     d = self._d
@@ -141,11 +142,10 @@ class CudaImporter:
                         self._pools[key] = self._check(d.cuMemPoolImportFromShareableHandle(
                             fd, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                             "importing a GPU pool")
-            return key
         finally:
             os.close(fd)
 
-    def map_slab(self, pool_key: tuple[int, int], slab_id: int, size: int, gpu: int, ordinal: int,
+    def map_slab(self, pool_key: str, slab_id: int, size: int, gpu: int, ordinal: int,
                  payload_b64: str) -> CudaSlab:
         payload = protocol.decode_handle(payload_b64, size=IPC_HANDLE_BYTES, what=f"slab {slab_id}'s export data")
         with self._lock:

@@ -140,19 +140,19 @@ def decode_body(data: bytes | bytearray | memoryview) -> dict[str, Any]:
 # --- refs ----------------------------------------------------------------------------------------
 
 REF_PREFIX = "ft-"
-_REF_CHARS = 26          # 130 random bits in base32, lower case
-_REF_PATTERN = re.compile(rf"{REF_PREFIX}[a-z2-7]{{{_REF_CHARS}}}")
+_REF_CHARS = 32          # 128 random bits, lower-case hex
+_REF_PATTERN = re.compile(rf"{REF_PREFIX}[0-9a-f]{{{_REF_CHARS}}}")
 
 
 def new_ref() -> str:
     """A fresh ref. Clients name the objects they publish; the sidecar refuses duplicates."""
-    return REF_PREFIX + base64.b32encode(secrets.token_bytes(17)).decode()[:_REF_CHARS].lower()
+    return REF_PREFIX + secrets.token_hex(16)
 
 
 def check_ref(ref: object) -> str:
     if not isinstance(ref, str) or _REF_PATTERN.fullmatch(ref) is None:
         raise errors.InvalidRequest(
-            f"malformed ref {ref!r:.60}: expected '{REF_PREFIX}' and {_REF_CHARS} base32 characters")
+            f"malformed ref {ref!r:.60}: expected '{REF_PREFIX}' and {_REF_CHARS} hex digits")
     return ref
 
 
@@ -222,7 +222,7 @@ def _int(value: Any) -> Any:
 def _ref(value: Any) -> Any:
     if type(value) is str and _REF_PATTERN.fullmatch(value) is not None:
         return value
-    return _Expected(f"a ref ('{REF_PREFIX}' and {_REF_CHARS} base32 characters)")
+    return _Expected(f"a ref ('{REF_PREFIX}' and {_REF_CHARS} hex digits)")
 
 
 def _location(value: Any) -> Any:

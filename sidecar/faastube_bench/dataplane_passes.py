@@ -33,7 +33,7 @@ from faastube_bench import dataplane_report as report
 
 ACK, ABORT, STOPPED = b"k", b"!", b"s"
 STOP_BYTES = b""                 # end of a cell, for methods whose messages are bytes (None when pickled)
-REF_BYTES = 29                   # a tube ref today ("ft-" + 26 base32 characters): the floor's message
+REF_BYTES = 35                   # a tube ref today ("ft-" + 32 hex digits): the floor's message
 D2D, D2H = 3, 2                  # cudaMemcpyKind
 _PEER_ALREADY_ENABLED = 704      # cudaErrorPeerAccessAlreadyEnabled
 

@@ -91,7 +91,7 @@ class Session:
     identity: Identity | None = None
     device_map: dict[int, int] = field(default_factory=dict)     # client ordinal -> our GPU index
     mapped: dict[int, bool] = field(default_factory=dict)        # slab id -> mapped writable
-    known_pools: set[Location] = field(default_factory=set)
+    known_pools: set[str] = field(default_factory=set)          # pools the client was given (by name)
     known_events: set[int] = field(default_factory=set)
     arenas: set[int] = field(default_factory=set)
     fences: dict[int, tuple[int, ...]] = field(default_factory=dict)   # GPU -> its fence event ids
@@ -531,10 +531,12 @@ class DataPlane:
         slab = pool.slab(slab_id)
         if slab.domain != session.domain:   # pragma: no cover - the checks above make this impossible
             raise errors.InternalError(f"refusing to hand slab {slab_id} of {slab.domain} to {session.domain}")
-        with_pool = slab.location not in session.known_pools
+        pool_name = self.backend.pool_of(slab.handle)
+        with_pool = pool_name is not None and pool_name not in session.known_pools
         export = self.backend.export_slab(slab.handle, with_pool=with_pool, writable=writable)
         session.mapped[slab_id] = writable
-        session.known_pools.add(slab.location)
+        if pool_name is not None:
+            session.known_pools.add(pool_name)
         slab.mappers.add(session.id)
         return {"slab": {"id": slab.id, "location": str(slab.location), **export.descriptor,
                          "fds": len(export.fds)}}, list(export.fds)

@@ -95,7 +95,7 @@ async def test_a_call_reads_its_input_and_stores_its_output_for_each_reader(serv
 
 async def test_a_missing_input_is_not_retryable(served: tuple) -> None:
     session, _ = served
-    status, body = await post(session, wire.CALL_PATH, call("ft-" + "a" * 26))
+    status, body = await post(session, wire.CALL_PATH, call("ft-" + "a" * 32))
     assert status == 410 and body["retryable"] is False
 
 

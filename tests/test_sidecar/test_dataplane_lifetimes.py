@@ -207,8 +207,8 @@ async def test_requests_before_hello_are_refused(dp) -> None:
 
 async def test_unknown_refs_say_so(dp) -> None:
     p = session(dp, ALICE)
-    with pytest.raises(errors.RefNotFound, match="ft-aaaaaaaaaaaaaaaaaaaaaaaaaa.*unknown"):
-        dp.stat(p, {"ref": "ft-aaaaaaaaaaaaaaaaaaaaaaaaaa"})
+    with pytest.raises(errors.RefNotFound, match="ft-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.*unknown"):
+        dp.stat(p, {"ref": "ft-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"})
 
 
 async def test_retired_slabs_are_announced_to_the_sessions_that_map_them(dp) -> None:

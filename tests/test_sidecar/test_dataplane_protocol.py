@@ -38,7 +38,7 @@ def test_bodies_must_be_json_objects(raw: bytes) -> None:
         protocol.decode_body(raw)
 
 
-REF = "ft-" + "a" * 26
+REF = "ft-" + "a" * 32
 
 
 @pytest.mark.parametrize("body, match", [

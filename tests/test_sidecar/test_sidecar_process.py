@@ -57,8 +57,8 @@ def _sum_of(socket_path: str, ref: str) -> int:
 
 def test_unknown_refs_raise_an_error_naming_the_ref(sidecar) -> None:
     with ftc.connect(sidecar.socket_path) as c:
-        with pytest.raises(errors.RefNotFound, match="ft-aaaaaaaaaaaaaaaaaaaaaaaaaa"):
-            c.get("ft-aaaaaaaaaaaaaaaaaaaaaaaaaa")
+        with pytest.raises(errors.RefNotFound, match="ft-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"):
+            c.get("ft-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
         with pytest.raises(errors.InvalidRequest, match="malformed"):
             c.get("nope")
         c.ping()   # the connection survives errors

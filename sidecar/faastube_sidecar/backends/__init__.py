@@ -78,6 +78,9 @@ class Backend(Protocol):
     def freeze_slab(self, handle: Any) -> bool:
         """No new writable mapping of this slab from now on; False where nothing can enforce it (GPU)."""
 
+    def pool_of(self, handle: Any) -> str | None:
+        """The name of the pool a client must import to map this slab (None: nothing to import)."""
+
     def export_slab(self, handle: Any, *, with_pool: bool, writable: bool) -> Export:
         """Descriptor for a client of the slab's domain; `with_pool` adds the domain's pool handle,
         `writable` a mapping that may write (host memory is otherwise exported read-only)."""

@@ -55,6 +55,7 @@ _EVENT_DISABLE_TIMING = 0x2
 _EVENT_INTERPROCESS = 0x4
 _EXPORT_DATA_BYTES = 64   # sizeof(CUmemPoolPtrExportData)
 _event_ids = itertools.count(1)
+_pool_ids = itertools.count(1)
 
 
 def normalize_bus_id(bus_id: str) -> str:
@@ -96,6 +97,7 @@ class _Event:
 class _DomainGpu:
     """One domain's resources on one GPU."""
 
+    name: str                        # unique for this sidecar's life: clients key imported pools by it
     mr: Any                          # cuda.core DeviceMemoryResource(ipc_enabled=True)
     stream: Any                      # cupy Stream for this domain's copies issued on this GPU
     copy_events: tuple[int, ...] = ()   # a ring of event ids, one recorded after each copy landing here
@@ -149,6 +151,7 @@ class CudaBackend:
                         if "AlreadyEnabled" not in str(e) and "ALREADY" not in str(e).upper():
                             logger.warning("peer access %d -> %d: %s", i, j, e)
         self._domains: dict[tuple[Domain, int], _DomainGpu] = {}
+        self._instance = os.urandom(6).hex()    # pool names from an earlier sidecar never match ours
         self._events: dict[int, _Event] = {}
         self._waiters = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.gpus)),
                                                               thread_name_prefix="faastube-cuda")
@@ -232,7 +235,7 @@ class CudaBackend:
             mr.peer_accessible_by = self._peers[gpu]
         with self._cupy.cuda.Device(gpu):
             stream = self._cupy.cuda.Stream(non_blocking=True)
-        held = _DomainGpu(mr, stream)
+        held = _DomainGpu(f"{self._instance}-{next(_pool_ids)}", mr, stream)
         if self._copy_events_enabled:
             try:
                 held.copy_events = tuple(self._new_event(domain, gpu).id for _ in range(COPY_EVENTS))
@@ -320,16 +323,21 @@ class CudaBackend:
             return True
         return False     # CUDA IPC has no read-only mapping: whoever maps a GPU slab may write it
 
+    def pool_of(self, handle: GpuSlab | HostSlab) -> str | None:
+        if isinstance(handle, HostSlab):
+            return None
+        return self._domains[(handle.domain, handle.gpu)].name
+
     def export_slab(self, handle: GpuSlab | HostSlab, *, with_pool: bool, writable: bool) -> Export:
         if isinstance(handle, HostSlab):
             return Export({"kind": "shm", "size": handle.size, "writable": writable},
                           (handle.segment.export_fd(writable=writable),))
-        descriptor = {"kind": "cuda", "gpu": handle.gpu, "size": handle.size,
+        held = self._domains[(handle.domain, handle.gpu)]
+        descriptor = {"kind": "cuda", "gpu": handle.gpu, "size": handle.size, "pool": held.name,
                       "payload": protocol.encode_handle(handle.payload)}
         fds: tuple[int, ...] = ()
         if with_pool:
-            pool_fd = int(self._domains[(handle.domain, handle.gpu)].mr.allocation_handle.handle)
-            fds = (os.dup(pool_fd),)
+            fds = (os.dup(int(held.mr.allocation_handle.handle)),)
         return Export(descriptor, fds)
 
     # --- fence events -------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class HostBackend:
         handle.freeze()
         return True
 
+    def pool_of(self, handle: ShmSegment) -> str | None:
+        return None
+
     def export_slab(self, handle: ShmSegment, *, with_pool: bool, writable: bool) -> Export:
         return Export({"kind": "shm", "size": handle.size, "writable": writable},
                       (handle.export_fd(writable=writable),))
