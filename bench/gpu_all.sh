@@ -40,7 +40,10 @@ for step in "${steps[@]}"; do
         tests/test_sidecar/test_dataplane_gpu.py tests/test_runtime/test_sdk_gpu_passing.py \
         > "$OUT/pytest-gpu-dataplane.log" 2>&1
       echo "tests-dataplane: rc=$? $(tail -1 "$OUT/pytest-gpu-dataplane.log")" >> "$summary"
-      grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu-dataplane.log" | head -20 >> "$summary" ;;
+      grep -E "^(FAILED|ERROR)" "$OUT/pytest-gpu-dataplane.log" | head -20 >> "$summary"
+      # Sidecars that crashed in native code left a Python stack (faulthandler) in their logs.
+      for f in $(grep -l "Fatal Python" /tmp/ft-*/sidecar-*.log 2>/dev/null | head -2); do
+        echo "--- $f" >> "$summary"; grep -A25 "Fatal Python" "$f" >> "$summary"; done ;;
     breakdown)
       # Where each microsecond of a put and a get goes (same GPU), without and with spinning.
       timeout 120 python3 bench/breakdown_dataplane.py --out "$OUT" > "$OUT/breakdown.log" 2>&1

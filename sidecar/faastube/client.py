@@ -571,8 +571,11 @@ class Client:
         import cupy
 
         event = self._event(int(fence[-1][0]), ordinal)
+        rt = cupy.cuda.runtime
+        if rt.eventQuery(event) == 0:
+            return          # already written (a query sees records made by any process)
         with cupy.cuda.Device(ordinal):
-            cupy.cuda.runtime.streamWaitEvent(stream_ptr, event, 0)
+            rt.streamWaitEvent(stream_ptr, event, 0)
 
     def _slab_for(self, reply: dict[str, Any], fds: list[int]) -> HostSlab | CudaSlab:
         intro = reply.get("slab")

@@ -301,4 +301,6 @@ def _stop_children(children: list[_Child]) -> None:
             child.process.kill()
             child.process.wait()
         if child.process.returncode not in (0, -signal.SIGTERM):
-            logger.info("%s exited with status %s", child.name, child.process.returncode)
+            # Its log goes with the run's temporary folder: show how it ended first.
+            tail = child.log_path.read_text(errors="replace")[-3000:] if child.log_path.exists() else ""
+            logger.warning("%s exited with status %s; its log ends:\n%s", child.name, child.process.returncode, tail)

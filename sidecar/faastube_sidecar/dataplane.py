@@ -374,10 +374,12 @@ class DataPlane:
                      alloc={"slab": alloc.slab_id, "location": str(alloc.location), "offset": alloc.offset,
                             "nbytes": alloc.nbytes})
         fence = replica.fence
+        if fence is not None and replica.landing is None and self.backend.fence_done(fence):
+            # The writer's bytes are there: later readers need not wait for anything (and won't wait
+            # for a later record of the same event either).
+            self._drop_fence(replica)
+            fence = None
         if fence is not None:
-            # Waiting on an event already complete costs the reader ~1 us; a sidecar copy's fence is
-            # dropped once the copy landed, a writer's fence stays (its events live in a ring, so a
-            # later record of the same event, which a reader would wait for too, is several puts away).
             reply["fence"] = [list(pair) for pair in fence]
             unseen = [event for event, _ in fence if event not in session.known_events]
             if unseen:
@@ -404,7 +406,7 @@ class DataPlane:
         source_location = self._best_source(record, location)
         src = record.replicas[source_location]
         dst = self._pool(record.domain, location).allocate(record.nbytes)
-        after = src.fence
+        after = src.fence if src.fence is not None and not self.backend.fence_done(src.fence) else None
         start = self._clock()
         who = session.identity
         try:

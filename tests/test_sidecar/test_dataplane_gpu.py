@@ -206,7 +206,9 @@ def _scan(raw: RawClient, intro: dict, pool_fd: int | None, state: dict) -> byte
 
     importer = cuda_importer()
     if pool_fd is not None:
-        state["pool"] = importer.import_pool(0, os.dup(pool_fd))
+        state["pool"] = intro["pool"]
+        importer.import_pool(intro["pool"], 0, os.dup(pool_fd))
+    # The attacker maps with its own pool, whatever the reply names.
     slab = importer.map_slab(state["pool"], intro["id"], intro["size"], 0, 0, intro["payload"])
     data = cp.ndarray((intro["size"],), cp.uint8,
                       memptr=cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(slab.ptr, intro["size"], slab), 0))

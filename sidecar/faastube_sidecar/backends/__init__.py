@@ -90,6 +90,9 @@ class Backend(Protocol):
 
     def event_handle(self, event_id: int) -> bytes: ...
 
+    def fence_done(self, fence: Fence) -> bool:
+        """True once the last record of the fence's last event has completed (whoever recorded it)."""
+
     def drop_events(self, event_ids: list[int]) -> None: ...
 
     def submit_copy(self, dst: Span, src: Span, *, after: Fence | None, domain: Domain,

@@ -364,6 +364,14 @@ class CudaBackend:
     def event_handle(self, event_id: int) -> bytes:
         return self._events[event_id].handle
 
+    def fence_done(self, fence: Fence) -> bool:
+        # Measured on H200: an inter-process event's query reflects records made by any process
+        # (not ready while another process's recorded work runs, success after).
+        event = self._events.get(fence[-1][0])
+        if event is None:
+            return True
+        return bool(self._cupy.cuda.runtime.eventQuery(event.ptr) == 0)
+
     def drop_events(self, event_ids: list[int]) -> None:
         for event_id in event_ids:
             event = self._events.pop(event_id, None)
@@ -423,12 +431,30 @@ class CudaBackend:
         held = self._domain_gpu(domain, gpu)
         stream = held.stream
         rt = self._cupy.cuda.runtime
+        chunks = after or ((0, src.nbytes),)
+        ready: list[Any] = [None] * len(chunks)
+        src_gpu = src.location.gpu
+        if after and src_gpu is not None and src_gpu != gpu:
+            # A fence is waited on by a stream of its own GPU only (a stream of another GPU waiting
+            # on an event another process recorded crashes the driver, seen on H200): the source
+            # GPU's domain stream waits for it and marks each chunk with an event of ours.
+            source = self._domain_gpu(domain, src_gpu).stream
+            with self._cupy.cuda.Device(src_gpu):
+                for i, (event_id, _) in enumerate(chunks):
+                    event = self._events.get(event_id)
+                    if event is not None:
+                        rt.streamWaitEvent(source.ptr, event.ptr, 0)
+                    ready[i] = source.record()
         with self._cupy.cuda.Device(gpu):
             start = 0
-            for event_id, end in after or ((0, src.nbytes),):
-                event = self._events.get(event_id)
-                if event is not None:
-                    rt.streamWaitEvent(stream.ptr, event.ptr, 0)
+            for i, (event_id, end) in enumerate(chunks):
+                mark = ready[i]
+                if mark is not None:
+                    stream.wait_event(mark)
+                else:
+                    event = self._events.get(event_id)
+                    if event is not None:
+                        rt.streamWaitEvent(stream.ptr, event.ptr, 0)
                 if end > start:
                     if path in ("nvlink", "pcie", "peer"):
                         rt.memcpyPeerAsync(self._ptr(dst) + start, gpu, self._ptr(src) + start,
