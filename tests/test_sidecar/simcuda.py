@@ -14,11 +14,14 @@ Used by the executor's ordering tests and the direct-copy tests: install it with
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import random
 import threading
 import types
 from typing import Any, Self
+
+import numpy as np
 
 LEGACY = 1  # cudaStreamLegacy
 
@@ -26,7 +29,7 @@ LEGACY = 1  # cudaStreamLegacy
 @dataclasses.dataclass(eq=False)
 class _Region:
     base: int
-    data: bytearray
+    data: bytearray | memoryview
     device: int | None  # None: host memory
 
 
@@ -101,6 +104,44 @@ class SimCuda:
             alloc=lambda n: types.SimpleNamespace(ptr=self.alloc(n, sim.current[-1])),
         ))
 
+    def install_array_api(self) -> None:
+        """Enough of CuPy's arrays and host registration to run the transfers benchmark.
+
+        Device arrays are NumPy views of simulated device memory (writes to them take effect
+        at once, like a kernel that already ran); host memory registered with
+        ``hostRegister`` (the pinned ring) and any other host pointer a copy names (a NumPy
+        array) are addressed through ctypes.
+        """
+        sim = self
+        self.host_by_address = True
+
+        class Array:
+            def __init__(self, n: int) -> None:
+                base = sim.alloc(n, sim.current[-1])
+                region, _ = sim._find(base, n)
+                self._np = np.frombuffer(region.data, dtype=np.uint8)
+                self.data = types.SimpleNamespace(ptr=base)
+
+            def __getitem__(self, key: Any) -> Any:
+                return self._np[key]
+
+            def __setitem__(self, key: Any, value: Any) -> None:
+                self._np[key] = value
+
+        rt = self.module.cuda.runtime
+        rt.getDeviceProperties = lambda g: {"name": b"Simulated GPU", "totalGlobalMem": 1 << 34}
+        rt.deviceGetPCIBusId = lambda g: f"0000:{g + 1:02x}:00.0"
+        rt.hostRegister = lambda ptr, size, flags: self._register_host(ptr, size)
+        rt.hostUnregister = lambda ptr: None
+        self.module.empty = lambda n, dtype=None: Array(int(n))
+        self.module.asnumpy = lambda x: np.array(x)
+        self.module.uint8 = np.uint8
+
+    def _register_host(self, ptr: int, size: int) -> None:
+        view = memoryview((ctypes.c_ubyte * size).from_address(ptr)).cast("B")
+        with self.lock:
+            self.regions.append(_Region(ptr, view, None))
+
     @property
     def current(self) -> list[int]:
         """This thread's stack of current devices (CUDA's current device is per thread)."""
@@ -117,10 +158,13 @@ class SimCuda:
             self.regions.append(_Region(base, bytearray([fill]) * size, device))
             return base
 
-    def _find(self, ptr: int, size: int) -> tuple[_Region, int]:
+    def _find(self, ptr: int, size: int, *, host: bool = False) -> tuple[_Region, int]:
         for r in self.regions:
             if r.base <= ptr and ptr + size <= r.base + len(r.data):
                 return r, ptr - r.base
+        if host and getattr(self, "host_by_address", False):  # pageable host memory
+            self._register_host(ptr, size)
+            return self._find(ptr, size)
         raise AssertionError(f"[{ptr:#x}, +{size}) is not inside one allocation")
 
     def read(self, ptr: int, size: int) -> bytes:
@@ -156,8 +200,10 @@ class SimCuda:
         with self.lock:
             stream = self.stream_of(stream_ptr)
             assert stream.device == self.current[-1], "copy issued on a stream of another device"
-            assert self._find(dst, n)[0].device == dst_dev, "destination is not on the named device"
-            assert self._find(src, n)[0].device == src_dev, "source is not on the named device"
+            assert self._find(dst, n, host=dst_dev is None)[0].device == dst_dev, \
+                "destination is not on the named device"
+            assert self._find(src, n, host=src_dev is None)[0].device == src_dev, \
+                "source is not on the named device"
             self.copies.append(CopyCall(api, stream.device, stream.blocking, dst_dev, src_dev, n))
             stream.push(("copy", (dst, src, n)))
 
@@ -235,6 +281,12 @@ class SimStream:
     def synchronize(self) -> None:
         while self.ops:
             assert self.sim.step(), "stream cannot finish"
+
+    @property
+    def done(self) -> bool:
+        for _ in range(self.sim.rng.randint(0, 3)):  # time passes while the host polls
+            self.sim.step()
+        return not self.ops
 
 
 class SimEvent:

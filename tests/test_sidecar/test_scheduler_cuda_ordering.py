@@ -154,3 +154,15 @@ def test_each_relay_runs_both_hops_of_its_path_gpu_to_host(sim: SimCuda) -> None
     assert peer and all(c.stream_device == c.dst_device != 0 for c in peer)
     assert {c.stream_device for c in sim.copies if c.stream_device == 0} == {0}
     assert all(c.api == "memcpyAsync" for c in sim.copies if c.stream_device == 0)
+
+
+def test_without_lanes_a_one_relay_chunk_takes_the_event_chained_path(
+        sim: SimCuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kept to compare against lanes on GPUs: GPU -> host relays are then pushed by the source.
+    monkeypatch.setattr(sys.modules[__name__], "STAGING",
+                        StagingSettings(slots_per_relay=3, slot_bytes=SLOT_BYTES, relay_lanes=False))
+    paths = [((0, HOST), 1.0), ((0, 1, HOST), 1.0)]
+    expected, landed = copy_and_read_back(sim, paths, pending_source_fill=True, seed=4)
+    assert landed == expected
+    peer = [c for c in sim.copies if c.api == "memcpyPeerAsync"]
+    assert peer and all(c.stream_device == c.src_device == 0 for c in peer)

@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -72,6 +73,7 @@ class EngineSettings:
     max_inflight_chunks_per_link: int = 2
     slots_per_relay: int = 3
     best_effort_min_share: float = 0.1
+    relay_lanes: bool = True  # False: the event-chained relays of before (for comparison)
 
     @property
     def scheduler(self) -> SchedulerSettings:
@@ -82,7 +84,8 @@ class EngineSettings:
 
     @property
     def staging(self) -> StagingSettings:
-        return StagingSettings(slots_per_relay=self.slots_per_relay, slot_bytes=self.chunk_bytes)
+        return StagingSettings(slots_per_relay=self.slots_per_relay, slot_bytes=self.chunk_bytes,
+                               relay_lanes=self.relay_lanes)
 
     @property
     def direct_max_bytes(self) -> int:
@@ -104,36 +107,47 @@ def _relays_are_gpus(plan: planner.Plan) -> bool:
 
 
 class Transfer:
-    """A started copy: ``wait()`` returns once its bytes have landed."""
+    """A started copy: ``wait()`` returns once its bytes have landed.
 
-    __slots__ = ("_event", "_future", "label", "plan")
+    A direct copy is waited for like a user's own copy, by synchronizing its stream (so
+    ``wait()`` also covers copies other threads put on the same link after it, and costs
+    no event); an engine transfer through its future.
+    """
 
-    def __init__(self, label: str, plan: planner.Plan, *, event: Any = None,
-                 future: concurrent.futures.Future[TransferResult] | None = None) -> None:
+    __slots__ = ("_future", "_nbytes", "_plan", "_stream", "label")
+
+    def __init__(self, label: str, plan: planner.Plan | planner.PathShare, nbytes: int, *,
+                 stream: Any = None, future: concurrent.futures.Future[TransferResult] | None = None
+                 ) -> None:
         self.label = label  # e.g. h2d-direct, h2d-multipath[0,1,2,3]
-        self.plan = plan    # in the topology's GPU indices
-        self._event = event
+        self._plan = plan   # a direct copy keeps just its path: the plan is built if asked for
+        self._nbytes = nbytes
+        self._stream = stream
         self._future = future
+
+    @property
+    def plan(self) -> planner.Plan:
+        """The paths and bytes (topology GPU indices)."""
+        if isinstance(self._plan, planner.PathShare):
+            path = self._plan
+            self._plan = planner.Plan(paths=(path,), total_bandwidth_bytes_per_s=path.bandwidth_bytes_per_s,
+                                      sizes_bytes=(self._nbytes,))
+        return self._plan
 
     @property
     def direct(self) -> bool:
         """Issued as one plain copy on the caller's thread (no engine)."""
-        return self._event is not None
+        return self._future is None
 
     @property
     def future(self) -> concurrent.futures.Future[TransferResult] | None:
         """The engine's future (None for a direct copy)."""
         return self._future
 
-    @property
-    def event(self) -> Any:
-        """The CUDA event recorded after a direct copy (None for the engine's transfers)."""
-        return self._event
-
     def done(self) -> bool:
         if self._future is not None:
             return self._future.done()
-        return bool(self._event.done)
+        return bool(self._stream.done)
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until the copy is done; raises what the engine reported, or TimeoutError."""
@@ -141,10 +155,10 @@ class Transfer:
             self._future.result(timeout_s)
             return
         if timeout_s is None:
-            self._event.synchronize()
+            self._stream.synchronize()
             return
         deadline = time.perf_counter() + timeout_s
-        while not self._event.done:
+        while not self._stream.done:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"copy {self.label} not done after {timeout_s}s")
             time.sleep(0)
@@ -164,12 +178,14 @@ class ScheduledTransfers:
         self._kinds = {spec.link: spec.kind for spec in self._links}
         self._plans: dict[tuple[Endpoint, Endpoint], planner.Plan] = {}
         self._thresholds: dict[tuple[Endpoint, Endpoint], int | None] = {}
-        self._direct_labels: dict[tuple[Endpoint, Endpoint], str] = {}
+        # endpoint pair -> (largest copy that bypasses the engine, its label, its path, its link)
+        self._bypass: dict[tuple[Endpoint, Endpoint], tuple[float, str, planner.PathShare, Any]] = {}
         gpus = sorted(cuda_of_topology.values())
         self._direct = DirectCopier(gpus)
         self._engine = CudaTransferEngine(gpus, self._links, settings=self._settings.scheduler,
                                           staging=self._settings.staging)
-        if len(gpus) > 1:  # before any transfer runs: the first relayed copy must not allocate
+        if len(gpus) > 1 and self._settings.relay_lanes:
+            # before any transfer runs: the first relayed copy must not allocate
             self._engine.executor.preallocate_staging(gpus)
 
     @classmethod
@@ -191,6 +207,10 @@ class ScheduledTransfers:
             raise ValueError(f"NVML and CUDA disagree on the GPUs: CUDA {wanted}, NVML matched "
                              f"{sorted(cuda_of.values())}")
         return cls(subtopology(node, cuda_of), cuda_of, settings=settings)
+
+    def with_settings(self, settings: EngineSettings) -> ScheduledTransfers:
+        """Another instance over the same GPUs with other settings (e.g. to compare them)."""
+        return ScheduledTransfers(self._topology, dict(self._cuda), settings=settings)
 
     @property
     def topology(self) -> NodeTopology:
@@ -241,14 +261,26 @@ class ScheduledTransfers:
                 self._base_plan(key), catalog=self._catalog, cost=self._settings.cost)
         return self._thresholds[key]
 
+    def _bypass_entry(self, key: tuple[Endpoint, Endpoint]) -> tuple[float, str, planner.PathShare, Any]:
+        entry = self._bypass.get(key)
+        if entry is None:
+            plan = self._base_plan(key)
+            limit: float
+            if not _relays_are_gpus(plan):
+                limit = math.inf  # staged through host memory: the driver does that in one peer copy
+            elif len(plan.paths[0].hops) != 2:
+                limit = 0  # no direct link: always the engine
+            else:
+                threshold = self.split_threshold_bytes(*key)
+                limit = self._settings.direct_max_bytes
+                if threshold is not None:
+                    limit = min(limit, threshold - 1)
+            label = describe_route(sized_route([(key, 1)]), self._kinds)
+            entry = self._bypass[key] = (limit, label, plan.paths[0], self._direct.link(*key))
+        return entry
+
     def _goes_direct(self, key: tuple[Endpoint, Endpoint], nbytes: int) -> bool:
-        plan = self._base_plan(key)
-        if not _relays_are_gpus(plan):
-            return True  # staged through host memory: the driver does that in one peer copy
-        if nbytes > self._settings.direct_max_bytes or len(plan.paths[0].hops) != 2:
-            return False
-        threshold = self.split_threshold_bytes(*key)
-        return threshold is None or nbytes < threshold
+        return nbytes <= self._bypass_entry(key)[0]
 
     def wants_engine(self, src: Endpoint, dst: Endpoint, nbytes: int) -> bool:
         """Whether a copy of ``nbytes`` goes through the engine (else: one plain copy)."""
@@ -265,13 +297,17 @@ class ScheduledTransfers:
               nbytes: int, workflow: str = "", function: str = "sidecar") -> Transfer:
         """Start a copy; small ones are issued before this returns, on this thread."""
         key = (src, dst)
-        if self._goes_direct(key, nbytes):
-            event = self._direct.copy(src=src, dst=dst, src_address=src_address,
-                                      dst_address=dst_address, nbytes=nbytes)
-            first = self._base_plan(key).paths[0]
-            plan = planner.Plan(paths=(first,), total_bandwidth_bytes_per_s=first.bandwidth_bytes_per_s,
-                                sizes_bytes=(nbytes,))
-            return Transfer(self._direct_label(key), plan, event=event)
+        limit, label, path, link = self._bypass.get(key) or self._bypass_entry(key)
+        if nbytes <= limit:
+            stream = self._direct.issue(link, src_address, dst_address, nbytes)
+            return Transfer(label, path, nbytes, stream=stream)
+        label, plan, future = self._submit_to_engine(src, dst, src_address, dst_address, nbytes,
+                                                     workflow, function)
+        return Transfer(label, plan, nbytes, future=future)
+
+    def _submit_to_engine(self, src: Endpoint, dst: Endpoint, src_address: int, dst_address: int,
+                          nbytes: int, workflow: str, function: str
+                          ) -> tuple[str, planner.Plan, concurrent.futures.Future[TransferResult]]:
         plan = self.plan(src, dst, nbytes)
         route = sized_route([(tuple(self._to_cuda(h) for h in p.hops), n)
                              for p, n in zip(plan.paths, plan.sizes_bytes)])
@@ -280,7 +316,7 @@ class ScheduledTransfers:
                                   route, src_address=src_address, dst_address=dst_address)
         logger.debug("transfer %s: %d bytes %s -> %s over %s", request.transfer_id, nbytes, src, dst,
                      label)
-        return Transfer(label, plan, future=self._engine.submit(request))
+        return label, plan, self._engine.submit(request)
 
     def submit(self, *, src: Endpoint, dst: Endpoint, src_address: int, dst_address: int, nbytes: int,
                workflow: str, function: str
@@ -290,20 +326,16 @@ class ScheduledTransfers:
         For a direct copy the future is completed by the engine's thread when the copy's
         event fires (the copy itself was issued by this thread).
         """
-        transfer = self.start(src=src, dst=dst, src_address=src_address, dst_address=dst_address,
-                              nbytes=nbytes, workflow=workflow, function=function)
-        if transfer.future is not None:
-            return transfer.label, transfer.future
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._engine.watch(transfer.event, future)
-        return transfer.label, future
-
-    def _direct_label(self, key: tuple[Endpoint, Endpoint]) -> str:
-        label = self._direct_labels.get(key)
-        if label is None:
-            label = describe_route(sized_route([(key, 1)]), self._kinds)
-            self._direct_labels[key] = label
-        return label
+        key = (src, dst)
+        if self._goes_direct(key, nbytes):
+            event = self._direct.copy(src=src, dst=dst, src_address=src_address, dst_address=dst_address,
+                                      nbytes=nbytes)
+            future: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self._engine.watch(event, future)
+            return self._bypass_entry(key)[1], future
+        label, _plan, engine_future = self._submit_to_engine(src, dst, src_address, dst_address, nbytes,
+                                                             workflow, function)
+        return label, engine_future
 
     def _to_topo(self, endpoint: Endpoint) -> Endpoint:
         return "host" if endpoint == "host" else self._topo[int(endpoint)]

@@ -88,6 +88,9 @@ class StagingSettings:
 
     slots_per_relay: int = 3
     slot_bytes: int = 16 << 20
+    # False: one-relay chunks take the event-chained path too (each hop on its link's
+    # stream, GPU -> host pushed by the source), as before lanes; kept to compare them.
+    relay_lanes: bool = True
 
     def __post_init__(self) -> None:
         if self.slots_per_relay < 1:
@@ -277,7 +280,7 @@ class CudaChunkExecutor:
         ready = self._ready_events(chunk)
         if len(chunk.hops) == 1:
             done = self._issue_direct(chunk, ready)
-        elif len(chunk.hops) == 2:
+        elif len(chunk.hops) == 2 and self._staging.relay_lanes:
             done = self._issue_lane(chunk, ready)
         else:
             done = self._issue_chained(chunk, ready)
@@ -382,15 +385,26 @@ def _enable_peer_access(cupy: Any, gpus: Sequence[int]) -> None:
                             raise
 
 
+@dataclasses.dataclass(frozen=True)
+class _DirectLink:
+    device: int   # the GPU whose stream runs the copy
+    stream: Any
+    kind: int     # cudaMemcpyKind for host copies; 0 for a peer copy
+    src: int      # peer copies: the source GPU
+    dst: int      # peer copies: the destination GPU
+
+
 class DirectCopier:
     """One ``cudaMemcpyAsync`` per copy, issued on the caller's thread; thread-safe.
 
     For transfers whose plan is a single direct link (``planner.Plan.direct``). The copy
-    runs on a blocking stream of the driving GPU (one per direction), which orders it
+    runs on a blocking stream of the driving GPU (one per endpoint pair), which orders it
     after the work queued on that GPU's legacy default stream without any extra call; a
-    peer copy also waits on an event recorded on the other GPU's legacy stream. ``copy``
-    returns the event recorded after the copy: ``event.synchronize()`` waits for it,
-    ``event.done`` polls it.
+    peer copy also waits on an event recorded on the other GPU's legacy stream.
+    ``issue`` returns the stream: synchronizing it waits for this copy (and for copies
+    other threads issued on the same pair after it), like a user's own copy on their
+    stream. ``copy`` also records an event after the copy, for waiting on exactly it.
+    Everything else is looked up once per endpoint pair.
     """
 
     def __init__(self, gpus: Sequence[int]) -> None:
@@ -399,53 +413,69 @@ class DirectCopier:
         self._cp = cupy
         self._rt = cupy.cuda.runtime
         self._gpus = tuple(gpus)
-        self._streams: dict[LinkId, Any] = {}
-        self._lock = threading.Lock()  # guards lazily created peer streams
+        self._links: dict[tuple[Endpoint, Endpoint], _DirectLink] = {}
+        self._lock = threading.Lock()  # guards lazily created peer links
         for g in self._gpus:
-            with cupy.cuda.Device(g):
-                for hop in (Hop(HOST, g), Hop(g, HOST)):
-                    self._streams[hop.link] = cupy.cuda.Stream(non_blocking=False)
+            self._link(HOST, g)
+            self._link(g, HOST)
 
-    def _stream(self, hop: Hop) -> Any:
-        stream = self._streams.get(hop.link)
-        if stream is None:
-            for end in (hop.src, hop.dst):
-                if end != HOST and end not in self._gpus:
-                    raise TransferError(f"GPU {end} is not managed by this copier")
-            with self._lock:
-                stream = self._streams.get(hop.link)
-                if stream is None:
-                    with self._cp.cuda.Device(_driving_device(hop)):
-                        stream = self._cp.cuda.Stream(non_blocking=False)
-                    self._streams[hop.link] = stream
-        return stream
+    def _link(self, src: Endpoint, dst: Endpoint) -> _DirectLink:
+        link = self._links.get((src, dst))
+        if link is not None:
+            return link
+        hop = Hop(src, dst)
+        _ = hop.link  # validates the pair
+        for end in (src, dst):
+            if end != HOST and end not in self._gpus:
+                raise TransferError(f"GPU {end} is not managed by this copier")
+        with self._lock:
+            link = self._links.get((src, dst))
+            if link is None:
+                device = _driving_device(hop)
+                with self._cp.cuda.Device(device):
+                    stream = self._cp.cuda.Stream(non_blocking=False)
+                kind = _H2D if src == HOST else _D2H if dst == HOST else 0
+                link = _DirectLink(device, stream, kind, -1 if src == HOST else int(src),
+                                   -1 if dst == HOST else int(dst))
+                self._links[(src, dst)] = link
+        return link
+
+    def link(self, src: Endpoint, dst: Endpoint) -> _DirectLink:
+        """The stream and copy kind for ``src -> dst`` (created on first use)."""
+        return self._links.get((src, dst)) or self._link(src, dst)
+
+    def issue(self, link: _DirectLink, src_address: int, dst_address: int, nbytes: int) -> Any:
+        """Issue one copy over ``link``; returns its stream."""
+        if nbytes <= 0:
+            raise TransferError(f"nbytes: must be > 0, got {nbytes}")
+        cp, rt = self._cp, self._rt
+        if link.kind:
+            with cp.cuda.Device(link.device):
+                rt.memcpyAsync(dst_address, src_address, nbytes, link.kind, link.stream.ptr)
+            return link.stream
+        # The destination GPU's default-stream work (e.g. a kernel still reading the old
+        # contents) is not covered by the source's blocking stream.
+        with cp.cuda.Device(link.dst):
+            other = cp.cuda.Event(block=False, disable_timing=True)
+            rt.eventRecord(other.ptr, _STREAM_LEGACY)
+        with cp.cuda.Device(link.device):
+            link.stream.wait_event(other)
+            rt.memcpyPeerAsync(dst_address, link.dst, src_address, link.src, nbytes, link.stream.ptr)
+        return link.stream
 
     def copy(self, *, src: Endpoint, dst: Endpoint, src_address: int, dst_address: int,
              nbytes: int) -> Any:
-        """Issue the copy and return the event recorded after it."""
-        if nbytes <= 0:
-            raise TransferError(f"nbytes: must be > 0, got {nbytes}")
-        hop = Hop(src, dst)
-        _ = hop.link  # validates the pair
-        stream = self._stream(hop)
-        cp = self._cp
-        if hop.src != HOST and hop.dst != HOST:
-            # The destination GPU's default-stream work (e.g. a kernel still reading the old
-            # contents) is not covered by the source's blocking stream.
-            with cp.cuda.Device(int(hop.dst)):
-                other = cp.cuda.Event(block=False, disable_timing=True)
-                self._rt.eventRecord(other.ptr, _STREAM_LEGACY)
-            with cp.cuda.Device(int(hop.src)):
-                stream.wait_event(other)
-        with cp.cuda.Device(_driving_device(hop)):
-            _copy(self._rt, hop, dst_address, src_address, nbytes, stream.ptr)
-            event = cp.cuda.Event(block=False, disable_timing=True)
-            event.record(stream)
+        """Issue the copy and return an event recorded right after it."""
+        link = self.link(src, dst)
+        stream = self.issue(link, src_address, dst_address, nbytes)
+        with self._cp.cuda.Device(link.device):
+            event = self._cp.cuda.Event(block=False, disable_timing=True)
+            self._rt.eventRecord(event.ptr, stream.ptr)
         return event
 
     def synchronize(self) -> None:
-        for stream in list(self._streams.values()):
-            stream.synchronize()
+        for link in list(self._links.values()):
+            link.stream.synchronize()
 
 
 def run_to_completion(scheduler: TransferScheduler, executor: CudaChunkExecutor) -> None:
