@@ -240,7 +240,7 @@ def first_pass_chunks(sizes_bytes: Sequence[int], relayed: Sequence[bool], *, ch
     """How many chunks a split transfer's ``start()`` issues before it returns."""
     from faastube_sidecar.transfers.scheduler import cut_path
 
-    return sum(min(inflight, len(cut_path(n, chunk_bytes, edge_bytes if r else None)))
+    return sum(min(inflight, len(cut_path(n, chunk_bytes, edge_bytes=edge_bytes if r else None)))
                for n, r in zip(sizes_bytes, relayed))
 
 

@@ -65,6 +65,7 @@ class SimCuda:
         self.streams: dict[int, SimStream] = {}
         self.events: dict[int, SimEvent] = {}
         self.copies: list[CopyCall] = []
+        self.host_by_address = False  # install_array_api: any host pointer is addressable
         self.legacy = {g: self._new_stream(g, blocking=False) for g in range(gpus)}
         sim = self
 
@@ -162,7 +163,7 @@ class SimCuda:
         for r in self.regions:
             if r.base <= ptr and ptr + size <= r.base + len(r.data):
                 return r, ptr - r.base
-        if host and getattr(self, "host_by_address", False):  # pageable host memory
+        if host and self.host_by_address:  # pageable host memory
             self._register_host(ptr, size)
             return self._find(ptr, size)
         raise AssertionError(f"[{ptr:#x}, +{size}) is not inside one allocation")

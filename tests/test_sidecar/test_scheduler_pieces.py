@@ -63,15 +63,15 @@ def run(route: scheduler.Route, settings: SchedulerSettings) -> tuple[TransferRe
        chunk=st.integers(min_value=64 << 10, max_value=32 * MiB),
        edge=st.one_of(st.none(), st.integers(min_value=1, max_value=8 * MiB)))
 def test_pieces_tile_the_path_and_never_exceed_a_chunk(size: int, chunk: int, edge: int | None) -> None:
-    pieces = cut_path(size, chunk, edge)
+    pieces = cut_path(size, chunk, edge_bytes=edge)
     assert sum(pieces) == size and all(0 < p <= chunk for p in pieces)
 
 
 def test_a_relayed_path_starts_and_ends_with_small_pieces() -> None:
-    assert cut_path(70 * MiB, 16 * MiB, 2 * MiB) == [2 * MiB, 16 * MiB, 16 * MiB, 16 * MiB, 16 * MiB,
-                                                      2 * MiB, 2 * MiB]
-    assert cut_path(3 * MiB, 16 * MiB, 2 * MiB) == [3 * MiB]  # too short to have edges
-    assert cut_path(70 * MiB, 16 * MiB, None) == [16 * MiB] * 4 + [6 * MiB]
+    assert cut_path(70 * MiB, 16 * MiB, edge_bytes=2 * MiB) == [2 * MiB, 16 * MiB, 16 * MiB, 16 * MiB,
+                                                                16 * MiB, 2 * MiB, 2 * MiB]
+    assert cut_path(3 * MiB, 16 * MiB, edge_bytes=2 * MiB) == [3 * MiB]  # too short to have edges
+    assert cut_path(70 * MiB, 16 * MiB) == [16 * MiB] * 4 + [6 * MiB]
 
 
 def test_only_relayed_paths_get_small_edges() -> None:

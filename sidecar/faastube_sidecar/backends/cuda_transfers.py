@@ -35,6 +35,7 @@ from faastube_sidecar.transfers.scheduler import (
     FunctionIdentity,
     LinkId,
     LinkSpec,
+    Route,
     SchedulerSettings,
     TransferRequest,
     TransferResult,
@@ -46,9 +47,8 @@ logger = logging.getLogger(__name__)
 
 Endpoint = int | Literal["host"]
 
-# Kept for callers that pre-filter by size (backends/cuda.py); the engine decides by itself.
-MULTIPATH_MIN_BYTES = 32 << 20
 _ids = itertools.count(1)
+_ROUTE_CACHE_SIZE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +178,9 @@ class ScheduledTransfers:
         self._kinds = {spec.link: spec.kind for spec in self._links}
         self._plans: dict[tuple[Endpoint, Endpoint], planner.Plan] = {}
         self._thresholds: dict[tuple[Endpoint, Endpoint], int | None] = {}
+        # (src, dst, size) -> the engine's (label, plan, route): sizes repeat (the same tensors
+        # pass every request), and fitting + building a route costs ~50 us of Python
+        self._routes: dict[tuple[Endpoint, Endpoint, int], tuple[str, planner.Plan, Route]] = {}
         # endpoint pair -> (largest copy that bypasses the engine, its label, its path, its link)
         self._bypass: dict[tuple[Endpoint, Endpoint], tuple[float, str, planner.PathShare, Any]] = {}
         gpus = sorted(cuda_of_topology.values())
@@ -187,6 +190,9 @@ class ScheduledTransfers:
         if len(gpus) > 1 and self._settings.relay_lanes:
             # before any transfer runs: the first relayed copy must not allocate
             self._engine.executor.preallocate_staging(gpus)
+        for g in gpus:  # the crossover is a bisection (~3 ms): not on a host copy's first use
+            self._bypass_entry(("host", g))
+            self._bypass_entry((g, "host"))
 
     @classmethod
     def for_local_node(cls, gpus: Sequence[int] | None = None, *,
@@ -299,19 +305,29 @@ class ScheduledTransfers:
         key = (src, dst)
         limit, label, path, link = self._bypass.get(key) or self._bypass_entry(key)
         if nbytes <= limit:
-            stream = self._direct.issue(link, src_address, dst_address, nbytes)
+            stream = self._direct.issue(link, src_address=src_address, dst_address=dst_address,
+                                        nbytes=nbytes)
             return Transfer(label, path, nbytes, stream=stream)
         label, plan, future = self._submit_to_engine(src, dst, src_address, dst_address, nbytes,
                                                      workflow, function)
         return Transfer(label, plan, nbytes, future=future)
 
+    def _route(self, src: Endpoint, dst: Endpoint, nbytes: int) -> tuple[str, planner.Plan, Route]:
+        key = (src, dst, nbytes)
+        hit = self._routes.get(key)
+        if hit is None:
+            plan = self.plan(src, dst, nbytes)
+            route = sized_route([(tuple(self._to_cuda(h) for h in p.hops), n)
+                                 for p, n in zip(plan.paths, plan.sizes_bytes)])
+            if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                self._routes.pop(next(iter(self._routes)))
+            hit = self._routes[key] = (describe_route(route, self._kinds), plan, route)
+        return hit
+
     def _submit_to_engine(self, src: Endpoint, dst: Endpoint, src_address: int, dst_address: int,
                           nbytes: int, workflow: str, function: str
                           ) -> tuple[str, planner.Plan, concurrent.futures.Future[TransferResult]]:
-        plan = self.plan(src, dst, nbytes)
-        route = sized_route([(tuple(self._to_cuda(h) for h in p.hops), n)
-                             for p, n in zip(plan.paths, plan.sizes_bytes)])
-        label = describe_route(route, self._kinds)
+        label, plan, route = self._route(src, dst, nbytes)
         request = TransferRequest(f"t{next(_ids)}", FunctionIdentity(workflow or "-", function or "-"),
                                   route, src_address=src_address, dst_address=dst_address)
         logger.debug("transfer %s: %d bytes %s -> %s over %s", request.transfer_id, nbytes, src, dst,

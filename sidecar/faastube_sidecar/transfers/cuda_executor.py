@@ -444,7 +444,7 @@ class DirectCopier:
         """The stream and copy kind for ``src -> dst`` (created on first use)."""
         return self._links.get((src, dst)) or self._link(src, dst)
 
-    def issue(self, link: _DirectLink, src_address: int, dst_address: int, nbytes: int) -> Any:
+    def issue(self, link: _DirectLink, *, src_address: int, dst_address: int, nbytes: int) -> Any:
         """Issue one copy over ``link``; returns its stream."""
         if nbytes <= 0:
             raise TransferError(f"nbytes: must be > 0, got {nbytes}")
@@ -467,7 +467,7 @@ class DirectCopier:
              nbytes: int) -> Any:
         """Issue the copy and return an event recorded right after it."""
         link = self.link(src, dst)
-        stream = self.issue(link, src_address, dst_address, nbytes)
+        stream = self.issue(link, src_address=src_address, dst_address=dst_address, nbytes=nbytes)
         with self._cp.cuda.Device(link.device):
             event = self._cp.cuda.Event(block=False, disable_timing=True)
             self._rt.eventRecord(event.ptr, stream.ptr)

@@ -493,20 +493,23 @@ class CostModel:
     carries ``b_i * (T - L_i)`` bytes, so ``T = (n + sum b_i L_i) / sum b_i``.
 
     The defaults are for the CUDA engine driven from Python on an H100/H200-class box
-    (pinned PCIe Gen5 ~53-55 GB/s, NVLink ~380 GB/s per pair); see ``EngineSettings`` in
-    ``backends/cuda_transfers`` for the measurements behind them.
+    (pinned PCIe Gen5 ~53-55 GB/s, NVLink ~380 GB/s per pair); each says where it comes
+    from. ``faastube bench transfers`` measures them on the box (its calibration section).
     """
 
     # One pinned cudaMemcpyAsync beyond its bytes, submit to wait() returning: 1 MiB took
     # ~28 us at ~53 GB/s (20 us of bytes), 64 KiB ~14 us.
     copy_latency_s: float = 10e-6
-    # A scheduled (split) transfer, once: route, admission, the scheduler's pump, completion
-    # found by the engine thread's poll and handed to the waiting thread.
+    # A scheduled (split) transfer, once: the request and the scheduler's bookkeeping before
+    # its first chunk goes out (~60 us of Python on a 2-core test VM), then completion found
+    # by the engine thread's poll and handed to the waiting thread.
     engine_overhead_s: float = 100e-6
-    # Issuing one more path's first piece from Python (a device switch, two copies, an event).
-    path_issue_s: float = 25e-6
-    # One more copy on a relayed path (its launch and the event order between hops).
-    hop_latency_s: float = 10e-6
+    # Issuing one more path's first piece from Python: the scheduler's pick, a device switch,
+    # two copies and an event (10-13 us apart on the test VM without CUDA, plus the calls).
+    path_issue_s: float = 20e-6
+    # One more copy on a relayed path: both hops run on one lane stream, so the gap between
+    # them is the second copy's launch on the GPU.
+    hop_latency_s: float = 5e-6
     # The first and last piece of a relayed path (the scheduler's relay_edge_bytes): its
     # unoverlapped NVLink hop costs 2 MiB / 380 GB/s = 5.5 us.
     relay_edge_bytes: int = 2 << 20

@@ -220,7 +220,7 @@ def route_from_plan(plan: _PlanLike, size_bytes: int, *, align_bytes: int = 4096
                       align_bytes=align_bytes)
 
 
-def cut_path(size_bytes: int, chunk_bytes: int, edge_bytes: int | None = None) -> list[int]:
+def cut_path(size_bytes: int, chunk_bytes: int, *, edge_bytes: int | None = None) -> list[int]:
     """Piece sizes of one path: ``chunk_bytes`` each, the last one shorter.
 
     With ``edge_bytes`` (relayed paths) the first and the last piece are ``edge_bytes``
@@ -484,6 +484,7 @@ class TransferScheduler:
                 raise TransferError(f"links[{i}].chunk_bytes: must be > 0, got {spec.chunk_bytes}")
             self._links[spec.link] = _Link(spec, spec.chunk_bytes or self._settings.chunk_bytes)
         self._kinds: dict[LinkId, LinkKind] = {k: v.spec.kind for k, v in self._links.items()}
+        self._queue_links: dict[tuple[Hop, ...], LinkId] = {}  # a node has few distinct paths
         self._transfers: dict[str, _Transfer] = {}
         self._stats: dict[FunctionIdentity, FunctionStats] = {}
         self._pumping = False
@@ -510,7 +511,7 @@ class TransferScheduler:
             qlink = self._queue_link(path)
             edge = self._settings.relay_edge_bytes if len(path.hops) > 1 else None
             off = offset
-            for size in cut_path(path.size_bytes, self._links[qlink].chunk_bytes, edge):
+            for size in cut_path(path.size_bytes, self._links[qlink].chunk_bytes, edge_bytes=edge):
                 pieces_by_link.setdefault(qlink, []).append((pi, off, size))
                 off += size
             offset += path.size_bytes
@@ -564,8 +565,11 @@ class TransferScheduler:
 
     def _queue_link(self, path: RoutePath) -> LinkId:
         # The narrowest hop paces the path; the first such hop wins ties.
-        return min((h.link for h in path.hops),
-                   key=lambda lid: self._links[lid].spec.bandwidth_bytes_per_s)
+        qlink = self._queue_links.get(path.hops)
+        if qlink is None:
+            qlink = self._queue_links[path.hops] = min(
+                (h.link for h in path.hops), key=lambda lid: self._links[lid].spec.bandwidth_bytes_per_s)
+        return qlink
 
     def _admit(self, r: TransferRequest, pieces_by_link: Mapping[LinkId, list[tuple[int, int, int]]]
                ) -> tuple[Admission, float | None]:
