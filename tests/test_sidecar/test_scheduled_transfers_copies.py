@@ -14,9 +14,17 @@ from collections.abc import Iterator
 import pytest
 from faastube import topology
 from faastube_sidecar.backends.cuda_transfers import EngineSettings, ScheduledTransfers
+from faastube_sidecar.transfers.cuda_executor import EngineClosed
 from faastube_sidecar.transfers.planner import CostModel
-from faastube_sidecar.transfers.scheduler import HOST, LinkId
-from simcuda import SimCuda
+from faastube_sidecar.transfers.scheduler import (
+    HOST,
+    FunctionIdentity,
+    LinkId,
+    TransferError,
+    TransferRequest,
+    sized_route,
+)
+from simcuda import SimCuda, SimEvent
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -160,3 +168,34 @@ def test_default_settings_keep_the_copy_the_issue_measured_off_the_engine() -> N
     threshold = planner.split_threshold_bytes(base, catalog=planner.PathCatalog.for_topology(node),
                                               cost=settings.cost)
     assert threshold is not None and MiB < 4 * MiB < threshold <= settings.direct_max_bytes
+
+
+def test_the_engine_reports_a_duplicate_id_through_its_future_and_keeps_the_first(
+        sim: SimCuda, lent: ScheduledTransfers) -> None:
+    size = 2 * MiB
+    src_ptr, dst_ptr, data = buffers(sim, HOST, 0, size, seed=6)
+    route = sized_route([((HOST, 0), size)])
+    request = TransferRequest("same", FunctionIdentity("wf", "f"), route, src_address=src_ptr,
+                              dst_address=dst_ptr)
+    first = lent.engine.submit(request)
+    second = lent.engine.submit(request)
+    with pytest.raises(TransferError, match="already in progress"):
+        second.result(timeout=30)
+    assert first.result(timeout=30).path_label == "h2d-direct"
+    assert sim.read(dst_ptr, size) == data
+
+
+def test_a_cuda_error_while_polling_fails_every_waiting_transfer_instead_of_hanging(
+        sim: SimCuda, lent: ScheduledTransfers, monkeypatch: pytest.MonkeyPatch) -> None:
+    size = 2 * MiB
+    src_ptr, dst_ptr, _data = buffers(sim, HOST, 0, size, seed=7)
+
+    def broken(self: object) -> bool:
+        raise RuntimeError("cudaErrorLaunchFailure")
+
+    monkeypatch.setattr(SimEvent, "done", property(broken))
+    transfer = lent.start(src=HOST, dst=0, src_address=src_ptr, dst_address=dst_ptr, nbytes=size)
+    with pytest.raises(EngineClosed, match="cudaErrorLaunchFailure"):
+        transfer.wait(timeout_s=30)
+    with pytest.raises(EngineClosed):
+        lent.start(src=HOST, dst=0, src_address=src_ptr, dst_address=dst_ptr, nbytes=size)

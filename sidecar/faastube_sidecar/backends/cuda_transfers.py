@@ -55,13 +55,15 @@ _ROUTE_CACHE_SIZE = 256
 class EngineSettings:
     """How the engine cuts and paces transfers, and the costs it plans with.
 
-    Why these numbers (4x H100 / 4x H200 runs, Gen5 PCIe ~55 GB/s per link):
-    - 16 MiB chunks: issuing a relayed chunk from Python costs tens of microseconds; at
-      4 MiB (76 us of PCIe) four links needed more than one core just to keep up, at
-      16 MiB (~300 us) a quarter of one.
+    Why these numbers (Gen5 PCIe ~55 GB/s per link, as on the lent 4x H100 / H200 boxes;
+    the CPU costs are estimates from runs without CUDA, to be confirmed by the benchmark's
+    calibration on a GPU box):
+    - 16 MiB chunks: issuing a chunk and handling its completion from Python costs some
+      15-30 us; at 4 MiB (76 us of PCIe) four links would keep the engine's one thread
+      busy just issuing, at 16 MiB (~300 us) about a quarter of the time.
     - 2 chunks in flight per link: the copy engine always has the next chunk queued while
       the engine thread reacts to the previous one, and a newcomer waits at most 32 MiB
-      (~0.6 ms) on a busy link, against 17 ms behind a 1 GiB FIFO copy.
+      (~0.6 ms) on a busy link, against 17 ms measured behind a 1 GiB FIFO copy.
     - 3 lanes (staging slots with their own stream) per relay and direction, of one
       chunk each: two chunks in flight plus one starting while the oldest still forwards.
     - ``cost``: ``planner.CostModel``; its ``relay_edge_bytes`` also cuts the first and

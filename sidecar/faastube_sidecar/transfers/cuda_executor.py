@@ -534,12 +534,23 @@ class CudaTransferEngine:
         future: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
         with self._lock:
             self._check_open()
+            if request.transfer_id not in self._pending:  # a duplicate id fails in the scheduler
+                self._pending[request.transfer_id] = future
             try:
                 self._scheduler.submit(request, self._finished_one)
-                self._pending[request.transfer_id] = future
-            except Exception as e:  # reported to the caller through its future
+                failure = None
+            except TransferError as e:  # a bad request: reported to the caller through its future
+                if self._pending.get(request.transfer_id) is future:
+                    del self._pending[request.transfer_id]
                 future.set_exception(e)
                 return future
+            except Exception as e:  # a CUDA error while issuing: the engine cannot go on
+                logger.exception("transfer engine: issuing %s failed", request.transfer_id)
+                failure = e
+        if failure is not None:
+            self._fail(failure)  # fails this future too: it is pending
+            self._wake.set()  # the engine thread sees the failure and ends
+            return future
         self._wake.set()
         return future
 
@@ -561,7 +572,7 @@ class CudaTransferEngine:
             self._wake.clear()
             with self._lock:
                 busy = self._scheduler.busy or bool(self._watched)
-                if not busy and self._stopping:
+                if (not busy and self._stopping) or self._failure is not None:
                     return
             if not busy:
                 self._wake.wait()
@@ -592,8 +603,11 @@ class CudaTransferEngine:
             self._failure = error
             waiting: list[concurrent.futures.Future[Any]] = list(self._pending.values())
             waiting += [f for _e, f in self._watched]
+            finished, self._finished = self._finished, []
             self._pending.clear()
             self._watched.clear()
+        for done, result in finished:  # these completed before the failure
+            _settle(done, result)
         for future in waiting:
             if not future.done():
                 future.set_exception(EngineClosed(f"transfer engine failed: {error}"))
