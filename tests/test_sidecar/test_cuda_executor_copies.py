@@ -1,6 +1,8 @@
 """Chunked and multi-path copies on real GPUs: random data, poisoned destinations, paths recorded.
 
-Skipped without CuPy or a GPU. On the 4x H100 machine:
+Also the CUDA backend's front end (``ScheduledTransfers``): small copies as one direct copy,
+large ones over every path its cost model pays for. Skipped without CuPy or a GPU. On the
+4x H100 machine:
     python3 -m pytest -q tests/test_sidecar/test_cuda_executor_copies.py
 """
 
@@ -21,6 +23,7 @@ if _GPUS < 1:
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from faastube_bench.pinned_ring import PinnedHostRing
+from faastube_sidecar.backends.cuda_transfers import ScheduledTransfers
 from faastube_sidecar.transfers.cuda_executor import (
     CudaChunkExecutor,
     CudaTransferEngine,
@@ -177,3 +180,55 @@ def test_engine_thread_runs_concurrent_transfers_from_other_threads(ring: Pinned
         ring.free(piece)
     assert {r.path_label for r in results} == {"h2d-direct"}
     assert sum(s.bytes_total for s in stats.values()) == 3 * size
+
+
+@pytest.fixture(scope="module")
+def scheduled() -> Iterator[ScheduledTransfers]:
+    try:
+        st = ScheduledTransfers.for_local_node(GPUS)
+    except Exception as e:  # noqa: BLE001 - no NVML here: the front end cannot plan
+        pytest.skip(f"no NVML topology: {e}")
+    yield st
+    st.close()
+
+
+def test_a_small_copy_through_the_backend_is_one_direct_copy_and_exact(
+        ring: PinnedHostRing, scheduled: ScheduledTransfers) -> None:
+    size = (1 << 20) + 123
+    piece, src = random_host(ring, size, seed=21)
+    dst = device_buffer(0, size, 0xAB)
+    try:
+        transfer = scheduled.start(src=HOST, dst=0, src_address=ring.address_of(piece),
+                                   dst_address=dst.data.ptr, nbytes=size)
+        assert transfer.direct and transfer.label == "h2d-direct"
+        transfer.wait()
+        assert np.array_equal(cp.asnumpy(dst), src)
+    finally:
+        ring.free(piece)
+
+
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_a_large_copy_through_the_backend_is_split_as_planned_and_exact(
+        ring: PinnedHostRing, scheduled: ScheduledTransfers, direction: str) -> None:
+    size = (96 << 20) + 12345
+    piece = ring.allocate(size)
+    host = ring.view(piece)
+    dev = device_buffer(0, size, 0xAB)
+    try:
+        if direction == "h2d":
+            host[:] = np.random.default_rng(22).integers(0, 256, size, dtype=np.uint8)
+            src, dst, s_addr, d_addr = HOST, 0, ring.address_of(piece), dev.data.ptr
+        else:
+            host[:] = 0xCD
+            with cp.cuda.Device(0):  # queued on the default stream, not synchronized: the
+                dev[:] = cp.random.default_rng(23).integers(0, 256, size, dtype=cp.uint8)  # copy orders after it
+            src, dst, s_addr, d_addr = 0, HOST, dev.data.ptr, ring.address_of(piece)
+        plan = scheduled.plan(src, dst, size)
+        transfer = scheduled.start(src=src, dst=dst, src_address=s_addr, dst_address=d_addr, nbytes=size)
+        assert not transfer.direct  # longer than the engine's window: never one plain copy
+        transfer.wait(timeout_s=60)
+        assert np.array_equal(cp.asnumpy(dev), host)
+        if len(plan.paths) > 1:
+            assert "multipath" in transfer.label
+    finally:
+        ring.free(piece)

@@ -1,25 +1,21 @@
-"""The CUDA executor's ordering logic (hops, staging slots, events) on a simulated CUDA runtime.
+"""The CUDA executor's ordering logic (hops, lanes, staging slots, events) on a simulated CUDA runtime.
 
 The GPU test of a relayed GPU -> GPU copy once found the destination's first bytes
 equal to the source's *initial* fill: the source was still being written by a
 kernel on the default stream when the copies, on non-blocking streams, read it.
-These tests run the real scheduler and the real ``CudaChunkExecutor`` against a
-small model of the CUDA semantics the executor relies on: FIFO streams, events
-(a wait sees the event's latest record), the legacy default stream, and copies
-that move bytes only when they run. Runnable work is executed in a seeded random
-order, so any ordering the events do not enforce eventually goes wrong.
+These tests run the real scheduler and the real ``CudaChunkExecutor`` against
+``simcuda``, a small model of the CUDA semantics the executor relies on, whose
+runnable work runs in a seeded random order, so any ordering the streams and
+events do not enforce eventually goes wrong.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import itertools
 import random
 import sys
-import types
 from collections.abc import Iterator
-from typing import Any, Self
+from typing import Any
 
 import pytest
 from faastube_sidecar.transfers.cuda_executor import (
@@ -37,6 +33,7 @@ from faastube_sidecar.transfers.scheduler import (
     TransferScheduler,
     make_route,
 )
+from simcuda import SimCuda
 
 GB = 1e9
 GPUS = [0, 1, 2, 3]
@@ -44,186 +41,6 @@ SLOT_BYTES = 64 << 10
 SETTINGS = SchedulerSettings(chunk_bytes=SLOT_BYTES, max_inflight_chunks_per_link=4)
 STAGING = StagingSettings(slots_per_relay=3, slot_bytes=SLOT_BYTES)
 SIZE = 37 * SLOT_BYTES + 12345  # many chunks per relay (slot reuse), a partial last chunk
-LEGACY = 1  # cudaStreamLegacy
-
-
-@dataclasses.dataclass(eq=False)
-class _Region:
-    base: int
-    data: bytearray
-    device: int | None  # None: host memory
-
-
-@dataclasses.dataclass(eq=False)
-class _Record:
-    """One record of an event: done once the stream reaches it."""
-
-    done: bool = False
-
-
-class SimCuda:
-    """What the executor uses of ``cupy``: devices, streams, events, memory, copies."""
-
-    def __init__(self, gpus: int, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.gpus = gpus
-        self.regions: list[_Region] = []
-        self.next_address = 1 << 32
-        self.current = [0]
-        self.streams: dict[int, SimStream] = {}
-        self.events: dict[int, SimEvent] = {}
-        self.legacy = {g: self._new_stream(g) for g in range(gpus)}
-        sim = self
-
-        class Device:
-            def __init__(self, index: int) -> None:
-                self.index = index
-
-            def __enter__(self) -> Self:
-                sim.current.append(self.index)
-                return self
-
-            def __exit__(self, *exc: object) -> None:
-                sim.current.pop()
-
-        class Stream:
-            def __new__(cls, non_blocking: bool = False) -> Any:  # type: ignore[misc]
-                assert non_blocking, "the executor's link streams must not serialize with others"
-                return sim._new_stream(sim.current[-1])
-
-        class Event:
-            def __new__(cls, block: bool = False, disable_timing: bool = False) -> Any:  # type: ignore[misc]
-                return SimEvent(sim, sim.current[-1])
-
-        class CUDARuntimeError(RuntimeError):
-            pass
-
-        runtime = types.SimpleNamespace(
-            CUDARuntimeError=CUDARuntimeError,
-            getDeviceCount=lambda: gpus,
-            deviceCanAccessPeer=lambda a, b: True,
-            deviceEnablePeerAccess=lambda peer: None,
-            memcpyAsync=self._memcpy_async,
-            memcpyPeerAsync=self._memcpy_peer_async,
-            eventRecord=self._event_record,
-        )
-        self.module = types.SimpleNamespace(cuda=types.SimpleNamespace(
-            runtime=runtime, Device=Device, Stream=Stream, Event=Event,
-            alloc=lambda n: types.SimpleNamespace(ptr=self.alloc(n, sim.current[-1])),
-        ))
-
-    # -- memory -----------------------------------------------------------------
-    def alloc(self, size: int, device: int | None, fill: int = 0) -> int:
-        base = self.next_address
-        self.next_address += size + (1 << 20)
-        self.regions.append(_Region(base, bytearray([fill]) * size, device))
-        return base
-
-    def _find(self, ptr: int, size: int) -> tuple[_Region, int]:
-        for r in self.regions:
-            if r.base <= ptr and ptr + size <= r.base + len(r.data):
-                return r, ptr - r.base
-        raise AssertionError(f"[{ptr:#x}, +{size}) is not inside one allocation")
-
-    def read(self, ptr: int, size: int) -> bytes:
-        region, off = self._find(ptr, size)
-        return bytes(region.data[off:off + size])
-
-    def write(self, ptr: int, data: bytes) -> None:
-        region, off = self._find(ptr, len(data))
-        region.data[off:off + len(data)] = data
-
-    # -- streams and events ------------------------------------------------------
-    def _new_stream(self, device: int) -> SimStream:
-        stream = SimStream(self, device, ptr=0x1000 + len(self.streams) + 1)
-        self.streams[stream.ptr] = stream
-        return stream
-
-    def stream_of(self, ptr: int) -> SimStream:
-        if ptr == LEGACY:
-            return self.legacy[self.current[-1]]
-        return self.streams[ptr]
-
-    def _event_record(self, event_ptr: int, stream_ptr: int) -> None:
-        self.events[event_ptr].record(self.stream_of(stream_ptr))
-
-    def _copy(self, stream_ptr: int, dst: int, dst_dev: int | None, src: int, src_dev: int | None,
-              n: int) -> None:
-        stream = self.stream_of(stream_ptr)
-        assert stream.device == self.current[-1], "copy issued on a stream of another device"
-        assert self._find(dst, n)[0].device == dst_dev, "destination is not on the named device"
-        assert self._find(src, n)[0].device == src_dev, "source is not on the named device"
-        stream.ops.append(("copy", (dst, src, n)))
-
-    def _memcpy_async(self, dst: int, src: int, n: int, kind: int, stream_ptr: int) -> None:
-        assert kind in (1, 2), kind
-        gpu = self.stream_of(stream_ptr).device
-        self._copy(stream_ptr, dst, gpu if kind == 1 else None, src, None if kind == 1 else gpu, n)
-
-    def _memcpy_peer_async(self, dst: int, dst_dev: int, src: int, src_dev: int, n: int,
-                           stream_ptr: int) -> None:
-        self._copy(stream_ptr, dst, dst_dev, src, src_dev, n)
-
-    def step(self) -> bool:
-        """Run the head of one runnable stream, chosen at random; False if none can run."""
-        runnable = [s for s in self.streams.values() if s.ops and s.head_can_run()]
-        if not runnable:
-            assert not any(s.ops for s in self.streams.values()), "deadlock: every stream waits"
-            return False
-        self.rng.choice(runnable).run_head()
-        return True
-
-    def run_all(self) -> None:
-        while self.step():
-            pass
-
-
-class SimStream:
-    def __init__(self, sim: SimCuda, device: int, ptr: int) -> None:
-        self.sim, self.device, self.ptr = sim, device, ptr
-        self.ops: collections.deque[tuple[str, Any]] = collections.deque()
-
-    def head_can_run(self) -> bool:
-        kind, arg = self.ops[0]
-        return kind != "wait" or arg is None or arg.done
-
-    def run_head(self) -> None:
-        kind, arg = self.ops.popleft()
-        if kind == "copy":
-            dst, src, n = arg
-            self.sim.write(dst, self.sim.read(src, n))
-        elif kind == "record":
-            arg.done = True
-        elif kind == "write":  # a producer kernel
-            ptr, data = arg
-            self.sim.write(ptr, data)
-
-    def wait_event(self, event: SimEvent) -> None:
-        self.ops.append(("wait", event.latest))  # a wait sees the record made before it
-
-    def synchronize(self) -> None:
-        while self.ops:
-            assert self.sim.step(), "stream cannot finish"
-
-
-class SimEvent:
-    def __init__(self, sim: SimCuda, device: int) -> None:
-        self.sim, self.device = sim, device
-        self.latest: _Record | None = None
-        self.ptr = 0x9000_0000 + len(sim.events)
-        sim.events[self.ptr] = self
-
-    def record(self, stream: SimStream) -> None:
-        assert stream.device == self.device, "event recorded on a stream of another device"
-        assert stream.device == self.sim.current[-1], "record outside the stream's device"
-        self.latest = _Record()
-        stream.ops.append(("record", self.latest))
-
-    @property
-    def done(self) -> bool:
-        for _ in range(self.sim.rng.randint(0, 3)):  # time passes while the host polls
-            self.sim.step()
-        return self.latest is None or self.latest.done
 
 
 @pytest.fixture
@@ -242,7 +59,7 @@ def copy_and_read_back(sim: SimCuda, paths: list, *, pending_source_fill: bool,
     dst = sim.alloc(SIZE, None if dst_node == HOST else dst_node, fill=0xEE)
     if pending_source_fill:
         # like `src[:] = rng.integers(...)` in CuPy: queued on the default stream, not yet run
-        sim.legacy[src_node].ops.append(("write", (src, data)))
+        sim.default_stream_write(src_node, src, data)
     else:
         sim.write(src, data)
     executor = CudaChunkExecutor(GPUS, staging=STAGING)
@@ -311,3 +128,41 @@ def test_final_hops_cover_every_byte_once_and_relays_reuse_slots_in_order(sim: S
     assert [off for _, off, _ in issued] == sorted(off for _, off, _ in issued)  # first chunk first
     assert all(size <= SLOT_BYTES for _, _, size in issued)
     assert len(issued) > STAGING.slots_per_relay * 2  # the relay's slots were reused
+
+
+def test_link_and_lane_streams_never_serialize_with_the_default_stream(sim: SimCuda) -> None:
+    copy_and_read_back(sim, ROUTES[3], pending_source_fill=False, seed=1)
+    assert sim.copies and not any(c.stream_blocking for c in sim.copies)
+
+
+def test_each_relay_runs_both_hops_of_its_path_host_to_gpu(sim: SimCuda) -> None:
+    expected, landed = copy_and_read_back(sim, ROUTES[3], pending_source_fill=False, seed=2)
+    assert landed == expected
+    peer = [c for c in sim.copies if c.api == "memcpyPeerAsync"]
+    assert peer and all(c.stream_device == c.src_device for c in peer)  # the relay pushes
+    h2d = [c for c in sim.copies if c.api == "memcpyAsync"]
+    assert all(c.stream_device == c.dst_device for c in h2d)
+    assert {c.stream_device for c in h2d} == {0, 1, 2, 3}
+
+
+def test_each_relay_runs_both_hops_of_its_path_gpu_to_host(sim: SimCuda) -> None:
+    # GPU 0's copy engines serve only its own PCIe link: the relays pull over NVLink.
+    paths = [((0, HOST), 1.0), ((0, 1, HOST), 1.0), ((0, 2, HOST), 1.0), ((0, 3, HOST), 1.0)]
+    expected, landed = copy_and_read_back(sim, paths, pending_source_fill=True, seed=3)
+    assert landed == expected
+    peer = [c for c in sim.copies if c.api == "memcpyPeerAsync"]
+    assert peer and all(c.stream_device == c.dst_device != 0 for c in peer)
+    assert {c.stream_device for c in sim.copies if c.stream_device == 0} == {0}
+    assert all(c.api == "memcpyAsync" for c in sim.copies if c.stream_device == 0)
+
+
+def test_without_lanes_a_one_relay_chunk_takes_the_event_chained_path(
+        sim: SimCuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kept to compare against lanes on GPUs: GPU -> host relays are then pushed by the source.
+    monkeypatch.setattr(sys.modules[__name__], "STAGING",
+                        StagingSettings(slots_per_relay=3, slot_bytes=SLOT_BYTES, relay_lanes=False))
+    paths = [((0, HOST), 1.0), ((0, 1, HOST), 1.0)]
+    expected, landed = copy_and_read_back(sim, paths, pending_source_fill=True, seed=4)
+    assert landed == expected
+    peer = [c for c in sim.copies if c.api == "memcpyPeerAsync"]
+    assert peer and all(c.stream_device == c.src_device == 0 for c in peer)

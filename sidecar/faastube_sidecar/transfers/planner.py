@@ -38,6 +38,15 @@ The algorithm (the paper's, plus what a pure function can do about incumbents):
    another path"), and the newcomer is planned again. An incumbent without an alternative
    keeps its paths.
 
+Costs (``CostModel``, ``fit_plan``). Bandwidth alone would split every transfer, yet a
+split one pays fixed costs a single copy does not: the scheduler's bookkeeping and the
+waiter's wake-up once, each further path's first issue, and on a relayed path one more
+copy's latency plus the hop that cannot overlap (the last piece's forward hop into the
+target, or the first piece's hop out of the source). ``fit_plan`` keeps the prefix of a
+plan's paths that finishes soonest under those costs and gives each path the bytes that
+make all paths finish together; small transfers so get the single direct link, which the
+executor runs as one plain ``cudaMemcpyAsync``.
+
 GPU-to-GPU candidates are the direct link and relay paths over NVLink (up to
 ``MAX_HOPS`` hops); PCIe is used only for pairs with no NVLink route at all (peer-to-peer
 when the link allows it, else staged through host memory). Host-to-GPU candidates are the
@@ -91,6 +100,15 @@ class Plan:
     paths: tuple[PathShare, ...]
     total_bandwidth_bytes_per_s: float
     contended: bool = False  # True: phase 3 took an equal share from incumbents
+    # Set by fit_plan: each path's bytes (they sum to the transfer's size) and the
+    # cost model's estimate of the whole transfer, seconds from submit to done.
+    sizes_bytes: tuple[int, ...] = ()
+    expected_s: float | None = None
+
+    @property
+    def direct(self) -> bool:
+        """One path over one link: a single plain copy does it."""
+        return len(self.paths) == 1 and len(self.paths[0].hops) == 2
 
 
 class LinkUsage(Mapping[LinkKey, float]):
@@ -456,6 +474,168 @@ def split_bytes(plan: Plan, nbytes: int, *, chunk_bytes: int) -> list[tuple[int,
             chunks.append((i, offset, length))
             offset += length
     return chunks
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What a copy costs beyond its bytes, so that a transfer is split only where that pays.
+
+    A transfer over one direct link runs as one ``cudaMemcpyAsync`` issued by the caller:
+    ``copy_latency_s + n / b``. A split one goes through the scheduler, which costs
+    ``engine_overhead_s`` once, and path ``i`` (0-based, in plan order) starts delivering at
+    its rate ``L_i`` after the submit:
+
+        L_i = copy_latency_s + i * path_issue_s
+              + per hop other than the path's narrowest: hop_latency_s + relay_edge_bytes / hop_bw
+
+    (the relay's edge piece: the first piece's hop before the narrow link starts, or the last
+    piece's hop after it ends). With every path finishing at the same time ``T``, path ``i``
+    carries ``b_i * (T - L_i)`` bytes, so ``T = (n + sum b_i L_i) / sum b_i``.
+
+    The defaults are for the CUDA engine driven from Python on an H100/H200-class box
+    (pinned PCIe Gen5 ~53-55 GB/s, NVLink ~380 GB/s per pair); each says where it comes
+    from. ``faastube bench transfers`` measures them on the box (its calibration section).
+    """
+
+    # One pinned cudaMemcpyAsync beyond its bytes, submit to wait() returning: 1 MiB took
+    # ~28 us at ~53 GB/s (20 us of bytes), 64 KiB ~14 us.
+    copy_latency_s: float = 10e-6
+    # A scheduled (split) transfer, once: the request and the scheduler's bookkeeping before
+    # its first chunk goes out (~60 us of Python on a 2-core test VM), then completion found
+    # by the engine thread's poll and handed to the waiting thread.
+    engine_overhead_s: float = 100e-6
+    # Issuing one more path's first piece from Python: the scheduler's pick, a device switch,
+    # two copies and an event (10-13 us apart on the test VM without CUDA, plus the calls).
+    path_issue_s: float = 20e-6
+    # One more copy on a relayed path: both hops run on one lane stream, so the gap between
+    # them is the second copy's launch on the GPU.
+    hop_latency_s: float = 5e-6
+    # The first and last piece of a relayed path (the scheduler's relay_edge_bytes): its
+    # unoverlapped NVLink hop costs 2 MiB / 380 GB/s = 5.5 us.
+    relay_edge_bytes: int = 2 << 20
+    # Split only when the estimate beats the direct copy by this factor: the estimate
+    # assumes every link at its nominal rate, and the host side of a box often caps the
+    # sum (4x H200: 169.5 GB/s for four 55 GB/s links); being wrong near the crossover
+    # must not make a transfer slower than one link.
+    min_speedup: float = 1.25
+    align_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("copy_latency_s", "engine_overhead_s", "path_issue_s", "hop_latency_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise PlanError(f"{name}: must be finite and >= 0, got {value!r}")
+        if not (math.isfinite(self.min_speedup) and self.min_speedup >= 1.0):
+            raise PlanError(f"min_speedup: must be finite and >= 1, got {self.min_speedup!r}")
+        for name in ("relay_edge_bytes", "align_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(f"{name}: must be an integer >= 1, got {value!r}")
+
+
+DEFAULT_COST: Final = CostModel()
+
+
+def path_latencies_s(plan: Plan, *, catalog: PathCatalog,
+                     cost: CostModel = DEFAULT_COST) -> tuple[float, ...]:
+    """``L_i`` of every path of ``plan``: when it starts delivering at its rate (``CostModel``)."""
+    out = []
+    for position, path in enumerate(plan.paths):
+        latency = cost.copy_latency_s + position * cost.path_issue_s
+        caps = [min(catalog.capacity_bytes_per_s(k) for k in catalog.hop_keys(u, v))
+                for u, v in itertools.pairwise(path.hops)]
+        narrow = caps.index(min(caps))
+        for j, cap in enumerate(caps):
+            if j != narrow:
+                latency += cost.hop_latency_s + cost.relay_edge_bytes / cap
+        out.append(latency)
+    return tuple(out)
+
+
+def fit_plan(plan: Plan, nbytes: int, *, catalog: PathCatalog,
+             cost: CostModel = DEFAULT_COST) -> Plan:
+    """The prefix of ``plan``'s paths that moves ``nbytes`` soonest, and each path's bytes.
+
+    Paths are taken in plan order (the direct link first, then relays), as long as each
+    added path still carries bytes (``T > L_i``). A direct single-link plan costs no engine
+    overhead; a split must beat it by ``cost.min_speedup``. Sizes are aligned to
+    ``cost.align_bytes``; the first path takes the rounding remainder.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise PlanError(f"nbytes: must be an integer >= 1, got {nbytes!r}")
+    if not plan.paths:
+        raise PlanError("plan: has no path")
+    latencies = path_latencies_s(plan, catalog=catalog, cost=cost)
+    bws = [p.bandwidth_bytes_per_s for p in plan.paths]
+    first_direct = len(plan.paths[0].hops) == 2
+    best: tuple[float, int, float] | None = None  # (total time, paths, time of the paths alone)
+    direct: tuple[float, int, float] | None = None
+    total_bw = weighted = 0.0
+    for k in range(1, len(plan.paths) + 1):
+        total_bw += bws[k - 1]
+        weighted += bws[k - 1] * latencies[k - 1]
+        t_paths = (nbytes + weighted) / total_bw
+        if t_paths <= latencies[k - 1]:
+            break  # this path (and every later, later-starting one) would carry nothing
+        if k == 1 and first_direct:
+            direct = (t_paths, 1, t_paths)
+            continue
+        total = cost.engine_overhead_s + t_paths
+        if best is None or total < best[0]:
+            best = (total, k, t_paths)
+    if direct is not None and (best is None or best[0] * cost.min_speedup > direct[0]):
+        best = direct
+    if best is None:  # not even the first path carries bytes: impossible with latencies >= 0
+        best = (cost.engine_overhead_s + latencies[0] + nbytes / bws[0], 1, latencies[0] + nbytes / bws[0])
+    total, k, t_paths = best
+    sizes = _sizes(nbytes, bws[:k], latencies[:k], t_paths, cost.align_bytes)
+    paths = tuple(p for p, n in zip(plan.paths[:k], sizes) if n > 0)
+    return Plan(paths=paths, total_bandwidth_bytes_per_s=sum(p.bandwidth_bytes_per_s for p in paths),
+                contended=plan.contended, sizes_bytes=tuple(n for n in sizes if n > 0),
+                expected_s=total)
+
+
+def _sizes(nbytes: int, bws: list[float], latencies: tuple[float, ...], t_paths: float,
+           align: int) -> list[int]:
+    ideal = [max(0.0, b * (t_paths - lat)) for b, lat in zip(bws, latencies)]
+    scale = nbytes / sum(ideal) if sum(ideal) > 0 else 0.0
+    sizes = [int(x * scale) // align * align for x in ideal]
+    sizes[0] += nbytes - sum(sizes)
+    return sizes
+
+
+def plan_transfer(topology: NodeTopology, src: Endpoint, dst: Endpoint, nbytes: int, *,
+                  usage: LinkUsage = EMPTY_USAGE, max_paths: int = DEFAULT_MAX_PATHS,
+                  cost: CostModel = DEFAULT_COST, catalog: PathCatalog | None = None) -> Plan:
+    """``plan_paths`` then ``fit_plan``: the paths and bytes for one transfer of ``nbytes``."""
+    cat = catalog if catalog is not None else PathCatalog.for_topology(topology)
+    plan = plan_paths(topology, src, dst, usage=usage, max_paths=max_paths, catalog=cat)
+    return fit_plan(plan, nbytes, catalog=cat, cost=cost)
+
+
+def split_threshold_bytes(plan: Plan, *, catalog: PathCatalog,
+                          cost: CostModel = DEFAULT_COST) -> int | None:
+    """The smallest size that ``fit_plan`` splits over more than ``plan``'s direct path.
+
+    ``None`` when it never does (a single path, or a plan without a direct first path,
+    which always goes through the engine). The choice is monotonic in size (a split
+    has the larger fixed cost and the smaller cost per byte), so a bisection finds it.
+    """
+    if len(plan.paths) < 2 or len(plan.paths[0].hops) != 2:
+        return None
+    hi = 1 << 50
+    if fit_plan(plan, hi, catalog=catalog, cost=cost).direct:
+        return None
+    lo = 1  # direct at lo, split at hi
+    if not fit_plan(plan, lo, catalog=catalog, cost=cost).direct:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fit_plan(plan, mid, catalog=catalog, cost=cost).direct:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,18 @@ Policy (FaaSTube mechanism 4), per link:
   ``best_effort_min_share`` of the link so they never starve.
 Shares are enforced with start-time fair queuing over chunks, using the rates as
 weights: work-conserving, and a newcomer's first chunk goes out with the next
-free slot, so it waits at most ``max_inflight_chunks_per_link`` chunks.
+free slot, so it waits at most ``max_inflight_chunks_per_link`` chunks. Free
+slots are filled one chunk per link per pass, so every path of a split transfer
+starts within one pass rather than after the first link's whole window.
 
 A transfer whose SLO cannot be met (``rate_least`` above the link bandwidth, or no
 time left after compute) still runs, best-effort; its ``Admission`` says so.
 
 Multi-hop paths (relay GPUs) queue on their narrowest link; the other hops are
-much faster (NVLink vs PCIe) and the executor orders them with events.
+much faster (NVLink vs PCIe) and the executor orders them. Only the first and
+last piece of such a path pay their extra hop unoverlapped (before the narrow
+link starts, after it ends), so with ``relay_edge_bytes`` set those two pieces
+are cut small while the middle ones keep the full chunk size.
 
 Not thread-safe: one driver (the link model's event loop, the CUDA engine's
 thread) calls ``submit`` and the completion callbacks.
@@ -147,8 +152,29 @@ def make_route(node_paths: Sequence[tuple[Sequence[Endpoint], float]], size_byte
         sizes.append(part)
         remaining -= part
     sizes.append(remaining)
+    return _build_route([nodes for nodes, _share in node_paths], sizes)
+
+
+def sized_route(node_paths: Sequence[tuple[Sequence[Endpoint], int]]) -> Route:
+    """A route whose paths carry the given byte counts, e.g. ``planner.fit_plan``'s sizes.
+
+    Paths of 0 bytes are left out; at least one must carry bytes.
+    """
+    if not node_paths:
+        raise TransferError("paths: at least one path is required")
+    sizes = []
+    for i, (_nodes, size) in enumerate(node_paths):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise TransferError(f"paths[{i}].size_bytes: must be an integer >= 0, got {size!r}")
+        sizes.append(size)
+    if sum(sizes) <= 0:
+        raise TransferError("size_bytes: must be > 0, got 0")
+    return _build_route([nodes for nodes, _size in node_paths], sizes)
+
+
+def _build_route(node_paths: Sequence[Sequence[Endpoint]], sizes: Sequence[int]) -> Route:
     paths = []
-    for i, ((nodes, _share), part) in enumerate(zip(node_paths, sizes)):
+    for i, (nodes, part) in enumerate(zip(node_paths, sizes)):
         if part == 0:
             continue  # too small a share to be worth a chunk
         if len(nodes) < 2:
@@ -178,11 +204,36 @@ class _PlanLike(Protocol):
     @property
     def paths(self) -> Sequence[_PathShareLike]: ...
 
+    @property
+    def sizes_bytes(self) -> Sequence[int]: ...
+
 
 def route_from_plan(plan: _PlanLike, size_bytes: int, *, align_bytes: int = 4096) -> Route:
-    """The route for ``size_bytes`` over a ``planner.Plan`` (node sequences + shares)."""
+    """The route for ``size_bytes`` over a ``planner.Plan``.
+
+    A fitted plan (``planner.fit_plan``) says each path's bytes; any other plan's bytes
+    are split in proportion to its paths' bandwidth shares.
+    """
+    if plan.sizes_bytes and sum(plan.sizes_bytes) == size_bytes:
+        return sized_route([(p.hops, n) for p, n in zip(plan.paths, plan.sizes_bytes)])
     return make_route([(p.hops, p.bandwidth_bytes_per_s) for p in plan.paths], size_bytes,
                       align_bytes=align_bytes)
+
+
+def cut_path(size_bytes: int, chunk_bytes: int, *, edge_bytes: int | None = None) -> list[int]:
+    """Piece sizes of one path: ``chunk_bytes`` each, the last one shorter.
+
+    With ``edge_bytes`` (relayed paths) the first and the last piece are ``edge_bytes``
+    long when the path is long enough, the middle ones ``chunk_bytes``.
+    """
+    if edge_bytes is None or edge_bytes >= chunk_bytes or size_bytes <= 2 * edge_bytes:
+        return _plain_cut(size_bytes, chunk_bytes)
+    return [edge_bytes, *_plain_cut(size_bytes - 2 * edge_bytes, chunk_bytes), edge_bytes]
+
+
+def _plain_cut(size_bytes: int, chunk_bytes: int) -> list[int]:
+    full, rest = divmod(size_bytes, chunk_bytes)
+    return [chunk_bytes] * full + ([rest] if rest else [])
 
 
 def _validate_route(route: Route) -> None:
@@ -257,10 +308,14 @@ class SchedulerSettings:
     chunk_bytes: int = 4 << 20
     max_inflight_chunks_per_link: int = 4
     best_effort_min_share: float = 0.1
+    # First and last piece of a relayed (multi-hop) path; None: cut like any other path.
+    relay_edge_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_bytes <= 0:
             raise TransferError(f"chunk_bytes: must be > 0, got {self.chunk_bytes}")
+        if self.relay_edge_bytes is not None and self.relay_edge_bytes <= 0:
+            raise TransferError(f"relay_edge_bytes: must be > 0, got {self.relay_edge_bytes}")
         if self.max_inflight_chunks_per_link < 1:
             raise TransferError("max_inflight_chunks_per_link: must be >= 1, "
                                 f"got {self.max_inflight_chunks_per_link}")
@@ -429,6 +484,7 @@ class TransferScheduler:
                 raise TransferError(f"links[{i}].chunk_bytes: must be > 0, got {spec.chunk_bytes}")
             self._links[spec.link] = _Link(spec, spec.chunk_bytes or self._settings.chunk_bytes)
         self._kinds: dict[LinkId, LinkKind] = {k: v.spec.kind for k, v in self._links.items()}
+        self._queue_links: dict[tuple[Hop, ...], LinkId] = {}  # a node has few distinct paths
         self._transfers: dict[str, _Transfer] = {}
         self._stats: dict[FunctionIdentity, FunctionStats] = {}
         self._pumping = False
@@ -453,10 +509,11 @@ class TransferScheduler:
         offset = 0
         for pi, path in enumerate(request.route.paths):
             qlink = self._queue_link(path)
-            chunk = self._links[qlink].chunk_bytes
-            for off in range(0, path.size_bytes, chunk):
-                size = min(chunk, path.size_bytes - off)
-                pieces_by_link.setdefault(qlink, []).append((pi, offset + off, size))
+            edge = self._settings.relay_edge_bytes if len(path.hops) > 1 else None
+            off = offset
+            for size in cut_path(path.size_bytes, self._links[qlink].chunk_bytes, edge_bytes=edge):
+                pieces_by_link.setdefault(qlink, []).append((pi, off, size))
+                off += size
             offset += path.size_bytes
         admission, window = self._admit(request, pieces_by_link)
         deadline = None if window is None else now + window
@@ -508,8 +565,11 @@ class TransferScheduler:
 
     def _queue_link(self, path: RoutePath) -> LinkId:
         # The narrowest hop paces the path; the first such hop wins ties.
-        return min((h.link for h in path.hops),
-                   key=lambda lid: self._links[lid].spec.bandwidth_bytes_per_s)
+        qlink = self._queue_links.get(path.hops)
+        if qlink is None:
+            qlink = self._queue_links[path.hops] = min(
+                (h.link for h in path.hops), key=lambda lid: self._links[lid].spec.bandwidth_bytes_per_s)
+        return qlink
 
     def _admit(self, r: TransferRequest, pieces_by_link: Mapping[LinkId, list[tuple[int, int, int]]]
                ) -> tuple[Admission, float | None]:
@@ -566,14 +626,17 @@ class TransferScheduler:
         if self._pumping:
             return  # an executor completed a chunk synchronously; the outer loop continues
         self._pumping = True
+        limit = self._settings.max_inflight_chunks_per_link
         try:
-            progress = True
-            while progress:
-                progress = False
-                for link in self._links.values():
-                    while link.flows and link.inflight < self._settings.max_inflight_chunks_per_link:
+            # One chunk per link per pass: a split transfer's paths all start in the first pass.
+            # The outer loop looks again at every link, in case an executor completed a chunk
+            # (and a callback submitted more) while we issued.
+            while ready := [link for link in self._links.values()
+                            if link.flows and link.inflight < limit]:
+                while ready:
+                    for link in ready:
                         self._issue_next(link)
-                        progress = True
+                    ready = [link for link in ready if link.flows and link.inflight < limit]
         finally:
             self._pumping = False
 
