@@ -43,7 +43,7 @@ from faastube_sidecar.identity import Domain
 if TYPE_CHECKING:
     from faastube_sidecar.backends.cuda_transfers import ScheduledTransfers
 
-MULTIPATH_MIN_BYTES = 32 << 20   # below this one cudaMemcpyAsync beats the engine's thread hop
+MULTIPATH_MIN_BYTES = 32 << 20   # GPU-to-GPU copies below this take their direct link, relays or not
 FENCE_TIMEOUT_S = 60.0           # a writer whose fence never completes: its copies fail after this
 COPY_EVENTS = 4                  # per domain and GPU, recorded in turn after the sidecar's copies
 
@@ -421,8 +421,12 @@ class CudaBackend:
             dst.handle.segment.bytes[dst.offset:dst.offset + n] = src.handle.segment.bytes[src.offset:src.offset + n]
             done.set_result(None)
             return CopyTicket(path, done)
-        if self._scheduled is not None and src.nbytes >= MULTIPATH_MIN_BYTES and (
-                path in ("h2d", "d2h") or self._relays_pay(src.location, dst.location)):
+        scheduled = self._scheduled
+        if scheduled is not None and (
+                # The engine itself knows from what size splitting over several links pays.
+                (path in ("h2d", "d2h")
+                 and scheduled.wants_engine(_endpoint(src.location), _endpoint(dst.location), src.nbytes))
+                or (src.nbytes >= MULTIPATH_MIN_BYTES and self._relays_pay(src.location, dst.location))):
             return self._submit_scheduled(dst, src, path, after, domain, requester, done)
         # Issue on the domain's stream of the GPU that receives (or, for d2h, sends) the bytes.
         gpu = dst.location.gpu if dst.location.gpu is not None else src.location.gpu
