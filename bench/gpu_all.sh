@@ -53,6 +53,13 @@ for step in "${steps[@]}"; do
         > "$OUT/breakdown-spin.log" 2>&1
       echo "breakdown, spinning 200 us: rc=$?" >> "$summary"
       grep -E "card|total|wait for" "$OUT/breakdown-spin.log" >> "$summary" ;;
+    concurrency-host)
+      # The same 1/4/8 pairs with CPU functions passing host memory: the sidecar's own rate, no GPU contexts.
+      timeout 120 python3 -m faastube.cli --log-level WARNING bench dataplane --quick --patterns host \
+        --methods floor --sizes 1Mi --concurrency-pattern host --tag concurrency-host --no-plot --out "$OUT" \
+        > "$OUT/dataplane-concurrency-host.log" 2>&1
+      echo "concurrency, host pattern: rc=$?" >> "$summary"
+      grep -E "^concurrency" "$OUT/dataplane-concurrency-host.log" >> "$summary" ;;
     dataplane-quick)
       timeout 240 python3 -m faastube.cli --log-level WARNING bench dataplane --quick --out "$OUT" --tag quick \
         > "$OUT/dataplane-quick.log" 2>&1

@@ -96,6 +96,7 @@ class Config:
     sidecar_spin_us: float
     loop: str                           # the sidecar's event loop
     quick: bool
+    concurrency_pattern: str = ""       # "" : same-gpu on the cuda backend, host on the host backend
 
 
 def config_from_args(args: argparse.Namespace, *, gpus: int) -> Config:
@@ -119,7 +120,8 @@ def config_from_args(args: argparse.Namespace, *, gpus: int) -> Config:
         max_passes=args.iterations if args.iterations is not None else (40 if quick else 300),
         min_passes=5 if quick else 10, cell_budget_s=0.25 if quick else 1.0,
         floor_passes=200 if quick else 1000, pings=300 if quick else 2000, loop_s=1.0 if quick else 3.0,
-        spin_us=args.spin_us, sidecar_spin_us=args.sidecar_spin_us, loop=args.loop, quick=quick)
+        spin_us=args.spin_us, sidecar_spin_us=args.sidecar_spin_us, loop=args.loop, quick=quick,
+        concurrency_pattern=getattr(args, "concurrency_pattern", None) or "")
 
 
 def rotation(size_bytes: int) -> int:
@@ -316,7 +318,8 @@ class Run:
             for pattern in self.cfg.patterns:
                 self._pattern(pattern)
             if self.cfg.pairs:
-                self._concurrency(report.SAME_GPU if self.cfg.backend == "cuda" else report.HOST)
+                self._concurrency(self.cfg.concurrency_pattern
+                                  or (report.SAME_GPU if self.cfg.backend == "cuda" else report.HOST))
         finally:
             stop_sidecar(self.sidecar)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -546,6 +549,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", choices=report.METHODS, help="default: all")
     parser.add_argument("--pairs", type=_nonneg_int, nargs="*", metavar="N",
                         help="concurrent pairs at 1 MiB (default 1 4 8; none or 0: skip)")
+    parser.add_argument("--concurrency-pattern", choices=(report.SAME_GPU, report.HOST),
+                        help="where the concurrent pairs pass data (default: same-gpu on a GPU; host shows what "
+                             "the sidecar alone sustains, with no GPU contexts to time-slice)")
     parser.add_argument("--iterations", type=_nonneg_int, metavar="N",
                         help="timed passes per cell at most (default 300, --quick 40)")
     parser.add_argument("--warmup", type=_nonneg_int, metavar="N", help="untimed passes first (default 3)")

@@ -81,6 +81,7 @@ class DataPlaneConfig:
     # A writer records its fences on a ring of events: a reader waits for the last record of an
     # event, so a ring keeps that record this writer's put, not a later one, in all but deep bursts.
     fence_events_per_gpu: int = 8
+    fence_poll_s: float = 0.002    # how long a copy waits for a writer's first fence by polling it
 
 
 @dataclass(eq=False)
@@ -332,6 +333,7 @@ class DataPlane:
             replica = record.replicas.get(location)
             path = "local"
             if replica is None:
+                await self._first_bytes_written(record, location)
                 replica, path = self._replicate(session, record, location)
             if replica.landing is not None and replica.fence is None:
                 # The reader can't order itself after the copy on a GPU (a CPU reader, or the copy
@@ -343,6 +345,22 @@ class DataPlane:
             self.lifetimes.end_lease(session.id, ref, counted=False)
             raise
         return self._get_reply(session, record, replica, path)
+
+    async def _first_bytes_written(self, record: ObjectRecord, location: Location) -> None:
+        """Before copying an object still being written, poll its first fence for a moment.
+
+        A copy stream waiting on the GPU for another process's pending event starts ~0.1 ms
+        after the event completes (H200); polling here (serving other requests meanwhile)
+        starts it at once. The first chunk is enough: later chunks are written while the first
+        is copied. Past the budget, the copy waits on the GPU as usual.
+        """
+        source = record.replicas.get(self._best_source(record, location))
+        if source is None or source.fence is None or source.landing is not None:
+            return
+        first = source.fence[:1]
+        deadline = time.monotonic() + self.config.fence_poll_s
+        while not self.backend.fence_done(first) and time.monotonic() < deadline:
+            await asyncio.sleep(0)
 
     async def _published(self, ref: str) -> ObjectRecord:
         fate = self.lifetimes.fate(ref)
