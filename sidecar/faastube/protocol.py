@@ -185,7 +185,10 @@ _SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
                  "nbytes": ("int", True), "dtype": ("str", True), "shape": ("shape", True),
                  "consumers": ("int", False), "ttl_s": ("num", False), "fence": ("fence", False),
                  "copied": ("str", False)},
-    Op.GET: {"ref": ("ref", True), "location": ("location", True)},
+    # ended / ended_uncounted: reads this client finished since its last request (as in release),
+    # carried here so that a reader's next get costs the sidecar one frame, not two.
+    Op.GET: {"ref": ("ref", True), "location": ("location", True), "ended": ("refs", False),
+             "ended_uncounted": ("refs", False)},
     # consumed=false ends the reads without counting them (a failed call that will be retried).
     Op.RELEASE: {"refs": ("refs", True), "consumed": ("bool", False)},
     Op.FREE: {"ref": ("ref", True)},

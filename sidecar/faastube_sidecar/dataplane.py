@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -475,13 +475,20 @@ class DataPlane:
     # --- the rest of an object's life ------------------------------------------------------------
 
     def release(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        if fields.get("consumed", True):
+            self.end_reads(session, fields["refs"], ())
+        else:
+            self.end_reads(session, (), fields["refs"])
+        return self._with_notices(session, {}), []
+
+    def end_reads(self, session: Session, counted: Iterable[str], uncounted: Iterable[str]) -> None:
+        """Reads the client finished; a late or duplicate end is harmless (nothing held, nothing ends)."""
         if session.identity is None:
             raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
-        consumed = fields.get("consumed", True)
-        for ref in fields["refs"]:
-            # A late or duplicate release is harmless: nothing held, nothing ends.
-            self.lifetimes.end_lease(session.id, ref, counted=consumed)
-        return self._with_notices(session, {}), []
+        for ref in counted:
+            self.lifetimes.end_lease(session.id, ref, counted=True)
+        for ref in uncounted:
+            self.lifetimes.end_lease(session.id, ref, counted=False)
 
     def free(self, session: Session, fields: Mapping[str, Any]) -> Reply:
         record = self.lifetimes.lookup(fields["ref"])

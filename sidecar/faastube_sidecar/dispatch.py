@@ -59,6 +59,8 @@ class Dispatcher:
             if op is Op.HELLO:
                 return self._finish_async(op_label, start, self._hello(session, peer, fields))
             if op is Op.GET:
+                if "ended" in fields or "ended_uncounted" in fields:
+                    self.dataplane.end_reads(session, fields.get("ended", ()), fields.get("ended_uncounted", ()))
                 reply = self.dataplane.get_local(session, fields)
                 if reply is None:
                     return self._finish_async(op_label, start, self.dataplane.get(session, fields))
