@@ -22,17 +22,52 @@ def align_up(n: int, a: int = ALIGN_BYTES) -> int:
     return (n + a - 1) // a * a
 
 
+class FreeList:
+    """First-fit free ranges of one slab, coalesced on return (the sidecar's pools use it too)."""
+
+    __slots__ = ("ranges",)
+
+    def __init__(self, size: int) -> None:
+        self.ranges: list[tuple[int, int]] = [(0, size)] if size else []    # sorted (offset, length)
+
+    def take(self, reserved: int) -> int | None:
+        for i, (off, length) in enumerate(self.ranges):
+            if length >= reserved:
+                if length == reserved:
+                    del self.ranges[i]
+                else:
+                    self.ranges[i] = (off + reserved, length - reserved)
+                return off
+        return None
+
+    def give(self, offset: int, reserved: int) -> None:
+        i = bisect.bisect_left(self.ranges, (offset, 0))
+        # Coalesce with the following and the preceding free ranges.
+        if i < len(self.ranges) and offset + reserved == self.ranges[i][0]:
+            reserved += self.ranges[i][1]
+            del self.ranges[i]
+        if i > 0 and self.ranges[i - 1][0] + self.ranges[i - 1][1] == offset:
+            self.ranges[i - 1] = (self.ranges[i - 1][0], self.ranges[i - 1][1] + reserved)
+        else:
+            self.ranges.insert(i, (offset, reserved))
+
+    def largest(self) -> int:
+        return max((length for _, length in self.ranges), default=0)
+
+    def total(self) -> int:
+        return sum(length for _, length in self.ranges)
+
+
 @dataclass(eq=False)
 class Arena:
     slab_id: int
     size: int
-    free: list[tuple[int, int]] = field(default_factory=list)    # sorted (offset, length)
+    free: FreeList = field(init=False)
     used: dict[int, int] = field(default_factory=dict)           # offset -> reserved bytes
     idle_since: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        if not self.free and not self.used:
-            self.free = [(0, self.size)]
+        self.free = FreeList(self.size)
 
     @property
     def empty(self) -> bool:
@@ -40,34 +75,22 @@ class Arena:
 
     @property
     def free_bytes(self) -> int:
-        return sum(length for _, length in self.free)
+        return self.free.total()
 
     def take(self, nbytes: int) -> int | None:
         """First fit; the offset of `nbytes` (aligned) or None."""
         reserved = align_up(max(nbytes, 1))
-        for i, (off, length) in enumerate(self.free):
-            if length >= reserved:
-                if length == reserved:
-                    del self.free[i]
-                else:
-                    self.free[i] = (off + reserved, length - reserved)
-                self.used[off] = reserved
-                return off
-        return None
+        off = self.free.take(reserved)
+        if off is not None:
+            self.used[off] = reserved
+        return off
 
     def give(self, offset: int) -> bool:
         """Return a range; False if nothing was allocated there (a stale or repeated notice)."""
         reserved = self.used.pop(offset, None)
         if reserved is None:
             return False
-        i = bisect.bisect_left(self.free, (offset, 0))
-        if i < len(self.free) and offset + reserved == self.free[i][0]:
-            reserved += self.free[i][1]
-            del self.free[i]
-        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == offset:
-            self.free[i - 1] = (self.free[i - 1][0], self.free[i - 1][1] + reserved)
-        else:
-            self.free.insert(i, (offset, reserved))
+        self.free.give(offset, reserved)
         if not self.used:
             self.idle_since = time.monotonic()
         return True
@@ -96,7 +119,7 @@ class Arenas:
     def allocate(self, nbytes: int) -> tuple[int, int] | None:
         """(slab id, offset) of room for `nbytes`, preferring the fullest arena that fits."""
         reserved = align_up(max(nbytes, 1))
-        fitting = [a for a in self._arenas.values() if a.free and max(length for _, length in a.free) >= reserved]
+        fitting = [a for a in self._arenas.values() if a.free.largest() >= reserved]
         for arena in sorted(fitting, key=lambda a: (a.empty, a.size)):
             offset = arena.take(nbytes)
             if offset is not None:
@@ -111,7 +134,7 @@ class Arenas:
         return any(not a.empty for a in self._arenas.values())
 
     def surplus(self) -> list[int]:
-        """Empty arenas beyond `keep_empty` (the smallest kept): slabs to give back."""
+        """Empty arenas beyond `keep_empty` (the largest are kept): slabs to give back."""
         empty = sorted((a for a in self._arenas.values() if a.empty), key=lambda a: -a.size)
         extra = empty[self.keep_empty:]
         for arena in extra:

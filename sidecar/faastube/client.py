@@ -47,6 +47,7 @@ import numpy as np
 
 from faastube import arrays, errors, protocol
 from faastube.arena import Arenas
+from faastube.fds import close_all
 from faastube.locations import HOST, Location
 from faastube.mapping import IPC_HANDLE_BYTES, CudaSlab, HostSlab, cuda_importer, map_host_slab
 
@@ -606,7 +607,8 @@ class Client:
         except KeyError as e:
             raise errors.ProtocolError(f"reply names slab {e} that was never introduced") from None
         finally:
-            _close_all(fds)   # anything the mapping did not consume
+            close_all(fds)   # anything the mapping did not consume
+            fds.clear()
 
     def _map(self, intro: dict[str, Any], fds: list[int]) -> None:
         slab_id, kind, size = int(intro["id"]), intro["kind"], int(intro["size"])
@@ -616,7 +618,7 @@ class Client:
         mine, fds[:count] = fds[:count], []
         if kind == "shm":
             if count != 1:
-                _close_all(mine)
+                close_all(mine)
                 raise errors.ProtocolError(f"slab {slab_id}: a shared-memory slab comes with one descriptor")
             self._slabs[slab_id] = map_host_slab(slab_id, size, mine[0], writable=bool(intro.get("writable")))
             return
@@ -624,7 +626,7 @@ class Client:
             gpu = int(intro["gpu"])
             ordinal = self._ordinal_of.get(gpu)
             if ordinal is None:
-                _close_all(mine)
+                close_all(mine)
                 raise errors.ProtocolError(f"slab {slab_id} is on GPU {gpu}, which this process can't see")
             importer = cuda_importer()
             pool = str(intro["pool"])
@@ -634,7 +636,7 @@ class Client:
                 raise errors.ProtocolError(f"slab {slab_id} on GPU {gpu} arrived before its pool {pool}")
             self._slabs[slab_id] = importer.map_slab(pool, slab_id, size, gpu, ordinal, intro["payload"])
             return
-        _close_all(mine)
+        close_all(mine)
         raise errors.ProtocolError(f"slab {slab_id}: unknown kind {kind!r}")
 
     def _view(self, slab: HostSlab | CudaSlab, offset: int, shape: tuple[int, ...], dtype: str,
@@ -815,10 +817,10 @@ class Client:
                 continue
             fds, self._rfds = self._rfds, []
             if header.request_id != request_id and header.request_id != 0:
-                _close_all(fds)
+                close_all(fds)
                 raise errors.ProtocolError(f"reply for request {header.request_id}, expected {request_id}")
             if header.kind is protocol.Kind.ERROR:
-                _close_all(fds)
+                close_all(fds)
                 raise protocol.exception_for(body)
             return body, fds
 
@@ -946,14 +948,6 @@ def _connect(path: str) -> socket.socket:
     sock.close()
     raise errors.Unavailable(f"the faastube sidecar at {path} accepts no connections (queue full)")
 
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    fds.clear()
 
 
 def _visible_devices() -> list[dict[str, Any]]:

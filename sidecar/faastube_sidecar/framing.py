@@ -22,12 +22,12 @@ import array
 import asyncio
 import collections
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from faastube import errors, protocol
+from faastube.fds import close_all
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class FrameConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         for _, fds in self._queued:
-            _close_all(fds)
+            close_all(fds)
         self._queued.clear()
         self._on_closed(self)
 
@@ -124,10 +124,10 @@ class FrameConnection(asyncio.Protocol):
     def send(self, kind: protocol.Kind, request_id: int, body: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
         """Queue a frame; the fds are ours to close from here on."""
         if self._closing:
-            _close_all(fds)
+            close_all(fds)
             return
         if len(fds) > protocol.MAX_FDS_PER_FRAME:
-            _close_all(fds)
+            close_all(fds)
             raise errors.InternalError(f"{len(fds)} fds exceed {protocol.MAX_FDS_PER_FRAME} per frame")
         data = protocol.encode(kind, request_id, body)
         if self._writable and not self._queued:
@@ -137,7 +137,7 @@ class FrameConnection(asyncio.Protocol):
 
     def _write(self, data: bytes, fds: Sequence[int]) -> None:
         if self.transport is None:
-            _close_all(fds)
+            close_all(fds)
             return
         if not fds:
             self.transport.write(data)
@@ -150,7 +150,7 @@ class FrameConnection(asyncio.Protocol):
             sent = 0
         except OSError as e:
             logger.debug("sendmsg failed: %s", e)
-            _close_all(fds)
+            close_all(fds)
             self.close()
             return
         if sent == 0:
@@ -159,7 +159,7 @@ class FrameConnection(asyncio.Protocol):
             self._writable = False
             asyncio.get_running_loop().call_later(0.001, self.resume_writing)
             return
-        _close_all(fds)   # the peer holds its own copies now
+        close_all(fds)   # the peer holds its own copies now
         if sent < len(data):
             self.transport.write(data[sent:])
 
@@ -167,11 +167,3 @@ class FrameConnection(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.close()
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

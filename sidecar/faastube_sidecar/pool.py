@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from faastube import errors
+from faastube.arena import FreeList
 from faastube.locations import Location
 
 from faastube_sidecar.identity import Domain
@@ -84,15 +85,14 @@ class Slab(Generic[H]):
     writer: int | None = None                     # the session an arena is leased to
     live: dict[int, int] = field(default_factory=dict)          # offset -> reserved bytes in use
     starts: list[int] = field(default_factory=list)             # arenas: sorted offsets of `live`
-    free: list[tuple[int, int]] = field(default_factory=list)   # shared slabs: sorted (offset, length)
+    free: FreeList = field(init=False)                          # shared slabs: what the sidecar may place
     mappers: set[int] = field(default_factory=set)              # session ids that mapped it
     frozen: bool = False                          # no new writable mapping possible (host memory)
     retired: bool = False
     idle_since: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.arena:
-            self.free = [(0, self.size)]
+        self.free = FreeList(0 if self.arena else self.size)
 
     @property
     def used_bytes(self) -> int:
@@ -101,27 +101,13 @@ class Slab(Generic[H]):
     # --- shared slabs: first fit ---------------------------------------------------------------
 
     def take(self, reserved: int) -> int | None:
-        for i, (off, length) in enumerate(self.free):
-            if length >= reserved:
-                if length == reserved:
-                    del self.free[i]
-                else:
-                    self.free[i] = (off + reserved, length - reserved)
-                self.live[off] = reserved
-                return off
-        return None
+        off = self.free.take(reserved)
+        if off is not None:
+            self.live[off] = reserved
+        return off
 
     def give_back(self, offset: int, reserved: int) -> None:
-        i = bisect.bisect_left(self.free, (offset, 0))
-        # Coalesce with the following and the preceding free blocks.
-        if i < len(self.free) and offset + reserved == self.free[i][0]:
-            reserved += self.free[i][1]
-            del self.free[i]
-        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == offset:
-            offset, reserved = self.free[i - 1][0], self.free[i - 1][1] + reserved
-            self.free[i - 1] = (offset, reserved)
-        else:
-            self.free.insert(i, (offset, reserved))
+        self.free.give(offset, reserved)
 
     # --- arenas: ranges the writer chose ---------------------------------------------------------
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faastube import errors, protocol
+from faastube.fds import close_all
 
 from faastube_sidecar.dataplane import DataPlane, Session
 from faastube_sidecar.dispatch import Dispatcher, Result, error_body
@@ -162,7 +163,7 @@ class SidecarServer:
         result = self.dispatcher.dispatch(state.session, state.peer, body, notify=notify)
         if isinstance(result, tuple):
             if notify and result[0] is not protocol.Kind.ERROR:
-                _close_fds(result[2])     # a notify is answered only when it fails
+                close_all(result[2])     # a notify is answered only when it fails
             else:
                 conn.send(result[0], header.request_id, result[1], result[2])
             return None
@@ -220,11 +221,3 @@ def _remove_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise errors.InvalidRequest(f"--socket {path}: another sidecar is already listening there")
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
