@@ -781,9 +781,33 @@ class Client:
             self._lost(e, "send")
 
     def _lost(self, e: BaseException, doing: str) -> None:
+        # The sidecar may have said why before hanging up (too many connections, no hello in time).
+        reason = self._parting_words()
         self.closed = True
         self._sock.close()
+        if reason is not None:
+            raise reason from e
         raise errors.Unavailable(f"lost the sidecar connection during {doing}: {e}") from e
+
+    def _parting_words(self) -> errors.FaastubeError | None:
+        try:
+            self._sock.setblocking(False)
+            while True:
+                try:
+                    chunk = self._sock.recv(_READ_BYTES)
+                except (BlockingIOError, OSError):
+                    break
+                if not chunk:
+                    break
+                self._rbuf += chunk
+            if len(self._rbuf) >= protocol.HEADER_SIZE:
+                header = protocol.decode_header(self._rbuf)
+                body = protocol.decode_body(self._rbuf[protocol.HEADER_SIZE:protocol.HEADER_SIZE + header.body_bytes])
+                if header.kind is protocol.Kind.ERROR:
+                    return protocol.exception_for(body)
+        except (OSError, errors.FaastubeError):
+            pass
+        return None
 
     def _call(self, op: protocol.Op, body: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         with self._lock:

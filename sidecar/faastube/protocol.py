@@ -132,6 +132,10 @@ def decode_body(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         body = _DECODER.decode(bytes(data).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise errors.ProtocolError(f"frame body is not valid JSON: {e}") from e
+    except RecursionError:
+        raise errors.ProtocolError("frame body nests too deeply (bodies are a few levels of JSON)") from None
+    except ValueError as e:      # e.g. an integer past Python's int-string digit limit
+        raise errors.ProtocolError(f"frame body has a value out of range: {str(e)[:120]}") from None
     if not isinstance(body, dict):
         raise errors.ProtocolError(f"frame body must be a JSON object, got {type(body).__name__}")
     return body

@@ -45,7 +45,10 @@ class SidecarSettings:
     gpu_limits: PoolLimits = DEFAULT_GPU_LIMITS
     host_limits: PoolLimits = DEFAULT_HOST_LIMITS
     default_ttl_s: float = DEFAULT_TTL_S
-    max_clients: int = 1024
+    max_clients: int = 8192
+    socket_mode: int = 0o660
+    socket_group: int | None = None
+    hello_timeout_s: float = 5.0
     max_body_bytes: int = 1 << 20
     identity: str = "local"                   # local | kubernetes
     node_name: str | None = None
@@ -78,6 +81,8 @@ def build(settings: SidecarSettings, *, registry: CollectorRegistry | None = Non
     metrics.watch(dataplane)
     dispatcher = Dispatcher(dataplane, attestor or ClaimAttestor(), metrics)
     server_config = ServerConfig(settings.socket_path, max_clients=settings.max_clients,
+                                 socket_mode=settings.socket_mode, socket_group=settings.socket_group,
+                                 hello_timeout_s=settings.hello_timeout_s,
                                  max_body_bytes=settings.max_body_bytes)
     return SidecarServer(server_config, dispatcher, metrics)
 
@@ -91,6 +96,7 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
                                         attest=settings.identity == "kubernetes")
         if attestor is None and settings.identity == "kubernetes":
             attestor = kube.attestor()
+    _raise_fd_limit(settings.max_clients)
     registry = CollectorRegistry()
     try:
         server = build(settings, registry=registry, attestor=attestor)
@@ -131,3 +137,20 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
         server.dataplane.backend.close()
     if serving is not None and serving.done() and not serving.cancelled():
         serving.result()  # a server that died on its own: raise its error
+
+
+def _raise_fd_limit(max_clients: int) -> None:
+    """Every client holds a descriptor (plus a duplicate for fd passing): lift the soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * max_clients + 256
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            logger.warning("cannot raise the open-file limit to %d (%s): at most ~%d clients", target, e, soft // 2)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        logger.warning("the open-file limit (%d) allows ~%d clients, fewer than --max-clients %d",
+                       hard, hard // 2, max_clients)

@@ -42,6 +42,30 @@ def _port(text: str) -> int:
     return port
 
 
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (e.g. 0660)") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode must be between 000 and 777, got {text!r}")
+    if mode & 0o007:
+        raise argparse.ArgumentTypeError(f"mode {text} lets every local user connect; leave 'other' out "
+                                         "(use --socket-group for the functions' group)")
+    return mode
+
+
+def _group(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    import grp
+
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -85,7 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"empty slabs idle this long are given back (default {gpu.idle_release_s:g}s)")
     parser.add_argument("--default-ttl", type=_duration, default=DEFAULT_TTL_S, metavar="DURATION",
                         help=f"lifetime of objects put without a ttl (default {DEFAULT_TTL_S:g}s)")
-    parser.add_argument("--max-clients", type=_positive_int, default=1024)
+    parser.add_argument("--max-clients", type=_positive_int, default=8192,
+                        help="connections open at once (default 8192; the open-file limit is raised to fit)")
+    parser.add_argument("--socket-mode", type=_mode, default=0o660, metavar="MODE",
+                        help="permissions of the socket file, octal (default 0660: the sidecar's user and "
+                             "--socket-group; function pods get that group)")
+    parser.add_argument("--socket-group", type=_group, metavar="GROUP",
+                        help="group (name or gid) that may connect (default: the sidecar's own group)")
+    parser.add_argument("--hello-timeout", type=_duration, default=5.0, metavar="DURATION",
+                        help="close connections that have not said hello by then (default 5s)")
     parser.add_argument("--max-frame", type=_size, default=1 << 20, metavar="SIZE",
                         help="largest request body accepted (default 1Mi)")
     parser.add_argument("--no-copy-events", action="store_true",
@@ -198,6 +230,7 @@ def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import defer
         host_limits=PoolLimits(args.host_slab, args.host_pool_max, 0, args.idle_release,
                                arena_bytes=args.host_arena, quota_bytes=args.host_quota or args.host_pool_max // 2),
         default_ttl_s=args.default_ttl, max_clients=args.max_clients, max_body_bytes=args.max_frame,
+        socket_mode=args.socket_mode, socket_group=args.socket_group, hello_timeout_s=args.hello_timeout,
         identity=args.identity, node_name=args.node_name, kube=kube,
         copy_events=not args.no_copy_events, multipath=not args.no_multipath)
 

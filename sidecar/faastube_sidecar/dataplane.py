@@ -82,6 +82,7 @@ class DataPlaneConfig:
     # event, so a ring keeps that record this writer's put, not a later one, in all but deep bursts.
     fence_events_per_gpu: int = 8
     fence_poll_s: float = 0.002    # how long a copy waits for a writer's first fence by polling it
+    max_sessions_per_identity: int = 1024   # connections one function (or one pod) may hold
 
 
 @dataclass(eq=False)
@@ -118,6 +119,29 @@ class TransferObserver:
 Reply = tuple[dict[str, Any], list[int]]
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    location: Location
+    max_bytes: int
+    quota_bytes: int
+    refusals: int
+    by_domain: tuple[tuple[Domain, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Pool and object figures as of one moment, for readers on other threads (metrics).
+
+    Built on the event loop (`refresh_snapshot`), replaced whole: a scrape never walks
+    tables the loop is changing.
+    """
+
+    pools: tuple[PoolStats, ...] = ()
+    budgets: tuple[BudgetView, ...] = ()
+    objects_by_location: tuple[tuple[Location, int], ...] = ()
+    draining: int = 0
+
+
 class DataPlane:
     def __init__(self, backend: Backend, config: DataPlaneConfig = DataPlaneConfig(), *,
                  observer: TransferObserver | None = None,
@@ -137,6 +161,9 @@ class DataPlane:
         self._fence_users: Counter[int] = Counter()                 # event id -> replicas fenced by it
         self._orphan_events: set[int] = set()                       # their writer left
         self._open_domains: set[Domain] = set()                     # domains the backend holds resources of
+        self._per_identity: dict[Identity, int] = {}
+        self.snapshot = Snapshot()
+        self.refresh_snapshot()
 
     def _limits(self, location: Location) -> PoolLimits:
         return self.config.host_limits if location.is_host else self.config.gpu_limits
@@ -176,6 +203,11 @@ class DataPlane:
     def hello(self, session: Session, identity: Identity, fields: Mapping[str, Any]) -> Reply:
         if session.identity is not None:
             raise errors.InvalidRequest("hello: this connection already said hello")
+        held = self._per_identity.get(identity, 0)
+        if held >= self.config.max_sessions_per_identity:
+            raise errors.Unavailable(f"hello: {identity.pod or identity.function!r} of workflow {identity.domain} "
+                                     f"already holds {held} connections (limit {self.config.max_sessions_per_identity})")
+        self._per_identity[identity] = held + 1
         session.identity = identity
         for device in fields.get("devices") or ():
             gpu = self.backend.gpu_for_bus_id(device["pci_bus_id"])
@@ -199,6 +231,12 @@ class DataPlane:
     def close_session(self, session: Session) -> None:
         """The client went away (cleanly or not): give back everything it held."""
         self.sessions.pop(session.id, None)
+        if session.identity is not None:
+            left = self._per_identity.get(session.identity, 0) - 1
+            if left > 0:
+                self._per_identity[session.identity] = left
+            else:
+                self._per_identity.pop(session.identity, None)
         self.lifetimes.end_session(session.id, clean=session.said_bye)
         if session.identity is not None:
             for (domain, _), pool in list(self.pools.items()):
@@ -601,6 +639,16 @@ class DataPlane:
         for domain in list(self._open_domains - active):
             self.backend.close_domain(domain)
         self._open_domains = active
+
+    def refresh_snapshot(self) -> Snapshot:
+        """Rebuild the figures other threads read (call on the event loop)."""
+        self.snapshot = Snapshot(
+            pools=tuple(self.pool_stats()),
+            budgets=tuple(BudgetView(loc, b.max_bytes, b.quota_bytes, b.refusals, tuple(b.by_domain.items()))
+                          for loc, b in self.budgets.items()),
+            objects_by_location=tuple(self.objects_by_location().items()),
+            draining=len(self.lifetimes.draining))
+        return self.snapshot
 
     def pool_stats(self) -> list[PoolStats]:
         """One line per location: every domain's pools there together."""

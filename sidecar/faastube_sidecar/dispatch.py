@@ -22,7 +22,7 @@ from faastube import errors, protocol
 from faastube.protocol import Op
 
 from faastube_sidecar.dataplane import DataPlane, Reply, Session
-from faastube_sidecar.identity import Attestor, Identity, PeerCredentials
+from faastube_sidecar.identity import Attestor, Identity, PeerProcess
 from faastube_sidecar.metrics import SidecarMetrics
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Dispatcher:
             Op.STAT: dp.stat, Op.UNMAP: dp.unmap, Op.PING: dp.ping, Op.STATS: dp.stats_body, Op.BYE: dp.bye,
         }
 
-    def dispatch(self, session: Session, peer: PeerCredentials | None,
+    def dispatch(self, session: Session, peer: PeerProcess | None,
                  body: Mapping[str, Any], *, notify: bool = False) -> Result | Awaitable[Result]:
         """Serve one decoded request body; never raises for a bad request."""
         # Notifies (publishes, ended reads) are the hot path and nobody waits for them: counted, not timed.
@@ -103,7 +103,7 @@ class Dispatcher:
             children[0].observe(time.perf_counter() - start)
         children[1].inc()
 
-    async def _hello(self, session: Session, peer: PeerCredentials | None, body: Mapping[str, Any]) -> Reply:
+    async def _hello(self, session: Session, peer: PeerProcess | None, body: Mapping[str, Any]) -> Reply:
         if body["version"] != protocol.VERSION:
             raise errors.ProtocolError(f"hello: the client speaks protocol {body['version']}, this sidecar "
                                        f"{protocol.VERSION}: use the faastube client of the sidecar's release")

@@ -11,6 +11,11 @@ This layer knows frames and file descriptors, nothing of what frames mean. The
 handler it calls may answer at once (returns None) or return an awaitable; while
 that runs, reading pauses, so replies leave in request order.
 
+Backpressure: a peer that does not read its replies gets no more of its requests
+read (reading pauses while replies wait to be written), so its socket fills and its
+own sends block; replies that still pile up past `max_pending_bytes` close the
+connection. A stalled half-frame is the server's to time out (`stalled_since`).
+
 Descriptors given to `send` belong to this layer from then on: each is closed once
 its frame is written (the kernel has given the peer its own copy), or when the
 connection goes away before that.
@@ -23,6 +28,7 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -36,21 +42,28 @@ FrameHandler = Callable[["FrameConnection", protocol.Header, bytes], Awaitable[N
 
 class FrameConnection(asyncio.Protocol):
     def __init__(self, sock: socket.socket, handler: FrameHandler, *,
-                 on_bad_header: Callable[[FrameConnection, errors.ProtocolError], None],
+                 on_bad_header: Callable[[FrameConnection, int, errors.ProtocolError], None],
                  on_closed: Callable[[FrameConnection], None],
-                 max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES,
+                 max_pending_bytes: int = 4 << 20) -> None:
         self.sock = sock
         self._handler = handler
         self._on_bad_header = on_bad_header
         self._on_closed = on_closed
         self._max_body = max_body_bytes
+        self._max_pending = max_pending_bytes
         self._buffer = bytearray()
         self._busy = False
         self._closing = False
         self._writable = True
+        self._reading = True
         self._queued: collections.deque[tuple[bytes, Sequence[int]]] = collections.deque()
+        self._queued_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.state: Any = None          # the server's per-connection state
+        self.opened_at = time.monotonic()
+        # When the bytes now buffered started to wait for the rest of their frame (None: none wait).
+        self.stalled_since: float | None = None
 
     # --- asyncio callbacks --------------------------------------------------------------------
 
@@ -73,43 +86,67 @@ class FrameConnection(asyncio.Protocol):
         for _, fds in self._queued:
             close_all(fds)
         self._queued.clear()
+        self._queued_bytes = 0
         self._on_closed(self)
 
     def pause_writing(self) -> None:
         self._writable = False
+        self._set_reading()
 
     def resume_writing(self) -> None:
         self._writable = True
         while self._queued and self._writable:
             data, fds = self._queued.popleft()
+            self._queued_bytes -= len(data)
             self._write(data, fds)
+        if self._writable and not self._closing:
+            self._set_reading()
+            self._drain()
+
+    def _set_reading(self) -> None:
+        """Read while nothing is awaited and our replies are leaving."""
+        want = not self._busy and self._writable and not self._closing
+        if want != self._reading and self.transport is not None:
+            self._reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     # --- frames -------------------------------------------------------------------------------
 
     def _drain(self) -> None:
-        while not self._busy and not self._closing:
+        while not self._busy and not self._closing and self._writable:
             if len(self._buffer) < protocol.HEADER_SIZE:
-                return
+                break
             try:
                 header = protocol.decode_header(self._buffer, max_body_bytes=self._max_body)
             except errors.ProtocolError as e:
                 # The stream can't be split into frames any more: the owner answers, then we hang up.
                 self._buffer.clear()
-                self._on_bad_header(self, e)
+                self._on_bad_header(self, 0, e)
                 self.close()
                 return
             end = protocol.HEADER_SIZE + header.body_bytes
             if len(self._buffer) < end:
-                return
+                break
             body = bytes(self._buffer[protocol.HEADER_SIZE:end])
             del self._buffer[:end]
-            pending = self._handler(self, header, body)
+            self.stalled_since = None
+            try:
+                pending = self._handler(self, header, body)
+            except Exception as e:  # noqa: BLE001 - one bad frame must not take the connection's others
+                logger.warning("a frame could not be served (%s: %s); answered with an error", type(e).__name__, e)
+                self._on_bad_header(self, header.request_id, errors.ProtocolError(
+                    f"request {header.request_id} could not be served ({type(e).__name__})"))
+                continue
             if pending is not None:
                 self._busy = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
                 task = asyncio.ensure_future(pending)
                 task.add_done_callback(self._resume)
+        if self._buffer and self.stalled_since is None:
+            self.stalled_since = time.monotonic()
+        self._set_reading()
 
     def _resume(self, task: asyncio.Future[None]) -> None:
         self._busy = False
@@ -118,7 +155,6 @@ class FrameConnection(asyncio.Protocol):
             self.close()
             return
         if self.transport is not None and not self._closing:
-            self.transport.resume_reading()
             self._drain()
 
     def send(self, kind: protocol.Kind, request_id: int, body: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
@@ -132,8 +168,13 @@ class FrameConnection(asyncio.Protocol):
         data = protocol.encode(kind, request_id, body)
         if self._writable and not self._queued:
             self._write(data, fds)
-        else:
-            self._queued.append((data, fds))
+            return
+        self._queued.append((data, fds))
+        self._queued_bytes += len(data)
+        buffered = self._queued_bytes + (self.transport.get_write_buffer_size() if self.transport else 0)
+        if buffered > self._max_pending:
+            logger.warning("closing a connection whose peer left %d bytes of replies unread", buffered)
+            self.close()
 
     def _write(self, data: bytes, fds: Sequence[int]) -> None:
         if self.transport is None:
@@ -156,6 +197,7 @@ class FrameConnection(asyncio.Protocol):
         if sent == 0:
             # Nothing went out (socket full): the fds must ride on the first byte, so retry later.
             self._queued.appendleft((data, fds))
+            self._queued_bytes += len(data)
             self._writable = False
             asyncio.get_running_loop().call_later(0.001, self.resume_writing)
             return
@@ -167,3 +209,10 @@ class FrameConnection(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.close()
+
+    def close_after(self, delay_s: float) -> None:
+        """Stop reading now and close shortly (lets a final error frame reach the peer first)."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(delay_s, self.transport.close)

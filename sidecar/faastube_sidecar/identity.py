@@ -80,8 +80,26 @@ class Identity:
         return Domain(self.namespace, self.workflow)
 
 
+@dataclass(frozen=True)
+class PeerProcess:
+    """What the attestor learned about the peer when its connection was accepted.
+
+    Read at accept time, not at hello: a client may delay its hello as long as it
+    likes, and meanwhile hand the socket to another process and exit, letting its pid
+    be reused by someone else.
+    """
+
+    credentials: PeerCredentials
+    cgroup: str | None = None          # /proc/<pid>/cgroup of the live peer
+    problem: str | None = None         # why it could not be read (refused at hello)
+
+
 class Attestor(Protocol):
-    async def attest(self, peer: PeerCredentials, claimed: Identity | None) -> Identity:
+    def observe(self, peer: PeerCredentials, sock: socket.socket | None = None) -> PeerProcess:
+        """Called at accept time, synchronously: capture what attestation needs, from the live peer."""
+        ...
+
+    async def attest(self, peer: PeerProcess, claimed: Identity | None) -> Identity:
         """The peer's identity; raises ``PermissionDenied`` saying why it was refused."""
         ...
 
@@ -92,7 +110,10 @@ class ClaimAttestor:
     def __init__(self, default: Identity = Identity("default", "local", "anonymous")) -> None:
         self._default = default
 
-    async def attest(self, peer: PeerCredentials, claimed: Identity | None) -> Identity:
+    def observe(self, peer: PeerCredentials, sock: socket.socket | None = None) -> PeerProcess:
+        return PeerProcess(peer)
+
+    async def attest(self, peer: PeerProcess, claimed: Identity | None) -> Identity:
         if claimed is None:
             return self._default
         return Identity(
@@ -108,10 +129,28 @@ class ClaimAttestor:
 # systemd driver:   /kubepods.slice/kubepods-burstable.slice/
 #                   kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope
 # (cri-o: crio-<id>.scope, docker: docker-<id>.scope). Seen from inside a cgroup namespace
-# the path may start with "/../..": we only look for the pod segment. Static (mirror) pods
-# have a 32-hex-digit UID without dashes.
+# the path may start with "/../..". Static (mirror) pods have a 32-hex-digit UID without dashes.
+# Only the kubelet's hierarchy counts: every segment above the pod's must be "..", a
+# kubepods slice or a QoS class, so a "pod<uid>" cgroup a user created under a delegated
+# subtree (user.slice, a systemd service) names no pod.
 _UUID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
-_POD_SEGMENT = re.compile(rf"(?:^|[/-])pod({_UUID}|[0-9a-f]{{32}})(?:\.slice)?(?:/|$)")
+_POD_SEGMENT = re.compile(rf"(?:kubepods-(?:besteffort-|burstable-)?)?pod({_UUID}|[0-9a-f]{{32}})(?:\.slice)?")
+_KUBELET_SEGMENT = re.compile(r"\.\.|kubepods(?:\.slice)?|kubepods-(?:besteffort|burstable)(?:\.slice)?"
+                              r"|besteffort|burstable")
+
+
+def _pod_in_path(path: str) -> str | None:
+    segments = [seg for seg in path.strip().split("/") if seg]
+    for i, segment in enumerate(segments):
+        m = _POD_SEGMENT.fullmatch(segment)
+        if m is not None:
+            above = segments[:i]
+            if above and all(_KUBELET_SEGMENT.fullmatch(seg) for seg in above) and \
+                    (any(seg.startswith("kubepods") for seg in above) or segment.startswith("kubepods-")
+                     or above[-1] in ("besteffort", "burstable")):
+                return m.group(1).replace("_", "-")
+            return None
+    return None
 
 
 def pod_uid_from_cgroup(text: str) -> str | None:
@@ -125,24 +164,71 @@ def pod_uid_from_cgroup(text: str) -> str | None:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        m = _POD_SEGMENT.search(parts[2].strip())
-        if m is not None:
-            uids.add(m.group(1).replace("_", "-"))
+        uid = _pod_in_path(parts[2])
+        if uid is not None:
+            uids.add(uid)
     if len(uids) > 1:
         raise PermissionDenied(f"cgroup names several pods {sorted(uids)}; refusing to guess")
     return uids.pop() if uids else None
 
 
 def read_pod_uid(pid: int, *, proc_root: str = "/proc") -> str | None:
+    return pod_uid_from_cgroup(read_cgroup(pid, proc_root=proc_root))
+
+
+def read_cgroup(pid: int, *, proc_root: str = "/proc") -> str:
     path = os.path.join(proc_root, str(pid), "cgroup")
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read(1 << 16)
     except FileNotFoundError as e:
         raise PermissionDenied(f"process {pid} is gone or not visible ({path} missing)") from e
     except PermissionError as e:
         raise PermissionDenied(f"cannot read {path}: {e}") from e
-    return pod_uid_from_cgroup(text)
+
+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)     # Linux >= 6.5
+
+
+def observe_live_peer(sock: socket.socket, peer: PeerCredentials, *, proc_root: str = "/proc") -> PeerProcess:
+    """Read the peer's cgroup while holding a pidfd of it, and make sure it was that process.
+
+    The pidfd comes from the socket itself where the kernel can (SO_PEERPIDFD, the process
+    that connected, even if its pid was reused since), else from the pid (pidfd_open). If
+    the process has exited by the time the cgroup was read, the pid may already name
+    another process: refused.
+    """
+    if peer.pid <= 0:
+        return PeerProcess(peer, problem="the peer's pid is not visible to the sidecar "
+                                         "(run the sidecar with hostPID: true)")
+    pidfd = -1
+    try:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+            pidfd = struct.unpack("i", raw)[0]
+        except OSError:
+            try:
+                pidfd = os.pidfd_open(peer.pid)
+            except OSError as e:
+                return PeerProcess(peer, problem=f"process {peer.pid} is gone ({e.strerror})")
+        cgroup = read_cgroup(peer.pid, proc_root=proc_root)
+        if proc_root == "/proc" and _exited(pidfd):
+            return PeerProcess(peer, problem=f"process {peer.pid} exited while it was being attested")
+        return PeerProcess(peer, cgroup=cgroup)
+    except PermissionDenied as e:
+        return PeerProcess(peer, problem=str(e))
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 # --- pod UID -> pod --------------------------------------------------------------------
@@ -231,17 +317,29 @@ class KubernetesAttestor:
         self._pods = pods
         self._proc_root = proc_root
 
-    async def attest(self, peer: PeerCredentials, claimed: Identity | None) -> Identity:
+    def observe(self, peer: PeerCredentials, sock: socket.socket | None = None) -> PeerProcess:
+        if sock is not None:
+            return observe_live_peer(sock, peer, proc_root=self._proc_root)
         if peer.pid <= 0:
-            raise PermissionDenied(
-                "the peer's pid is not visible to the sidecar (run the sidecar with hostPID: true)"
-            )
-        uid = read_pod_uid(peer.pid, proc_root=self._proc_root)
+            return PeerProcess(peer, problem="the peer's pid is not visible to the sidecar "
+                                             "(run the sidecar with hostPID: true)")
+        try:
+            return PeerProcess(peer, cgroup=read_cgroup(peer.pid, proc_root=self._proc_root))
+        except PermissionDenied as e:
+            return PeerProcess(peer, problem=str(e))
+
+    async def attest(self, peer: PeerProcess | PeerCredentials, claimed: Identity | None) -> Identity:
+        if isinstance(peer, PeerCredentials):
+            peer = self.observe(peer)
+        if peer.problem is not None or peer.cgroup is None:
+            raise PermissionDenied(peer.problem or "the peer's cgroup was not read")
+        pid = peer.credentials.pid
+        uid = pod_uid_from_cgroup(peer.cgroup)
         if uid is None:
-            raise PermissionDenied(f"process {peer.pid} is not in a Kubernetes pod")
+            raise PermissionDenied(f"process {pid} is not in a Kubernetes pod")
         pod = await self._pods.pod_by_uid(uid)
         if pod is None:
-            raise PermissionDenied(f"process {peer.pid} runs in pod {uid}, which is not on this node")
+            raise PermissionDenied(f"process {pid} runs in pod {uid}, which is not on this node")
         ref = f"{pod.namespace}/{pod.name}"
         workflow = pod.labels.get(WORKFLOW_LABEL)
         function = pod.labels.get(FUNCTION_LABEL)

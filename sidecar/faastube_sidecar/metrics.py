@@ -98,10 +98,14 @@ class PoolCollector(Collector):
         by_domain = GaugeMetricFamily("faastube_pool_workflow_reserved_bytes",
                                       "Bytes each workflow's pools hold", labels=["gpu", "namespace", "workflow"])
         draining = GaugeMetricFamily("faastube_objects_draining", "Released objects still leased by readers")
-        counts = dataplane.objects_by_location()
-        for stats in dataplane.pool_stats():
+        # The loop refreshes this snapshot every sweep; a scrape runs on another thread and must
+        # never walk the live tables.
+        snap = dataplane.snapshot
+        counts = dict(snap.objects_by_location)
+        budgets = {b.location: b for b in snap.budgets}
+        for stats in snap.pools:
             label = gpu_label(stats.location)
-            budget = dataplane.budgets[stats.location]
+            budget = budgets[stats.location]
             reserved.add_metric([label], stats.reserved_bytes)
             used.add_metric([label], stats.used_bytes)
             limit.add_metric([label], budget.max_bytes)
@@ -109,9 +113,9 @@ class PoolCollector(Collector):
             slabs.add_metric([label], stats.slabs)
             refusals.add_metric([label], budget.refusals)
             objects.add_metric([label], counts.get(stats.location, 0))
-            for domain, held in budget.by_domain.items():
+            for domain, held in budget.by_domain:
                 by_domain.add_metric([label, domain.namespace, domain.workflow], held)
-        draining.add_metric([], len(dataplane.lifetimes.draining))
+        draining.add_metric([], snap.draining)
         yield from (reserved, used, limit, quota, slabs, refusals, objects, by_domain, draining)
 
     def describe(self) -> Iterator[GaugeMetricFamily]:

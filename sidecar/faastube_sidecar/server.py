@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from faastube.fds import close_all
 from faastube_sidecar.dataplane import DataPlane, Session
 from faastube_sidecar.dispatch import Dispatcher, Result, error_body
 from faastube_sidecar.framing import FrameConnection
-from faastube_sidecar.identity import PeerCredentials, peer_credentials
+from faastube_sidecar.identity import PeerCredentials, PeerProcess, peer_credentials
 from faastube_sidecar.metrics import SidecarMetrics
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,16 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     socket_path: Path
-    max_clients: int = 1024
+    max_clients: int = 8192
     max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES
     sweep_interval_s: float = 0.5
     shutdown_timeout_s: float = 5.0
+    hello_timeout_s: float = 5.0             # a connection that has not said hello by then is closed
+    frame_timeout_s: float = 10.0            # so is one that leaves half a frame waiting this long
+    max_waiting_per_process: int = 64        # connections of one process not past hello yet
+    max_reply_backlog_bytes: int = 4 << 20   # replies a peer leaves unread before it is cut off
+    socket_mode: int = 0o660                 # who may connect: the sidecar's user and group
+    socket_group: int | None = None          # the group that may connect (None: the sidecar's)
 
 
 class SidecarServer:
@@ -48,6 +55,7 @@ class SidecarServer:
         self.metrics = metrics
         self._listener: socket.socket | None = None
         self._connections: set[FrameConnection] = set()
+        self._waiting_by_pid: dict[int, int] = {}
         self._stopping = asyncio.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -64,8 +72,11 @@ class SidecarServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(staging))
-            # Any local process may connect; who it is gets attested at hello, not by file mode.
-            os.chmod(staging, 0o666)
+            # Only the sidecar's user and the configured group may connect; who each one is gets
+            # attested at hello.
+            if self.config.socket_group is not None:
+                os.chown(staging, -1, self.config.socket_group)
+            os.chmod(staging, self.config.socket_mode)
             listener.listen(min(self.config.max_clients, socket.SOMAXCONN))
             listener.setblocking(False)
             os.rename(staging, path)
@@ -111,8 +122,29 @@ class SidecarServer:
                 expired = self.dataplane.sweep()
                 if expired:
                     self.metrics.objects_expired.inc(expired)
+                self._cut_off_stalled()
+                self.dataplane.refresh_snapshot()
             except Exception:
                 logger.exception("sweep failed")
+
+    def _cut_off_stalled(self) -> None:
+        """Connections that never said hello, or left half a frame waiting, are closed."""
+        now = time.monotonic()
+        for conn in list(self._connections):
+            state: _ConnectionState = conn.state
+            if state.session.identity is None and now - conn.opened_at > self.config.hello_timeout_s:
+                self._refuse(conn, "no_hello", errors.Unavailable(
+                    f"no hello within {self.config.hello_timeout_s:g}s of connecting: closed"))
+            elif conn.stalled_since is not None and now - conn.stalled_since > self.config.frame_timeout_s:
+                self._refuse(conn, "stalled_frame", errors.ProtocolError(
+                    f"half a frame waited {self.config.frame_timeout_s:g}s for the rest: closed"))
+
+    def _refuse(self, conn: FrameConnection, reason: str, exc: errors.FaastubeError) -> None:
+        """Tell the peer why (an error frame with id 0), then hang up."""
+        self.metrics.frames_rejected.labels(reason).inc()
+        logger.info("closing a connection: %s", exc)
+        conn.send(protocol.Kind.ERROR, 0, error_body(exc))
+        conn.close_after(0.5)
 
     # --- connections --------------------------------------------------------------------------
 
@@ -121,30 +153,51 @@ class SidecarServer:
         return _Accepted(self)
 
     def _attach(self, conn: FrameConnection) -> bool:
-        if len(self._connections) >= self.config.max_clients:
-            logger.warning("refusing a client: %d connections open", len(self._connections))
-            self.metrics.frames_rejected.labels("too_many_clients").inc()
-            return False
-        session = self.dataplane.open_session()
         try:
-            peer: PeerCredentials | None = peer_credentials(conn.sock)
+            creds: PeerCredentials | None = peer_credentials(conn.sock)
         except OSError:
-            peer = None
-        conn.state = _ConnectionState(session, peer)
+            creds = None
+        if len(self._connections) >= self.config.max_clients:
+            self._refuse(conn, "too_many_clients", errors.Unavailable(
+                f"the sidecar has {len(self._connections)} connections open, its limit (--max-clients): "
+                "retry later"))
+            return False
+        if creds is not None:
+            waiting = self._waiting_by_pid.get(creds.pid, 0)
+            if waiting >= self.config.max_waiting_per_process:
+                self._refuse(conn, "too_many_waiting", errors.Unavailable(
+                    f"process {creds.pid} already has {waiting} connections that have not said hello "
+                    f"(limit {self.config.max_waiting_per_process})"))
+                return False
+            self._waiting_by_pid[creds.pid] = waiting + 1
+        peer = self.dispatcher.attestor.observe(creds, conn.sock) if creds is not None else None
+        session = self.dataplane.open_session()
+        conn.state = _ConnectionState(session, peer, creds.pid if creds is not None else None)
         self._connections.add(conn)
         self.metrics.connections.inc()
         return True
+
+    def _hello_done(self, conn: FrameConnection) -> None:
+        state: _ConnectionState = conn.state
+        if state.waiting_pid is not None:
+            left = self._waiting_by_pid.get(state.waiting_pid, 0) - 1
+            if left > 0:
+                self._waiting_by_pid[state.waiting_pid] = left
+            else:
+                self._waiting_by_pid.pop(state.waiting_pid, None)
+            state.waiting_pid = None
 
     def _closed(self, conn: FrameConnection) -> None:
         if conn not in self._connections:
             return
         self._connections.discard(conn)
+        self._hello_done(conn)
         self.metrics.connections.dec()
         self.dataplane.close_session(conn.state.session)
 
-    def _bad_header(self, conn: FrameConnection, exc: errors.ProtocolError) -> None:
-        self.metrics.frames_rejected.labels("bad_header").inc()
-        conn.send(protocol.Kind.ERROR, 0, error_body(exc))
+    def _bad_header(self, conn: FrameConnection, request_id: int, exc: errors.ProtocolError) -> None:
+        self.metrics.frames_rejected.labels("bad_header" if request_id == 0 else "unservable").inc()
+        conn.send(protocol.Kind.ERROR, request_id, error_body(exc))
 
     def _frame(self, conn: FrameConnection, header: protocol.Header, raw: bytes) -> Awaitable[None] | None:
         notify = header.kind is protocol.Kind.NOTIFY
@@ -161,6 +214,8 @@ class SidecarServer:
             return None
         state: _ConnectionState = conn.state
         result = self.dispatcher.dispatch(state.session, state.peer, body, notify=notify)
+        if state.waiting_pid is not None and state.session.identity is not None:
+            self._hello_done(conn)
         if isinstance(result, tuple):
             if notify and result[0] is not protocol.Kind.ERROR:
                 close_all(result[2])     # a notify is answered only when it fails
@@ -169,16 +224,18 @@ class SidecarServer:
             return None
         return self._reply_later(conn, header.request_id, result)
 
-    @staticmethod
-    async def _reply_later(conn: FrameConnection, request_id: int, pending: Awaitable[Result]) -> None:
+    async def _reply_later(self, conn: FrameConnection, request_id: int, pending: Awaitable[Result]) -> None:
         kind, reply, fds = await pending
+        if conn.state.waiting_pid is not None and conn.state.session.identity is not None:
+            self._hello_done(conn)
         conn.send(kind, request_id, reply, fds)
 
 
 @dataclass(eq=False)
 class _ConnectionState:
     session: Session
-    peer: PeerCredentials | None
+    peer: PeerProcess | None
+    waiting_pid: int | None = None      # counted among its process's connections waiting for hello
 
 
 class _Accepted(FrameConnection):
@@ -187,15 +244,15 @@ class _Accepted(FrameConnection):
     def __init__(self, server: SidecarServer) -> None:
         self._server = server
         super().__init__(None, server._frame, on_bad_header=server._bad_header, on_closed=server._closed,  # type: ignore[arg-type]
-                         max_body_bytes=server.config.max_body_bytes)
+                         max_body_bytes=server.config.max_body_bytes,
+                         max_pending_bytes=server.config.max_reply_backlog_bytes)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio only lends a restricted view of its socket; sendmsg (fd passing) and
         # SO_PEERCRED go through our own duplicate of the descriptor.
         self.sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
         super().connection_made(transport)
-        if not self._server._attach(self):
-            transport.close()
+        self._server._attach(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:

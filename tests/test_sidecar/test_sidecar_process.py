@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import re
 import socket
+import time
 import urllib.request
 
 import faastube.client as ftc
@@ -150,7 +151,13 @@ def test_metrics_are_served_with_the_documented_names(make_sidecar) -> None:
     with ftc.connect(sc.socket_path) as c:
         ref = c.put(np.ones(1000))
         c.get(ref)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        # Pool and object gauges come from a snapshot the sidecar refreshes every sweep (0.5 s).
+        deadline = time.monotonic() + 5
+        while True:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            if 'faastube_objects{gpu="host"} 1.0' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     for name in ("faastube_pool_reserved_bytes{gpu=\"host\"}", "faastube_pool_used_bytes{gpu=\"host\"}",
                  "faastube_objects{gpu=\"host\"} 1.0", "faastube_transfer_bytes_total",
                  "faastube_request_seconds_bucket{le=", "faastube_connections 1.0",
