@@ -200,3 +200,46 @@ async def test_misses_in_quick_succession_share_one_list(kmock, core_api):
     assert await directory.pod_by_uid(UID) is None
     assert await directory.pod_by_uid(OTHER_UID) is None
     assert directory.list_calls == 1
+
+
+# --- attacks on attestation ---------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    f"0::/user.slice/user-1000.slice/user@1000.service/pod{UID}/x\n",
+    f"0::/user.slice/user-1000.slice/user@1000.service/kubepods-pod{UID.replace('-', '_')}.slice/x\n",
+    f"0::/system.slice/evil.service/kubepods/burstable/pod{UID}/x\n",
+    f"0::/pod{UID}/x\n",
+])
+def test_a_pod_cgroup_outside_the_kubelets_hierarchy_names_no_pod(text):
+    assert pod_uid_from_cgroup(text) is None
+
+
+async def test_the_cgroup_is_read_when_the_connection_is_accepted_not_at_hello(kmock, core_api, tmp_path, peer):
+    """A client that connects, hands the socket on and exits can't have its pid reused by a pod."""
+    kmock.objects["v1/pods", "apps", "decode-0"] = pod("decode-0", UID)
+    root = tmp_path / "proc"
+    proc_tree(root, peer.pid, "0::/user.slice/user-1000.slice/session-1.scope\n")   # not a pod at accept
+    attestor = KubernetesAttestor(KubernetesPodDirectory(core_api, NODE), proc_root=str(root))
+    observed = attestor.observe(peer)
+    proc_tree(root, peer.pid, CGROUPS["v2 systemd containerd"])       # the pid now names a pod's process
+    with pytest.raises(PermissionDenied, match="not in a Kubernetes pod"):
+        await attestor.attest(observed, None)
+
+
+def test_a_live_peer_is_observed_through_a_pidfd(tmp_path):
+    from faastube_sidecar.identity import observe_live_peer
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        observed = observe_live_peer(a, peer_credentials(a))
+    with open(f"/proc/{os.getpid()}/cgroup") as f:
+        assert observed.problem is None and observed.cgroup == f.read()
+
+
+def test_a_peer_whose_pid_is_invisible_is_refused_with_the_reason():
+    from faastube_sidecar.identity import observe_live_peer
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        observed = observe_live_peer(a, PeerCredentials(0, 0, 0))
+    assert observed.cgroup is None and "hostPID" in (observed.problem or "")
