@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket-dir", default="/var/run/faastube",
                         help="the sidecar's socket directory on every node")
     parser.add_argument("--socket-name", default="faastube.sock")
+    parser.add_argument("--socket-group", type=int, metavar="GID",
+                        help="the group the sidecar's socket admits (its --socket-group): function and "
+                             "gateway pods get it as a supplemental group")
     parser.add_argument("--no-socket-mount", action="store_true",
                         help="do not mount the socket directory (the device plugin adds it)")
     parser.add_argument("--status-interval-s", type=float, default=10.0,
@@ -41,7 +44,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     return OperatorSettings(
         image=args.image, image_pull_policy=args.image_pull_policy,
         gateway_port=args.gateway_port, worker_port=args.worker_port, socket_dir=args.socket_dir,
-        socket_name=args.socket_name, mount_socket_dir=not args.no_socket_mount,
+        socket_name=args.socket_name, mount_socket_dir=not args.no_socket_mount, socket_group=args.socket_group,
         status_interval_s=args.status_interval_s, retry_delay_s=args.retry_delay_s,
         default_network_bandwidth_bytes_per_s=args.network_GBps * 1e9)
 

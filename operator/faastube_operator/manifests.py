@@ -166,6 +166,13 @@ def _env(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
     return [{"name": key, "value": value} for key, value in pairs]
 
 
+def _pod_security(settings: OperatorSettings) -> dict[str, Any]:
+    """The sidecar's socket admits one group: pods that connect to it join that group."""
+    if settings.socket_group is None:
+        return {}
+    return {"securityContext": {"supplementalGroups": [settings.socket_group]}}
+
+
 def _security_context() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
@@ -217,7 +224,7 @@ def function_deployment(
     if fn.gpu and where.gpu is not None:
         container["env"].append({"name": "FAASTUBE_GPU_INDEX", "value": str(where.gpu)})
         container["resources"] = {"limits": {gpu_resource_name(where.gpu): 1}}
-    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes, **_pod_security(settings),
                                 "enableServiceLinks": False,
                                 "affinity": _affinity(workflow.name, where.node)}
     placement_note = "anywhere" if where.node is None else (
@@ -294,7 +301,7 @@ def gateway_deployment(
         "volumeMounts": mounts,
         "securityContext": _security_context(),
     }
-    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes,
+    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes, **_pod_security(settings),
                                 "enableServiceLinks": False,
                                 "affinity": _affinity(workflow.name, node)}
     return {

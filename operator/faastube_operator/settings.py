@@ -21,6 +21,9 @@ class OperatorSettings:
     socket_dir: str = "/var/run/faastube"
     socket_name: str = "faastube.sock"
     mount_socket_dir: bool = True
+    # The group the sidecar's socket admits (its --socket-group); function and gateway pods
+    # get it as a supplemental group. None: the pods' own groups must already match.
+    socket_group: int | None = None
     # How often Ready is refreshed from the children's rollout state.
     status_interval_s: float = 10.0
     # Delay before re-trying a workflow that could not be placed or hit an API error.

@@ -231,3 +231,16 @@ def test_settings_reject_bad_values_naming_the_field() -> None:
         OperatorSettings(image_pull_policy="Sometimes")
     with pytest.raises(ValueError, match="worker_port"):
         OperatorSettings(worker_port=70000)
+
+
+def test_pods_that_reach_the_sidecar_join_its_socket_group() -> None:
+    w = _workflow()
+    placed = manifests.resolve_placement(w, {"decode": Where("node-b"), "detect": Where("node-a", 1),
+                                             "post": Where(None), "classify": Where("node-c", 3)})
+    settings = OperatorSettings(image="x", socket_group=2350)
+    objs = manifests.workflow_children(w, namespace="team-a", spec=SPEC, placement=placed, settings=settings)
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    assert deployments and all(
+        d["spec"]["template"]["spec"]["securityContext"] == {"supplementalGroups": [2350]} for d in deployments)
+    plain = [o for o in _children().values() if o["kind"] == "Deployment"]
+    assert all("securityContext" not in d["spec"]["template"]["spec"] for d in plain)
