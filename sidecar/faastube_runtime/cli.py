@@ -25,7 +25,7 @@ from faastube import errors as ft_errors
 from faastube import sdk
 from faastube.workflow import Workflow, load_workflow
 
-from faastube_runtime import arrivals, dag, errors, loadgen, report
+from faastube_runtime import arrivals, dag, errors, gateway_cli, loadgen, report
 from faastube_runtime.gateway import GatewayConfig, to_npy
 from faastube_runtime.local import LocalOptions, LocalRuntime
 
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--call-timeout", type=float, default=30.0, help="seconds per function call (default 30)")
     parser.add_argument("--retries", type=int, default=2, help="extra attempts of a failed call (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    gateway_cli.add_limit_arguments(parser)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -73,6 +74,7 @@ def _validate(args: argparse.Namespace) -> None:
         problems.append("--request-timeout and --call-timeout: must be positive")
     if args.retries < 0:
         problems.append(f"--retries: must be 0 or more, got {args.retries}")
+    gateway_cli.limits_config(args, problems)
     if problems:
         raise errors.BadInput("; ".join(problems))
 
@@ -164,11 +166,13 @@ async def _serve_forever(runtime: LocalRuntime) -> None:
 
 async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
     port = args.port if args.port is not None else (8080 if args.requests == 0 else 0)
+    limits, max_input_bytes = gateway_cli.limits_config(args, [])  # checked in _validate
     options = LocalOptions(
         backend=args.backend, host=args.host, port=port, passing=args.passing,
         gateway=GatewayConfig(policy=dag.DagPolicy(request_timeout_s=args.request_timeout,
                                                    call_timeout_s=args.call_timeout,
-                                                   max_retries=args.retries)))
+                                                   max_retries=args.retries),
+                              max_input_bytes_in_flight=max_input_bytes, limits=limits))
     body = to_npy(request_input(workflow, args.input)) if args.requests else b""
     offsets = arrival_offsets(args.arrival, args.requests, args.rate, args.seed) if args.requests else []
     started = time.monotonic()

@@ -1,7 +1,8 @@
 """Errors of the workflow runtime, split by what the caller (an HTTP client) should do.
 
 Each maps to one HTTP status at the gateway's edge (``http_status``): fix the
-request (400), retry later (503, 504), or give up on this request (502).
+request (400, 413, 415), send it again faster (408), retry later (503, 504), or
+give up on this request (502).
 """
 
 from __future__ import annotations
@@ -19,6 +20,24 @@ class BadInput(RuntimeFailure, errors.InvalidRequest):
     """The request body or its parameters are wrong (HTTP 400)."""
 
     http_status = 400
+
+
+class BodyTooLarge(BadInput):
+    """The body is, or says it is, larger than the gateway accepts (HTTP 413)."""
+
+    http_status = 413
+
+
+class UnsupportedBody(BadInput):
+    """The body's ``Content-Type`` or ``Content-Encoding`` is not one the gateway reads (HTTP 415)."""
+
+    http_status = 415
+
+
+class BodyTimedOut(RuntimeFailure, errors.RetryableError):
+    """The body stopped arriving, or took too long (HTTP 408); the connection is closed."""
+
+    http_status = 408
 
 
 class Overloaded(RuntimeFailure, errors.RetryableError):

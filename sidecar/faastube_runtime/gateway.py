@@ -7,8 +7,15 @@ as JSON for data already in the pool), stores it once, drives the DAG
 request's latency breakdown (compute, data passing, queueing, other) in the
 ``X-Faastube-Breakdown`` header (JSON), also in the body for ``?output=ref``.
 
+A request is admitted (``Gateway.admit``: a slot among ``max_in_flight``) before a
+byte of its body is read, and its array's declared size is counted against
+``max_input_bytes_in_flight`` before the array is allocated; the body itself is read
+within limits by ``bodies``. An admitted request holds only its array until it is
+stored, then only refs.
+
 Every object created for a request is freed when it ends, whatever the outcome.
-HTTP errors: 400 bad input, 502 a function failed after its retries, 503
+HTTP errors: 400 bad input, 408 the body stopped arriving, 413 body too large, 415
+wrong content type or encoding, 502 a function failed after its retries, 503
 overloaded, 504 timed out. ``GET /healthz``, ``GET /metrics`` (Prometheus).
 """
 
@@ -23,7 +30,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 import numpy as np
 from aiohttp import web
@@ -31,14 +39,15 @@ from faastube import errors as ft_errors
 from faastube import sdk
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from faastube_runtime import dag, errors
+from faastube_runtime import bodies, dag, errors
+from faastube_runtime.bodies import NPY_CONTENT_TYPE
 from faastube_runtime.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 
 BREAKDOWN_HEADER = "X-Faastube-Breakdown"
-NPY_CONTENT_TYPE = "application/x-npy"
-DEFAULT_MAX_BODY_BYTES = 1 << 30
+DEFAULT_MAX_INPUT_BYTES_IN_FLIGHT = 4 << 30
+RETRY_AFTER_S = 1
 
 
 class RequestStore(Protocol):
@@ -91,7 +100,20 @@ class ClientStore:
 class GatewayConfig:
     policy: dag.DagPolicy = field(default_factory=dag.DagPolicy)
     max_in_flight: int = 256
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The input arrays of the requests in flight, together (each counted from its .npy
+    # header, before it is allocated): what uploads may cost the gateway's memory at most.
+    max_input_bytes_in_flight: int = DEFAULT_MAX_INPUT_BYTES_IN_FLIGHT
+    limits: bodies.ReadLimits = field(default_factory=bodies.ReadLimits)
+
+    def problems(self) -> list[str]:
+        """What is wrong with this configuration (empty when it can be used)."""
+        out = list(self.limits.problems())
+        if self.max_in_flight < 1:
+            out.append(f"max_in_flight: must be at least 1, got {self.max_in_flight}")
+        if self.max_input_bytes_in_flight < self.limits.max_body_bytes:
+            out.append(f"max_input_bytes_in_flight ({self.max_input_bytes_in_flight}) must be at least "
+                       f"max_body_bytes ({self.limits.max_body_bytes}), or the largest body could never be served")
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +122,41 @@ class InvokeResult:
     output_ref: str | None
     breakdown: dag.Breakdown
     request_id: str
+
+
+class Admission:
+    """A request's place in the gateway: one of ``max_in_flight`` slots, and the input bytes it holds.
+
+    Taken before the body is read (``Gateway.admit``); ``close`` (or the ``with`` block) gives
+    both back.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway: Gateway | None = gateway
+        self.input_bytes = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._gateway is None
+
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` of input against ``max_input_bytes_in_flight``, or raise ``Overloaded``."""
+        if self._gateway is None:
+            raise errors.RuntimeFailure("reserve on a closed admission")
+        self._gateway._reserve(nbytes)
+        self.input_bytes += nbytes
+
+    def close(self) -> None:
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            gateway._release(self.input_bytes)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 class Gateway:
@@ -111,24 +168,56 @@ class Gateway:
         self.workflow_name = workflow_name
         self.plan = plan
         self.config = config if config is not None else GatewayConfig()
+        problems = self.config.problems()
+        if problems:
+            raise errors.BadInput("gateway configuration: " + "; ".join(problems))
         self.metrics = metrics if metrics is not None else GatewayMetrics.create()
         self._invoker = invoker
         self._store = store
         self._ids = itertools.count(1)
         self.in_flight = 0
+        self.input_bytes_in_flight = 0
 
-    async def invoke(self, *, array: np.ndarray | None = None, ref: str | None = None,
-                     return_ref: bool = False) -> InvokeResult:
-        """Run one request on an input array or an existing ref."""
-        if (array is None) == (ref is None):
-            raise errors.BadInput("give exactly one of an input array or an input ref")
+    def admit(self) -> Admission:
+        """A slot for one request, or ``Overloaded`` when ``max_in_flight`` are being served."""
         if self.in_flight >= self.config.max_in_flight:
-            self.metrics.requests.labels(self.workflow_name, "overloaded").inc()
             raise errors.Overloaded(f"{self.in_flight} requests in flight (limit "
                                     f"{self.config.max_in_flight}); retry later")
-        request_id = f"r{next(self._ids)}"
         self.in_flight += 1
         self.metrics.in_flight.labels(self.workflow_name).inc()
+        return Admission(self)
+
+    def _reserve(self, nbytes: int) -> None:
+        limit = self.config.max_input_bytes_in_flight
+        if self.input_bytes_in_flight + nbytes > limit:
+            raise errors.Overloaded(f"inputs of the requests in flight hold {self.input_bytes_in_flight} bytes; "
+                                    f"{nbytes} more would pass the limit of {limit}; retry later")
+        self.input_bytes_in_flight += nbytes
+        self.metrics.input_bytes.labels(self.workflow_name).inc(nbytes)
+
+    def _release(self, input_bytes: int) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.labels(self.workflow_name).dec()
+        self.input_bytes_in_flight -= input_bytes
+        self.metrics.input_bytes.labels(self.workflow_name).dec(input_bytes)
+
+    def count_failure(self, exc: Exception) -> None:
+        """Count a request that did not succeed, by what went wrong."""
+        outcome = "overloaded" if isinstance(exc, errors.Overloaded) else type(exc).__name__
+        self.metrics.requests.labels(self.workflow_name, outcome).inc()
+
+    async def run(self, admission: Admission, *, array: np.ndarray | None = None, ref: str | None = None,
+                  return_ref: bool = False) -> InvokeResult:
+        """Run one admitted request on an input array or an existing ref.
+
+        The array is let go of as soon as it is stored: pass it without keeping a reference, and
+        the upload's memory goes back before the request's functions run.
+        """
+        if admission.closed:
+            raise errors.RuntimeFailure("run needs an open admission (Gateway.admit)")
+        if (array is None) == (ref is None):
+            raise errors.BadInput("give exactly one of an input array or an input ref")
+        request_id = f"r{next(self._ids)}"
         ledger = dag.RefLedger()
         keep: str | None = None
         started = time.monotonic()
@@ -136,6 +225,7 @@ class Gateway:
             if array is not None:
                 input_ref = await self._store.put_input(array, consumers=len(self.plan.sources))
                 ledger.add([input_ref])
+                array = None  # stored: the pool has it now
             elif ref is not None:
                 await self._store.check(ref)
                 input_ref = ref  # the caller's object: not ours to free
@@ -153,48 +243,18 @@ class Gateway:
             self.metrics.observe_success(self.workflow_name, trace, breakdown)
             return InvokeResult(output=output, output_ref=keep, breakdown=breakdown, request_id=request_id)
         except errors.RuntimeFailure as e:
-            self.metrics.requests.labels(self.workflow_name, type(e).__name__).inc()
             logger.info("request %s failed: %s", request_id, e)
             raise
         except (ft_errors.RefNotFound, ft_errors.PermissionDenied, ft_errors.InvalidRequest) as e:
-            self.metrics.requests.labels(self.workflow_name, "BadInput").inc()
-            raise errors.BadInput(f"input ref: {e}") from e
+            raise errors.BadInput(f"{'input ref' if ref is not None else 'input'}: {e}") from e
         finally:
             forget = getattr(self._invoker, "forget", None)
             if forget is not None:
                 forget(request_id)
-            self.in_flight -= 1
-            self.metrics.in_flight.labels(self.workflow_name).dec()
             leftovers = [r for r in ledger.refs if r != keep]
             if leftovers:
                 await asyncio.shield(self._store.discard(leftovers))
                 self.metrics.freed_refs.labels(self.workflow_name).inc(len(leftovers))
-
-
-def parse_npy(body: bytes) -> np.ndarray:
-    """An array from ``.npy`` bytes; never unpickles."""
-    if not body:
-        raise errors.BadInput("body: empty; send an .npy array or JSON {\"ref\": ...}")
-    try:
-        value = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise errors.BadInput(f"body: not a valid .npy array: {e}") from e
-    if not isinstance(value, np.ndarray):
-        raise errors.BadInput("body: expected one .npy array, not an .npz archive")
-    return value
-
-
-def parse_ref_body(body: bytes) -> str:
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise errors.BadInput(f"body: not valid JSON: {e}") from e
-    if not isinstance(doc, dict) or set(doc) != {"ref"}:
-        raise errors.BadInput('body: expected a JSON object {"ref": "<ref>"}')
-    ref = doc["ref"]
-    if not isinstance(ref, str) or not ref or len(ref) > 256:
-        raise errors.BadInput("ref: must be a non-empty string of at most 256 characters")
-    return ref
 
 
 def to_npy(array: np.ndarray) -> bytes:
@@ -203,27 +263,68 @@ def to_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _error_response(exc: errors.RuntimeFailure) -> web.Response:
-    return web.json_response({"error": type(exc).__name__, "message": str(exc)}, status=exc.http_status)
+def _error_response(exc: Exception) -> web.Response:
+    if isinstance(exc, errors.RuntimeFailure):
+        status = exc.http_status
+    else:  # the data plane failed under us (sidecar gone, pool full)
+        status = 503 if isinstance(exc, ft_errors.RetryableError) else 500
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return web.json_response({"error": type(exc).__name__, "message": str(exc)}, status=status, headers=headers)
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response``, then close the connection: the rest of the body is not worth waiting for."""
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client is gone already
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
+def _output_mode(request: web.Request) -> bool:
+    """Whether the caller asked for the output's ref (``?output=ref``) rather than its bytes."""
+    mode = request.query.get("output", "array")
+    if mode not in ("array", "ref"):
+        raise errors.BadInput(f"query output: must be 'array' or 'ref', got {mode!r:.40}")
+    return mode == "ref"
 
 
 def build_app(gateway: Gateway) -> web.Application:
+    limits = gateway.config.limits
+
     async def handle_invoke(request: web.Request) -> web.Response:
         try:
-            output_mode = request.query.get("output", "array")
-            if output_mode not in ("array", "ref"):
-                raise errors.BadInput(f"query output: must be 'array' or 'ref', got {output_mode!r}")
-            body = await request.read()
-            if request.content_type == "application/json":
-                result = await gateway.invoke(ref=parse_ref_body(body), return_ref=output_mode == "ref")
+            return_ref = _output_mode(request)
+            kind = bodies.check_head(request, limits)  # nothing is read before the admission
+            with gateway.admit() as admission:
+                reader = bodies.BodyReader(request.content, declared_bytes=request.content_length,
+                                           limits=limits)
+                if kind is bodies.BodyKind.REF:
+                    ref = bodies.parse_ref(await reader.read_to_end(limit_bytes=bodies.MAX_REF_BODY_BYTES))
+                    result = await gateway.run(admission, ref=ref, return_ref=return_ref)
+                else:
+                    header = await bodies.read_npy_header(reader)
+                    bodies.check_npy_size(header, body_bytes=request.content_length,
+                                          max_body_bytes=limits.max_body_bytes)
+                    admission.reserve(header.data_bytes)
+                    # No name for the array here: the run holds the only reference and drops it
+                    # once the array is stored.
+                    result = await gateway.run(admission, array=await bodies.read_npy_data(reader, header),
+                                               return_ref=return_ref)
+        except (errors.RuntimeFailure, ft_errors.FaastubeError) as e:
+            gateway.count_failure(e)
+            if not isinstance(e, errors.RuntimeFailure):
+                logger.warning("invoke failed in the data plane: %s: %s", type(e).__name__, e)
             else:
-                result = await gateway.invoke(array=parse_npy(body), return_ref=output_mode == "ref")
-        except errors.RuntimeFailure as e:
-            return _error_response(e)
-        except ft_errors.FaastubeError as e:  # the data plane failed under us (sidecar gone, full)
-            logger.warning("invoke failed in the data plane: %s: %s", type(e).__name__, e)
-            status = 503 if isinstance(e, ft_errors.RetryableError) else 500
-            return web.json_response({"error": type(e).__name__, "message": str(e)}, status=status)
+                logger.debug("invoke refused or failed: %s: %s", type(e).__name__, e)
+            response = _error_response(e)
+            if isinstance(e, errors.BodyTimedOut):
+                return await _answer_and_close(request, response)
+            return response
         breakdown = result.breakdown.as_dict()
         headers = {BREAKDOWN_HEADER: json.dumps(breakdown), "X-Faastube-Request-Id": result.request_id}
         if result.output_ref is not None:
@@ -239,8 +340,23 @@ def build_app(gateway: Gateway) -> web.Application:
         return web.Response(body=generate_latest(gateway.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(client_max_size=gateway.config.max_body_bytes)
+    # /invoke reads its body itself (bodies); other routes take none worth more than this
+    app = web.Application(client_max_size=bodies.MAX_REF_BODY_BYTES)
     app.router.add_post("/invoke", handle_invoke)
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     return app
+
+
+def make_runner(gateway: Gateway, *, shutdown_timeout_s: float = 60.0) -> web.AppRunner:
+    """The gateway's app in a runner whose connections keep to the gateway's limits.
+
+    ``header_timeout_s`` is aiohttp's keep-alive timeout: it closes a connection that has
+    no complete request head that long after it opened or after its last answer (aiohttp
+    arms it at connection start; the tests check that it does). Bodies are not decompressed
+    (``bodies.check_head`` refuses encoded ones), so a small upload cannot expand in memory.
+    """
+    return web.AppRunner(build_app(gateway), access_log=None, handle_signals=False,
+                         shutdown_timeout=shutdown_timeout_s,
+                         keepalive_timeout=gateway.config.limits.header_timeout_s,
+                         auto_decompress=False)

@@ -12,7 +12,9 @@ Each function's replicas come from exactly one of:
   ``<workflow>-<function>.<namespace>.svc``).
 
 The gateway must run on the node whose sidecar holds the workflow's data: refs
-are node-local.
+are node-local. What one client may cost it is bounded by the limit flags
+(``add_limit_arguments``: body size, inputs in flight, header and body timeouts),
+which ``faastube run`` takes too.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from faastube import errors as ft_errors
+from faastube.units import format_size, parse_size
 from faastube.workflow import Workflow
 
-from faastube_runtime import dag, discovery, errors, startup, workflow_source
+from faastube_runtime import bodies, dag, discovery, errors, startup, workflow_source
 from faastube_runtime.addresses import MAX_UNIX_PATH_BYTES, Address, parse_address, parse_host_port
 from faastube_runtime.gateway import (
-    DEFAULT_MAX_BODY_BYTES,
     ClientStore,
     Gateway,
     GatewayConfig,
-    build_app,
+    make_runner,
 )
 from faastube_runtime.invoker import Replica, WorkerPool
 from faastube_runtime.workflow_source import ENV_SOCKET
@@ -86,6 +88,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests served at once; more are answered 503 (default %(default)s)")
     parser.add_argument("--startup-timeout", type=float, default=60.0,
                         help="seconds to wait for the sidecar's socket (default %(default)s)")
+    add_limit_arguments(parser)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(int(text) if text.isdigit() else text)
+    except ft_errors.InvalidRequest as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of what one request may cost the gateway (also ``faastube run``'s)."""
+    limits, config = bodies.ReadLimits(), GatewayConfig()
+    group = parser.add_argument_group("limits (what one client may cost the gateway)")
+    group.add_argument("--max-body-size", type=_size, default=limits.max_body_bytes, metavar="SIZE",
+                       help="largest request body, e.g. 300MiB (default "
+                            f"{format_size(limits.max_body_bytes)}); larger ones get 413")
+    group.add_argument("--max-input-in-flight", type=_size, default=config.max_input_bytes_in_flight,
+                       metavar="SIZE",
+                       help="input arrays of the requests in flight, together (default "
+                            f"{format_size(config.max_input_bytes_in_flight)}); a request that would "
+                            "pass it gets 503 before its data is read")
+    group.add_argument("--header-timeout", type=float, default=limits.header_timeout_s, metavar="SECONDS",
+                       help="close a connection that has sent no complete request head this long after "
+                            "it opened or after its last answer (default %(default)s)")
+    group.add_argument("--body-idle-timeout", type=float, default=limits.body_idle_timeout_s,
+                       metavar="SECONDS",
+                       help="answer 408 and close when a body pauses this long (default %(default)s)")
+    group.add_argument("--body-timeout", type=float, default=limits.body_timeout_s, metavar="SECONDS",
+                       help="answer 408 and close when a body takes longer than this (default %(default)s)")
+
+
+def limits_config(args: argparse.Namespace, problems: list[str]) -> tuple[bodies.ReadLimits, int]:
+    """The read limits and ``max_input_bytes_in_flight`` from ``add_limit_arguments``' flags."""
+    if args.max_body_size < 1:
+        problems.append(f"--max-body-size: must be at least 1 byte, got {args.max_body_size}")
+    if args.max_input_in_flight < args.max_body_size:
+        problems.append(f"--max-input-in-flight ({format_size(args.max_input_in_flight)}) must be at least "
+                        f"--max-body-size ({format_size(args.max_body_size)})")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-idle-timeout", args.body_idle_timeout),
+                        ("--body-timeout", args.body_timeout)):
+        if not 0 < value < float("inf"):
+            problems.append(f"{flag}: must be a positive number of seconds, got {value}")
+    limits = bodies.ReadLimits(max_body_bytes=args.max_body_size, header_timeout_s=args.header_timeout,
+                               body_idle_timeout_s=args.body_idle_timeout, body_timeout_s=args.body_timeout)
+    return limits, args.max_input_in_flight
 
 
 def _split_pair(text: str, *, flag: str) -> tuple[str, str]:
@@ -167,6 +215,7 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Gate
         problems.append(f"--max-in-flight: must be at least 1, got {args.max_in_flight}")
     if not args.startup_timeout >= 0:
         problems.append(f"--startup-timeout: must be 0 or more, got {args.startup_timeout}")
+    limits, max_input_bytes = limits_config(args, problems)
     endpoints, services = _replica_sources(workflow, args.function_endpoint, args.function_service, problems)
     if problems or sidecar is None:
         raise errors.BadInput("; ".join(problems))
@@ -176,7 +225,7 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Gate
         workflow=workflow, sidecar_socket=sidecar, host=args.host.strip(), port=args.port,
         endpoints=endpoints, services=services, resolve_interval_s=args.resolve_interval,
         gateway=GatewayConfig(policy=policy, max_in_flight=args.max_in_flight,
-                              max_body_bytes=DEFAULT_MAX_BODY_BYTES),
+                              max_input_bytes_in_flight=max_input_bytes, limits=limits),
         startup_timeout_s=args.startup_timeout,
         namespace=workflow_source.namespace(args.namespace, environ, workflow))
 
@@ -207,8 +256,7 @@ async def serve(settings: GatewaySettings, *, resolver: discovery.Resolver | Non
                 await stack.enter_async_context(discovery.ServiceDiscovery(
                     pool, settings.services, resolver=resolver, interval_s=settings.resolve_interval_s))
             gateway = Gateway(workflow.name, plan, pool, store, config=settings.gateway)
-            runner = web.AppRunner(build_app(gateway), access_log=None, handle_signals=False,
-                                   shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            runner = make_runner(gateway, shutdown_timeout_s=SHUTDOWN_TIMEOUT_S)
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port)
             try:

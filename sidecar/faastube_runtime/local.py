@@ -30,7 +30,7 @@ from faastube.workflow import Workflow
 
 from faastube_runtime import dag, errors, wire
 from faastube_runtime.addresses import Address
-from faastube_runtime.gateway import ClientStore, Gateway, GatewayConfig, build_app
+from faastube_runtime.gateway import ClientStore, Gateway, GatewayConfig, make_runner
 from faastube_runtime.invoker import Replica, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class LocalRuntime:
         await self._pool.__aenter__()
         self.gateway = Gateway(self.workflow.name, self.plan, self._pool, self._store,
                                config=self.options.gateway)
-        self._runner = web.AppRunner(build_app(self.gateway), access_log=None, handle_signals=False)
+        self._runner = make_runner(self.gateway)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.options.host, self.options.port)
         await site.start()

@@ -18,6 +18,7 @@ class GatewayMetrics:
     request_seconds: Histogram
     stage_seconds: Histogram
     in_flight: Gauge
+    input_bytes: Gauge
     function_seconds: Histogram
     retries: Counter
     freed_refs: Counter
@@ -37,6 +38,9 @@ class GatewayMetrics:
                                     ["workflow", "stage"], buckets=_LATENCY_BUCKETS_S, registry=r),
             in_flight=Gauge("faastube_gateway_in_flight_requests", "Requests being served",
                             ["workflow"], registry=r),
+            input_bytes=Gauge("faastube_gateway_input_in_flight_bytes",
+                              "Declared sizes of the input arrays of the requests in flight",
+                              ["workflow"], registry=r),
             function_seconds=Histogram("faastube_gateway_function_seconds",
                                        "Per-call time of a function, by part",
                                        ["workflow", "function", "part"], buckets=_LATENCY_BUCKETS_S,

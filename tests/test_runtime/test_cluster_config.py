@@ -138,6 +138,30 @@ def test_gateway_reports_every_replica_source_problem() -> None:
     assert "--port: must be in 0..65535" in text and "--retries: must be 0 or more" in text
 
 
+def test_gateway_limits_come_from_flags_with_units() -> None:
+    settings = gateway_cli.build_settings(
+        _args(gateway_cli, "--function-endpoint", "a=tcp://h:1", "--function-endpoint", "b=tcp://h:2",
+              "--max-body-size", "300MiB", "--max-input-in-flight", "2GiB", "--header-timeout", "5",
+              "--body-idle-timeout", "2.5", "--body-timeout", "60"), ENV)
+    config = settings.gateway
+    assert config.limits.max_body_bytes == 300 << 20 and config.max_input_bytes_in_flight == 2 << 30
+    assert (config.limits.header_timeout_s, config.limits.body_idle_timeout_s,
+            config.limits.body_timeout_s) == (5.0, 2.5, 60.0)
+    assert config.problems() == []
+
+
+def test_gateway_limits_that_cannot_work_are_refused_by_flag() -> None:
+    with pytest.raises(errors.BadInput) as caught:
+        gateway_cli.build_settings(_args(
+            gateway_cli, "--function-endpoint", "a=tcp://h:1", "--function-endpoint", "b=tcp://h:2",
+            "--max-body-size", "2GiB", "--max-input-in-flight", "1GiB", "--header-timeout", "0",
+            "--body-timeout", "inf"), ENV)
+    text = str(caught.value)
+    assert "--max-input-in-flight (1GiB) must be at least --max-body-size (2GiB)" in text
+    assert "--header-timeout: must be a positive number of seconds, got 0.0" in text
+    assert "--body-timeout: must be a positive number of seconds, got inf" in text
+
+
 class _Sink:
     def __init__(self) -> None:
         self.sets: list[tuple[str, list[Address]]] = []
