@@ -133,6 +133,18 @@ class Arenas:
     def busy(self) -> bool:
         return any(not a.empty for a in self._arenas.values())
 
+    def idle(self, *, older_than_s: float, larger_than: int) -> list[int]:
+        """Empty arenas above `larger_than` bytes unused for `older_than_s`: slabs to give back.
+
+        A pipeline reuses its big arenas at once; a client that stopped putting should not
+        keep hundreds of megabytes of its workflow's quota leased."""
+        now = time.monotonic()
+        stale = [a for a in self._arenas.values()
+                 if a.empty and a.size > larger_than and now - a.idle_since > older_than_s]
+        for arena in stale:
+            del self._arenas[arena.slab_id]
+        return [a.slab_id for a in stale]
+
     def surplus(self) -> list[int]:
         """Empty arenas beyond `keep_empty` (the largest are kept): slabs to give back."""
         empty = sorted((a for a in self._arenas.values() if a.empty), key=lambda a: -a.size)

@@ -61,6 +61,8 @@ _ANCILLARY_BYTES = socket.CMSG_SPACE(protocol.MAX_FDS_PER_FRAME * _array.array("
 _SPLIT_PUT_BYTES = 32 << 20
 _EVENT_DISABLE_TIMING = 0x2
 _FENCE_SPIN_S = 0.005     # poll a pending fence this long before handing the wait to the GPU
+_IDLE_ARENA_S = 5.0       # an empty arena larger than the usual one goes back after this long unused
+_TIDY_INTERVAL_S = 1.0
 
 Device = int | str | None
 Stream = Any     # a CuPy or torch stream, or a raw cudaStream_t as an int
@@ -181,6 +183,7 @@ class Client:
         self._forgotten: collections.deque[tuple[Location, int, int]] = collections.deque()
         self._idle_events: list[tuple[int, int]] = []            # (ordinal, event) for reuse
         self._reads: dict[str, list[_Read]] = {}
+        self._last_tidy = time.monotonic()
         self.closed = False
         self.last_path = "local"
         # A blocking socket whose receive timeout is the kernel's (SO_RCVTIMEO): one recvmsg per
@@ -204,6 +207,7 @@ class Client:
             # This process's CUDA ordinal -> the sidecar's GPU index, and back.
             self._gpu_of = {int(k): int(v) for k, v in reply["device_map"].items()}
             self._arena_bytes = {Location.parse(k): int(v) for k, v in reply.get("arena_bytes", {}).items()}
+            _FLUSHER.start()
         except (KeyError, TypeError, ValueError) as e:
             self._sock.close()
             raise errors.ProtocolError(f"malformed hello reply from the sidecar: {e!r}") from None
@@ -745,12 +749,23 @@ class Client:
             self._send(frames)
 
     def _flush_idle(self) -> None:
-        """From the flusher thread: send what is ready, unless the client is busy (it will itself)."""
-        if self.closed or not self._releases or not self._lock.acquire(blocking=False):
+        """From the flusher thread: send what is ready, unless the client is busy (it will itself);
+        now and then, give back big arenas left empty."""
+        now = time.monotonic()
+        tidy = now - self._last_tidy > _TIDY_INTERVAL_S
+        if self.closed or not (self._releases or tidy) or not self._lock.acquire(blocking=False):
             return
         try:
-            if not self.closed:
-                self._send_releases()
+            if self.closed:
+                return
+            self._send_releases()
+            if tidy:
+                self._last_tidy = now
+                stale = [slab for location, arenas in self._arenas.items()
+                         for slab in arenas.idle(older_than_s=_IDLE_ARENA_S,
+                                                 larger_than=self._arena_bytes.get(location, 0))]
+                if stale:
+                    self._unmap(stale)
         except errors.FaastubeError as e:
             logger.debug("flushing releases failed: %s", e)
         finally:

@@ -41,3 +41,22 @@ def test_empty_arenas_beyond_two_are_given_back_smallest_first() -> None:
         arenas.add(slab, size)
     assert arenas.surplus() == [1]
     assert {a.slab_id for a in arenas} == {2, 3}
+
+
+def test_big_empty_arenas_left_idle_are_given_back(monkeypatch) -> None:
+    import faastube.arena as arena_module
+
+    clock = [100.0]
+    monkeypatch.setattr(arena_module.time, "monotonic", lambda: clock[0])
+    arenas = Arenas()
+    arenas.add(1, 1 << 20)       # the usual size: kept
+    arenas.add(2, 1 << 30)       # a big one: kept while in use, given back once idle
+    slab, offset = arenas.allocate(1 << 29)
+    assert slab == 2
+    clock[0] += 60
+    assert arenas.idle(older_than_s=5, larger_than=1 << 20) == []
+    arenas.give(slab, offset)
+    assert arenas.idle(older_than_s=5, larger_than=1 << 20) == []
+    clock[0] += 6
+    assert arenas.idle(older_than_s=5, larger_than=1 << 20) == [2]
+    assert [a.slab_id for a in arenas] == [1]
