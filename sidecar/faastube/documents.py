@@ -66,9 +66,10 @@ class DocumentLimits:
     # Mappings and sequences inside each other; a workflow needs 6, a Kubernetes object ~15.
     max_depth: int = 64
     # Every mapping, sequence, key and scalar, each alias counted as a copy of what it names.
-    # A 10,000-function workflow with every field set has ~250,000; loading this many takes
-    # ~0.5 s in the worst case of what they are (libyaml's events cost ~2 us each in Python).
-    max_nodes: int = 300_000
+    # A 10,000-function chain with every field set has ~240,000. Loading is ~1.5 us a value
+    # for libyaml's event and up to ~2 us more for the slowest scalars (floats with '_'),
+    # so this many stay within about a second whatever they are.
+    max_nodes: int = 250_000
     # Kubernetes caps all of an object's annotations together at 256 KiB.
     max_scalar_chars: int = 256 * 2**10
 
@@ -244,11 +245,16 @@ _MERGE = "tag:yaml.org,2002:merge"
 # Plain scalars are typed by PyYAML's own patterns (YAML 1.1, as yaml.safe_load), by first
 # character. Timestamps stay strings, as in JSON and in what the API server returns; the
 # '=' (value) and 'yaml' types of YAML 1.1 are strings too (safe_load refuses them).
-_IMPLICIT: dict[str, list[tuple[str, Any]]] = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag in (_NULL, _BOOL, _INT, _FLOAT, _MERGE)]
-    for first, resolvers in Resolver.yaml_implicit_resolvers.items()
-}
-_IMPLICIT = {first: resolvers for first, resolvers in _IMPLICIT.items() if resolvers}
+# Every float has a '.' and nothing else typed does, so the patterns are split on that
+# (each is ~0.4 us, and a hostile document can hold 250,000 scalars).
+_IMPLICIT_DOTTED: dict[str, list[tuple[str, Any]]] = {}
+_IMPLICIT_UNDOTTED: dict[str, list[tuple[str, Any]]] = {}
+for _first, _resolvers in Resolver.yaml_implicit_resolvers.items():
+    for _tag, _pattern in _resolvers:
+        if _tag in (_NULL, _BOOL, _INT, _FLOAT, _MERGE):
+            _table = _IMPLICIT_DOTTED if _tag == _FLOAT else _IMPLICIT_UNDOTTED
+            _table.setdefault(_first, []).append((_tag, _pattern))
+_IMPLICIT = {*_IMPLICIT_DOTTED, *_IMPLICIT_UNDOTTED}  # first characters that may start a typed scalar
 _BOOLS = {"yes": True, "true": True, "on": True, "no": False, "false": False, "off": False}
 _SEQUENCE_TAGS = frozenset((None, "!", Resolver.DEFAULT_SEQUENCE_TAG))
 _MAPPING_TAGS = frozenset((None, "!", Resolver.DEFAULT_MAPPING_TAG))
@@ -420,9 +426,17 @@ class _Builder:
             if text.isdigit() and text.isascii() and (text[0] != "0" or len(text) == 1) \
                     and len(text) <= 18:
                 return int(text)  # the common integer (within int64), without the patterns
-            tag = _implicit_tag(text)
-            if tag is None:
+            # The type YAML 1.1 gives a plain scalar, as PyYAML's resolver finds it (none: a
+            # string). Inline, as this is the slowest path a hostile document can choose.
+            for candidate, pattern in (_IMPLICIT_DOTTED if "." in text else _IMPLICIT_UNDOTTED).get(
+                    text[:1], ()):
+                if pattern.match(text):
+                    tag = candidate
+                    break
+            else:
                 return text
+            if tag == _FLOAT:
+                return _yaml_float(text)
         elif tag == "!" or tag == _STR:
             return text
         convert = _CONVERTERS.get(tag)
@@ -451,14 +465,6 @@ class _Builder:
         if mark is None:
             return DocumentInvalid(message, limit=limit)
         return DocumentInvalid(message, line=mark.line + 1, column=mark.column + 1, limit=limit)
-
-
-def _implicit_tag(text: str) -> str | None:
-    """The type YAML 1.1 gives a plain scalar (None: a string), as PyYAML's resolver does."""
-    for tag, pattern in _IMPLICIT.get(text[:1], ()):
-        if pattern.match(text):
-            return tag
-    return None
 
 
 def _yaml_null(text: str) -> None:

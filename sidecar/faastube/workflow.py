@@ -244,6 +244,11 @@ class _Collector:
         if len(self.errors) < MAX_ERRORS_LISTED:
             self.errors.append(FieldError(path, message))
 
+    @property
+    def listing(self) -> bool:
+        """Whether another error would be listed (past that, only the count matters)."""
+        return len(self.errors) < MAX_ERRORS_LISTED
+
     def invalid(self, source: str | None) -> WorkflowInvalid:
         return WorkflowInvalid(self.errors, source=source, omitted=self.count - len(self.errors))
 
@@ -263,6 +268,9 @@ class _Collector:
             if not isinstance(key, str):
                 self.add(path, f"keys must be strings, got {_type_name(key)} {preview(key)}")
             elif key not in allowed:
+                if not self.listing:
+                    self.count += 1
+                    continue
                 hint = self.suggest(key, allowed)
                 suggestion = f" (did you mean {hint!r}?)" if hint else \
                     f" (allowed: {', '.join(allowed)})"
@@ -539,9 +547,11 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
                 continue
             end = c.string(edge[key], f"{path}.{key}")
             if end is not None and end not in known:
-                if candidates is None:
-                    candidates = sorted(known)
-                hint = c.suggest(end, candidates)
+                hint = None
+                if c.listing:
+                    if candidates is None:
+                        candidates = sorted(known)
+                    hint = c.suggest(end, candidates)
                 c.add(f"{path}.{key}", f"unknown function {preview(end)}"
                                        + (f" (did you mean {hint!r}?)" if hint else ""))
                 end = None

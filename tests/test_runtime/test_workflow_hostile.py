@@ -8,7 +8,9 @@ where, and stays short, and that large legitimate workflows are still accepted.
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from faastube.workflow import (
     loads_workflow,
     parse_workflow,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = "apiVersion: faastube.io/v1alpha1\nkind: Workflow\nmetadata: {name: w}\n"
@@ -204,6 +208,28 @@ def test_pyyamls_own_parser_is_used_the_same_way_without_libyaml(
     assert load_yaml(example) == yaml.safe_load(example)
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789._:+-eExXbo~aflnrstuyNOTY", min_size=1, max_size=14))
+def test_plain_scalars_are_typed_as_yaml_safe_load_types_them(text: str) -> None:
+    doc = f"a: {text}\n"
+    try:
+        expected = yaml.safe_load(doc)
+    except yaml.YAMLError:
+        return  # not a scalar PyYAML reads either
+    if not isinstance(expected, dict) or set(expected) != {"a"}:
+        return
+    value = expected["a"]
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        assert load_yaml(doc) == {"a": text}  # timestamps stay strings
+    elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        with pytest.raises(DocumentInvalid, match="does not fit in a signed 64-bit integer"):
+            load_yaml(doc)
+    else:
+        got = load_yaml(doc)["a"]
+        assert type(got) is type(value)
+        assert got == value or (isinstance(value, float) and math.isnan(value) and math.isnan(got))
+
+
 @pytest.mark.parametrize("example", ["driving", "image", "traffic", "video"])
 def test_the_examples_read_the_same_as_with_yaml_safe_load(example: str) -> None:
     text = (ROOT / "examples" / example / "workflow.yaml").read_text()
@@ -379,8 +405,11 @@ def test_a_ten_thousand_wide_fan_out_validates(tmp_path: Path) -> None:
     assert load_workflow(path) == w
 
 
-def test_a_ten_thousand_function_chain_loads_from_yaml(tmp_path: Path) -> None:
+def test_a_ten_thousand_function_chain_with_every_field_set_loads_from_yaml(tmp_path: Path) -> None:
     doc = _chain(10_000)
+    for f in doc["spec"]["functions"]:
+        f.update(image="ghcr.io/faastube/examples:0.1.0", gpu={"memory": "1Gi"}, replicas=2,
+                 slo="500ms", computeTime="20ms")
     lines = [HEAD.replace("name: w", "name: big"), "spec:\n  slo: 10s\n  functions:\n"]
     lines += [f"    - {json.dumps(f)}\n" for f in doc["spec"]["functions"]]
     lines.append("  edges:\n")
