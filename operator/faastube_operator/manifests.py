@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from faastube.workflow import FunctionSpec, Workflow, dump_workflow
+from faastube.workflow import GATEWAY_FUNCTION, FunctionSpec, Workflow, dump_workflow
 
 from faastube_operator.settings import OperatorSettings
 
@@ -25,10 +25,10 @@ LABEL_COMPONENT = "faastube.io/component"
 ANNOTATION_SPEC_HASH = "faastube.io/spec-hash"
 ANNOTATION_PLACEMENT = "faastube.io/placement"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
-GATEWAY = "gateway"
 # The gateway also uses the node's sidecar, which admits only pods labelled with a
-# workflow and a function: it is the workflow's "gateway" (a name no function may take).
-GATEWAY_FUNCTION = GATEWAY
+# workflow and a function: it is the workflow's "gateway", a name the workflow parser
+# reserves (no function may take it, so `<workflow>-gateway` is never a function's too).
+GATEWAY = GATEWAY_FUNCTION
 HEALTH_PATH = "/healthz"  # faastube_runtime.wire.HEALTH_PATH (the operator imports no runtime)
 MAX_NAME_LENGTH = 63  # DNS-1123 label: Service names and the pods' hostname prefix
 

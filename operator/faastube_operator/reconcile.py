@@ -65,16 +65,11 @@ class Outcome:
 
 
 def parse(obj: WorkflowObject) -> wf.Workflow:
-    """The runtime's own validation; raises ``WorkflowInvalid`` naming every bad field."""
-    workflow = wf.parse_workflow({"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow",
-                                  "metadata": {"name": obj.name, "namespace": obj.namespace},
-                                  "spec": dict(obj.spec)})
-    reserved = [wf.FieldError(f"spec.functions[{i}].name",
-                              f"{fn.name!r} is reserved for the workflow's gateway")
-                for i, fn in enumerate(workflow.functions) if fn.name == manifests.GATEWAY]
-    if reserved:
-        raise wf.WorkflowInvalid(reserved)
-    return workflow
+    """The runtime's own validation, limits and reserved names included (the same as a
+    file's); raises ``WorkflowInvalid`` naming every bad field."""
+    return wf.parse_workflow({"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow",
+                              "metadata": {"name": obj.name, "namespace": obj.namespace},
+                              "spec": dict(obj.spec)})
 
 
 def _status(obj: WorkflowObject, phase: Phase, message: str, *,

@@ -12,7 +12,11 @@ from __future__ import annotations
 import math
 import re
 
+from faastube.documents import INT_MAX, preview
 from faastube.errors import InvalidRequest
+
+# Sizes travel as signed 64-bit integers (the wire protocol, Kubernetes quantities).
+MAX_SIZE_BYTES = INT_MAX
 
 SIZE_UNITS_BYTES: dict[str, int] = {
     "": 1,
@@ -51,27 +55,29 @@ def parse_size(value: str | int) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise UnitError(f"size must be an integer number of bytes or a string like '130MB', "
-                        f"got {type(value).__name__} {value!r}")
+                        f"got {type(value).__name__} {preview(value)}")
     if isinstance(value, int):
         if value < 0:
-            raise UnitError(f"size must not be negative, got {value}")
+            raise UnitError(f"size must not be negative, got {preview(value)}")
+        if value > MAX_SIZE_BYTES:
+            raise UnitError(f"size {preview(value)} is larger than {MAX_SIZE_BYTES:,} bytes (2**63 - 1)")
         return value
     match = _QUANTITY.match(value)
     if match is None:
-        raise UnitError(f"cannot parse size {value!r}: expected a number and a unit, e.g. '130MB', "
+        raise UnitError(f"cannot parse size {preview(value)}: expected a number and a unit, e.g. '130MB', "
                         "'4Gi', '512KiB'")
     number, unit = match.groups()
     if unit not in SIZE_UNITS_BYTES:
-        raise UnitError(f"unknown size unit {unit!r} in {value!r}; use one of "
+        raise UnitError(f"unknown size unit {preview(unit)} in {preview(value)}; use one of "
                         f"{', '.join(u for u in SIZE_UNITS_BYTES if u)}")
     amount = float(number) * SIZE_UNITS_BYTES[unit]
     if amount < 0:
-        raise UnitError(f"size must not be negative, got {value!r}")
-    if not math.isfinite(amount):
-        raise UnitError(f"size {value!r} is not finite")
+        raise UnitError(f"size must not be negative, got {preview(value)}")
+    if not math.isfinite(amount) or amount > MAX_SIZE_BYTES:
+        raise UnitError(f"size {preview(value)} is larger than {MAX_SIZE_BYTES:,} bytes (2**63 - 1)")
     size_bytes = round(amount)
     if abs(size_bytes - amount) > 1e-6 * max(1.0, amount):
-        raise UnitError(f"size {value!r} is not a whole number of bytes")
+        raise UnitError(f"size {preview(value)} is not a whole number of bytes")
     return size_bytes
 
 
@@ -84,22 +90,23 @@ def parse_duration(value: str) -> float:
     """
     if not isinstance(value, str):
         raise UnitError(f"duration must be a string with a unit, e.g. '250ms' or '1.5s', "
-                        f"got {type(value).__name__} {value!r}")
+                        f"got {type(value).__name__} {preview(value)}")
     match = _QUANTITY.match(value)
     if match is None:
-        raise UnitError(f"cannot parse duration {value!r}: expected a number and a unit, "
+        raise UnitError(f"cannot parse duration {preview(value)}: expected a number and a unit, "
                         "e.g. '250ms', '1.5s', '2m', '500us'")
     number, unit = match.groups()
     if unit == "":
-        raise UnitError(f"duration {value!r} has no unit; write e.g. '{number}s' or '{number}ms'")
+        shown = number if len(number) <= 20 else "1"
+        raise UnitError(f"duration {preview(value)} has no unit; write e.g. '{shown}s' or '{shown}ms'")
     if unit not in DURATION_UNITS_S:
-        raise UnitError(f"unknown duration unit {unit!r} in {value!r}; use one of "
+        raise UnitError(f"unknown duration unit {preview(unit)} in {preview(value)}; use one of "
                         f"{', '.join(DURATION_UNITS_S)}")
     seconds = float(number) * DURATION_UNITS_S[unit]
     if seconds < 0:
-        raise UnitError(f"duration must not be negative, got {value!r}")
+        raise UnitError(f"duration must not be negative, got {preview(value)}")
     if not math.isfinite(seconds):
-        raise UnitError(f"duration {value!r} is not finite")
+        raise UnitError(f"duration {preview(value)} is not finite")
     return seconds
 
 

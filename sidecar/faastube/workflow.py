@@ -8,22 +8,31 @@ here, once, and reports *every* problem with the field path that holds it
 should not have to rerun it once per typo. Unknown fields are errors, because a
 misspelt optional field (``replica: 4``) would otherwise be silently ignored.
 
+Documents are untrusted (anyone who can write a file or a custom resource), so
+every way in goes through ``faastube.documents``' limits first (size, nesting,
+values after alias expansion, string length, 64-bit integers); the checks here
+are linear in the document's size, messages quote values through ``preview``
+(never a whole value), and at most ``MAX_ERRORS_LISTED`` problems are listed.
+
 The format is documented in ``docs/workflow.md``.
 """
 
 from __future__ import annotations
 
 import difflib
+import heapq
+import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from faastube import documents
+from faastube.documents import preview
 from faastube.errors import InvalidRequest
 from faastube.units import UnitError, format_duration, format_size, parse_duration, parse_size
 
@@ -32,7 +41,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "API_VERSION",
     "DEFAULT_GPU_MEMORY_BYTES",
+    "GATEWAY_FUNCTION",
     "KIND",
+    "MAX_ERRORS_LISTED",
+    "MAX_REPLICAS",
+    "RESERVED_FUNCTION_NAMES",
     "EdgeSpec",
     "FieldError",
     "FunctionSpec",
@@ -41,6 +54,7 @@ __all__ = [
     "WorkflowInvalid",
     "dump_workflow",
     "load_workflow",
+    "loads_workflow",
     "parse_duration",
     "parse_size",
     "parse_workflow",
@@ -50,6 +64,19 @@ API_VERSION = "faastube.io/v1alpha1"
 KIND = "Workflow"
 # `gpu: true` asks for this much pool-visible GPU memory.
 DEFAULT_GPU_MEMORY_BYTES = 2**30
+# The function name the workflow's gateway takes: its identity at the node's sidecar and the
+# suffix of its Deployment and Service (`<workflow>-gateway`, as a function's are `<workflow>-<name>`).
+GATEWAY_FUNCTION = "gateway"
+# Names no function may take. The runtime's other reader names (`sdk.REQUEST_INPUT`,
+# `sdk.GATEWAY_READER`) start with '$', so no DNS-1123 label can collide with them.
+RESERVED_FUNCTION_NAMES = frozenset({GATEWAY_FUNCTION})
+# A Deployment's replicas are a 32-bit integer in Kubernetes.
+MAX_REPLICAS = 2**31 - 1
+# A document can hold thousands of mistakes; the message lists this many and counts the rest.
+MAX_ERRORS_LISTED = 100
+# "Did you mean" compares a name with every candidate (~3 us each): this many comparisons
+# per document (200 unknown names among 250 functions, or 5 among 10,000), then no more.
+_SUGGESTION_BUDGET = 50_000
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL_MAX = 63
@@ -81,14 +108,24 @@ class FieldError:
 
 
 class WorkflowInvalid(InvalidRequest):
-    """The document is not a valid Workflow; ``errors`` lists every problem found."""
+    """The document is not a valid Workflow; ``errors`` lists the problems found.
 
-    def __init__(self, errors: Sequence[FieldError], *, source: str | None = None) -> None:
+    ``errors`` holds at most ``MAX_ERRORS_LISTED`` of them; ``omitted`` counts the rest.
+    """
+
+    def __init__(self, errors: Sequence[FieldError], *, source: str | None = None,
+                 omitted: int = 0) -> None:
         self.errors: list[FieldError] = list(errors)
         self.source = source
+        self.omitted = omitted
+        listed = self.errors[:MAX_ERRORS_LISTED]
+        more = omitted + len(self.errors) - len(listed)
+        total = len(self.errors) + omitted
         head = f"invalid workflow{f' {source}' if source else ''}"
-        lines = "\n".join(f"  {e}" for e in self.errors)
-        super().__init__(f"{head} ({len(self.errors)} error{'s' if len(self.errors) != 1 else ''}):\n{lines}")
+        lines = "\n".join(f"  {e}" for e in listed)
+        if more:
+            lines += f"\n  ... and {more:,} more"
+        super().__init__(f"{head} ({total:,} error{'s' if total != 1 else ''}):\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -131,32 +168,30 @@ class Workflow:
     source_path: Path | None = field(default=None, compare=False)
 
     def function(self, name: str) -> FunctionSpec:
-        for spec in self.functions:
-            if spec.name == name:
-                return spec
-        raise KeyError(f"workflow {self.name!r} has no function {name!r}")
+        spec = self._index.functions.get(name)
+        if spec is None:
+            raise KeyError(f"workflow {self.name!r} has no function {preview(name)}")
+        return spec
 
     def successors(self, name: str) -> tuple[str, ...]:
-        self.function(name)
-        return tuple(e.target for e in self.edges if e.source == name)
+        return tuple(e.target for e in self.out_edges(name))
 
     def predecessors(self, name: str) -> tuple[str, ...]:
-        self.function(name)
-        return tuple(e.source for e in self.edges if e.target == name)
+        return tuple(e.source for e in self.in_edges(name))
 
     def out_edges(self, name: str) -> tuple[EdgeSpec, ...]:
         self.function(name)
-        return tuple(e for e in self.edges if e.source == name)
+        return self._index.out_edges.get(name, ())
 
     def in_edges(self, name: str) -> tuple[EdgeSpec, ...]:
         self.function(name)
-        return tuple(e for e in self.edges if e.target == name)
+        return self._index.in_edges.get(name, ())
 
     def edge(self, source: str, target: str) -> EdgeSpec:
-        for e in self.edges:
-            if e.source == source and e.target == target:
-                return e
-        raise KeyError(f"workflow {self.name!r} has no edge {source} -> {target}")
+        found = self._index.edges.get((source, target))
+        if found is None:
+            raise KeyError(f"workflow {self.name!r} has no edge {preview(source)} -> {preview(target)}")
+        return found
 
     def topological_order(self) -> tuple[str, ...]:
         """Functions with every predecessor before them; ties keep document order."""
@@ -166,22 +201,64 @@ class Workflow:
             raise InvalidRequest(f"workflow {self.name!r} has a cycle")
         return order
 
+    @cached_property
+    def _index(self) -> _Index:
+        # Built on first use and kept: lookups by name stay O(1) on 10,000-function workflows.
+        out_edges: dict[str, list[EdgeSpec]] = {}
+        in_edges: dict[str, list[EdgeSpec]] = {}
+        for e in self.edges:
+            out_edges.setdefault(e.source, []).append(e)
+            in_edges.setdefault(e.target, []).append(e)
+        return _Index(functions={f.name: f for f in self.functions},
+                      out_edges={name: tuple(es) for name, es in out_edges.items()},
+                      in_edges={name: tuple(es) for name, es in in_edges.items()},
+                      edges={(e.source, e.target): e for e in self.edges})
+
     @property
     def base_dir(self) -> Path | None:
         return None if self.source_path is None else self.source_path.parent
+
+
+@dataclass(frozen=True)
+class _Index:
+    functions: Mapping[str, FunctionSpec]
+    out_edges: Mapping[str, tuple[EdgeSpec, ...]]
+    in_edges: Mapping[str, tuple[EdgeSpec, ...]]
+    edges: Mapping[tuple[str, str], EdgeSpec]
 
 
 # --------------------------------------------------------------------------- parsing
 
 
 class _Collector:
-    """Accumulates FieldErrors so that one pass reports every problem."""
+    """Accumulates FieldErrors so that one pass reports every problem (listing the first
+    ``MAX_ERRORS_LISTED``), and rations "did you mean" so that it stays linear."""
 
     def __init__(self) -> None:
         self.errors: list[FieldError] = []
+        self.count = 0
+        self.suggestion_budget = _SUGGESTION_BUDGET
 
     def add(self, path: str, message: str) -> None:
-        self.errors.append(FieldError(path, message))
+        self.count += 1
+        if len(self.errors) < MAX_ERRORS_LISTED:
+            self.errors.append(FieldError(path, message))
+
+    @property
+    def listing(self) -> bool:
+        """Whether another error would be listed (past that, only the count matters)."""
+        return len(self.errors) < MAX_ERRORS_LISTED
+
+    def invalid(self, source: str | None) -> WorkflowInvalid:
+        return WorkflowInvalid(self.errors, source=source, omitted=self.count - len(self.errors))
+
+    def suggest(self, word: str, candidates: Sequence[str]) -> str | None:
+        """The closest candidate, while comparisons are left in the document's budget."""
+        if len(candidates) > self.suggestion_budget or len(word) > 2 * _DNS1123_LABEL_MAX:
+            return None
+        self.suggestion_budget -= len(candidates)
+        hint = difflib.get_close_matches(word, candidates, n=1)
+        return hint[0] if hint else None
 
     def mapping(self, value: Any, path: str, *, allowed: Sequence[str]) -> Mapping[str, Any] | None:
         if not isinstance(value, Mapping):
@@ -189,12 +266,16 @@ class _Collector:
             return None
         for key in value:
             if not isinstance(key, str):
-                self.add(path, f"keys must be strings, got {_type_name(key)} {key!r}")
+                self.add(path, f"keys must be strings, got {_type_name(key)} {preview(key)}")
             elif key not in allowed:
-                hint = difflib.get_close_matches(key, allowed, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else \
+                if not self.listing:
+                    self.count += 1
+                    continue
+                hint = self.suggest(key, allowed)
+                suggestion = f" (did you mean {hint!r}?)" if hint else \
                     f" (allowed: {', '.join(allowed)})"
-                self.add(_join(path, key), f"unknown field{suggestion}")
+                shown = key if len(key) <= 60 else f"{key[:40]}... ({len(key):,} characters)"
+                self.add(_join(path, shown), f"unknown field{suggestion}")
         return value
 
     def string(self, value: Any, path: str) -> str | None:
@@ -211,7 +292,7 @@ class _Collector:
         if text is None:
             return None
         if len(text) > _DNS1123_LABEL_MAX:
-            self.add(path, f"{text!r} is {len(text)} characters long; at most {_DNS1123_LABEL_MAX}")
+            self.add(path, f"{preview(text)} is {len(text):,} characters long; at most {_DNS1123_LABEL_MAX}")
             return None
         if not _DNS1123_LABEL.match(text):
             self.add(path, f"{text!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
@@ -226,7 +307,7 @@ class _Collector:
             self.add(path, str(e))
             return None
         if seconds <= 0:
-            self.add(path, f"must be greater than zero, got {value!r}")
+            self.add(path, f"must be greater than zero, got {preview(value)}")
             return None
         return seconds
 
@@ -237,7 +318,7 @@ class _Collector:
             self.add(path, str(e))
             return None
         if size_bytes <= 0:
-            self.add(path, f"must be greater than zero, got {value!r}")
+            self.add(path, f"must be greater than zero, got {preview(value)}")
             return None
         return size_bytes
 
@@ -245,20 +326,34 @@ class _Collector:
 def parse_workflow(doc: Mapping[str, Any], *, source_path: str | os.PathLike[str] | None = None) -> Workflow:
     """Validate a Workflow document (YAML/JSON already loaded) and build the model.
 
-    Raises ``WorkflowInvalid`` listing every problem found.
+    The document's size is checked first (``faastube.documents.check_value``), so a
+    Kubernetes object or a dict built in code meets the same limits as a file.
+    Raises ``WorkflowInvalid`` listing the problems found.
     """
-    c = _Collector()
     source = None if source_path is None else str(source_path)
+    try:
+        documents.check_value(doc)
+    except documents.DocumentInvalid as e:
+        raise WorkflowInvalid([FieldError(e.path, e.message)], source=source) from e
+    return _parse(doc, source=source, source_path=source_path)
+
+
+def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] | None) -> Workflow:
+    """``parse_workflow`` on a document within ``documents``' limits (checked, or loaded by it)."""
+    if not isinstance(doc, Mapping):
+        raise WorkflowInvalid([FieldError("", f"expected a Workflow object (a mapping), "
+                                              f"got {_type_name(doc)}")], source=source)
+    c = _Collector()
     top = c.mapping(doc, "", allowed=_TOP_FIELDS)
     if top is None:
-        raise WorkflowInvalid(c.errors, source=source)
+        raise c.invalid(source)
 
     api_version = top.get("apiVersion")
     if api_version != API_VERSION:
-        c.add("apiVersion", f"must be {API_VERSION!r}, got {api_version!r}")
+        c.add("apiVersion", f"must be {API_VERSION!r}, got {preview(api_version)}")
     kind = top.get("kind")
     if kind != KIND:
-        c.add("kind", f"must be {KIND!r}, got {kind!r}")
+        c.add("kind", f"must be {KIND!r}, got {preview(kind)}")
 
     name: str | None = None
     namespace: str | None = None
@@ -276,10 +371,10 @@ def parse_workflow(doc: Mapping[str, Any], *, source_path: str | os.PathLike[str
 
     if "spec" not in top:
         c.add("spec", "required")
-        raise WorkflowInvalid(c.errors, source=source)
+        raise c.invalid(source)
     spec = c.mapping(top["spec"], "spec", allowed=_SPEC_FIELDS)
     if spec is None:
-        raise WorkflowInvalid(c.errors, source=source)
+        raise c.invalid(source)
 
     slo_s: float | None = None
     if "slo" not in spec:
@@ -287,13 +382,12 @@ def parse_workflow(doc: Mapping[str, Any], *, source_path: str | os.PathLike[str
     else:
         slo_s = c.positive_duration(spec["slo"], "spec.slo")
 
-    functions = _parse_functions(c, spec.get("functions"), workflow_slo_s=slo_s)
-    known = {f.name for f in functions}
-    edges = _parse_edges(c, spec.get("edges", []), known=known)
-    entry, exit_ = _check_graph(c, spec, functions, edges)
+    functions, positions = _parse_functions(c, spec.get("functions"), workflow_slo_s=slo_s)
+    edges = _parse_edges(c, spec.get("edges", []), known=positions)
+    entry, exit_ = _check_graph(c, spec, functions, edges, positions=positions)
 
-    if c.errors:
-        raise WorkflowInvalid(c.errors, source=source)
+    if c.count:
+        raise c.invalid(source)
     # Every None above added an error, so these hold here; the checks keep mypy honest.
     if name is None or slo_s is None or entry is None or exit_ is None:
         raise WorkflowInvalid([FieldError("", "internal: incomplete workflow")], source=source)
@@ -309,16 +403,18 @@ def parse_workflow(doc: Mapping[str, Any], *, source_path: str | os.PathLike[str
     )
 
 
-def _parse_functions(c: _Collector, raw: Any, *, workflow_slo_s: float | None) -> list[FunctionSpec]:
+def _parse_functions(c: _Collector, raw: Any, *,
+                     workflow_slo_s: float | None) -> tuple[list[FunctionSpec], dict[str, int]]:
+    """The functions, and each name's index in ``spec.functions`` (the paths of graph errors)."""
     if raw is None:
         c.add("spec.functions", "required: a list of at least one function")
-        return []
+        return [], {}
     if not isinstance(raw, list):
         c.add("spec.functions", f"must be a list, got {_type_name(raw)}")
-        return []
+        return [], {}
     if not raw:
         c.add("spec.functions", "must list at least one function")
-        return []
+        return [], {}
     functions: list[FunctionSpec] = []
     first_index: dict[str, int] = {}
     for i, item in enumerate(raw):
@@ -332,7 +428,7 @@ def _parse_functions(c: _Collector, raw: Any, *, workflow_slo_s: float | None) -
             continue
         first_index[spec.name] = i
         functions.append(spec)
-    return functions
+    return functions, first_index
 
 
 def _parse_function(c: _Collector, item: Any, path: str, *,
@@ -340,13 +436,16 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
     fn = c.mapping(item, path, allowed=_FUNCTION_FIELDS)
     if fn is None:
         return None
-    before = len(c.errors)
+    before = c.count
 
     name = None
     if "name" not in fn:
         c.add(f"{path}.name", "required")
     else:
         name = c.dns_label(fn["name"], f"{path}.name")
+        if name in RESERVED_FUNCTION_NAMES:
+            c.add(f"{path}.name", f"{name!r} is reserved: the workflow's gateway has that name "
+                                  "(at the sidecar and in its Deployment's name); choose another")
 
     handler = None
     if "handler" not in fn:
@@ -354,14 +453,14 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
     else:
         handler = c.string(fn["handler"], f"{path}.handler")
         if handler is not None and not _HANDLER.match(handler):
-            c.add(f"{path}.handler", f"{handler!r} is not 'module:function' "
+            c.add(f"{path}.handler", f"{preview(handler)} is not 'module:function' "
                                      "(e.g. 'functions:decode' or 'pkg.mod:fn')")
 
     image = None
     if "image" in fn:
         image = c.string(fn["image"], f"{path}.image")
         if image is not None and any(ch.isspace() for ch in image):
-            c.add(f"{path}.image", f"{image!r} contains whitespace")
+            c.add(f"{path}.image", f"{preview(image)} contains whitespace")
 
     gpu, gpu_memory_bytes = _parse_gpu(c, fn.get("gpu", False), f"{path}.gpu")
 
@@ -372,6 +471,9 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
             c.add(f"{path}.replicas", f"must be an integer, got {_type_name(raw_replicas)}")
         elif raw_replicas < 1:
             c.add(f"{path}.replicas", f"must be at least 1, got {raw_replicas}")
+        elif raw_replicas > MAX_REPLICAS:
+            c.add(f"{path}.replicas", f"must be at most {MAX_REPLICAS:,} (a Deployment's limit), "
+                                      f"got {raw_replicas:,}")
         else:
             replicas = raw_replicas
 
@@ -390,7 +492,7 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
         c.add(f"{path}.slo", f"{format_duration(slo_s)} exceeds the workflow's spec.slo "
                              f"{format_duration(workflow_slo_s)}")
 
-    if len(c.errors) != before or name is None or handler is None:
+    if c.count != before or name is None or handler is None:
         # Keep a named function in the graph checks so that edges to it are not reported as unknown.
         if name is not None:
             return FunctionSpec(name=name, handler=handler or "invalid:invalid")
@@ -423,7 +525,7 @@ def _parse_gpu(c: _Collector, raw: Any, path: str) -> tuple[bool, int]:
     return True, memory_bytes or 0
 
 
-def _parse_edges(c: _Collector, raw: Any, *, known: set[str]) -> list[EdgeSpec]:
+def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[EdgeSpec]:
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -431,6 +533,7 @@ def _parse_edges(c: _Collector, raw: Any, *, known: set[str]) -> list[EdgeSpec]:
         return []
     edges: list[EdgeSpec] = []
     first_index: dict[tuple[str, str], int] = {}
+    candidates: list[str] | None = None  # sorted function names, for suggestions; made once
     for i, item in enumerate(raw):
         path = f"spec.edges[{i}]"
         edge = c.mapping(item, path, allowed=_EDGE_FIELDS)
@@ -444,9 +547,13 @@ def _parse_edges(c: _Collector, raw: Any, *, known: set[str]) -> list[EdgeSpec]:
                 continue
             end = c.string(edge[key], f"{path}.{key}")
             if end is not None and end not in known:
-                hint = difflib.get_close_matches(end, sorted(known), n=1)
-                c.add(f"{path}.{key}", f"unknown function {end!r}"
-                                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                hint = None
+                if c.listing:
+                    if candidates is None:
+                        candidates = sorted(known)
+                    hint = c.suggest(end, candidates)
+                c.add(f"{path}.{key}", f"unknown function {preview(end)}"
+                                       + (f" (did you mean {hint!r}?)" if hint else ""))
                 end = None
             ends.append(end)
         size_bytes = None
@@ -471,61 +578,66 @@ def _parse_edges(c: _Collector, raw: Any, *, known: set[str]) -> list[EdgeSpec]:
 
 
 def _check_graph(c: _Collector, spec: Mapping[str, Any], functions: list[FunctionSpec],
-                 edges: list[EdgeSpec]) -> tuple[str | None, str | None]:
-    """Cycles, entry and exit, reachability. Returns (entry, exit), None where invalid."""
+                 edges: list[EdgeSpec], *, positions: Mapping[str, int]) -> tuple[str | None, str | None]:
+    """Cycles, entry and exit, reachability, in time linear in functions + edges.
+
+    Returns (entry, exit), None where invalid.
+    """
     names = [f.name for f in functions]
-    known = set(names)
-    pairs = [(e.source, e.target) for e in edges]
     explicit: dict[str, str | None] = {}
     for key in ("entry", "exit"):
         if key in spec:
             value = c.string(spec[key], f"spec.{key}")
-            if value is not None and value not in known:
-                c.add(f"spec.{key}", f"unknown function {value!r}")
+            if value is not None and value not in positions:
+                c.add(f"spec.{key}", f"unknown function {preview(value)}")
                 value = None
             explicit[key] = value
     if not names:
         return None, None
 
-    cycles = _find_cycles(names, pairs)
+    successors: dict[str, list[str]] = {n: [] for n in names}
+    predecessors: dict[str, list[str]] = {n: [] for n in names}
+    for e in edges:
+        successors[e.source].append(e.target)
+        predecessors[e.target].append(e.source)
+
+    cycles = _find_cycles(names, successors)
     for cycle in cycles:
-        c.add("spec.edges", "cycle " + " -> ".join(cycle + [cycle[0]]))
+        c.add("spec.edges", "cycle " + _cycle_text(cycle))
     if cycles:
         # Entry, exit and reachability are ill-defined on a cyclic graph; the cycle is the error.
         return None, None
 
-    sources = [n for n in names if not any(t == n for _, t in pairs)]
-    sinks = [n for n in names if not any(s == n for s, _ in pairs)]
-    entry = _pick_end(c, "entry", explicit, ends=sources, pairs=pairs, incoming=True)
-    exit_ = _pick_end(c, "exit", explicit, ends=sinks, pairs=pairs, incoming=False)
+    sources = [n for n in names if not predecessors[n]]
+    sinks = [n for n in names if not successors[n]]
+    entry = _pick_end(c, "entry", explicit, ends=sources, neighbours=predecessors, incoming=True)
+    exit_ = _pick_end(c, "exit", explicit, ends=sinks, neighbours=successors, incoming=False)
 
     if entry is not None:
-        reached = _reachable(entry, pairs)
+        reached = _reachable(entry, successors)
         for n in names:
             if n not in reached:
-                c.add(f"spec.functions[{_index_of(functions, n)}]",
+                c.add(f"spec.functions[{positions[n]}]",
                       f"function {n!r} is not reachable from the entry {entry!r}")
     if exit_ is not None:
-        reaching = _reachable(exit_, [(t, s) for s, t in pairs])
+        reaching = _reachable(exit_, predecessors)
         for n in names:
             if n not in reaching:
-                c.add(f"spec.functions[{_index_of(functions, n)}]",
+                c.add(f"spec.functions[{positions[n]}]",
                       f"function {n!r} does not lead to the exit {exit_!r}")
     return entry, exit_
 
 
 def _pick_end(c: _Collector, key: str, explicit: Mapping[str, str | None], *, ends: list[str],
-              pairs: list[tuple[str, str]], incoming: bool) -> str | None:
+              neighbours: Mapping[str, list[str]], incoming: bool) -> str | None:
     direction = "incoming" if incoming else "outgoing"
     if key in explicit:
         chosen = explicit[key]
         if chosen is None:
             return None
-        if chosen not in ends:
-            others = sorted({s for s, t in pairs if t == chosen} if incoming
-                            else {t for s, t in pairs if s == chosen})
+        if neighbours[chosen]:
             c.add(f"spec.{key}", f"{chosen!r} has {direction} edges "
-                                 f"({'from' if incoming else 'to'} {', '.join(others)}); "
+                                 f"({'from' if incoming else 'to'} {_listing(sorted(neighbours[chosen]))}); "
                                  f"the {key} must have none")
             return None
         return chosen
@@ -535,52 +647,60 @@ def _pick_end(c: _Collector, key: str, explicit: Mapping[str, str | None], *, en
         c.add(f"spec.{key}", f"no function without {direction} edges")
     else:
         c.add(f"spec.{key}", f"ambiguous: several functions have no {direction} edges "
-                             f"({', '.join(ends)}); set spec.{key} or connect them")
+                             f"({_listing(ends)}); set spec.{key} or connect them")
     return None
 
 
-def _index_of(functions: list[FunctionSpec], name: str) -> int:
-    return next(i for i, f in enumerate(functions) if f.name == name)
+def _listing(names: Sequence[str], *, limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit:,} more"
 
 
-def _reachable(start: str, pairs: list[tuple[str, str]]) -> set[str]:
+def _cycle_text(cycle: list[str], *, limit: int = 12) -> str:
+    if len(cycle) <= limit:
+        return " -> ".join([*cycle, cycle[0]])
+    skipped = len(cycle) - (limit - 2)
+    return " -> ".join([*cycle[:limit - 3], f"... ({skipped:,} more)", *cycle[-1:], cycle[0]]) \
+        + f" ({len(cycle):,} functions)"
+
+
+def _reachable(start: str, neighbours: Mapping[str, Iterable[str]]) -> set[str]:
     seen = {start}
     stack = [start]
     while stack:
-        node = stack.pop()
-        for s, t in pairs:
-            if s == node and t not in seen:
-                seen.add(t)
-                stack.append(t)
+        for nxt in neighbours[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
     return seen
 
 
-def _find_cycles(names: list[str], pairs: list[tuple[str, str]]) -> list[list[str]]:
-    """One cycle per strongly connected component that has one, in document order."""
-    succ: dict[str, list[str]] = {n: [] for n in names}
-    for s, t in pairs:
-        succ[s].append(t)
+def _find_cycles(names: list[str], successors: Mapping[str, list[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component that has one, in the order a depth-first
+    search from each function in document order meets them."""
+    component = _components(names, successors)
     cycles: list[list[str]] = []
-    in_cycle: set[str] = set()
-    state: dict[str, int] = {}  # 1 on the DFS stack, 2 done
+    reported: set[int] = set()
+    state: dict[str, int] = {}  # 1 on the DFS path, 2 done
+    position: dict[str, int] = {}  # index on the DFS path, while there
     for root in names:
         if root in state:
             continue
         stack: list[tuple[str, int]] = [(root, 0)]
         path: list[str] = [root]
-        state[root] = 1
+        state[root], position[root] = 1, 0
         while stack:
             node, i = stack[-1]
-            if i < len(succ[node]):
+            if i < len(successors[node]):
                 stack[-1] = (node, i + 1)
-                nxt = succ[node][i]
-                if state.get(nxt) == 1:
-                    cycle = path[path.index(nxt):]
-                    if not in_cycle.intersection(cycle):
-                        cycles.append(cycle)
-                        in_cycle.update(cycle)
-                elif nxt not in state:
-                    state[nxt] = 1
+                nxt = successors[node][i]
+                seen = state.get(nxt)
+                if seen == 1:
+                    if component[nxt] not in reported:  # the path from nxt back to it is a cycle
+                        reported.add(component[nxt])
+                        cycles.append(path[position[nxt]:])
+                elif seen is None:
+                    state[nxt], position[nxt] = 1, len(path)
                     stack.append((nxt, 0))
                     path.append(nxt)
             else:
@@ -590,21 +710,66 @@ def _find_cycles(names: list[str], pairs: list[tuple[str, str]]) -> list[list[st
     return cycles
 
 
+def _components(names: list[str], successors: Mapping[str, list[str]]) -> dict[str, int]:
+    """Strongly connected components (Tarjan's algorithm, iterative): function -> component."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    component: dict[str, int] = {}
+    found = 0
+    for root in names:
+        if root in index:
+            continue
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        work: list[tuple[str, int]] = [(root, 0)]
+        while work:
+            node, i = work[-1]
+            if i < len(successors[node]):
+                work[-1] = (node, i + 1)
+                nxt = successors[node][i]
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, 0))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component[member] = found
+                    if member == node:
+                        break
+                found += 1
+    return component
+
+
 def _topological_order(names: list[str], pairs: list[tuple[str, str]]) -> tuple[str, ...] | None:
-    indegree = {n: 0 for n in names}
-    for _, t in pairs:
+    """Kahn's algorithm taking the earliest ready function in document order (a heap)."""
+    position = {n: i for i, n in enumerate(names)}
+    successors: dict[str, list[str]] = {n: [] for n in names}
+    indegree = dict.fromkeys(names, 0)
+    for s, t in pairs:
+        successors[s].append(t)
         indegree[t] += 1
+    ready = [position[n] for n in names if indegree[n] == 0]  # ascending: already a heap
     order: list[str] = []
-    ready = [n for n in names if indegree[n] == 0]
     while ready:
-        node = ready.pop(0)
+        node = names[heapq.heappop(ready)]
         order.append(node)
-        for s, t in pairs:
-            if s == node:
-                indegree[t] -= 1
-                if indegree[t] == 0:
-                    ready.append(t)
-        ready.sort(key=names.index)
+        for t in successors[node]:
+            indegree[t] -= 1
+            if indegree[t] == 0:
+                heapq.heappush(ready, position[t])
     return tuple(order) if len(order) == len(names) else None
 
 
@@ -627,43 +792,54 @@ def _type_name(value: Any) -> str:
 # --------------------------------------------------------------------------- files
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, which PyYAML would silently overwrite."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        if key in seen:
-            first = seen[key].start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {first.line + 1})", key_node.start_mark)
-        seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def load_workflow(path: str | os.PathLike[str]) -> Workflow:
     """Read and validate a Workflow YAML (or JSON) file."""
     file_path = Path(path)
+    source = str(file_path)
+    max_bytes = documents.DEFAULT_LIMITS.max_bytes
     try:
-        text = file_path.read_text(encoding="utf-8")
+        with file_path.open("rb") as f:
+            # Never more than the limit allows: the file may be huge or endless (/dev/zero, a FIFO).
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise WorkflowInvalid([FieldError("", f"cannot read {file_path}: {e.strerror or e}")],
-                              source=str(file_path)) from e
+                              source=source) from e
+    if len(data) > max_bytes:
+        raise WorkflowInvalid([FieldError("", f"the file is larger than {max_bytes:,} bytes "
+                                              "(the limit of max_bytes)")], source=source)
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
-    except yaml.YAMLError as e:
-        raise WorkflowInvalid([FieldError("", f"not valid YAML: {e}")], source=str(file_path)) from e
-    if len(docs) != 1:
-        raise WorkflowInvalid([FieldError("", f"expected one YAML document, found {len(docs)}")],
-                              source=str(file_path))
-    workflow = parse_workflow(docs[0], source_path=file_path)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise WorkflowInvalid([FieldError("", f"not UTF-8 text: byte {e.start:,} is {data[e.start]:#04x}")],
+                              source=source) from e
+    workflow = loads_workflow(text, source=source, source_path=file_path)
     logger.debug("loaded workflow %s from %s", workflow.name, file_path)
     return workflow
+
+
+def loads_workflow(text: str, *, source: str | None = None,
+                   source_path: str | os.PathLike[str] | None = None) -> Workflow:
+    """Validate a Workflow document's text: JSON (as a pod's environment carries it) or YAML.
+
+    ``source`` names the document in errors (a file, an environment variable). Every
+    way a document's text comes in goes through here, and through the same limits.
+    """
+    if source is None and source_path is not None:
+        source = str(source_path)
+    try:
+        doc = _load_text(text)
+    except documents.DocumentInvalid as e:
+        raise WorkflowInvalid([FieldError(e.path, str(e))], source=source) from e
+    return _parse(doc, source=source, source_path=source_path)
+
+
+def _load_text(text: str) -> Any:
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            return documents.load_json(text)
+        except json.JSONDecodeError:
+            pass  # YAML's flow style starts with a bracket too
+    return documents.load_yaml(text)
 
 
 def dump_workflow(workflow: Workflow) -> dict[str, Any]:

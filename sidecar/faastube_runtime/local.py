@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from faastube import errors as ft_errors
 from faastube import sdk
-from faastube.workflow import Workflow
+from faastube.workflow import GATEWAY_FUNCTION, Workflow
 
 from faastube_runtime import dag, errors, wire
 from faastube_runtime.addresses import Address
@@ -224,12 +224,12 @@ class LocalRuntime:
                 raise FileNotFoundError(self.sidecar_socket)
             # a short timeout per try: the socket may exist before the sidecar answers
             probe_client = await asyncio.to_thread(ft_client.connect, self.sidecar_socket,
-                                                   workflow=self.workflow.name, function="gateway",
+                                                   workflow=self.workflow.name, function=GATEWAY_FUNCTION,
                                                    timeout_s=2.0)
             probe_client.close()
 
         await self._until_ready("sidecar", probe)
-        return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function="gateway")
+        return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function=GATEWAY_FUNCTION)
 
     async def _wait_worker(self, replica: Replica) -> None:
         async def probe() -> None:

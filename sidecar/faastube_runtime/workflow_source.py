@@ -8,12 +8,10 @@ is passed in explicitly (never read at import), so tests give their own.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 
-import yaml
-from faastube.workflow import FieldError, Workflow, WorkflowInvalid, load_workflow, parse_workflow
+from faastube.workflow import Workflow, load_workflow, loads_workflow
 
 from faastube_runtime import errors
 
@@ -29,21 +27,11 @@ ENV_GPU_INDEX = "FAASTUBE_GPU_INDEX"
 
 
 def parse_document(text: str, *, source: str) -> Workflow:
-    """A Workflow from a JSON (or YAML) document's text; errors name ``source`` and the field."""
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise WorkflowInvalid([FieldError("", f"neither JSON nor YAML: {e}")], source=source) from e
-    if not isinstance(doc, Mapping):
-        raise WorkflowInvalid([FieldError("", f"expected a Workflow object, got {type(doc).__name__}")],
-                              source=source)
-    try:
-        return parse_workflow(doc)
-    except WorkflowInvalid as e:
-        raise WorkflowInvalid(e.errors, source=source) from e
+    """A Workflow from a JSON (or YAML) document's text; errors name ``source`` and the field.
+
+    The same reading, limits included, as a file's (``faastube.workflow.loads_workflow``).
+    """
+    return loads_workflow(text, source=source)
 
 
 def load(path: str | None, environ: Mapping[str, str]) -> Workflow:

@@ -322,7 +322,7 @@ def test_every_error_is_collected_in_one_pass() -> None:
 
 
 def test_wrong_types_are_reported_not_crashed_on() -> None:
-    assert errors_of(["not", "a", "mapping"]) == ["must be a mapping, got list"]
+    assert errors_of(["not", "a", "mapping"]) == ["expected a Workflow object (a mapping), got list"]
     d = doc(functions={"decode": {}}, edges="decode->x")
     errs = errors_of(d)
     assert "spec.functions: must be a list, got mapping" in errs
