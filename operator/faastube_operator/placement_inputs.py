@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from faastube import topology
+from faastube import documents, topology
 from faastube.errors import InvalidRequest
 from faastube.topology import ClusterTopology, NodeTopology, TopologyError
 from faastube.units import UnitError, parse_size
@@ -43,8 +43,8 @@ def _load_yaml(path: Path) -> Any:
     except OSError as e:
         raise InputError(str(path), "", f"cannot read: {e.strerror or e}") from e
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        return documents.load_yaml(text)
+    except (yaml.YAMLError, documents.DocumentInvalid) as e:
         raise InputError(str(path), "", f"not valid YAML/JSON: {e}") from e
 
 

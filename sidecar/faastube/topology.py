@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from faastube import documents
 from faastube.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -398,8 +399,8 @@ def load_topology(path: str | Path) -> ClusterTopology:
         raise TopologyError("", f"cannot read topology file {str(p)!r}: {e}") from e
     try:
         # JSON through json: PyYAML (YAML 1.1) reads JSON's 2e-05 as a string.
-        doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError) as e:
+        doc = json.loads(text) if p.suffix == ".json" else documents.load_yaml(text)
+    except (yaml.YAMLError, ValueError, documents.DocumentInvalid) as e:
         raise TopologyError("", f"{p}: not valid YAML/JSON: {e}") from e
     try:
         return parse_topology(doc)
@@ -484,7 +485,7 @@ def builtin(name: str) -> ClusterTopology:
     if name not in names:
         raise TopologyError("", f"no built-in topology named {name!r} (known: {', '.join(names)})")
     text = (resources.files("faastube") / "topologies" / f"{name}.yaml").read_text()
-    return parse_topology(yaml.safe_load(text))
+    return parse_topology(documents.load_yaml(text))
 
 
 def builtin_node(name: str) -> NodeTopology:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from faastube import errors as ft_errors
 from faastube.units import format_size, parse_size
-from faastube.workflow import Workflow
+from faastube.workflow import GATEWAY_FUNCTION, Workflow
 
 from faastube_runtime import bodies, dag, discovery, errors, startup, workflow_source
 from faastube_runtime.addresses import MAX_UNIX_PATH_BYTES, Address, parse_address, parse_host_port
@@ -47,7 +47,7 @@ from faastube_runtime.workflow_source import ENV_SOCKET
 
 logger = logging.getLogger(__name__)
 
-GATEWAY_IDENTITY = "gateway"  # the function name the gateway claims at the sidecar
+GATEWAY_IDENTITY = GATEWAY_FUNCTION  # the function name the gateway claims at the sidecar
 SHUTDOWN_TIMEOUT_S = 10.0
 
 

@@ -77,7 +77,7 @@ class DataPlaneConfig:
     gpu_limits: PoolLimits = DEFAULT_GPU_LIMITS
     # A get of a ref not published yet waits this long for it: publishes are notifies, and the
     # writer's notify can reach the sidecar after the reader's get that it made possible.
-    publish_grace_s: float = 0.5
+    publish_grace_s: float = 0.2
     # A writer records its fences on a ring of events: a reader waits for the last record of an
     # event, so a ring keeps that record this writer's put, not a later one, in all but deep bursts.
     fence_events_per_gpu: int = 8
@@ -360,11 +360,13 @@ class DataPlane:
 
     async def get(self, session: Session, fields: Mapping[str, Any]) -> Reply:
         ref = fields["ref"]
+        location = self._location(fields["location"])
+        if session.identity is None:
+            raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
         record = self.lifetimes.find(ref)
         if record is None:
             record = await self._published(ref)
         self._check_access(session, record, "get")
-        location = self._location(fields["location"])
         # The lease starts now, so a free() during a copy can't recycle the bytes under it.
         self.lifetimes.open_lease(record, session.id)
         try:
