@@ -44,13 +44,14 @@ def rss(pid: int) -> int:
 
 
 def start_sidecar(path: str) -> subprocess.Popen[bytes]:
+    log = open(path + ".log", "wb")      # a pipe nobody reads would stall the sidecar once full
     proc = subprocess.Popen([sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar",
                              "--socket", path, "--backend", "host", "--hello-timeout", "5s"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"sidecar did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+            raise SystemExit(f"sidecar did not start; see {path}.log")
         time.sleep(0.05)
     return proc
 
@@ -169,13 +170,13 @@ def run_fuzz(path: str, sidecar: subprocess.Popen[bytes], frames: int, workers: 
     ctx = mp.get_context("fork")
     pipes, procs = [], []
     t = time.monotonic()
-    for i in range(workers):
+    for i in range(workers if frames else 0):
         a, b = ctx.Pipe()
         p = ctx.Process(target=fuzz_worker, args=(path, 1000 + i, frames // workers, b))
         p.start()
         pipes.append(a)
         procs.append(p)
-    results = [a.recv() for a in pipes]
+    results = [a.recv() for a in pipes] if frames else [{"well_framed": 0, "replied": 0, "connections": 0}]
     for p in procs:
         p.join()
     well = sum(r["well_framed"] for r in results)
@@ -263,12 +264,66 @@ def run_abuse(path: str, sidecar: subprocess.Popen[bytes], abusers: int) -> dict
             "rss_growth_bytes": peak_rss - base_rss, "crashed": sidecar.poll() is not None}
 
 
+def run_metrics_churn(objects: int, scrapes: int) -> dict[str, Any]:
+    """Scrape /metrics while a client puts and frees `objects` objects over and over."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    import faastube.client as ftc
+    import numpy as np
+
+    tmp = tempfile.mkdtemp(prefix="ftmetrics-")
+    path = os.path.join(tmp, "s.sock")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(path + ".log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar",
+                             "--socket", path, "--backend", "host", "--metrics-port", str(port),
+                             "--metrics-host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        stop = threading.Event()
+        churned = [0]
+
+        def churn() -> None:
+            with ftc.connect(path, workflow="churn") as c:
+                x = np.ones(16, np.float32)
+                while not stop.is_set():
+                    refs = [c.put(x) for _ in range(objects)]
+                    for ref in refs:
+                        c.free(ref)
+                    churned[0] += objects
+
+        worker = threading.Thread(target=churn)
+        worker.start()
+        codes: dict[int, int] = {}
+        for _ in range(scrapes):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                    codes[r.status] = codes.get(r.status, 0) + 1
+            except urllib.error.HTTPError as e:
+                codes[e.code] = codes.get(e.code, 0) + 1
+        stop.set()
+        worker.join(120)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"objects_per_round": objects, "objects_churned": churned[0], "scrapes": scrapes, "status_codes": codes,
+            "ok_fraction": codes.get(200, 0) / scrapes}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--abusers", type=int, default=5000)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--skip-fuzz", action="store_true")
+    parser.add_argument("--churn-objects", type=int, default=20_000)
+    parser.add_argument("--scrapes", type=int, default=500)
     args = parser.parse_args()
     import resource
 
@@ -279,11 +334,17 @@ def main() -> int:
     report: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0]}
     sidecar = start_sidecar(path)
     try:
-        report["fuzz"] = run_fuzz(path, sidecar, args.frames, args.workers)
+        report["fuzz"] = run_fuzz(path, sidecar, 0 if args.skip_fuzz else args.frames, args.workers)
         report["abuse"] = run_abuse(path, sidecar, args.abusers)
     finally:
         sidecar.terminate()
-        sidecar.wait(20)
+        try:
+            sidecar.wait(60)
+        except subprocess.TimeoutExpired:
+            print("the sidecar did not stop within 60 s of SIGTERM: killed")
+            sidecar.kill()
+            sidecar.wait()
+    report["metrics_churn"] = run_metrics_churn(args.churn_objects, args.scrapes)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sidecar-abuse.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -294,6 +355,9 @@ def main() -> int:
     print(f"abuse: {ab['abusive_connections']:,} abusive connections; victim put+get p99 "
           f"{ab['victim_quiet']['p99_ms']} ms quiet, {ab['victim_under_abuse']['p99_ms']} ms under abuse; "
           f"sidecar RSS +{ab['rss_growth_bytes'] / 2**20:.1f} MiB; crashed {ab['crashed']}")
+    mc = report["metrics_churn"]
+    print(f"metrics: {mc['scrapes']} scrapes while {mc['objects_churned']:,} objects were put and freed "
+          f"({mc['objects_per_round']:,} at a time): {mc['ok_fraction']:.1%} answered 200 ({mc['status_codes']})")
     return 0
 
 

@@ -637,7 +637,7 @@ class DataPlane:
             if pool.empty():
                 del self.pools[key]
         active = {domain for domain, _ in self.pools}
-        active.update(s.identity.domain for s in self.sessions.values() if s.identity is not None)
+        active.update(identity.domain for identity in self._per_identity)    # sessions, counted per identity
         for domain in list(self._open_domains - active):
             self.backend.close_domain(domain)
         self._open_domains = active

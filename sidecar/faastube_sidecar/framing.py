@@ -37,6 +37,27 @@ from faastube.fds import close_all
 
 logger = logging.getLogger(__name__)
 
+_WARNED: dict[str, tuple[float, int]] = {}   # what -> (when last logged, occurrences since)
+_WARN_INTERVAL_S = 10.0
+
+
+def warn_now_and_then(what: str, message: str, *args: Any) -> None:
+    """A warning about a misbehaving peer, at most once per interval per kind: a flood of bad
+    clients must not turn into a flood of log lines (a blocked log pipe stalls the daemon)."""
+    now = time.monotonic()
+    last, suppressed = _WARNED.get(what, (float("-inf"), 0))
+    if now - last < _WARN_INTERVAL_S:
+        _WARNED[what] = (last, suppressed + 1)
+        return
+    _WARNED[what] = (now, 0)
+    if suppressed:
+        message += f" ({suppressed} more like it in the last {_WARN_INTERVAL_S:g}s not logged)"
+    logger.warning(message, *args)
+
+
+# Requests left waiting while the peer leaves our replies unread; past this it is cut off.
+_MAX_UNREAD_REQUEST_BYTES = 64 << 10
+
 FrameHandler = Callable[["FrameConnection", protocol.Header, bytes], Awaitable[None] | None]
 
 
@@ -136,7 +157,8 @@ class FrameConnection(asyncio.Protocol):
             try:
                 pending = self._handler(self, header, body)
             except Exception as e:  # noqa: BLE001 - one bad frame must not take the connection's others
-                logger.warning("a frame could not be served (%s: %s); answered with an error", type(e).__name__, e)
+                warn_now_and_then("unservable", "a frame could not be served (%s: %s); answered with an error",
+                                  type(e).__name__, e)
                 self._on_bad_header(self, header.request_id, errors.ProtocolError(
                     f"request {header.request_id} could not be served ({type(e).__name__})"))
                 continue
@@ -146,6 +168,14 @@ class FrameConnection(asyncio.Protocol):
                 task.add_done_callback(self._resume)
         if self._buffer and self.stalled_since is None:
             self.stalled_since = time.monotonic()
+        if not self._writable and len(self._buffer) > _MAX_UNREAD_REQUEST_BYTES:
+            # It pipelines requests and reads none of the replies: what it already sent would only
+            # sit here. A client that reads its replies never gets near this.
+            warn_now_and_then("unread", "closing a connection that sent %d bytes of requests without reading "
+                              "replies", len(self._buffer))
+            self._buffer.clear()
+            self.close()
+            return
         self._set_reading()
 
     def _resume(self, task: asyncio.Future[None]) -> None:
@@ -173,7 +203,7 @@ class FrameConnection(asyncio.Protocol):
         self._queued_bytes += len(data)
         buffered = self._queued_bytes + (self.transport.get_write_buffer_size() if self.transport else 0)
         if buffered > self._max_pending:
-            logger.warning("closing a connection whose peer left %d bytes of replies unread", buffered)
+            warn_now_and_then("backlog", "closing a connection whose peer left %d bytes of replies unread", buffered)
             self.close()
 
     def _write(self, data: bytes, fds: Sequence[int]) -> None:

@@ -142,7 +142,7 @@ class SidecarServer:
     def _refuse(self, conn: FrameConnection, reason: str, exc: errors.FaastubeError) -> None:
         """Tell the peer why (an error frame with id 0), then hang up."""
         self.metrics.frames_rejected.labels(reason).inc()
-        logger.info("closing a connection: %s", exc)
+        logger.debug("closing a connection: %s", exc)
         conn.send(protocol.Kind.ERROR, 0, error_body(exc))
         conn.close_after(0.5)
 
