@@ -74,3 +74,36 @@ def read_all(fd: int) -> bytes:
     """Every byte behind a shared-memory descriptor, however it was opened."""
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0) if size else b""
+
+
+def connect_raw(path: Any) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(path))
+    return s
+
+
+_PENDING: dict[int, bytes] = {}     # socket fd -> bytes read past the last frame
+
+
+def read_frame(s: socket.socket) -> tuple[protocol.Header, dict[str, Any]] | None:
+    """The next frame on a raw socket (None: the peer hung up or went quiet)."""
+    data = _PENDING.pop(s.fileno(), b"")
+    try:
+        while len(data) < protocol.HEADER_SIZE:
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        header = protocol.decode_header(data)
+        end = protocol.HEADER_SIZE + header.body_bytes
+        while len(data) < end:
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        return None
+    if len(data) > end:
+        _PENDING[s.fileno()] = data[end:]
+    return header, protocol.decode_body(data[protocol.HEADER_SIZE:end])

@@ -12,32 +12,8 @@ import time
 import faastube.client as ftc
 import numpy as np
 from faastube import protocol
-
-
-def _raw(path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(str(path))
-    return s
-
-
-def _read_reply(s: socket.socket) -> tuple[protocol.Header, dict] | None:
-    data = b""
-    try:
-        while len(data) < protocol.HEADER_SIZE:
-            chunk = s.recv(65536)
-            if not chunk:
-                return None
-            data += chunk
-        header = protocol.decode_header(data)
-        while len(data) < protocol.HEADER_SIZE + header.body_bytes:
-            chunk = s.recv(65536)
-            if not chunk:
-                return None
-            data += chunk
-    except (TimeoutError, ConnectionResetError):
-        return None
-    return header, protocol.decode_body(data[protocol.HEADER_SIZE:])
+from raw_client import connect_raw as _raw
+from raw_client import read_frame as _read_reply
 
 
 def _assert_serving(path) -> None:
