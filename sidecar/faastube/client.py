@@ -183,7 +183,7 @@ class Client:
         self._forgotten: collections.deque[tuple[Location, int, int]] = collections.deque()
         self._idle_events: list[tuple[int, int]] = []            # (ordinal, event) for reuse
         self._reads: dict[str, list[_Read]] = {}
-        self._last_tidy = time.monotonic()
+        self._last_tidy = self._last_call = time.monotonic()
         self.closed = False
         self.last_path = "local"
         # A blocking socket whose receive timeout is the kernel's (SO_RCVTIMEO): one recvmsg per
@@ -761,6 +761,9 @@ class Client:
             self._send_releases()
             if tidy:
                 self._last_tidy = now
+                if any(arenas.busy() for arenas in self._arenas.values()) and now - self._last_call > _IDLE_ARENA_S:
+                    # Idle, with objects out: ask whether readers let go (the answer is a freed notice).
+                    self._call(protocol.Op.PING, {})
                 stale = [slab for location, arenas in self._arenas.items()
                          for slab in arenas.idle(older_than_s=_IDLE_ARENA_S,
                                                  larger_than=self._arena_bytes.get(location, 0))]
@@ -828,6 +831,7 @@ class Client:
         with self._lock:
             if self.closed:
                 raise errors.Unavailable("this faastube client is closed")
+            self._last_call = time.monotonic()
             self._take_forgotten()
             frames = self._release_frames() if op is not protocol.Op.HELLO else []
             frames.append(self._frame(protocol.Kind.REQUEST, op, body))
