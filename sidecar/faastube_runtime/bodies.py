@@ -34,6 +34,8 @@ import numpy as np
 from aiohttp import StreamReader, web
 from faastube import protocol
 
+_PLAIN_DESCR = re.compile(r"[<>|=]?(?:[biufc][0-9]{1,2}|\?)")
+
 from faastube_runtime import errors, wire
 
 NPY_CONTENT_TYPE = "application/x-npy"
@@ -241,12 +243,14 @@ def parse_npy_header(text: bytes, *, utf8: bool) -> tuple[np.dtype, tuple[int, .
         raise errors.BadInput(f"body: the .npy header must be a dict of 'descr', 'fortran_order' and "
                               f"'shape', got {keys!s:.200}")
     descr, fortran_order, shape = header["descr"], header["fortran_order"], header["shape"]
-    if not isinstance(descr, str) or len(descr) > 32:
+    # Plain numeric type strings only ('<f4', '|u1', '?'...): numpy's own parser of dtype strings
+    # accepts far more, and some of it (comma strings) fails in ways no caller expects.
+    if not isinstance(descr, str) or _PLAIN_DESCR.fullmatch(descr) is None:
         raise errors.BadInput(f"body: .npy dtype {descr!r:.80} is not accepted: only plain numeric dtypes "
                               "(bool, int, uint, float, complex) are")
     try:
         dtype = np.dtype(descr)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever numpy makes of it, it is bad input
         raise errors.BadInput(f"body: .npy dtype {descr!r}: {e}") from None
     if dtype.kind not in PLAIN_DTYPE_KINDS or dtype.hasobject or dtype.shape or dtype.names:
         raise errors.BadInput(f"body: .npy dtype {descr!r} is not accepted: only plain numeric dtypes "

@@ -50,8 +50,8 @@ def _dtype(text: str) -> np.dtype:
         return dtype
     try:
         dtype = np.dtype(text)
-    except TypeError as e:
-        raise errors.InvalidRequest(f"publish: bad dtype {text!r:.40}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - numpy's parser of dtype strings raises all sorts (SyntaxError...)
+        raise errors.InvalidRequest(f"publish: bad dtype {text!r:.40}: {type(e).__name__}: {str(e)[:80]}") from None
     if dtype.kind not in _DTYPE_KINDS or dtype.hasobject:
         raise errors.InvalidRequest(f"publish: dtype {dtype.str} is not a plain numeric type")
     if len(_DTYPES) < 1024:

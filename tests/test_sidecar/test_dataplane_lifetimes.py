@@ -167,6 +167,7 @@ async def test_a_ref_cannot_be_published_twice_even_after_it_died(dp) -> None:
     ({"nbytes": 12, "dtype": "<f4", "shape": [2]}, "nbytes 12"),
     ({"nbytes": 8, "dtype": "O", "shape": [1]}, "plain numeric"),
     ({"nbytes": 8, "dtype": "not-a-dtype", "shape": [1]}, "bad dtype"),
+    ({"nbytes": 8, "dtype": "(,", "shape": [1]}, "bad dtype"),
     ({"nbytes": 8, "dtype": "|u1", "shape": [8], "consumers": 0}, "consumers"),
     ({"nbytes": 8, "dtype": "|u1", "shape": [8], "ttl_s": 0}, "ttl_s"),
     ({"nbytes": 8, "dtype": "|u1", "shape": [8], "ttl_s": 1e9}, "ttl_s"),
