@@ -17,7 +17,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 from faastube.errors import RetryableError
@@ -56,17 +55,15 @@ def _file_id(path: str) -> _FileId | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-class _Servicer(Protocol):
-    """A DevicePlugin servicer whose open ListAndWatch streams end after ``stop()``."""
-
-    def stop(self) -> None: ...
+# A servicer whose open ListAndWatch streams end after ``stop()``.
+_Servicer = plugin.GpuPluginServicer | plugin.SocketPluginServicer
 
 
 class _PluginServer:
     """One resource's servicer on its own socket; restartable (a fresh servicer each start)."""
 
     def __init__(self, resource_name: str, *, socket_path: str,
-                 make_servicer: Callable[[], api_pb2_grpc.DevicePluginServicer]) -> None:
+                 make_servicer: Callable[[], _Servicer]) -> None:
         self.resource_name = resource_name
         self.socket_path = socket_path
         self._make_servicer = make_servicer
@@ -81,7 +78,7 @@ class _PluginServer:
         api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
         server.add_insecure_port(f"unix://{self.socket_path}")
         await server.start()
-        self._servicer = servicer  # type: ignore[assignment]  # both servicers have stop()
+        self._servicer = servicer
         self._server = server
 
     async def stop(self, grace_s: float) -> None:
