@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faastube import topology
-from faastube.topology import ClusterTopology, NetworkLink
-from faastube_operator import placement
-from faastube_operator import placement_instances as pi
+from faastube_placement import core as placement
+from faastube_placement import instances as pi
+from faastube_spec import topology
+from faastube_spec.topology import ClusterTopology, NetworkLink
 
 GIB = 2**30
 CLUSTERS_8X8 = {

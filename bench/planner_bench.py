@@ -16,9 +16,9 @@ import sys
 import time
 from typing import Any
 
-from faastube import topology
 from faastube_sidecar.transfers import planner
 from faastube_sidecar.transfers.planner import HOST, LinkUsage, PathCatalog
+from faastube_spec import topology
 
 TARGET_US = 100.0
 

@@ -156,9 +156,9 @@ def _reset_peak() -> bool:
 def run_case(name: str) -> dict[str, Any]:
     """Run one case in this process and describe the outcome."""
     from faastube.errors import FaastubeError
-    from faastube.workflow import load_workflow, parse_workflow
     from faastube_operator import reconcile
     from faastube_runtime import workflow_source
+    from faastube_spec.workflow import load_workflow, parse_workflow
 
     how, argument = CASES[name]()
     path = None

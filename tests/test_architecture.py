@@ -43,8 +43,33 @@ def _violations(package: Path, forbidden: tuple[str, ...], *, skip: tuple[str, .
 def test_the_client_package_imports_no_daemon_operator_or_runtime_code() -> None:
     # cli.py dispatches to subcommands by module *name* (importlib), never by import.
     assert _violations(SIDECAR / "faastube", ("faastube_sidecar", "faastube_operator", "faastube_runtime",
-                                              "faastube_bench", "kopf", "kubernetes", "grpc",
-                                              "prometheus_client", "aiohttp")) == []
+                                              "faastube_bench", "faastube_spec", "faastube_placement",
+                                              "kopf", "kubernetes", "grpc", "prometheus_client",
+                                              "aiohttp")) == []
+
+
+def test_the_spec_package_is_pure() -> None:
+    # Read by the operator, the sidecar and the runtime alike: it may import the
+    # client's errors and PyYAML, nothing that runs.
+    assert _violations(SIDECAR / "faastube_spec", ("faastube_sidecar", "faastube_operator", "faastube_runtime",
+                                                   "faastube_bench", "faastube_placement", "kopf",
+                                                   "kubernetes", "grpc", "prometheus_client",
+                                                   "aiohttp", "cupy", "torch")) == []
+
+
+def test_placement_is_pure_and_shared() -> None:
+    # The operator and `faastube run` both place through it, so it imports neither.
+    assert _violations(SIDECAR / "faastube_placement", ("faastube_sidecar", "faastube_operator",
+                                                        "faastube_runtime", "faastube_bench", "kopf",
+                                                        "kubernetes", "grpc", "prometheus_client",
+                                                        "aiohttp", "cupy", "torch")) == []
+
+
+def test_the_group_and_version_are_spelled_once() -> None:
+    spelled = [f"{path.relative_to(ROOT)}" for package in (SIDECAR, ROOT / "operator")
+               for path in sorted(package.rglob("*.py"))
+               if "v1alpha1" in path.read_text() and path.name != "api.py"]
+    assert spelled == []
 
 
 def test_the_sidecar_never_imports_the_operator_or_the_runtime() -> None:
@@ -69,6 +94,7 @@ def test_framing_knows_nothing_of_what_frames_mean() -> None:
 def test_importing_the_client_pulls_in_no_heavy_dependency() -> None:
     code = ("import sys, faastube; "
             "heavy = [m for m in ('kopf', 'kubernetes', 'grpc', 'cupy', 'torch', 'prometheus_client', 'aiohttp', "
-            "'faastube_sidecar', 'faastube_operator') if m in sys.modules]; print(heavy)")
+            "'faastube_sidecar', 'faastube_operator', 'faastube_spec', 'faastube_placement', 'yaml') "
+            "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

@@ -8,40 +8,16 @@ are offered to placement. A GpuNode whose topology does not parse is left out
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from faastube import topology
+from faastube_spec import api, gpunode, topology
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class NodeState:
-    """What re-placement cares about in a GpuNode: is it usable, and which GPUs."""
-
-    name: str
-    ready: bool
-    healthy_gpus: frozenset[int]
-
-
-def node_state(gpunode: Mapping[str, Any]) -> NodeState:
-    name = str((gpunode.get("metadata") or {}).get("name", ""))
-    spec_gpus = ((gpunode.get("spec") or {}).get("topology") or {}).get("gpus") or []
-    status = gpunode.get("status") or {}
-    unhealthy = {g.get("index") for g in status.get("gpus") or []
-                 if isinstance(g, Mapping) and g.get("healthy") is False}
-    indices = frozenset(int(g["index"]) for g in spec_gpus
-                        if isinstance(g, Mapping) and isinstance(g.get("index"), int)
-                        and g["index"] not in unhealthy)
-    ready = not any(isinstance(c, Mapping) and c.get("type") == "Ready"
-                    and c.get("status") == "False" for c in status.get("conditions") or [])
-    return NodeState(name=name, ready=ready, healthy_gpus=indices)
-
-
-def _usable_topology_doc(gpunode: Mapping[str, Any], state: NodeState) -> dict[str, Any]:
+def _usable_topology_doc(gpunode: Mapping[str, Any], state: gpunode.NodeState) -> dict[str, Any]:
     doc = copy.deepcopy(dict((gpunode.get("spec") or {}).get("topology") or {}))
     doc["name"] = state.name  # the Kubernetes node name is what pods are pinned to
     doc["gpus"] = [g for g in doc.get("gpus") or [] if g.get("index") in state.healthy_gpus]
@@ -58,7 +34,7 @@ def cluster_from_gpunodes(
     """The usable cluster, or None when no GpuNode is usable."""
     docs = []
     for obj in gpunodes:
-        state = node_state(obj)
+        state = gpunode.node_state(obj)
         if not state.ready:
             continue
         doc = _usable_topology_doc(obj, state)
@@ -71,8 +47,8 @@ def cluster_from_gpunodes(
     if not docs:
         return None
     return topology.parse_topology({
-        "apiVersion": "faastube.io/v1alpha1",
-        "kind": "Topology",
+        "apiVersion": api.API_VERSION,
+        "kind": api.TOPOLOGY_KIND,
         "nodes": docs,
         "network": {"defaultBandwidthGBps": default_network_bandwidth_bytes_per_s / 1e9},
     })

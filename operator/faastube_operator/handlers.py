@@ -17,15 +17,16 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from faastube_spec import api, gpunode
 
-from faastube_operator import cluster, conditions, errors, k8s, reconcile
+from faastube_operator import conditions, errors, k8s, reconcile
 from faastube_operator.conditions import Phase
 from faastube_operator.metrics import OperatorMetrics
 from faastube_operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
 
-GROUP, VERSION = "faastube.io", "v1alpha1"
+GROUP, VERSION = api.GROUP, api.VERSION
 FINALIZER = "faastube.io/cleanup"
 # How often kopf re-checks a timer that was mid-call when its workflow got deleted.
 # The finalizer stays until the timer has exited, and kopf's default (60 s) holds a
@@ -63,7 +64,7 @@ def register(
         settings.posting.level = logging.INFO
         settings.background.cancellation_polling = TIMER_EXIT_POLLING_S
         memo.api = api_factory()
-        memo.nodes = {}  # GpuNode name -> cluster.NodeState last seen
+        memo.nodes = {}  # GpuNode name -> gpunode.NodeState last seen
 
     @kopf.on.cleanup(id="shutdown", registry=registry)
     def shutdown(memo: kopf.Memo, **_: Any) -> None:
@@ -71,9 +72,9 @@ def register(
         if api is not None:
             api.close()
 
-    @kopf.on.resume(GROUP, VERSION, "workflows", id="reconcile", registry=registry)
-    @kopf.on.create(GROUP, VERSION, "workflows", id="reconcile", registry=registry)
-    @kopf.on.update(GROUP, VERSION, "workflows", id="reconcile", registry=registry)
+    @kopf.on.resume(GROUP, VERSION, api.WORKFLOW_PLURAL, id="reconcile", registry=registry)
+    @kopf.on.create(GROUP, VERSION, api.WORKFLOW_PLURAL, id="reconcile", registry=registry)
+    @kopf.on.update(GROUP, VERSION, api.WORKFLOW_PLURAL, id="reconcile", registry=registry)
     def reconcile_workflow(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
                            **_: Any) -> None:
         obj = reconcile.WorkflowObject.from_body(body)
@@ -94,7 +95,7 @@ def register(
             raise kopf.TemporaryError(outcome.message, delay=settings.retry_delay_s)
         logger.info("workflow %s/%s reconciled: %s", obj.namespace, obj.name, outcome.message)
 
-    @kopf.on.delete(GROUP, VERSION, "workflows", id="cleanup", registry=registry)
+    @kopf.on.delete(GROUP, VERSION, api.WORKFLOW_PLURAL, id="cleanup", registry=registry)
     def delete_workflow(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         obj = reconcile.WorkflowObject.from_body(body)
         try:
@@ -103,7 +104,7 @@ def register(
             raise kopf.TemporaryError(str(e), delay=settings.retry_delay_s) from e
         logger.info("workflow %s/%s deleted with %d children", obj.namespace, obj.name, removed)
 
-    @kopf.timer(GROUP, VERSION, "workflows", id="status", interval=settings.status_interval_s,
+    @kopf.timer(GROUP, VERSION, api.WORKFLOW_PLURAL, id="status", interval=settings.status_interval_s,
                 initial_delay=settings.status_interval_s, registry=registry)
     def refresh_status(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         obj = reconcile.WorkflowObject.from_body(body)
@@ -119,10 +120,10 @@ def register(
             patch.status.update(status)
             _post(body, (event,))
 
-    @kopf.on.event(GROUP, VERSION, "gpunodes", id="gpunode-changes", registry=registry)
+    @kopf.on.event(GROUP, VERSION, api.GPUNODE_PLURAL, id="gpunode-changes", registry=registry)
     def gpunode_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         name = str(body.get("metadata", {}).get("name", ""))
-        after = None if type == "DELETED" else cluster.node_state(body)
+        after = None if type == "DELETED" else gpunode.node_state(body)
         before = memo.nodes.get(name)
         if after is None:
             memo.nodes.pop(name, None)

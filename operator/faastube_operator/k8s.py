@@ -15,6 +15,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
+from faastube_spec import api
+
 from faastube_operator import errors
 
 logger = logging.getLogger(__name__)
@@ -23,8 +25,8 @@ logger = logging.getLogger(__name__)
 KINDS: dict[str, tuple[str, str, bool]] = {
     "Deployment": ("apps/v1", "deployments", True),
     "Service": ("v1", "services", True),
-    "Workflow": ("faastube.io/v1alpha1", "workflows", True),
-    "GpuNode": ("faastube.io/v1alpha1", "gpunodes", False),
+    api.WORKFLOW_KIND: (api.API_VERSION, api.WORKFLOW_PLURAL, True),
+    api.GPUNODE_KIND: (api.API_VERSION, api.GPUNODE_PLURAL, False),
 }
 
 ApplyResult = Literal["created", "patched", "unchanged"]

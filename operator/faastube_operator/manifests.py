@@ -8,17 +8,18 @@ references are added by the caller (``kopf.adopt``).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from faastube.workflow import GATEWAY_FUNCTION, FunctionSpec, Workflow, dump_workflow
+from faastube_placement import Where
+from faastube_spec import api
+from faastube_spec.workflow import GATEWAY_FUNCTION, FunctionSpec, Workflow, dump_workflow
 
 from faastube_operator.settings import OperatorSettings
 
-GROUP = "faastube.io"
+GROUP = api.GROUP
 LABEL_WORKFLOW = "faastube.io/workflow"
 LABEL_FUNCTION = "faastube.io/function"
 LABEL_COMPONENT = "faastube.io/component"
@@ -38,14 +39,6 @@ SOCKET_RESOURCE = f"{GROUP}/socket"
 # so the ExtendedResourceToleration admission plugin does not add this toleration for them.
 GPU_NODE_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
 MAX_NAME_LENGTH = 63  # DNS-1123 label: Service names and the pods' hostname prefix
-
-
-@dataclasses.dataclass(frozen=True)
-class Where:
-    """Where one function runs: a node (None: anywhere) and a GPU index (None: CPU only)."""
-
-    node: str | None
-    gpu: int | None = None
 
 
 def gpu_resource_name(gpu_index: int) -> str:
@@ -83,32 +76,6 @@ def spec_hash(spec: Mapping[str, Any]) -> str:
     """A short stable digest of a Workflow spec; a new one rolls every function."""
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def resolve_placement(workflow: Workflow, assigned: Mapping[str, Where]) -> dict[str, Where]:
-    """Complete a placement: CPU functions follow the GPU functions they feed.
-
-    A CPU function (say, a decoder) hands its output to its consumers through the
-    node's sidecar, so it runs on the node of the GPU function it feeds the most
-    bytes; with no GPU successor it keeps what the placement gave it.
-    """
-    result: dict[str, Where] = {}
-    for fn in workflow.functions:
-        given = assigned.get(fn.name, Where(node=None))
-        if fn.gpu:
-            result[fn.name] = given
-            continue
-        best_node, best_bytes = None, -1
-        for edge in workflow.edges:
-            if edge.source != fn.name:
-                continue
-            target = assigned.get(edge.target)
-            if target is None or target.gpu is None or target.node is None:
-                continue
-            if edge.size_bytes > best_bytes:
-                best_node, best_bytes = target.node, edge.size_bytes
-        result[fn.name] = Where(node=best_node if best_node is not None else given.node, gpu=None)
-    return result
 
 
 def common_labels(workflow_name: str) -> dict[str, str]:
@@ -299,7 +266,7 @@ def gateway_deployment(
     """
     labels = gateway_labels(workflow.name)
     volumes, mounts, extended = _socket_access(settings, gpu=None)
-    document = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Workflow",
+    document = {"apiVersion": api.API_VERSION, "kind": api.WORKFLOW_KIND,
                 "metadata": {"name": workflow.name}, "spec": dict(spec)}
     services = [
         f"--function-service={fn.name}="

@@ -14,10 +14,10 @@ import sys
 from typing import Any, TextIO
 
 from faastube.errors import InvalidRequest
-from faastube.topology import ClusterTopology
-from faastube.workflow import Workflow, load_workflow
-
-from faastube_operator import placement, placement_inputs
+from faastube_placement import core as placement
+from faastube_placement import inputs as placement_inputs
+from faastube_spec.topology import ClusterTopology
+from faastube_spec.workflow import Workflow, load_workflow
 
 logger = logging.getLogger(__name__)
 

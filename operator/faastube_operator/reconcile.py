@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from faastube import workflow as wf
+import faastube_placement as placement
+from faastube_placement import Where
+from faastube_spec import api, gpunode
+from faastube_spec import workflow as wf
 
 from faastube_operator import cluster, conditions, k8s, manifests
 from faastube_operator.conditions import Phase
@@ -67,7 +70,7 @@ class Outcome:
 def parse(obj: WorkflowObject) -> wf.Workflow:
     """The runtime's own validation, limits and reserved names included (the same as a
     file's); raises ``WorkflowInvalid`` naming every bad field."""
-    return wf.parse_workflow({"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow",
+    return wf.parse_workflow({"apiVersion": api.API_VERSION, "kind": api.WORKFLOW_KIND,
                               "metadata": {"name": obj.name, "namespace": obj.namespace},
                               "spec": dict(obj.spec)})
 
@@ -80,13 +83,11 @@ def _status(obj: WorkflowObject, phase: Phase, message: str, *,
 
 
 def _place(workflow: wf.Workflow, api: k8s.KubeApi, *, settings: OperatorSettings,
-           metrics: OperatorMetrics) -> tuple[dict[str, manifests.Where], float]:
+           metrics: OperatorMetrics) -> tuple[dict[str, Where], float]:
     """Assignments for every function and the placement's cost in seconds.
 
     Raises ``PlacementError`` (an InvalidRequest) when nothing fits.
     """
-    from faastube_operator import placement  # written alongside; imported when first needed
-
     topo = cluster.cluster_from_gpunodes(
         api.list("GpuNode"),
         default_network_bandwidth_bytes_per_s=settings.default_network_bandwidth_bytes_per_s)
@@ -95,59 +96,20 @@ def _place(workflow: wf.Workflow, api: k8s.KubeApi, *, settings: OperatorSetting
         if gpu_functions:
             raise placement.PlacementError(
                 f"no ready GpuNode offers a healthy GPU for {', '.join(gpu_functions)}")
-        return {fn.name: manifests.Where(node=None) for fn in workflow.functions}, 0.0
-    usage = usage_by_others(api.list("Workflow"), exclude=(workflow.namespace or "default", workflow.name),
-                            usage_type=placement.GpuUsage)
+        return {fn.name: Where(node=None) for fn in workflow.functions}, 0.0
+    usage = usage_by_others(api.list("Workflow"), exclude=(workflow.namespace or "default", workflow.name))
     started = time.perf_counter()
-    decided = place_on_one_node(workflow, topo, usage=usage)
+    placed, decided = placement.where_each_runs(workflow, topo, usage=usage)
     metrics.placement_duration.observe(time.perf_counter() - started)
     metrics.placement_cost.observe(decided.cost_s)
-    assigned = {name: manifests.Where(node=a.node, gpu=a.gpu)
-                for name, a in decided.assignments.items()}
-    return manifests.resolve_placement(workflow, assigned), float(decided.cost_s)
-
-
-def place_on_one_node(workflow: wf.Workflow, topo: Any, *, usage: Mapping[tuple[str, int], Any]) -> Any:
-    """The best placement that keeps every function on one node.
-
-    Refs are node-local (one sidecar per node holds a workflow's data), so a
-    workflow split over nodes could not pass data at all. The cost model already
-    prefers one node; when capacity pushes the best placement across nodes, each
-    node is tried alone and the cheapest fit wins, else ``PlacementError``.
-    """
-    from faastube import topology
-
-    from faastube_operator import placement
-
-    decided = placement.place(workflow, topo, usage=usage)
-    if len({a.node for a in decided.assignments.values()}) <= 1:
-        return decided
-    best = None
-    reasons = []
-    for node in topo.nodes:
-        alone = topology.ClusterTopology(
-            nodes=(node,), default_network_bandwidth_bytes_per_s=topo.default_network_bandwidth_bytes_per_s)
-        try:
-            candidate = placement.place(workflow, alone,
-                                        usage={k: v for k, v in usage.items() if k[0] == node.name})
-        except placement.PlacementError as e:
-            reasons.append(f"{node.name}: {e}")
-            continue
-        if best is None or candidate.cost_s < best.cost_s:
-            best = candidate
-    if best is None:
-        raise placement.PlacementError(
-            f"workflow {workflow.name!r} fits only across nodes, but its data stays on the node "
-            f"where it was produced (one sidecar per node): {'; '.join(reasons)}")
-    return best
+    return placed, float(decided.cost_s)
 
 
 def usage_by_others(
     workflows: Sequence[Mapping[str, Any]],
     *,
     exclude: tuple[str | None, str],
-    usage_type: Callable[..., Any],
-) -> dict[tuple[str, int], Any]:
+) -> dict[tuple[str, int], placement.GpuUsage]:
     """GPU memory and sharing slots that other placed workflows take, per (node, GPU)."""
     totals: dict[tuple[str, int], list[int]] = {}
     for body in workflows:
@@ -168,10 +130,10 @@ def usage_by_others(
             key = (str(where.get("node")), int(where["gpu"]))
             memory, slots = totals.setdefault(key, [0, 0])
             totals[key] = [memory + fn.replicas * fn.gpu_memory_bytes, slots + fn.replicas]
-    return {key: usage_type(memory_used_bytes=m, slots_used=s) for key, (m, s) in totals.items()}
+    return {key: placement.GpuUsage(memory_used_bytes=m, slots_used=s) for key, (m, s) in totals.items()}
 
 
-def _describe(placed: Mapping[str, manifests.Where]) -> str:
+def _describe(placed: Mapping[str, Where]) -> str:
     parts = []
     for name, where in placed.items():
         spot = "anywhere" if where.node is None else (
@@ -190,8 +152,6 @@ def reconcile(
     now: datetime.datetime,
 ) -> Outcome:
     """Bring the children in line with the spec; never raises for a bad spec or no fit."""
-    from faastube_operator import placement
-
     try:
         workflow = parse(obj)
     except wf.WorkflowInvalid as e:
@@ -300,8 +260,8 @@ def cleanup(api: k8s.KubeApi, obj: WorkflowObject) -> int:
 
 def workflows_to_replace(
     workflows: Sequence[Mapping[str, Any]],
-    before: cluster.NodeState | None,
-    after: cluster.NodeState | None,
+    before: gpunode.NodeState | None,
+    after: gpunode.NodeState | None,
 ) -> list[k8s.ObjectRef]:
     """Workflows a GpuNode change concerns.
 

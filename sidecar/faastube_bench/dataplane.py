@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from faastube import units
+from faastube_spec import units
 
 from faastube_bench import dataplane_passes as passes
 from faastube_bench import dataplane_report as report

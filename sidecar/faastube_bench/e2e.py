@@ -173,10 +173,10 @@ class Session:
 
 async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settings,
                           started: float, *, workflows: int) -> dict[str, Any]:
-    from faastube.workflow import load_workflow
     from faastube_runtime.cli import request_input
     from faastube_runtime.gateway import to_npy
     from faastube_runtime.local import LocalOptions, LocalRuntime
+    from faastube_spec.workflow import load_workflow
 
     workflow = load_workflow(path)
     body = to_npy(request_input(workflow, None))

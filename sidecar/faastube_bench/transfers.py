@@ -320,7 +320,7 @@ class _Bench:
                 "assumed"
 
     def _assumed_topology(self) -> Any:
-        from faastube.topology import Gpu, GpuLink, NodeTopology
+        from faastube_spec.topology import Gpu, GpuLink, NodeTopology
 
         rt = self.cp.cuda.runtime
         gpus = tuple(Gpu(index=g, uuid=f"GPU-{g}", name=_card_name(self.cp, g),

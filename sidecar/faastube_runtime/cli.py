@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from faastube import errors as ft_errors
 from faastube import sdk
-from faastube.workflow import Workflow, load_workflow
+from faastube_spec.workflow import Workflow, load_workflow
 
 from faastube_runtime import arrivals, dag, errors, gateway_cli, loadgen, report
 from faastube_runtime.gateway import GatewayConfig, to_npy

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from faastube import sdk
-from faastube.workflow import Workflow
+from faastube_spec.workflow import Workflow
 
 from faastube_runtime import errors
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from faastube import errors as ft_errors
-from faastube.units import format_size, parse_size
-from faastube.workflow import GATEWAY_FUNCTION, Workflow
+from faastube_spec.units import format_size, parse_size
+from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow
 
 from faastube_runtime import bodies, dag, discovery, errors, startup, workflow_source
 from faastube_runtime.addresses import MAX_UNIX_PATH_BYTES, Address, parse_address, parse_host_port

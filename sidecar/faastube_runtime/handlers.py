@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from faastube.workflow import FunctionSpec, Workflow
+from faastube_spec.workflow import FunctionSpec, Workflow
 
 from faastube_runtime import errors
 

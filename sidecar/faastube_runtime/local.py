@@ -26,9 +26,10 @@ from typing import Any, Literal, Self
 import aiohttp
 from aiohttp import web
 from faastube import errors as ft_errors
-from faastube import sdk, topology
-from faastube.topology import NodeTopology
-from faastube.workflow import GATEWAY_FUNCTION, Workflow
+from faastube import sdk
+from faastube_spec import topology
+from faastube_spec.topology import NodeTopology
+from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow
 
 from faastube_runtime import dag, errors, wire
 from faastube_runtime.addresses import Address
@@ -83,7 +84,7 @@ def assign_devices(workflow: Workflow, *, gpus: int, node: NodeTopology | None =
     """
     gpu_of: dict[str, int | None] = {}
     if gpus > 0 and node is not None and any(spec.gpu for spec in workflow.functions):
-        from faastube_operator.placement import PlacementError, place
+        from faastube_placement import PlacementError, place
 
         try:
             placement = place(workflow, topology.ClusterTopology(nodes=(node,)))

@@ -31,7 +31,7 @@ from typing import Any
 from aiohttp import web
 from faastube import errors as ft_errors
 from faastube import sdk
-from faastube.workflow import Workflow, load_workflow
+from faastube_spec.workflow import Workflow, load_workflow
 
 from faastube_runtime import dag, errors, handlers, startup, wire
 from faastube_runtime.addresses import Address, parse_address

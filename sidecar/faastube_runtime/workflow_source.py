@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from faastube.workflow import Workflow, load_workflow, loads_workflow
+from faastube_spec.workflow import Workflow, load_workflow, loads_workflow
 
 from faastube_runtime import errors
 
@@ -29,7 +29,7 @@ ENV_GPU_INDEX = "FAASTUBE_GPU_INDEX"
 def parse_document(text: str, *, source: str) -> Workflow:
     """A Workflow from a JSON (or YAML) document's text; errors name ``source`` and the field.
 
-    The same reading, limits included, as a file's (``faastube.workflow.loads_workflow``).
+    The same reading, limits included, as a file's (``faastube_spec.workflow.loads_workflow``).
     """
     return loads_workflow(text, source=source)
 

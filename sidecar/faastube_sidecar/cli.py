@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from faastube import errors
-from faastube.units import format_size, parse_duration, parse_size
+from faastube_spec.units import format_size, parse_duration, parse_size
 
 from faastube_sidecar.dataplane import DEFAULT_GPU_LIMITS, DEFAULT_HOST_LIMITS, DEFAULT_TTL_S
 from faastube_sidecar.pool import PoolLimits
@@ -223,7 +223,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.heartbeat is not None and args.heartbeat < 0.1:
         _usage_error(f"--heartbeat must be at least 100ms, got {args.heartbeat:g}s")
     if args.simulated_topology is not None:
-        from faastube import topology
+        from faastube_spec import topology
 
         names = topology.builtin_names()
         if args.simulated_topology not in names:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from faastube.errors import FaastubeError
-from faastube.topology import (
+from faastube_spec.topology import (
     GBPS,
     Gpu,
     GpuLink,

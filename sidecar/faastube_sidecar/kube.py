@@ -20,9 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from faastube import locations, topology
+from faastube import locations
 from faastube.errors import FaastubeError
 from faastube.locations import Location
+from faastube_spec import topology
 
 from faastube_sidecar import discovery, gpuhealth, identity, nodepublisher
 
@@ -53,7 +54,7 @@ class KubeSettings:
     socket_devices: int = 0                   # faastube.io/socket devices; 0: no such resource
     publish_node: bool = False
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
-    simulated_topology: str | None = None     # a faastube.topology.builtin() name; None: NVML
+    simulated_topology: str | None = None     # a faastube_spec.topology.builtin() name; None: NVML
     kubeconfig: str | None = None             # None: in-cluster if possible, else the default file
     proc_root: str = "/proc"                  # where peers' /proc/<pid>/cgroup are read
     health_interval_s: float = 5.0

@@ -18,16 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from faastube import topology
+from faastube_spec import api, gpunode, topology
 
 from faastube_sidecar.gpuhealth import GpuHealth
 
 logger = logging.getLogger(__name__)
 
-GROUP = "faastube.io"
-VERSION = "v1alpha1"
-PLURAL = "gpunodes"
-KIND = "GpuNode"
+GROUP, VERSION = api.GROUP, api.VERSION
+PLURAL, KIND = api.GPUNODE_PLURAL, api.GPUNODE_KIND
 
 
 @dataclass(frozen=True)
@@ -79,23 +77,22 @@ def build_status(
     previous_ready: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The GpuNode ``status`` (contract 3). Pure: a function of its inputs."""
-    gpus: list[dict[str, Any]] = []
+    gpus: list[gpunode.GpuReport] = []
     unhealthy: list[str] = []
     free_pool = 0
     for g in node.gpus:
         h = health.get(g.uuid, GpuHealth(g.uuid, False, "no health report"))
         stats = pools.get(g.index, GpuPoolStats(0, 0))
         free_memory = h.free_memory_bytes
-        gpus.append({
-            "index": g.index, "uuid": g.uuid, "healthy": h.healthy,
-            "poolReservedBytes": stats.reserved_bytes, "poolUsedBytes": stats.used_bytes,
-            "freeMemoryBytes": free_memory or 0,
-        })
+        gpus.append(gpunode.GpuReport(
+            index=g.index, uuid=g.uuid, healthy=h.healthy, pool_reserved_bytes=stats.reserved_bytes,
+            pool_used_bytes=stats.used_bytes, free_memory_bytes=free_memory or 0))
         if h.healthy:
             free_pool += pool_free_bytes(stats, free_memory)
         else:
             unhealthy.append(f"gpu{g.index} ({h.reason or 'unhealthy'})")
     healthy_count = len(node.gpus) - len(unhealthy)
+    ready: gpunode.ConditionStatus
     if not node.gpus:
         ready, reason, message = "False", "NoGpus", "the node's topology lists no GPUs"
     elif healthy_count == 0:
@@ -109,15 +106,9 @@ def build_status(
     if previous_ready is not None and previous_ready.get("status") == ready \
             and previous_ready.get("lastTransitionTime"):
         transition = str(previous_ready["lastTransitionTime"])
-    return {
-        "gpus": gpus,
-        "freePoolBytes": free_pool,
-        "lastHeartbeatTime": _rfc3339(now),
-        "conditions": [{
-            "type": "Ready", "status": ready, "reason": reason, "message": message,
-            "lastTransitionTime": transition,
-        }],
-    }
+    return gpunode.GpuNodeStatus(
+        gpus=tuple(gpus), free_pool_bytes=free_pool, last_heartbeat_time=_rfc3339(now),
+        ready=gpunode.Condition("Ready", ready, reason, message, transition)).to_body()
 
 
 def replacing_merge_patch(old: Any, new: Any) -> Any:
@@ -222,11 +213,7 @@ class NodePublisher:
         except Exception as e:
             if not _is_not_found(e):
                 raise
-            body = {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                "metadata": {"name": self.name, "labels": {"app.kubernetes.io/managed-by": "faastube-sidecar"}},
-                "spec": {"topology": desired},
-            }
+            body = gpunode.new_body(self.name, desired)
             await self._call(self._api.create_cluster_custom_object, GROUP, VERSION, PLURAL, body)
             logger.info("created GpuNode %s with %d GPUs", self.name, len(self._node.gpus))
         else:

@@ -9,7 +9,7 @@ import logging
 import sys
 
 import yaml
-from faastube import topology
+from faastube_spec import topology
 
 from faastube_sidecar import discovery
 

@@ -30,13 +30,13 @@ import numpy as np
 import pytest
 import yaml
 from faastube import client as ft_client
-from faastube.workflow import load_workflow
 from faastube_operator import manifests
-from faastube_operator.manifests import Where
 from faastube_operator.settings import OperatorSettings
+from faastube_placement import Where
 from faastube_runtime import cli as run_cli
 from faastube_runtime import gateway_cli
 from faastube_runtime.gateway import BREAKDOWN_HEADER
+from faastube_spec.workflow import load_workflow
 
 pytestmark = [pytest.mark.asyncio]
 

@@ -31,8 +31,8 @@ kmock = pytest.importorskip("kmock")
 aiohttp = pytest.importorskip("aiohttp")
 pytest.importorskip("kopf")
 
-from faastube import topology
 from faastube_operator import printer
+from faastube_spec import topology
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "team-a"

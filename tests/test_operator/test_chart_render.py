@@ -20,10 +20,10 @@ helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from faastube import cli as faastube_cli
-from faastube import workflow as wf
 from faastube_operator import cli as operator_cli
 from faastube_operator import manifests
-from faastube_operator.manifests import Where
+from faastube_placement import Where, follow_consumers
+from faastube_spec import workflow as wf
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "faastube"
@@ -321,7 +321,7 @@ WORKFLOW = wf.parse_workflow({
 def _workflow_pods(values: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The pods the operator, configured by this chart, builds for a small workflow."""
     settings = _operator_settings(values)
-    placed = manifests.resolve_placement(WORKFLOW, {"detect": Where("node-a", 1)})
+    placed = follow_consumers(WORKFLOW, {"detect": Where("node-a", 1)})
     objs = manifests.workflow_children(WORKFLOW, namespace="team-a", spec={}, placement=placed,
                                        settings=settings)
     return {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Deployment"}

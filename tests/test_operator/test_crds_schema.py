@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 osv = pytest.importorskip("openapi_schema_validator")
-from faastube import topology
-from faastube import workflow as wf
+from faastube_spec import topology
+from faastube_spec import workflow as wf
 from jsonschema.exceptions import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 import yaml
+from faastube_placement import GpuUsage
 
 pytest.importorskip("prometheus_client")
-from faastube import topology
 from faastube_operator import cluster, conditions, k8s, printer, reconcile
 from faastube_operator.conditions import Phase
 from faastube_operator.metrics import OperatorMetrics
+from faastube_spec import gpunode, topology
 from prometheus_client import CollectorRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,25 +131,25 @@ def _names(refs: list[k8s.ObjectRef]) -> list[str]:
 
 
 def test_a_gpu_going_unhealthy_re_places_only_the_workflows_on_it() -> None:
-    before = cluster.node_state(_gpunode())
-    after = cluster.node_state(_gpunode(unhealthy=(1,)))
+    before = gpunode.node_state(_gpunode())
+    after = gpunode.node_state(_gpunode(unhealthy=(1,)))
     assert _names(reconcile.workflows_to_replace(WORKFLOWS, before, after)) == ["on-gpu-1"]
 
 
 def test_a_node_gone_re_places_everything_on_it() -> None:
-    before = cluster.node_state(_gpunode())
+    before = gpunode.node_state(_gpunode())
     assert _names(reconcile.workflows_to_replace(WORKFLOWS, before, None)) == [
         "on-gpu-1", "on-gpu-2"]
-    not_ready = cluster.node_state(_gpunode(ready="False"))
+    not_ready = gpunode.node_state(_gpunode(ready="False"))
     assert _names(reconcile.workflows_to_replace(WORKFLOWS, before, not_ready)) == [
         "on-gpu-1", "on-gpu-2"]
 
 
 def test_new_capacity_retries_only_unschedulable_workflows() -> None:
-    added = cluster.node_state(_gpunode("node-c"))
+    added = gpunode.node_state(_gpunode("node-c"))
     assert _names(reconcile.workflows_to_replace(WORKFLOWS, None, added)) == ["waiting"]
-    healed = cluster.node_state(_gpunode())
-    sick = cluster.node_state(_gpunode(unhealthy=(3,)))
+    healed = gpunode.node_state(_gpunode())
+    sick = gpunode.node_state(_gpunode(unhealthy=(3,)))
     assert _names(reconcile.workflows_to_replace(WORKFLOWS, sick, healed)) == ["waiting"]
 
 
@@ -161,11 +162,8 @@ def test_usage_by_other_workflows_counts_their_replicas_and_memory() -> None:
               dict(_wf("me", "Running", {"f": {"node": "n", "gpu": 1}}), spec=spec),
               dict(_wf("broken", "Running", {"f": {"node": "n", "gpu": 1}}), spec={"slo": 3})]
 
-    def usage(**kw: int) -> dict[str, int]:
-        return kw
-
-    got = reconcile.usage_by_others(others, exclude=("ns", "me"), usage_type=usage)
-    assert got == {("n", 1): {"memory_used_bytes": 2 << 30, "slots_used": 2}}
+    got = reconcile.usage_by_others(others, exclude=("ns", "me"))
+    assert got == {("n", 1): GpuUsage(memory_used_bytes=2 << 30, slots_used=2)}
 
 
 def test_desired_fields_already_present_mean_no_patch() -> None:

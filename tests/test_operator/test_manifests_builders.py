@@ -11,12 +11,12 @@ import pytest
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from faastube import workflow as wf
 from faastube_operator import cli as operator_cli
 from faastube_operator import manifests
-from faastube_operator.manifests import Where
 from faastube_operator.podresources import ContainerResources, canonical_quantity
 from faastube_operator.settings import OperatorSettings
+from faastube_placement import Where, follow_consumers
+from faastube_spec import workflow as wf
 
 SPEC: dict[str, Any] = {
     "slo": "800ms",
@@ -41,7 +41,7 @@ def _workflow() -> wf.Workflow:
 
 def _children(placement: dict[str, Where] | None = None) -> dict[str, dict[str, Any]]:
     w = _workflow()
-    placed = manifests.resolve_placement(w, placement or {
+    placed = follow_consumers(w, placement or {
         "decode": Where("node-b"), "detect": Where("node-a", 1), "post": Where(None),
         "classify": Where("node-c", 3)})
     objs = manifests.workflow_children(w, namespace="team-a", spec=SPEC, placement=placed,
@@ -159,7 +159,7 @@ def test_an_unplaced_function_has_no_pin_and_the_null_removes_an_old_one() -> No
     term = affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
     assert term == {"labelSelector": {"matchLabels": {"faastube.io/workflow": "traffic"}},
                     "topologyKey": "kubernetes.io/hostname"}
-    assert manifests.resolve_placement(w, placed)["post"] == Where("node-a")
+    assert follow_consumers(w, placed)["post"] == Where("node-a")
     pinned = manifests.function_deployment(w, w.function("post"), namespace="ns",
                                            where=Where("node-a"), settings=SETTINGS,
                                            workflow_spec_hash="h")
@@ -224,7 +224,7 @@ def test_long_names_are_shortened_to_a_stable_valid_label() -> None:
 def test_without_the_socket_mount_pods_without_a_gpu_ask_the_device_plugin_for_the_socket() -> None:
     w = _workflow()
     settings = OperatorSettings(mount_socket_dir=False)
-    placed = manifests.resolve_placement(w, {"detect": Where("n", 0), "classify": Where("n", 1)})
+    placed = follow_consumers(w, {"detect": Where("n", 0), "classify": Where("n", 1)})
     children = {o["metadata"]["name"]: o for o in manifests.workflow_children(
         w, namespace="ns", spec=SPEC, placement=placed, settings=settings) if o["kind"] == "Deployment"}
     for name, dep in children.items():
@@ -242,7 +242,7 @@ def test_without_the_socket_mount_pods_without_a_gpu_ask_the_device_plugin_for_t
 def test_gpu_pods_run_under_the_configured_runtime_class_and_others_drop_it() -> None:
     w = _workflow()
     settings = OperatorSettings(gpu_runtime_class="nvidia")
-    placed = manifests.resolve_placement(w, {"detect": Where("n", 0), "classify": Where("n", 1)})
+    placed = follow_consumers(w, {"detect": Where("n", 0), "classify": Where("n", 1)})
     pods = {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in manifests.workflow_children(
         w, namespace="ns", spec=SPEC, placement=placed, settings=settings) if o["kind"] == "Deployment"}
     assert pods["traffic-detect"]["runtimeClassName"] == "nvidia"
@@ -265,7 +265,7 @@ def test_function_and_gateway_resources_come_from_the_settings() -> None:
                                                      "limits": {"cpu": "4", "memory": "16Gi"}}),
         gateway_resources=ContainerResources.parse({"requests": {"cpu": "0.25", "memory": "512Mi"}}))
     w = _workflow()
-    placed = manifests.resolve_placement(w, {"detect": Where("n", 0)})
+    placed = follow_consumers(w, {"detect": Where("n", 0)})
     deps = {o["metadata"]["name"]: o for o in manifests.workflow_children(
         w, namespace="ns", spec=SPEC, placement=placed, settings=settings) if o["kind"] == "Deployment"}
     resources = {name: d["spec"]["template"]["spec"]["containers"][0]["resources"] for name, d in deps.items()}
@@ -325,7 +325,7 @@ def test_settings_reject_bad_values_naming_the_field() -> None:
 
 def test_pods_that_reach_the_sidecar_join_its_socket_group() -> None:
     w = _workflow()
-    placed = manifests.resolve_placement(w, {"decode": Where("node-b"), "detect": Where("node-a", 1),
+    placed = follow_consumers(w, {"decode": Where("node-b"), "detect": Where("node-a", 1),
                                              "post": Where(None), "classify": Where("node-c", 3)})
     settings = OperatorSettings(image="x", socket_group=2350)
     objs = manifests.workflow_children(w, namespace="team-a", spec=SPEC, placement=placed, settings=settings)

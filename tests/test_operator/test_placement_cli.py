@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from faastube import cli, topology
+from faastube import cli
+from faastube_spec import topology
 
 WORKFLOW = {
     "apiVersion": "faastube.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "traffic"},

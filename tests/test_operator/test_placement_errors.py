@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from faastube import topology
 from faastube.errors import InvalidRequest
-from faastube.topology import ClusterTopology
-from faastube.workflow import EdgeSpec, FunctionSpec, Workflow
-from faastube_operator import placement_instances as pi
-from faastube_operator.placement import (
+from faastube_placement import instances as pi
+from faastube_placement.core import (
     Assignment,
     GpuUsage,
     PlacementError,
@@ -16,6 +13,9 @@ from faastube_operator.placement import (
     place,
     placement_cost,
 )
+from faastube_spec import topology
+from faastube_spec.topology import ClusterTopology
+from faastube_spec.workflow import EdgeSpec, FunctionSpec, Workflow
 
 GIB = 2**30
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from faastube import topology
-from faastube.topology import ClusterTopology, NetworkLink
-from faastube_operator import placement_instances as pi
-from faastube_operator.placement import (
+from faastube_placement import instances as pi
+from faastube_placement.core import (
     GpuUsage,
     PlacementError,
     brute_force,
@@ -16,6 +14,8 @@ from faastube_operator.placement import (
     place,
     placement_cost,
 )
+from faastube_spec import topology
+from faastube_spec.topology import ClusterTopology, NetworkLink
 
 GIB = 2**30
 

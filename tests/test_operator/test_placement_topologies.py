@@ -5,11 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from faastube import topology
-from faastube.topology import ClusterTopology
-from faastube.workflow import EdgeSpec, FunctionSpec, Workflow
-from faastube_operator import placement_instances as pi
-from faastube_operator.placement import (
+from faastube_placement import instances as pi
+from faastube_placement.core import (
     Assignment,
     GpuUsage,
     PlacementError,
@@ -18,7 +15,10 @@ from faastube_operator.placement import (
     place,
     placement_cost,
 )
-from faastube_operator.placement_model import build_cost_model
+from faastube_placement.costs import build_cost_model
+from faastube_spec import topology
+from faastube_spec.topology import ClusterTopology
+from faastube_spec.workflow import EdgeSpec, FunctionSpec, Workflow
 
 GIB = 2**30
 MB = 10**6
@@ -70,7 +70,7 @@ def test_dgx1_relays_over_nvlink_rather_than_crossing_pcie_between_sockets() -> 
 
 
 def pi_location(node: str, gpu: int | None):
-    from faastube_operator.placement_model import Location
+    from faastube_placement.costs import Location
     return Location(node, gpu)
 
 
@@ -166,7 +166,7 @@ def test_same_input_gives_the_same_placement(seed: int) -> None:
 
 
 def test_nodes_with_no_network_between_them_are_never_bridged() -> None:
-    from faastube.topology import NetworkLink
+    from faastube_spec.topology import NetworkLink
     base = pi.cluster_of(["4x-a10", "4x-a10"])
     cluster = ClusterTopology(nodes=base.nodes, network_links=(NetworkLink("n0", "n1", 0.0),))
     small = chain([20, 20], [100])

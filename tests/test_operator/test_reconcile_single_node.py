@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from faastube import topology
-from faastube import workflow as wf
-from faastube_operator import placement, reconcile
+from faastube_operator import reconcile
+from faastube_placement import core as placement
+from faastube_placement import place_on_one_node
+from faastube_spec import topology
+from faastube_spec import workflow as wf
 
 NODE = topology.builtin_node("4x-a10")  # 4 GPUs of 24 GB
 CLUSTER = topology.ClusterTopology(nodes=(dataclasses.replace(NODE, name="node-a"),
@@ -23,7 +25,7 @@ def _chain(count: int, memory: str) -> wf.Workflow:
 
 
 def test_a_workflow_that_fits_on_a_node_is_placed_on_one_node() -> None:
-    decided = reconcile.place_on_one_node(_chain(3, "20Gi"), CLUSTER, usage={})
+    decided = place_on_one_node(_chain(3, "20Gi"), CLUSTER, usage={})
     assert len({a.node for a in decided.assignments.values()}) == 1
 
 
@@ -32,7 +34,7 @@ def test_a_workflow_that_fits_only_across_nodes_is_refused_with_each_nodes_reaso
     spread = placement.place(workflow, CLUSTER)
     assert {a.node for a in spread.assignments.values()} == {"node-a", "node-b"}
     with pytest.raises(placement.PlacementError, match="fits only across nodes") as caught:
-        reconcile.place_on_one_node(workflow, CLUSTER, usage={})
+        place_on_one_node(workflow, CLUSTER, usage={})
     assert "node-a:" in str(caught.value) and "node-b:" in str(caught.value)
 
 
@@ -40,7 +42,7 @@ def test_the_cheapest_single_node_wins_when_usage_pushes_a_workflow_apart() -> N
     # node-a has three GPUs full: a four-function chain fits whole only on node-b.
     full = placement.GpuUsage(memory_used_bytes=NODE.gpus[0].memory_bytes, slots_used=4)
     usage = {("node-a", i): full for i in range(3)}
-    decided = reconcile.place_on_one_node(_chain(4, "20Gi"), CLUSTER, usage=usage)
+    decided = place_on_one_node(_chain(4, "20Gi"), CLUSTER, usage=usage)
     assert {a.node for a in decided.assignments.values()} == {"node-b"}
 
 

@@ -8,9 +8,9 @@ import json
 from typing import Any
 
 import pytest
-from faastube.workflow import WorkflowInvalid
 from faastube_runtime import discovery, errors, gateway_cli, worker_cli
 from faastube_runtime.addresses import Address, parse_address, parse_host_port
+from faastube_spec.workflow import WorkflowInvalid
 
 DOC = {"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "w"},
        "spec": {"slo": "1s", "functions": [{"name": "a", "handler": "m:a"},

@@ -9,7 +9,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 from faastube import sdk
-from faastube.workflow import Workflow, load_workflow
+from faastube_spec.workflow import Workflow, load_workflow
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")

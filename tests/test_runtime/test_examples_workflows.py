@@ -9,7 +9,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 from faastube import sdk
-from faastube.workflow import Workflow, load_workflow
+from faastube_spec.workflow import Workflow, load_workflow
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NAMES = ("traffic", "driving", "video", "image")

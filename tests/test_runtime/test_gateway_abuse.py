@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-from faastube.workflow import load_workflow
 from faastube_runtime import bodies, dag
 from faastube_runtime.gateway import GatewayConfig
 from faastube_runtime.local import LocalOptions, LocalRuntime
+from faastube_spec.workflow import load_workflow
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 

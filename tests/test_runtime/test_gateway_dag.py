@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 from faastube import sdk
-from faastube.workflow import Workflow, parse_workflow
 from faastube_runtime import dag, errors
+from faastube_spec.workflow import Workflow, parse_workflow
 from runtime_doubles import InProcessInvoker, MemoryStore
 
 

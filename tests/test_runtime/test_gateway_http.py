@@ -13,10 +13,10 @@ import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
-from faastube.workflow import load_workflow
 from faastube_runtime import dag
 from faastube_runtime.gateway import BREAKDOWN_HEADER, GatewayConfig
 from faastube_runtime.local import LocalOptions, LocalRuntime
+from faastube_spec.workflow import load_workflow
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 

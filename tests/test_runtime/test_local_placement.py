@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from faastube import topology
-from faastube.workflow import load_workflow
 from faastube_runtime.local import assign_devices
+from faastube_spec import topology
+from faastube_spec.workflow import load_workflow
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = {
@@ -26,7 +26,7 @@ def _node() -> topology.NodeTopology:
 
 
 def test_gpu_functions_that_pass_much_data_share_a_gpu() -> None:
-    from faastube.workflow import parse_workflow
+    from faastube_spec.workflow import parse_workflow
 
     devices = assign_devices(parse_workflow(PIPELINE), gpus=4, node=_node())
     assert devices[("a", 0)] == devices[("b", 0)] == devices[("c", 0)] == devices[("c", 1)]
@@ -34,7 +34,7 @@ def test_gpu_functions_that_pass_much_data_share_a_gpu() -> None:
 
 
 def test_topology_indices_are_mapped_to_cuda_ordinals() -> None:
-    from faastube.workflow import parse_workflow
+    from faastube_spec.workflow import parse_workflow
 
     devices = assign_devices(parse_workflow(PIPELINE), gpus=4, node=_node(), cuda_of={0: 3, 1: 2, 2: 1, 3: 0})
     placed = {d for d in devices.values() if d is not None}

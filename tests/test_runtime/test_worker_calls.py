@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from faastube import client as ft_client
-from faastube.workflow import load_workflow
 from faastube_runtime import handlers, wire
 from faastube_runtime.worker import FunctionWorker, build_app
+from faastube_spec.workflow import load_workflow
 
 FIXTURE = Path(__file__).parent / "gateway_fixture" / "workflow.yaml"
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from faastube import documents
-from faastube.documents import DEFAULT_LIMITS, DocumentInvalid, check_value, load_yaml, preview
-from faastube.units import UnitError, parse_size
-from faastube.workflow import (
+from faastube_spec import documents
+from faastube_spec.documents import DEFAULT_LIMITS, DocumentInvalid, check_value, load_yaml, preview
+from faastube_spec.units import UnitError, parse_size
+from faastube_spec.workflow import (
     GATEWAY_FUNCTION,
     MAX_ERRORS_LISTED,
     RESERVED_FUNCTION_NAMES,

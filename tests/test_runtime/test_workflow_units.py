@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from faastube.units import UnitError, format_duration, format_size, parse_duration, parse_size
-from faastube.workflow import parse_duration as wf_parse_duration
-from faastube.workflow import parse_size as wf_parse_size
+from faastube_spec.units import UnitError, format_duration, format_size, parse_duration, parse_size
+from faastube_spec.workflow import parse_duration as wf_parse_duration
+from faastube_spec.workflow import parse_size as wf_parse_size
 
 
 @pytest.mark.parametrize("text, size_bytes", [

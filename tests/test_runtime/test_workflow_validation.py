@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from faastube.errors import InvalidRequest
-from faastube.workflow import (
+from faastube_spec.workflow import (
     DEFAULT_GPU_MEMORY_BYTES,
     EdgeSpec,
     FieldError,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from faastube import topology
 from faastube.errors import InvalidRequest
 from faastube_sidecar.deviceplugin.devices import (
     GpuDevice,
@@ -18,6 +17,7 @@ from faastube_sidecar.deviceplugin.devices import (
     preferred_socket_allocation,
     socket_allocation,
 )
+from faastube_spec import topology
 
 GPU = GpuDevice(2, "GPU-2", sharing_slots=4, numa_node=1)
 

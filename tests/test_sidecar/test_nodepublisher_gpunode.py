@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from faastube import topology
 from faastube_sidecar.gpuhealth import FixedHealthSource, GpuHealth, HealthMonitor
 from faastube_sidecar.nodepublisher import (
     GpuPoolStats,
@@ -19,6 +18,7 @@ from faastube_sidecar.nodepublisher import (
     pool_free_bytes,
     replacing_merge_patch,
 )
+from faastube_spec import topology
 from kubernetes import client as k8s
 
 GIB = 1 << 30

@@ -6,10 +6,10 @@ import itertools
 from pathlib import Path
 
 import pytest
-from faastube import topology
-from faastube.topology import NodeTopology
 from faastube_sidecar.transfers import planner
 from faastube_sidecar.transfers.planner import HOST, CostModel, PathCatalog, Plan, PlanError
+from faastube_spec import topology
+from faastube_spec.topology import NodeTopology
 
 MiB = 1 << 20
 GiB = 1 << 30

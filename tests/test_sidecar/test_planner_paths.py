@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from faastube import topology
-from faastube.topology import GBPS, NodeTopology
 from faastube_sidecar.transfers import planner
 from faastube_sidecar.transfers.planner import HOST, LinkUsage, PathCatalog, Plan, PlanError
+from faastube_spec import topology
+from faastube_spec.topology import GBPS, NodeTopology
 
 TOPOLOGIES = ("dgx1-v100", "dgx-a100", "dgx-h100", "4x-a10", "8x-l40s", "lent-4xh100")
 Endpoint = planner.Endpoint

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from faastube import topology
-from faastube.topology import GBPS
 from faastube_sidecar.transfers import planner
 from faastube_sidecar.transfers.planner import HOST, PathShare, Plan, PlanError
+from faastube_spec import topology
+from faastube_spec.topology import GBPS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

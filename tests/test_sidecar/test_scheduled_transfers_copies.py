@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from faastube import topology
 from faastube_sidecar.backends.cuda_transfers import EngineSettings, ScheduledTransfers
 from faastube_sidecar.transfers.cuda_executor import EngineClosed
 from faastube_sidecar.transfers.planner import CostModel
@@ -24,6 +23,7 @@ from faastube_sidecar.transfers.scheduler import (
     TransferRequest,
     sized_route,
 )
+from faastube_spec import topology
 from simcuda import SimCuda, SimEvent
 
 KiB = 1 << 10

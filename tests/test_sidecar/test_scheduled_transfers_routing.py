@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from faastube import topology
 from faastube_sidecar.backends.cuda_transfers import is_single_direct
 from faastube_sidecar.transfers import planner
+from faastube_spec import topology
 
 
 def _direct(name: str, src: int | str, dst: int | str) -> bool:

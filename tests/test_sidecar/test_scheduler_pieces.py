@@ -8,7 +8,6 @@ millisecond, and a split transfer starts every path at once and ends them togeth
 from __future__ import annotations
 
 import pytest
-from faastube import topology
 from faastube_sidecar.backends.cuda_transfers import EngineSettings
 from faastube_sidecar.transfers import linkmodel, planner, scheduler
 from faastube_sidecar.transfers.cuda_executor import node_links
@@ -27,6 +26,7 @@ from faastube_sidecar.transfers.scheduler import (
     route_from_plan,
     sized_route,
 )
+from faastube_spec import topology
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

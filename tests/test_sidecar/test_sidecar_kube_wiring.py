@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from faastube import client as ft_client
-from faastube import locations, topology
+from faastube import locations
 from faastube.errors import PermissionDenied
 from faastube.locations import HOST
 from faastube_sidecar.backends.host import HostBackend
@@ -31,6 +31,7 @@ from faastube_sidecar.identity import Domain
 from faastube_sidecar.kube import DataPlanePoolStats
 from faastube_sidecar.nodepublisher import GpuPoolStats
 from faastube_sidecar.pool import Budget, Pool, PoolLimits
+from faastube_spec import topology
 from test_deviceplugin_kubelet import Kubelet
 
 GIB = 1 << 30

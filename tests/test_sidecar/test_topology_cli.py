@@ -6,8 +6,9 @@ import json
 
 import pytest
 import yaml
-from faastube import cli, topology
+from faastube import cli
 from faastube_sidecar import discovery
+from faastube_spec import topology
 
 
 def _nvml_sees_a_gpu() -> bool:

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from faastube import topology
-from faastube.topology import GBPS
 from faastube_sidecar import discovery
+from faastube_spec import topology
+from faastube_spec.topology import GBPS
 
 
 class FakeNvmlError(Exception):

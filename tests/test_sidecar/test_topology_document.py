@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faastube import topology
 from faastube.errors import InvalidRequest
-from faastube.topology import GBPS, TopologyError
+from faastube_spec import topology
+from faastube_spec.topology import GBPS, TopologyError
 
 SINGLE_NODE_BUILTINS = ("dgx1-v100", "dgx-a100", "dgx-h100", "4x-a10", "8x-l40s", "lent-4xh100")
 

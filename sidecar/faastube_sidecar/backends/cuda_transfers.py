@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from faastube.topology import NodeTopology
+from faastube_spec.topology import NodeTopology
 
 from faastube_sidecar.transfers import planner
 from faastube_sidecar.transfers.cuda_executor import (

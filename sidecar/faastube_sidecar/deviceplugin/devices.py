@@ -73,7 +73,7 @@ class GpuDevice:
 
 
 def gpu_devices_from_topology(node: Any) -> list[GpuDevice]:
-    """Build the device list from a ``faastube.topology.NodeTopology``."""
+    """Build the device list from a ``faastube_spec.topology.NodeTopology``."""
     return [
         GpuDevice(index=g.index, uuid=g.uuid, sharing_slots=g.sharing_slots, numa_node=g.numa_node)
         for g in node.gpus

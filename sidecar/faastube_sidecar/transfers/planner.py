@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from faastube.errors import InvalidRequest
-from faastube.topology import NodeTopology
+from faastube_spec.topology import NodeTopology
 
 logger = logging.getLogger(__name__)
 

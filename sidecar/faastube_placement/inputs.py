@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from faastube import documents, topology
 from faastube.errors import InvalidRequest
-from faastube.topology import ClusterTopology, NodeTopology, TopologyError
-from faastube.units import UnitError, parse_size
+from faastube_spec import documents, topology
+from faastube_spec.topology import ClusterTopology, NodeTopology, TopologyError
+from faastube_spec.units import UnitError, parse_size
 
-from faastube_operator.placement import GpuUsage
+from faastube_placement.core import GpuUsage
 
 logger = logging.getLogger(__name__)
 

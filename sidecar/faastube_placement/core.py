@@ -14,7 +14,7 @@ The API (one ``Assignment`` per function) says the same, and replicas of one
 function exchange no data with each other, so splitting them could only add
 transfers.
 
-The cost model lives in ``placement_model`` and the search in ``placement_search``;
+The cost model lives in ``costs`` and the search in ``search``;
 the design is written up in ``docs/placement.md``.
 """
 
@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 
 from faastube.errors import InvalidRequest
 
-from faastube_operator import placement_model, placement_search
-from faastube_operator.placement_model import CostModel, Location, PathKind
+from faastube_placement import costs, search
+from faastube_placement.costs import CostModel, Location, PathKind
 
 if TYPE_CHECKING:
-    from faastube.topology import ClusterTopology
-    from faastube.workflow import Workflow
+    from faastube_spec.topology import ClusterTopology
+    from faastube_spec.workflow import Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ __all__ = [
     "placement_cost",
 ]
 
-DEFAULT_EXACT_BUDGET = placement_search.DEFAULT_EXACT_BUDGET
+DEFAULT_EXACT_BUDGET = search.DEFAULT_EXACT_BUDGET
 
 # Stand-in for "no network between these nodes" inside the search, which needs finite
 # numbers (0 bytes * inf is nan); any placement that uses it is rejected afterwards.
@@ -116,10 +116,10 @@ def place(workflow: Workflow, cluster: ClusterTopology, *,
     bounds the exact phase (candidate evaluations; deterministic); 0 keeps only the
     heuristic. Raises ``PlacementError`` when nothing fits, naming the reason.
     """
-    model = placement_model.build_cost_model(cluster)
+    model = costs.build_cost_model(cluster)
     problem = _problem(workflow, cluster, model, usage or {})
     _check_fits_alone(workflow, cluster, model, problem)
-    solution = placement_search.solve(problem, exact_budget=exact_budget)
+    solution = search.solve(problem, exact_budget=exact_budget)
     if solution is None:
         raise PlacementError(_no_fit_message(workflow, problem))
     placement = _placement(workflow, model, solution)
@@ -140,10 +140,10 @@ def brute_force(workflow: Workflow, cluster: ClusterTopology, *,
     Raises ``PlacementError`` if nothing fits, ``InvalidRequest`` if the instance has
     more than ``max_assignments`` candidate assignments.
     """
-    model = placement_model.build_cost_model(cluster)
+    model = costs.build_cost_model(cluster)
     problem = _problem(workflow, cluster, model, usage or {})
     try:
-        solution = placement_search.enumerate_all(problem, max_assignments=max_assignments)
+        solution = search.enumerate_all(problem, max_assignments=max_assignments)
     except ValueError as e:
         raise InvalidRequest(f"brute_force: instance too large to enumerate: {e}") from e
     if solution is None:
@@ -160,7 +160,7 @@ def placement_cost(workflow: Workflow, cluster: ClusterTopology,
 def edge_costs(workflow: Workflow, cluster: ClusterTopology,
                assignments: Mapping[str, Assignment]) -> tuple[EdgeCost, ...]:
     """Path and seconds of every edge, in the workflow's edge order."""
-    model = placement_model.build_cost_model(cluster)
+    model = costs.build_cost_model(cluster)
     where = _locations(workflow, model, assignments)
     out = []
     for edge in workflow.edges:
@@ -174,7 +174,7 @@ def capacity_violations(workflow: Workflow, cluster: ClusterTopology,
                         assignments: Mapping[str, Assignment], *,
                         usage: Mapping[tuple[str, int], GpuUsage] | None = None) -> list[str]:
     """Human-readable reasons a layout overfills GPU memory or sharing slots ([] if none)."""
-    model = placement_model.build_cost_model(cluster)
+    model = costs.build_cost_model(cluster)
     problem = _problem(workflow, cluster, model, usage or {})
     where = _locations(workflow, model, assignments)
     memory = [0] * problem.location_count
@@ -213,7 +213,7 @@ def _validated_usage(cluster: ClusterTopology, usage: Mapping[tuple[str, int], G
 
 
 def _problem(workflow: Workflow, cluster: ClusterTopology, model: CostModel,
-             usage: Mapping[tuple[str, int], GpuUsage]) -> placement_search.Problem:
+             usage: Mapping[tuple[str, int], GpuUsage]) -> search.Problem:
     if not cluster.nodes:
         raise PlacementError("the topology has no nodes")
     used = _validated_usage(cluster, usage)
@@ -234,7 +234,7 @@ def _problem(workflow: Workflow, cluster: ClusterTopology, model: CostModel,
     index = {fn.name: i for i, fn in enumerate(workflow.functions)}
     spb = tuple(tuple(v if math.isfinite(v) else _UNREACHABLE_SECONDS_PER_BYTE for v in row)
                 for row in model.seconds_per_byte)
-    return placement_search.Problem(
+    return search.Problem(
         domains=tuple(gpu_locations if fn.gpu else host_locations for fn in workflow.functions),
         demand_memory_bytes=tuple(fn.replicas * fn.gpu_memory_bytes if fn.gpu else 0
                                   for fn in workflow.functions),
@@ -250,7 +250,7 @@ def _problem(workflow: Workflow, cluster: ClusterTopology, model: CostModel,
 
 
 def _placement(workflow: Workflow, model: CostModel,
-               solution: placement_search.Solution) -> Placement:
+               solution: search.Solution) -> Placement:
     assignments = {fn.name: Assignment(model.locations[loc].node, model.locations[loc].gpu)
                    for fn, loc in zip(workflow.functions, solution.assignment)}
     # Recomputed on the true model, where an unreachable pair costs inf.
@@ -296,7 +296,7 @@ def _where(loc: Location) -> str:
 
 
 def _check_fits_alone(workflow: Workflow, cluster: ClusterTopology, model: CostModel,
-                      problem: placement_search.Problem) -> None:
+                      problem: search.Problem) -> None:
     """Reject, with a precise reason, functions that fit on no GPU even on their own."""
     gpu_functions = [(i, fn) for i, fn in enumerate(workflow.functions) if fn.gpu]
     if not gpu_functions:
@@ -321,7 +321,7 @@ def _check_fits_alone(workflow: Workflow, cluster: ClusterTopology, model: CostM
             f"{problem.capacity_slots[most_slots]} ({_where(model.locations[most_slots])})")
 
 
-def _no_fit_message(workflow: Workflow, problem: placement_search.Problem) -> str:
+def _no_fit_message(workflow: Workflow, problem: search.Problem) -> str:
     gpu_idx = [i for i, d in enumerate(problem.domains) if d and problem.demand_slots[i] > 0]
     locs = {loc for i in gpu_idx for loc in problem.domains[i]}
     need_memory = sum(problem.demand_memory_bytes[i] for i in gpu_idx)

@@ -9,7 +9,7 @@ should not have to rerun it once per typo. Unknown fields are errors, because a
 misspelt optional field (``replica: 4``) would otherwise be silently ignored.
 
 Documents are untrusted (anyone who can write a file or a custom resource), so
-every way in goes through ``faastube.documents``' limits first (size, nesting,
+every way in goes through ``faastube_spec.documents``' limits first (size, nesting,
 values after alias expansion, string length, 64-bit integers); the checks here
 are linear in the document's size, messages quote values through ``preview``
 (never a whole value), and at most ``MAX_ERRORS_LISTED`` problems are listed.
@@ -31,10 +31,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from faastube import documents
-from faastube.documents import preview
 from faastube.errors import InvalidRequest
-from faastube.units import UnitError, format_duration, format_size, parse_duration, parse_size
+
+from faastube_spec import api, documents
+from faastube_spec.documents import preview
+from faastube_spec.units import UnitError, format_duration, format_size, parse_duration, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ __all__ = [
     "parse_workflow",
 ]
 
-API_VERSION = "faastube.io/v1alpha1"
-KIND = "Workflow"
+API_VERSION = api.API_VERSION
+KIND = api.WORKFLOW_KIND
 # `gpu: true` asks for this much pool-visible GPU memory.
 DEFAULT_GPU_MEMORY_BYTES = 2**30
 # The function name the workflow's gateway takes: its identity at the node's sidecar and the
@@ -326,7 +327,7 @@ class _Collector:
 def parse_workflow(doc: Mapping[str, Any], *, source_path: str | os.PathLike[str] | None = None) -> Workflow:
     """Validate a Workflow document (YAML/JSON already loaded) and build the model.
 
-    The document's size is checked first (``faastube.documents.check_value``), so a
+    The document's size is checked first (``faastube_spec.documents.check_value``), so a
     Kubernetes object or a dict built in code meets the same limits as a file.
     Raises ``WorkflowInvalid`` listing the problems found.
     """

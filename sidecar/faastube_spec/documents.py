@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from faastube.errors import InvalidRequest
 from yaml import events as ev
 from yaml.resolver import Resolver
-
-from faastube.errors import InvalidRequest
 
 __all__ = [
     "DEFAULT_LIMITS",

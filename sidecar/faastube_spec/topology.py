@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-from faastube import documents
 from faastube.errors import InvalidRequest
+
+from faastube_spec import api, documents
 
 logger = logging.getLogger(__name__)
 
-API_VERSION = "faastube.io/v1alpha1"
-KIND = "Topology"
+API_VERSION = api.API_VERSION
+KIND = api.TOPOLOGY_KIND
 GBPS = 1e9  # the document's bandwidth unit, in bytes/s
 DEFAULT_SHARING_SLOTS = 4
 DEFAULT_NETWORK_BANDWIDTH_BYTES_PER_S = 12.5 * GBPS  # 100 Gbit/s Ethernet
@@ -469,12 +469,12 @@ def node_document(n: NodeTopology) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# Built-in simulated topologies (package data in faastube/topologies/).
+# Built-in simulated topologies (package data in faastube_spec/topologies/).
 
 
 def builtin_names() -> tuple[str, ...]:
     """Names accepted by :func:`builtin`, sorted."""
-    folder = resources.files("faastube") / "topologies"
+    folder = resources.files("faastube_spec") / "topologies"
     return tuple(sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
                         if p.name.endswith(".yaml")))
 
@@ -484,7 +484,7 @@ def builtin(name: str) -> ClusterTopology:
     names = builtin_names()
     if name not in names:
         raise TopologyError("", f"no built-in topology named {name!r} (known: {', '.join(names)})")
-    text = (resources.files("faastube") / "topologies" / f"{name}.yaml").read_text()
+    text = (resources.files("faastube_spec") / "topologies" / f"{name}.yaml").read_text()
     return parse_topology(documents.load_yaml(text))
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import re
 
-from faastube.documents import INT_MAX, preview
 from faastube.errors import InvalidRequest
+
+from faastube_spec.documents import INT_MAX, preview
 
 # Sizes travel as signed 64-bit integers (the wire protocol, Kubernetes quantities).
 MAX_SIZE_BYTES = INT_MAX

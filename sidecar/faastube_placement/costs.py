@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from faastube.topology import ClusterTopology, NodeTopology
+    from faastube_spec.topology import ClusterTopology, NodeTopology
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import dataclasses
 import random
 from collections.abc import Sequence
 
-from faastube import topology
-from faastube.topology import ClusterTopology, NetworkLink, NodeTopology
-from faastube.workflow import EdgeSpec, FunctionSpec, Workflow
+from faastube_spec import topology
+from faastube_spec.topology import ClusterTopology, NetworkLink, NodeTopology
+from faastube_spec.workflow import EdgeSpec, FunctionSpec, Workflow
 
 GIB = 2**30
 MB = 10**6

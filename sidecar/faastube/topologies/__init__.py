@@ -1,1 +1,0 @@
-"""Simulated topologies shipped as package data; load them with ``faastube.topology.builtin(name)``."""
