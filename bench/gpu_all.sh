@@ -60,6 +60,12 @@ for step in "${steps[@]}"; do
         > "$OUT/dataplane-concurrency-host.log" 2>&1
       echo "concurrency, host pattern: rc=$?" >> "$summary"
       grep -E "^concurrency" "$OUT/dataplane-concurrency-host.log" >> "$summary" ;;
+    gpu-sharing)
+      # Replicas sharing one GPU: CUDA MPS vs time-slicing (issue 11, item 4).
+      timeout 400 python3 bench/gpu_sharing.py --out "$OUT" > "$OUT/gpu-sharing.log" 2>&1
+      echo "gpu-sharing: rc=$?" >> "$summary"
+      sed -n '/^== GPU sharing/,$p' "$OUT/gpu-sharing.log" >> "$summary"
+      tail -5 "$OUT/gpu-sharing.log" | grep -i error >> "$summary" ;;
     dataplane-quick)
       timeout 240 python3 -m faastube.cli --log-level WARNING bench dataplane --quick --out "$OUT" --tag quick \
         > "$OUT/dataplane-quick.log" 2>&1
