@@ -28,7 +28,7 @@ test: setup
 	$(BIN)/python -m pytest -q -ra
 
 lint: setup
-	$(BIN)/ruff check sidecar operator tests bench
+	$(BIN)/ruff check sidecar operator tests bench hack
 	$(BIN)/mypy sidecar/faastube sidecar/faastube_sidecar
 
 clean:

@@ -206,12 +206,13 @@ def wait_until(check: Any, what: str, *, timeout_s: float = READY_TIMEOUT_S, dia
 
 
 def start_sidecar(podman: Podman, image: str, socket_dir: Path, *extra: str,
-                  options: tuple[str, ...] = ()) -> str:
+                  options: tuple[str, ...] = (), locked_down: bool = True) -> str:
+    """The sidecar on the host backend; ``locked_down=False``: only ``options`` secure it."""
     name = podman.start(
         "sidecar", image, "--log-level", "INFO", "sidecar", "--backend", "host",
         "--identity", "local", "--socket", f"{SOCKET_DIR}/faastube.sock", "--host-pool-max", "256Mi",
         *extra,
-        options=(*WITH_TMP, f"--volume={socket_dir}:{SOCKET_DIR}", *options))
+        options=(*(WITH_TMP if locked_down else ()), f"--volume={socket_dir}:{SOCKET_DIR}", *options))
     wait_until(lambda: (socket_dir / "faastube.sock").is_socket() or not podman.running(name),
                "the sidecar's socket", diagnose=lambda: podman.logs(name))
     assert podman.running(name), podman.logs(name)
@@ -330,6 +331,94 @@ def test_the_sidecar_on_a_read_only_root_serves_put_and_get_to_function_containe
     assert podman.running(sidecar), podman.logs(sidecar)
     assert podman.stop(sidecar) == 0, podman.logs(sidecar)   # SIGTERM as PID 1: a clean exit
     assert "stopped" in podman.logs(sidecar)
+
+
+def security_options(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """A pod's and its container's securityContext as podman flags (the fields the chart
+    and the operator set; any other field fails the test rather than being dropped)."""
+    flags = []
+    merged = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    for key, value in merged.items():
+        if key == "runAsUser":
+            group = merged.get("runAsGroup", value)
+            flags.append(f"--user={value}:{group}")
+        elif key == "supplementalGroups":
+            flags.extend(f"--group-add={g}" for g in value)
+        elif key == "readOnlyRootFilesystem":
+            flags.extend(["--read-only", "--read-only-tmpfs=false"] if value else [])
+        elif key == "capabilities":
+            assert value == {"drop": ["ALL"]}, value
+            flags.append("--cap-drop=all")
+        elif key == "allowPrivilegeEscalation":
+            flags.extend([] if value else ["--security-opt=no-new-privileges"])
+        elif key == "seccompProfile":
+            assert value == {"type": "RuntimeDefault"}, value    # podman's default profile
+        else:
+            assert key in ("runAsGroup", "runAsNonRoot"), f"securityContext.{key} not mapped"
+    return flags
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_sidecar_as_the_chart_runs_it_serves_only_containers_in_the_socket_group(
+        images: dict[str, str], podman: Podman) -> None:
+    """The chart's sidecar securityContext (root, no capabilities, read-only root, the
+    socket group as a supplemental group) on a root-owned socket directory, as the kubelet
+    creates it: the socket goes to the group, the operator's function pods (in the group)
+    put and get, a container outside the group is refused."""
+    helm = pytest.importorskip("helm_python")
+    from faastube.workflow import load_workflow
+    from faastube_operator import manifests
+    from faastube_operator.manifests import Where
+    from faastube_operator.settings import OperatorSettings
+
+    chart = helm.Chart.load(str(ROOT / "charts" / "faastube"))
+    try:
+        rendered = chart.render(None, name="ft", namespace="faastube", is_install=True)
+    finally:
+        chart.close()
+    (daemonset,) = [d for path, text in rendered.items() if path.endswith(".yaml")
+                    for d in yaml.safe_load_all(text) if d and d["kind"] == "DaemonSet"]
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (group,) = [int(a.split("=", 1)[1]) for a in container["args"] if a.startswith("--socket-group=")]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+    socket_dir = Path(tempfile.mkdtemp(prefix="ft-img-root-", dir="/tmp"))   # root's, 0755
+    try:
+        socket_dir.chmod(0o755)
+        sidecar = start_sidecar(podman, images["daemon"], socket_dir, "--metrics-port", "0",
+                                f"--socket-group={group}",
+                                options=(*security_options(pod, container), "--tmpfs=/tmp:rw,size=64m"),
+                                locked_down=False)
+        st = (socket_dir / "faastube.sock").stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, group, 0o660)
+
+        workflow = load_workflow(EXAMPLE / "workflow.yaml")
+        spec = yaml.safe_load((EXAMPLE / "workflow.yaml").read_text())["spec"]
+        objs = manifests.workflow_children(
+            workflow, namespace="e2e", spec=spec, placement={fn.name: Where("n") for fn in workflow.functions},
+            settings=OperatorSettings(image=images["daemon"], socket_group=group))
+        fn_pod = next(o for o in objs if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+        fn_options = (*security_options(fn_pod, fn_pod["containers"][0]),
+                      f"--volume={socket_dir}:{SOCKET_DIR}")
+        assert f"--group-add={group}" in fn_options
+        put_get = (
+            "import numpy as np, faastube\n"
+            f"c = faastube.connect('{SOCKET_DIR}/faastube.sock', workflow='images', function='probe')\n"
+            "a = np.arange(4096, dtype=np.int64)\n"
+            "assert np.array_equal(np.asarray(c.get(c.put(a, consumers=1))), a)\n"
+            "print('ok')\n")
+        done = podman.run(images["function"], "-c", put_get, entrypoint="python", options=fn_options)
+        assert done.returncode == 0 and done.stdout.strip() == "ok", (done.stdout, done.stderr)
+        outsider = podman.run(images["function"], "-c", put_get, entrypoint="python",
+                              options=tuple(o for o in fn_options if not o.startswith("--group-add")))
+        assert outsider.returncode != 0
+        assert "Permission denied" in outsider.stderr, outsider.stderr
+        assert podman.stop(sidecar) == 0, podman.logs(sidecar)
+    finally:
+        podman.remove_all()
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------
