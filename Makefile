@@ -51,9 +51,12 @@ EXAMPLES_IMAGE ?= $(REGISTRY)/examples:$(TAG)
 IMAGES          = $(DAEMON_IMAGE) $(FUNCTION_IMAGE) $(FUNCTION_CUDA_IMAGE) $(EXAMPLES_IMAGE)
 # The CA bundle pip trusts inside the build: a build secret, in no layer of the images.
 PIP_CA         ?= $(or $(wildcard /etc/ssl/certs/ca-certificates.crt),/dev/null)
-IMAGE_BUILD     = $(PODMAN) build --layers --secret id=pip-ca,src=$(PIP_CA) --build-arg VERSION=$(VERSION) \
-	--build-arg REVISION=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
-	--build-arg SOURCE_DIGEST=$$(python3 hack/source_digest.py)
+# Labels that change between builds go on the command line: podman 4.3's layer cache
+# ignores build-arg values, so a LABEL made of ARGs kept the first build's values.
+IMAGE_BUILD     = $(PODMAN) build --layers --secret id=pip-ca,src=$(PIP_CA) \
+	--label org.opencontainers.image.version=$(VERSION) \
+	--label org.opencontainers.image.revision=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+	--label io.faastube.image.source-digest=$$(python3 hack/source_digest.py)
 
 # Installs podman, buildah, runc and mmdebstrap (Debian) and writes the containers.conf
 # settings these machines need. Root only.
@@ -66,8 +69,10 @@ base-image:
 
 images: base-image
 	$(IMAGE_BUILD) -f images/daemon.Containerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(DAEMON_IMAGE) .
-	$(IMAGE_BUILD) -f images/function.Containerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg CUDA=0 -t $(FUNCTION_IMAGE) .
-	$(IMAGE_BUILD) -f images/function.Containerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg CUDA=1 -t $(FUNCTION_CUDA_IMAGE) .
+	$(IMAGE_BUILD) -f images/function.Containerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg CUDA=0 \
+		--label io.faastube.image.cuda=0 -t $(FUNCTION_IMAGE) .
+	$(IMAGE_BUILD) -f images/function.Containerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg CUDA=1 \
+		--label io.faastube.image.cuda=1 -t $(FUNCTION_CUDA_IMAGE) .
 	$(IMAGE_BUILD) -f images/examples.Containerfile --build-arg FUNCTION_IMAGE=$(FUNCTION_CUDA_IMAGE) \
 		-t $(EXAMPLES_IMAGE) .
 	@for image in $(IMAGES); do \
