@@ -201,6 +201,21 @@ def test_sidecar_daemonset_mounts_the_socket_directory_and_kubelet_sockets() -> 
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
 
 
+def test_sidecar_runs_as_root_in_the_socket_group_though_the_image_user_is_not_root() -> None:
+    # The daemon image runs as 65532 (images/daemon.Containerfile); the kubelet's sockets
+    # and the socket directory are root's, and root without CAP_CHOWN may give the socket
+    # to the socket group only as a member (tests/e2e/test_images_podman.py runs this).
+    pod = _sidecar_pod()
+    assert pod["securityContext"]["runAsUser"] == 0
+    assert pod["securityContext"]["runAsGroup"] == 0
+    assert pod["securityContext"]["supplementalGroups"] == [2350]
+    assert "--socket-group=2350" in pod["containers"][0]["args"]
+    for no_group in (0, ""):
+        pod = _sidecar_pod({"socketGroup": no_group})
+        assert "supplementalGroups" not in pod["securityContext"]
+        assert not [a for a in pod["containers"][0]["args"] if a.startswith("--socket-group")]
+
+
 def test_sidecar_runs_on_any_labelled_gpu_node_where_nvidias_device_plugin_is_off() -> None:
     terms = _sidecar_pod()["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
         "nodeSelectorTerms"]
