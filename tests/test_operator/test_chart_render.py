@@ -84,7 +84,8 @@ def test_rendered_objects_are_valid_kubernetes(values: dict[str, Any] | None) ->
 def test_default_render_has_operator_sidecar_rbac_and_no_monitors() -> None:
     kinds = sorted(o["kind"] for o in _render())
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-                     "DaemonSet", "Deployment", "Service", "ServiceAccount", "ServiceAccount"]
+                     "DaemonSet", "Deployment", "PodDisruptionBudget", "Service",
+                     "ServiceAccount", "ServiceAccount"]
 
 
 def test_rbac_is_least_privilege() -> None:
@@ -131,6 +132,31 @@ def test_operator_deployment_runs_faastube_operator_with_metrics_and_liveness() 
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_operator_replicas_peer_are_probed_for_readiness_and_have_a_disruption_budget() -> None:
+    objs = _render()
+    dep = _one(objs, "Deployment", "-operator")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert dep["spec"]["replicas"] == 2
+    assert "strategy" not in dep["spec"]  # rolling updates: a new replica peers with the old
+    assert f"--peering={dep['metadata']['name']}" in container["args"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+        dep["spec"]["selector"]["matchLabels"]
+    pdb = _one(objs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
+    operator = _one(objs, "ClusterRole", "-operator")
+    grants = {(g, r): set(rule["verbs"]) for rule in operator["rules"]
+              for g in rule["apiGroups"] for r in rule["resources"]}
+    assert grants[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "create",
+                                                           "patch"}
+    assert grants[("faastube.io", "gpunodes/status")] == {"patch"}
+    # One replica: no budget (there would be nothing for it to keep up).
+    single = _render({"operator": {"replicas": 1}})
+    assert not [o for o in single if o["kind"] == "PodDisruptionBudget"]
 
 
 def test_custom_values_reach_the_objects() -> None:
