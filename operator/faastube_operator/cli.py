@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from typing import Any, cast
 
+from faastube_operator.podresources import ContainerResources
 from faastube_operator.settings import (
     DEFAULT_IMAGE,
     NodeHealthSettings,
@@ -32,6 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gateway pods get it as a supplemental group")
     parser.add_argument("--no-socket-mount", action="store_true",
                         help="do not mount the socket directory (the device plugin adds it)")
+    parser.add_argument("--gpu-runtime-class", default="", metavar="NAME",
+                        help="RuntimeClass of GPU function pods (e.g. nvidia when the device plugin "
+                             "exposes GPUs through NVIDIA_VISIBLE_DEVICES); default: none")
+    parser.add_argument("--function-resources", type=_resources, metavar="JSON",
+                        help='requests and limits of function containers, e.g. {"requests": {"cpu": '
+                             '"500m", "memory": "1Gi"}, "limits": {"memory": "8Gi"}} (the default)')
+    parser.add_argument("--gateway-resources", type=_resources, metavar="JSON",
+                        help='requests and limits of gateway containers (default {"requests": '
+                             '{"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "6Gi"}})')
     parser.add_argument("--status-interval-s", type=float, default=10.0,
                         help="how often the active replica sweeps: Ready refreshed from the "
                              "deployments, GpuNodes whose heartbeat stopped marked NotReady")
@@ -58,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="heartbeats missed before a GpuNode is marked NotReady")
 
 
+def _resources(text: str) -> ContainerResources:
+    try:
+        return ContainerResources.parse(json.loads(text))
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
     from faastube_operator import leadership
 
@@ -66,15 +84,19 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         priority=args.peering_priority if args.peering_priority is not None
         else leadership.new_priority(),
         lifetime_s=args.peering_lifetime_s)
+    resources = {name: value for name in ("function_resources", "gateway_resources")
+                 if (value := getattr(args, name)) is not None}
     return OperatorSettings(
         image=args.image, image_pull_policy=args.image_pull_policy,
         gateway_port=args.gateway_port, worker_port=args.worker_port, socket_dir=args.socket_dir,
         socket_name=args.socket_name, mount_socket_dir=not args.no_socket_mount, socket_group=args.socket_group,
         status_interval_s=args.status_interval_s, retry_delay_s=args.retry_delay_s,
         default_network_bandwidth_bytes_per_s=args.network_GBps * 1e9,
+        gpu_runtime_class=args.gpu_runtime_class,
         namespaces=tuple(args.namespace), peering=peering,
         node_health=NodeHealthSettings(heartbeat_s=args.gpunode_heartbeat_s,
-                                       missed_heartbeats=args.gpunode_missed_heartbeats))
+                                       missed_heartbeats=args.gpunode_missed_heartbeats),
+        **resources)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,6 +30,13 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 # reserves (no function may take it, so `<workflow>-gateway` is never a function's too).
 GATEWAY = GATEWAY_FUNCTION
 HEALTH_PATH = "/healthz"  # faastube_runtime.wire.HEALTH_PATH (the operator imports no runtime)
+# The sidecar's device plugin (the operator imports no sidecar): this resource's Allocate
+# mounts the socket directory into pods that get no GPU, so they need no hostPath volume.
+SOCKET_RESOURCE = f"{GROUP}/socket"
+# Every workflow pod runs on a node with a sidecar, a GPU node; GPU nodes are often tainted
+# so that only GPU pods land there. Our pods ask for faastube.io resources, not nvidia.com/gpu,
+# so the ExtendedResourceToleration admission plugin does not add this toleration for them.
+GPU_NODE_TOLERATIONS = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
 MAX_NAME_LENGTH = 63  # DNS-1123 label: Service names and the pods' hostname prefix
 
 
@@ -153,13 +160,23 @@ def workflow_document(workflow: Workflow) -> str:
     return json.dumps(dump_workflow(workflow), sort_keys=True, separators=(",", ":"))
 
 
-def _socket_volume(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _socket_access(
+    settings: OperatorSettings, *, gpu: int | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """How a pod reaches the sidecar's socket directory: (volumes, mounts, extended resources).
+
+    A GPU's ``faastube.io/gpu-<i>`` allocation adds the mount; other pods ask for one
+    ``faastube.io/socket`` device, whose allocation adds it, unless the operator is told to
+    mount the directory itself (a hostPath, which Pod Security "baseline" forbids).
+    """
+    if gpu is not None:
+        return [], [], {gpu_resource_name(gpu): 1}
     if not settings.mount_socket_dir:
-        return [], []
+        return [], [], {SOCKET_RESOURCE: 1}
     volumes = [{"name": "faastube-socket",
                 "hostPath": {"path": settings.socket_dir, "type": "Directory"}}]
     mounts = [{"name": "faastube-socket", "mountPath": settings.socket_dir}]
-    return volumes, mounts
+    return volumes, mounts, {}
 
 
 def _env(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
@@ -195,9 +212,8 @@ def function_deployment(
     """
     labels = function_labels(workflow.name, fn.name)
     selector = {LABEL_WORKFLOW: workflow.name, LABEL_FUNCTION: fn.name}
-    # A GPU function gets the sidecar's socket directory from the device plugin's Allocate
-    # (no hostPath in the pod, which Pod Security "baseline" forbids); CPU functions mount it.
-    volumes, mounts = ([], []) if fn.gpu and where.gpu is not None else _socket_volume(settings)
+    gpu = where.gpu if fn.gpu else None
+    volumes, mounts, extended = _socket_access(settings, gpu=gpu)
     env = [
         ("FAASTUBE_WORKFLOW", workflow.name),
         ("FAASTUBE_NAMESPACE", namespace),
@@ -220,13 +236,17 @@ def function_deployment(
                            "periodSeconds": 5, "failureThreshold": 3},
         "volumeMounts": mounts,
         "securityContext": _security_context(),
+        "resources": settings.function_resources.to_kubernetes(extended=extended),
     }
-    if fn.gpu and where.gpu is not None:
-        container["env"].append({"name": "FAASTUBE_GPU_INDEX", "value": str(where.gpu)})
-        container["resources"] = {"limits": {gpu_resource_name(where.gpu): 1}}
+    if gpu is not None:
+        container["env"].append({"name": "FAASTUBE_GPU_INDEX", "value": str(gpu)})
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes, **_pod_security(settings),
                                 "enableServiceLinks": False,
-                                "affinity": _affinity(workflow.name, where.node)}
+                                "affinity": _affinity(workflow.name, where.node),
+                                "tolerations": [dict(t) for t in GPU_NODE_TOLERATIONS],
+                                # None lets a merge patch drop a class the pod no longer needs.
+                                "runtimeClassName": (settings.gpu_runtime_class or None
+                                                     if gpu is not None else None)}
     placement_note = "anywhere" if where.node is None else (
         where.node if where.gpu is None else f"{where.node}/gpu-{where.gpu}")
     return {
@@ -278,7 +298,7 @@ def gateway_deployment(
     It reaches every function through that function's headless Service.
     """
     labels = gateway_labels(workflow.name)
-    volumes, mounts = _socket_volume(settings)
+    volumes, mounts, extended = _socket_access(settings, gpu=None)
     document = {"apiVersion": f"{GROUP}/v1alpha1", "kind": "Workflow",
                 "metadata": {"name": workflow.name}, "spec": dict(spec)}
     services = [
@@ -300,10 +320,12 @@ def gateway_deployment(
         "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
         "volumeMounts": mounts,
         "securityContext": _security_context(),
+        "resources": settings.gateway_resources.to_kubernetes(extended=extended),
     }
     pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes, **_pod_security(settings),
                                 "enableServiceLinks": False,
-                                "affinity": _affinity(workflow.name, node)}
+                                "affinity": _affinity(workflow.name, node),
+                                "tolerations": [dict(t) for t in GPU_NODE_TOLERATIONS]}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
+
+from faastube_operator.podresources import (
+    DEFAULT_FUNCTION_RESOURCES,
+    DEFAULT_GATEWAY_RESOURCES,
+    ContainerResources,
+)
 
 DEFAULT_IMAGE = "ghcr.io/faastube/faastube:0.1.0"
 
@@ -84,6 +91,12 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     peering: PeeringSettings = PeeringSettings()
     node_health: NodeHealthSettings = NodeHealthSettings()
+    # RuntimeClass of GPU function pods: the NVIDIA runtime when the device plugin hands GPUs
+    # over as NVIDIA_VISIBLE_DEVICES; "" (none) with its CDI exposure.
+    gpu_runtime_class: str = ""
+    # Requests and limits of function and gateway containers (a Workflow declares none).
+    function_resources: ContainerResources = DEFAULT_FUNCTION_RESOURCES
+    gateway_resources: ContainerResources = DEFAULT_GATEWAY_RESOURCES
 
     def __post_init__(self) -> None:
         if not self.image:
@@ -99,6 +112,8 @@ class OperatorSettings:
             raise ValueError("status_interval_s and retry_delay_s: must be > 0")
         if self.default_network_bandwidth_bytes_per_s <= 0:
             raise ValueError("default_network_bandwidth_bytes_per_s: must be > 0")
+        if self.gpu_runtime_class and not _DNS_SUBDOMAIN.match(self.gpu_runtime_class):
+            raise ValueError(f"gpu_runtime_class: {self.gpu_runtime_class!r} is not a RuntimeClass name")
 
     def serves(self, namespace: str) -> bool:
         return not self.namespaces or any(fnmatch.fnmatchcase(namespace, pattern)
@@ -107,3 +122,6 @@ class OperatorSettings:
     @property
     def socket_path(self) -> str:
         return f"{self.socket_dir.rstrip('/')}/{self.socket_name}"
+
+
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -25,7 +26,8 @@ from typing import Any, Literal, Self
 import aiohttp
 from aiohttp import web
 from faastube import errors as ft_errors
-from faastube import sdk
+from faastube import sdk, topology
+from faastube.topology import NodeTopology
 from faastube.workflow import GATEWAY_FUNCTION, Workflow
 
 from faastube_runtime import dag, errors, wire
@@ -70,18 +72,61 @@ def resolve_backend(backend: Backend) -> Literal["host", "cuda"]:
     return backend
 
 
-def assign_devices(workflow: Workflow, *, gpus: int) -> dict[tuple[str, int], int | None]:
-    """GPU index per (function, replica): GPU functions round-robin over the GPUs, CPU ones none."""
+def assign_devices(workflow: Workflow, *, gpus: int, node: NodeTopology | None = None,
+                   cuda_of: Mapping[int, int] | None = None) -> dict[tuple[str, int], int | None]:
+    """CUDA ordinal per (function, replica); CPU functions get none.
+
+    With this machine's topology (`node`, NVML indices mapped to CUDA ordinals by `cuda_of`),
+    GPU functions are placed as the operator places them on a cluster node: functions that
+    pass much data share a GPU (zero-copy) or sit on NVLinked GPUs. Without it, or if
+    placement fails, they are spread round-robin over the `gpus` GPUs.
+    """
+    gpu_of: dict[str, int | None] = {}
+    if gpus > 0 and node is not None and any(spec.gpu for spec in workflow.functions):
+        from faastube_operator.placement import PlacementError, place
+
+        try:
+            placement = place(workflow, topology.ClusterTopology(nodes=(node,)))
+        except PlacementError as e:
+            logger.warning("placing %s on this machine failed (%s); GPU functions go round-robin",
+                           workflow.name, e)
+        else:
+            for name, where in placement.assignments.items():
+                gpu_of[name] = None if where.gpu is None else (cuda_of or {}).get(where.gpu, where.gpu)
+            logger.info("placed %s on this machine: %s", workflow.name,
+                        ", ".join(f"{n}->gpu{g}" for n, g in sorted(gpu_of.items()) if g is not None))
     assignment: dict[tuple[str, int], int | None] = {}
     next_gpu = 0
     for spec in workflow.functions:
         for replica in range(spec.replicas):
-            if spec.gpu and gpus > 0:
+            if not spec.gpu or gpus <= 0:
+                assignment[(spec.name, replica)] = None
+            elif gpu_of.get(spec.name) is not None:
+                assignment[(spec.name, replica)] = gpu_of[spec.name]
+            else:
                 assignment[(spec.name, replica)] = next_gpu % gpus
                 next_gpu += 1
-            else:
-                assignment[(spec.name, replica)] = None
     return assignment
+
+
+def local_node() -> tuple[NodeTopology | None, dict[int, int]]:
+    """This machine's GPU topology (NVML) and its GPU index -> CUDA ordinal map; (None, {}) if unknown."""
+    try:
+        import cupy
+        from faastube_sidecar.backends.cuda import normalize_bus_id
+        from faastube_sidecar.discovery import discover_local_node
+
+        node = discover_local_node()
+        ordinals = {normalize_bus_id(cupy.cuda.Device(i).pci_bus_id): i
+                    for i in range(cupy.cuda.runtime.getDeviceCount())}
+        cuda_of = {g.index: ordinals[normalize_bus_id(g.pcie_bus_id)] for g in node.gpus
+                   if normalize_bus_id(g.pcie_bus_id) in ordinals}
+        if len(cuda_of) != len(node.gpus):
+            raise ValueError("NVML and CUDA see different GPUs")
+        return node, cuda_of
+    except Exception as e:  # noqa: BLE001 - placement then falls back to round-robin, said in the log
+        logger.warning("cannot read this machine's GPU topology (%s): GPU functions go round-robin", e)
+        return None, {}
 
 
 def _socket_parent() -> str:
@@ -176,7 +221,9 @@ class LocalRuntime:
         return child
 
     def _spawn_workers(self) -> dict[str, list[Replica]]:
-        devices = assign_devices(self.workflow, gpus=gpu_count() if self.backend == "cuda" else 0)
+        gpus = gpu_count() if self.backend == "cuda" else 0
+        node, cuda_of = local_node() if gpus else (None, {})
+        devices = assign_devices(self.workflow, gpus=gpus, node=node, cuda_of=cuda_of)
         replicas: dict[str, list[Replica]] = {}
         for number, spec in enumerate(self.workflow.functions):
             for index in range(spec.replicas):

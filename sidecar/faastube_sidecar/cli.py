@@ -146,6 +146,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kube.add_argument("--sharing-slots", type=_positive_int, metavar="N",
                       help="functions that may share one GPU (devices per GPU resource; default: "
                            "the topology's, 4 for discovered GPUs)")
+    kube.add_argument("--gpu-exposure", choices=("envvar", "cdi", "cdi-annotations"),
+                      help="with --device-plugin: how a function gets its GPU: envvar "
+                           "(NVIDIA_VISIBLE_DEVICES, for the NVIDIA runtime; default), cdi (a CDI "
+                           "device, injected by containerd/CRI-O; Kubernetes >= 1.29) or "
+                           "cdi-annotations (the same as an annotation, for older kubelets)")
+    kube.add_argument("--cdi-kind", metavar="VENDOR/CLASS",
+                      help="with a cdi exposure: the CDI kind of the node's GPU spec "
+                           "(default nvidia.com/gpu, what nvidia-ctk cdi generate writes)")
+    kube.add_argument("--cdi-device-name", choices=("uuid", "index"),
+                      help="with a cdi exposure: how that spec names a GPU (default uuid)")
+    kube.add_argument("--cdi-spec-dir", action="append", metavar="DIR",
+                      help="with a cdi exposure: where the runtime reads CDI specs (repeatable; "
+                           "default /etc/cdi and /var/run/cdi); a GPU no spec defines is unhealthy")
+    kube.add_argument("--socket-devices", type=_positive_int, metavar="N",
+                      help="with --device-plugin: also offer faastube.io/socket, N devices that "
+                           "give pods without a GPU the socket directory (no hostPath needed)")
     kube.add_argument("--publish-node", action="store_true",
                       help="keep this node's GpuNode resource (topology, health, pool memory) current")
     kube.add_argument("--heartbeat", type=_duration, metavar="DURATION",
@@ -174,8 +190,16 @@ def check_flags(args: argparse.Namespace) -> None:
         if quota is not None and not 1 << 20 <= quota <= getattr(args, f"{kind}_pool_max"):
             _usage_error(f"--{kind}-quota must be between 1Mi and --{kind}-pool-max")
     topology_user = args.device_plugin or args.publish_node
+    cdi_exposure = args.gpu_exposure in ("cdi", "cdi-annotations")
     needs = [
         ("--kubelet-dir", args.kubelet_dir is not None, args.device_plugin, "--device-plugin"),
+        ("--gpu-exposure", args.gpu_exposure is not None, args.device_plugin, "--device-plugin"),
+        ("--socket-devices", args.socket_devices is not None, args.device_plugin, "--device-plugin"),
+        ("--cdi-kind", args.cdi_kind is not None, cdi_exposure, "--gpu-exposure cdi or cdi-annotations"),
+        ("--cdi-device-name", args.cdi_device_name is not None, cdi_exposure,
+         "--gpu-exposure cdi or cdi-annotations"),
+        ("--cdi-spec-dir", args.cdi_spec_dir is not None, cdi_exposure,
+         "--gpu-exposure cdi or cdi-annotations"),
         ("--heartbeat", args.heartbeat is not None, args.publish_node, "--publish-node"),
         ("--sharing-slots", args.sharing_slots is not None, topology_user,
          "--device-plugin or --publish-node"),
@@ -213,12 +237,21 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import deferred: prometheus)
     from faastube_sidecar.app import SidecarSettings
-    from faastube_sidecar.kube import DEFAULT_HEARTBEAT_S, DEFAULT_KUBELET_DIR, KubeSettings
+    from faastube_sidecar.kube import (
+        DEFAULT_CDI_KIND,
+        DEFAULT_CDI_SPEC_DIRS,
+        DEFAULT_HEARTBEAT_S,
+        DEFAULT_KUBELET_DIR,
+        KubeSettings,
+    )
 
     check_flags(args)
     kube = KubeSettings(
         device_plugin=args.device_plugin, kubelet_dir=args.kubelet_dir or DEFAULT_KUBELET_DIR,
-        sharing_slots=args.sharing_slots, publish_node=args.publish_node,
+        sharing_slots=args.sharing_slots, gpu_exposure=args.gpu_exposure or "envvar",
+        cdi_kind=args.cdi_kind or DEFAULT_CDI_KIND, cdi_device_name=args.cdi_device_name or "uuid",
+        cdi_spec_dirs=tuple(args.cdi_spec_dir or DEFAULT_CDI_SPEC_DIRS),
+        socket_devices=args.socket_devices or 0, publish_node=args.publish_node,
         heartbeat_s=args.heartbeat if args.heartbeat is not None else DEFAULT_HEARTBEAT_S,
         simulated_topology=args.simulated_topology, kubeconfig=args.kubeconfig,
         proc_root=args.proc_root or "/proc")

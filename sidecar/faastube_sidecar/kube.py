@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_HEARTBEAT_S = 10.0
+# Mirrors of deviceplugin's defaults, kept here so that reading the settings needs no gRPC.
+DEFAULT_CDI_KIND = "nvidia.com/gpu"
+DEFAULT_CDI_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
 
 
 class KubeSetupError(FaastubeError):
@@ -41,6 +44,13 @@ class KubeSettings:
     device_plugin: bool = False
     kubelet_dir: str = DEFAULT_KUBELET_DIR
     sharing_slots: int | None = None          # None: the topology's own (4 for discovered GPUs)
+    # How an allocated GPU reaches the container: envvar, cdi or cdi-annotations
+    # (deviceplugin.GpuExposure), and the CDI names and spec directories of the cdi modes.
+    gpu_exposure: str = "envvar"
+    cdi_kind: str = DEFAULT_CDI_KIND
+    cdi_device_name: str = "uuid"
+    cdi_spec_dirs: tuple[str, ...] = DEFAULT_CDI_SPEC_DIRS
+    socket_devices: int = 0                   # faastube.io/socket devices; 0: no such resource
     publish_node: bool = False
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     simulated_topology: str | None = None     # a faastube.topology.builtin() name; None: NVML
@@ -218,11 +228,17 @@ class KubernetesPieces:
             raise KubeSetupError("--identity kubernetes needs the node's name (--node-name or $NODE_NAME)")
         if settings.device_plugin:
             try:
-                import faastube_sidecar.deviceplugin  # noqa: F401 - fail now, not after binding
+                from faastube_sidecar import deviceplugin  # fail now, not after binding
             except Exception as e:  # ImportError, or protobuf's VersionError for old runtimes
                 raise KubeSetupError(
                     f"--device-plugin needs grpcio and protobuf ({e}); pip install 'faastube[sidecar]'"
                 ) from e
+            try:
+                _exposure(settings)
+                if settings.socket_devices:
+                    deviceplugin.SocketResource(settings.socket_devices)
+            except FaastubeError as e:
+                raise KubeSetupError(f"device plugin: {e}") from e
         node = resolve_topology(settings, node_name=node_name) if settings.needs_topology else None
         client = api_client(settings.kubeconfig) if settings.publish_node or attest else None
         return cls(settings, node=node, client=client, node_name=node_name)
@@ -241,21 +257,36 @@ class KubernetesPieces:
             return
         s = self.settings
         self._source = _health_source(self.node, simulated=s.simulated_topology is not None)
-        self._health = gpuhealth.HealthMonitor(self._source, [g.uuid for g in self.node.gpus],
-                                               interval_s=s.health_interval_s)
-        await self._health.start()
+        monitored: gpuhealth.GpuHealthSource = self._source
+        gpus: list[Any] = []
         if s.device_plugin:
             from faastube_sidecar import deviceplugin
 
+            gpus = deviceplugin.gpu_devices_from_topology(self.node)
+            exposure = _exposure(s)
+            if exposure.uses_cdi:
+                # A GPU whose CDI device no spec defines cannot reach a container: unhealthy,
+                # for the kubelet and the GpuNode alike (closing stays with self._source).
+                monitored = deviceplugin.CdiCheckedHealth(
+                    self._source, devices={g.uuid: exposure.cdi_device(g) for g in gpus},
+                    spec_dirs=s.cdi_spec_dirs)
+        self._health = gpuhealth.HealthMonitor(monitored, [g.uuid for g in self.node.gpus],
+                                               interval_s=s.health_interval_s)
+        await self._health.start()
+        if s.device_plugin:
             self._plugin = deviceplugin.DevicePluginService(
-                deviceplugin.gpu_devices_from_topology(self.node), health=self._health,
+                gpus, health=self._health,
                 socket=deviceplugin.SocketMount(host_dir=str(socket_path.parent),
                                                 socket_name=socket_path.name),
                 settings=deviceplugin.DevicePluginSettings(plugin_dir=s.kubelet_dir),
+                exposure=exposure,
+                socket_resource=(deviceplugin.SocketResource(s.socket_devices)
+                                 if s.socket_devices else None),
             )
             await self._plugin.start()
-            logger.info("device plugin: %d GPUs x %s slots in %s", len(self.node.gpus),
-                        sorted({g.sharing_slots for g in self.node.gpus}), s.kubelet_dir)
+            logger.info("device plugin: %d GPUs x %s slots (%s) and %d socket devices in %s",
+                        len(self.node.gpus), sorted({g.sharing_slots for g in self.node.gpus}),
+                        s.gpu_exposure, s.socket_devices, s.kubelet_dir)
         if s.publish_node:
             from kubernetes import client as k8s
 
@@ -293,6 +324,14 @@ class KubernetesPieces:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _exposure(settings: KubeSettings) -> Any:  # -> deviceplugin.GpuExposure (gRPC imported late)
+    from faastube_sidecar import deviceplugin
+
+    return deviceplugin.GpuExposure(mode=settings.gpu_exposure,  # type: ignore[arg-type]
+                                    cdi_kind=settings.cdi_kind,
+                                    cdi_naming=settings.cdi_device_name)  # type: ignore[arg-type]
 
 
 async def _bounded(what: str, stopping: Any, timeout_s: float) -> None:

@@ -79,8 +79,8 @@ async def test_operator_places_deploys_replaces_and_cleans_up_a_workflow(cluster
     detect = deployments["traffic-detect"]
     gpu = placement["detect"]["gpu"]
     container = detect["spec"]["template"]["spec"]["containers"][0]
-    # A quantity, in the API server's string form (the operator applies it so).
-    assert container["resources"]["limits"] == {f"faastube.io/gpu-{gpu}": "1"}
+    # Quantities, in the API server's string form (the operator applies them so).
+    assert container["resources"]["limits"] == {f"faastube.io/gpu-{gpu}": "1", "memory": "8Gi"}
     assert {"name": "FAASTUBE_FUNCTION", "value": "detect"} in container["env"]
     assert detect["metadata"]["ownerReferences"][0]["uid"] == wf["metadata"]["uid"]
     assert await c.get(f"/api/v1/namespaces/{NS}/services/traffic-gateway") is not None
@@ -139,7 +139,8 @@ async def test_operator_places_deploys_replaces_and_cleans_up_a_workflow(cluster
     wf = await c.eventually("re-placement off the unhealthy GPU", moved)
     detect = await c.get(f"/apis/apps/v1/namespaces/{NS}/deployments/traffic-detect")
     limits = detect["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert limits == {f"faastube.io/gpu-{wf['status']['placement']['detect']['gpu']}": "1"}
+    # Only the new GPU: the old one's limit went with the replaced container list.
+    assert limits == {f"faastube.io/gpu-{wf['status']['placement']['detect']['gpu']}": "1", "memory": "8Gi"}
 
     async with c.session.get(c.metrics_url) as resp:  # type: ignore[attr-defined]
         text = await resp.text()

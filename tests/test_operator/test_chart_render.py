@@ -1,9 +1,16 @@
-"""The Helm chart: lint, render with default and custom values, validate the objects."""
+"""The Helm chart: lint, render every values combination that matters, validate the objects
+strictly against Kubernetes 1.30 and the newest schema kubernetes-validate has, and check
+that what the chart passes the programs is what the programs accept."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,28 +19,63 @@ import yaml
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
+from faastube import cli as faastube_cli
+from faastube import workflow as wf
+from faastube_operator import cli as operator_cli
+from faastube_operator import manifests
+from faastube_operator.manifests import Where
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "faastube"
+KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 CUSTOM = {
     "image": {"repository": "registry.example/faastube", "tag": "1.2.3"},
     "socketDir": "/run/ft",
-    "operator": {"watchNamespaces": ["team-a", "team-b"], "mountSocketDir": False,
+    "operator": {"watchNamespaces": ["team-a", "team-b"], "mountSocketDir": True,
                  "runtimeImage": "registry.example/runtime:7", "gatewayPort": 9000},
-    "sidecar": {"privileged": True, "nvidia": {"runtimeClassName": ""}, "gpuNodeLabel": "",
-                "backend": "cuda"},
+    "sidecar": {"privileged": True, "nvidia": {"runtimeClassName": ""}, "backend": "cuda",
+                "gpuNodes": {"selectors": [], "exclusive": False}},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                 "podMonitor": {"enabled": True}},
 }
+# Every combination that changes what is rendered.
+COMBINATIONS: dict[str, dict[str, Any] | None] = {
+    "defaults": None,
+    "custom": CUSTOM,
+    "cdi": {"sidecar": {"devicePlugin": {"gpuExposure": "cdi"}}},
+    "cdi-annotations-by-index": {"sidecar": {"devicePlugin": {
+        "gpuExposure": "cdi-annotations",
+        "cdi": {"kind": "k8s.device-plugin.nvidia.com/gpu", "deviceName": "index", "specDirs": ["/var/run/cdi"]}}}},
+    "hostpath-socket": {"operator": {"mountSocketDir": True}, "sidecar": {"devicePlugin": {"socketDevices": 0}}},
+    "no-device-plugin": {"operator": {"mountSocketDir": True}, "sidecar": {"devicePlugin": {"enabled": False}}},
+    "any-node": {"sidecar": {"gpuNodes": {"selectors": [], "exclusive": False}, "nodeSelector": {"pool": "gpu"},
+                             "priorityClassName": ""}},
+    "own-affinity": {"sidecar": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}]}}}}},
+    "big-host-pool": {"sidecar": {"hostPoolMax": "64Gi", "memoryHeadroom": "4Gi",
+                                  "resources": {"limits": {"memory": "80Gi", "cpu": "8"}}}},
+    "kata-functions": {"functions": {"runtimeClassName": "kata-nvidia", "resources": {
+        "requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}}}},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+                               "gatewayPodMonitor": {"enabled": True},
+                               "grafanaDashboard": {"enabled": True, "namespace": "grafana",
+                                                    "annotations": {"grafana_folder": "FaaSTube"}}}},
+    "operator-only": {"sidecar": {"enabled": False}},
+    "sidecar-only": {"operator": {"enabled": False}},
+}
+
+
+def _render_files(values: dict[str, Any] | None = None) -> dict[str, str]:
+    chart = helm.Chart.load(str(CHART))
+    try:
+        return chart.render(values, name="ft", namespace="faastube", is_install=True)
+    finally:
+        chart.close()
 
 
 def _render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    chart = helm.Chart.load(str(CHART))
-    try:
-        files = chart.render(values, name="ft", namespace="faastube", is_install=True)
-    finally:
-        chart.close()
     objs: list[dict[str, Any]] = []
-    for path, text in sorted(files.items()):
+    for path, text in sorted(_render_files(values).items()):
         if path.endswith(".yaml"):
             objs.extend(d for d in yaml.safe_load_all(text) if d)
     return objs
@@ -43,6 +85,29 @@ def _one(objs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, A
     found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"].endswith(suffix)]
     assert len(found) == 1, [o["metadata"]["name"] for o in found]
     return found[0]
+
+
+def _sidecar_pod(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _one(_render(values), "DaemonSet")["spec"]["template"]["spec"]
+
+
+def _args(values: dict[str, Any] | None, kind: str) -> list[str]:
+    objs = _render(values)
+    if kind == "DaemonSet":
+        return _one(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    return _one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _parse_command(argv: list[str]) -> argparse.Namespace:
+    """What `faastube ARGV` parses ARGV into, as the container's entrypoint does."""
+    known, rest = faastube_cli.build_parser().parse_known_args(argv)
+    module = __import__(faastube_cli.SUBCOMMANDS[known.command][0], fromlist=["add_arguments"])
+    sub = argparse.ArgumentParser(prog=f"faastube {known.command}")
+    module.add_arguments(sub)
+    return sub.parse_args(rest)
+
+
+# --- CRDs ------------------------------------------------------------------------------------
 
 
 def test_chart_crds_are_an_exact_copy_of_the_top_level_crds() -> None:
@@ -65,20 +130,31 @@ def test_sync_script_regenerates_the_chart_crds(tmp_path: Path) -> None:
     assert got == sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("values", [None, CUSTOM], ids=["defaults", "custom"])
+# --- every combination: lint, render, validate -------------------------------------------------
+
+
+@pytest.mark.parametrize("values", COMBINATIONS.values(), ids=COMBINATIONS.keys())
 def test_chart_lints_clean(values: dict[str, Any] | None) -> None:
     report = helm.lint(str(CHART), values, strict=True)
     assert report["errors"] == [] and report["messages"] == []
 
 
-@pytest.mark.parametrize("values", [None, CUSTOM], ids=["defaults", "custom"])
-def test_rendered_objects_are_valid_kubernetes(values: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("values", COMBINATIONS.values(), ids=COMBINATIONS.keys())
+def test_rendered_objects_are_valid_kubernetes(values: dict[str, Any] | None, version: str) -> None:
     objs = _render(values)
     assert objs
     for obj in objs:
         if obj["apiVersion"].startswith("monitoring.coreos.com"):
             continue  # custom resources: kubernetes-validate has no schema for them
-        kubernetes_validate.validate(obj, "1.30", strict=True)
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_values_schema_refuses_a_typo_before_anything_reaches_a_node() -> None:
+    report = helm.lint(str(CHART), {"sidecar": {"devicePlugin": {"gpuExposure": "cdl"}}}, strict=True)
+    assert any("gpuExposure" in e for e in report["errors"])
+    report = helm.lint(str(CHART), {"sidecar": {"hostPoolMax": "8GB"}}, strict=True)
+    assert any("hostPoolMax" in e for e in report["errors"])
 
 
 def test_default_render_has_operator_sidecar_rbac_and_no_monitors() -> None:
@@ -105,9 +181,11 @@ def test_rbac_is_least_privilege() -> None:
     assert "delete" not in grants[("faastube.io", "workflows")]
 
 
+# --- the sidecar DaemonSet -------------------------------------------------------------------
+
+
 def test_sidecar_daemonset_mounts_the_socket_directory_and_kubelet_sockets() -> None:
-    ds = _one(_render(), "DaemonSet")
-    pod = ds["spec"]["template"]["spec"]
+    pod = _sidecar_pod()
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["runtimeClassName"] == "nvidia"
     host_paths = {v["hostPath"]["path"]: v["hostPath"].get("type") for v in pod["volumes"]
@@ -122,6 +200,180 @@ def test_sidecar_daemonset_mounts_the_socket_directory_and_kubelet_sockets() -> 
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+
+
+def test_sidecar_runs_on_any_labelled_gpu_node_where_nvidias_device_plugin_is_off() -> None:
+    terms = _sidecar_pod()["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    off = {"key": "nvidia.com/gpu.deploy.device-plugin", "operator": "In", "values": ["false"]}
+    # Terms are ORed (any one GPU label), expressions ANDed (and NVIDIA's plugin is off).
+    assert [t["matchExpressions"] for t in terms] == [
+        [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}, off],
+        [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In", "values": ["true"]}, off],
+        [{"key": "nvidia.com/gpu.deploy.container-toolkit", "operator": "In", "values": ["true"]}, off]]
+    assert "nodeSelector" not in _sidecar_pod()  # no hard GPU-feature-discovery label
+
+
+def test_exclusive_mode_without_gpu_labels_still_requires_the_plugin_off() -> None:
+    terms = _sidecar_pod({"sidecar": {"gpuNodes": {"selectors": []}}})["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [
+        {"key": "nvidia.com/gpu.deploy.device-plugin", "operator": "In", "values": ["false"]}]}]
+
+
+def test_shared_mode_with_no_labels_runs_everywhere_and_own_affinity_replaces_ours() -> None:
+    pod = _sidecar_pod(COMBINATIONS["any-node"])
+    assert "affinity" not in pod and pod["nodeSelector"] == {"pool": "gpu"}
+    assert "priorityClassName" not in pod
+    own = _sidecar_pod(COMBINATIONS["own-affinity"])
+    assert own["affinity"] == COMBINATIONS["own-affinity"]["sidecar"]["affinity"]  # type: ignore[index]
+
+
+def test_sidecar_memory_limit_covers_the_pinned_host_pool() -> None:
+    limits = _sidecar_pod()["containers"][0]["resources"]["limits"]
+    assert limits == {"memory": f"{8 * 1024 + 2 * 1024}Mi"}  # hostPoolMax 8Gi + memoryHeadroom 2Gi
+    given = _sidecar_pod(COMBINATIONS["big-host-pool"])["containers"][0]["resources"]
+    assert given["limits"] == {"memory": "80Gi", "cpu": "8"}
+    derived = _sidecar_pod({"sidecar": {"hostPoolMax": "1.5G", "memoryHeadroom": "512Mi"}})
+    assert derived["containers"][0]["resources"]["limits"]["memory"] == "1943Mi"  # ceil((1.5e9 + 2^29) / 2^20)
+
+
+@pytest.mark.parametrize("values", [
+    {"sidecar": {"resources": {"limits": {"memory": "2Gi"}}}},
+    {"sidecar": {"hostPoolMax": "64Gi", "resources": {"limits": {"memory": "65Gi"}}}},
+])
+def test_a_memory_limit_below_the_host_pool_is_refused(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmRenderError, match="must cover sidecar.hostPoolMax"):
+        _render(values)
+
+
+def test_cdi_exposure_passes_the_cdi_flags_and_mounts_the_spec_directories_read_only() -> None:
+    pod = _sidecar_pod(COMBINATIONS["cdi"])
+    args = pod["containers"][0]["args"]
+    assert {"--gpu-exposure=cdi", "--cdi-kind=nvidia.com/gpu", "--cdi-device-name=uuid",
+            "--cdi-spec-dir=/etc/cdi", "--cdi-spec-dir=/var/run/cdi", "--socket-devices=1000"} <= set(args)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    for directory in ("/etc/cdi", "/var/run/cdi"):
+        assert mounts[directory]["readOnly"] is True
+        assert volumes[mounts[directory]["name"]]["hostPath"] == {"path": directory, "type": "DirectoryOrCreate"}
+    default_args = _args(None, "DaemonSet")
+    assert "--gpu-exposure=envvar" in default_args and not any(a.startswith("--cdi") for a in default_args)
+
+
+def test_socket_through_the_device_plugin_needs_the_socket_resource() -> None:
+    with pytest.raises(helm.HelmRenderError, match="needs sidecar.devicePlugin.enabled"):
+        _render({"sidecar": {"devicePlugin": {"socketDevices": 0}}})
+    with pytest.raises(helm.HelmRenderError, match="needs sidecar.devicePlugin.enabled"):
+        _render({"sidecar": {"devicePlugin": {"enabled": False}}})
+
+
+# --- what the programs receive ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", COMBINATIONS.values(), ids=COMBINATIONS.keys())
+def test_the_sidecar_accepts_every_flag_the_chart_passes(values: dict[str, Any] | None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    objs = _render(values)
+    daemonsets = [o for o in objs if o["kind"] == "DaemonSet"]
+    if not daemonsets:
+        return
+    monkeypatch.setenv("NODE_NAME", "node-a")  # the DaemonSet sets it from spec.nodeName
+    from faastube_sidecar import cli as sidecar_cli
+    from faastube_sidecar import kube
+
+    container = daemonsets[0]["spec"]["template"]["spec"]["containers"][0]
+    settings = sidecar_cli.settings_from(_parse_command(container["args"]))
+    if settings.kube.device_plugin:
+        kube._exposure(settings.kube)  # what the sidecar checks before binding its socket
+    assert settings.host_limits.max_bytes > 0
+
+
+@pytest.mark.parametrize("values", COMBINATIONS.values(), ids=COMBINATIONS.keys())
+def test_the_operator_accepts_every_flag_the_chart_passes(values: dict[str, Any] | None) -> None:
+    objs = _render(values)
+    deployments = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator")]
+    if not deployments:
+        return
+    args = deployments[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    operator_cli.settings_from_args(_parse_command(args))
+
+
+def _operator_settings(values: dict[str, Any] | None = None):
+    return operator_cli.settings_from_args(_parse_command(_args(values, "Deployment")))
+
+
+def test_gpu_function_pods_get_the_runtime_class_the_exposure_needs() -> None:
+    assert _operator_settings().gpu_runtime_class == "nvidia"  # envvar: NVIDIA's runtime
+    assert _operator_settings(COMBINATIONS["cdi"]).gpu_runtime_class == ""  # CDI: none needed
+    assert _operator_settings({"functions": {"runtimeClassName": ""}}).gpu_runtime_class == ""
+    assert _operator_settings(COMBINATIONS["kata-functions"]).gpu_runtime_class == "kata-nvidia"
+    assert _operator_settings({"sidecar": {"nvidia": {"runtimeClassName": ""}}}).gpu_runtime_class == ""
+
+
+WORKFLOW = wf.parse_workflow({
+    "apiVersion": "faastube.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "traffic"},
+    "spec": {"slo": "800ms",
+             "functions": [{"name": "decode", "handler": "f:decode"},
+                           {"name": "detect", "handler": "f:detect", "gpu": True}],
+             "edges": [{"from": "decode", "to": "detect", "size": "10MB"}]}})
+
+
+def _workflow_pods(values: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The pods the operator, configured by this chart, builds for a small workflow."""
+    settings = _operator_settings(values)
+    placed = manifests.resolve_placement(WORKFLOW, {"detect": Where("node-a", 1)})
+    objs = manifests.workflow_children(WORKFLOW, namespace="team-a", spec={}, placement=placed,
+                                       settings=settings)
+    return {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Deployment"}
+
+
+def _baseline_violations(pod: dict[str, Any]) -> list[str]:
+    """The Pod Security "baseline" rules a FaaSTube pod could break (host namespaces, hostPath,
+    privileged, added capabilities, host ports)."""
+    found = [f"spec.{k}" for k in ("hostPID", "hostIPC", "hostNetwork") if pod.get(k)]
+    found += [f"volume {v['name']}: hostPath" for v in pod.get("volumes", []) if "hostPath" in v]
+    for c in pod["containers"]:
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            found.append(f"{c['name']}: privileged")
+        if (sc.get("capabilities") or {}).get("add"):
+            found.append(f"{c['name']}: capabilities.add")
+        found += [f"{c['name']}: hostPort" for p in c.get("ports", []) if p.get("hostPort")]
+    return found
+
+
+def test_with_the_defaults_every_workflow_pod_passes_pod_security_baseline() -> None:
+    pods = _workflow_pods()
+    assert set(pods) == {"traffic-decode", "traffic-detect", "traffic-gateway"}
+    for name, pod in pods.items():
+        assert _baseline_violations(pod) == [], name
+        requests = pod["containers"][0]["resources"]["requests"]
+        assert requests["cpu"] and requests["memory"], name  # never BestEffort
+    limits = {name: pod["containers"][0]["resources"]["limits"] for name, pod in pods.items()}
+    assert limits["traffic-detect"] == {"memory": "8Gi", "faastube.io/gpu-1": 1}
+    assert limits["traffic-decode"] == {"memory": "8Gi", "faastube.io/socket": 1}
+    assert limits["traffic-gateway"] == {"memory": "6Gi", "faastube.io/socket": 1}
+    assert pods["traffic-detect"]["runtimeClassName"] == "nvidia"
+    # ... while the sidecar itself needs a privileged namespace.
+    assert set(_baseline_violations(_sidecar_pod())) == {
+        "spec.hostPID", "volume socket-dir: hostPath", "volume device-plugins: hostPath",
+        "volume pod-resources: hostPath"}
+
+
+def test_with_the_hostpath_socket_cpu_pods_need_an_exempt_namespace() -> None:
+    pods = _workflow_pods(COMBINATIONS["hostpath-socket"])
+    assert _baseline_violations(pods["traffic-detect"]) == []  # the GPU's Allocate adds the mount
+    assert _baseline_violations(pods["traffic-decode"]) == ["volume faastube-socket: hostPath"]
+    assert _baseline_violations(pods["traffic-gateway"]) == ["volume faastube-socket: hostPath"]
+
+
+def test_function_resources_reach_the_pods() -> None:
+    pods = _workflow_pods(COMBINATIONS["kata-functions"])
+    assert pods["traffic-detect"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "4", "memory": "16Gi", "faastube.io/gpu-1": 1}}
+    assert pods["traffic-detect"]["runtimeClassName"] == "kata-nvidia"
 
 
 def test_operator_deployment_runs_faastube_operator_with_metrics_and_liveness() -> None:
@@ -163,15 +415,170 @@ def test_custom_values_reach_the_objects() -> None:
     objs = _render(CUSTOM)
     args = _one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
-    assert "--no-socket-mount" in args and "--image=registry.example/runtime:7" in args
+    assert "--no-socket-mount" not in args and "--image=registry.example/runtime:7" in args
     assert "--gateway-port=9000" in args and "--socket-dir=/run/ft" in args
     ds = _one(objs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     assert pod["containers"][0]["image"] == "registry.example/faastube:1.2.3"
     assert pod["containers"][0]["securityContext"] == {"privileged": True}
-    assert "runtimeClassName" not in pod and "nodeSelector" not in pod
+    assert "runtimeClassName" not in pod and "nodeSelector" not in pod and "affinity" not in pod
     assert {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v} >= {"/run/ft"}
     monitor = _one(objs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "interval": "30s"}]
     _one(objs, "PodMonitor")
+
+
+# --- NOTES -----------------------------------------------------------------------------------
+
+
+def test_notes_list_the_prerequisites() -> None:
+    notes = _render_files()["faastube/templates/NOTES.txt"]
+    assert "kubectl label namespace faastube pod-security.kubernetes.io/enforce=privileged" in notes
+    assert "kubectl label node <gpu-node> nvidia.com/gpu.deploy.device-plugin=false" in notes
+    assert "runtimeClassName nvidia" in notes
+    assert 'Pod Security "baseline" is enough' in notes
+    cdi = _render_files(COMBINATIONS["cdi"])["faastube/templates/NOTES.txt"]
+    assert "nvidia.com/gpu=<uuid>" in cdi and "Kubernetes >= 1.29" in cdi
+    hostpath = _render_files(COMBINATIONS["hostpath-socket"])["faastube/templates/NOTES.txt"]
+    assert "mount the hostPath /var/run/faastube" in hostpath
+    shared = _render_files(COMBINATIONS["any-node"])["faastube/templates/NOTES.txt"]
+    assert "a GPU can then be given to a FaaSTube function and to another pod" in shared
+
+
+# --- monitoring and the Grafana dashboard ----------------------------------------------------
+
+
+DASHBOARD = CHART / "dashboards" / "faastube.json"
+
+
+def _metric_labels() -> dict[str, set[str]]:
+    """Every sample name the code can expose, with its label names, from the real metric
+    definitions on fresh registries (the pool collector over an empty data plane snapshot)."""
+    from faastube_operator.metrics import OperatorMetrics
+    from faastube_runtime.metrics import GatewayMetrics
+    from faastube_sidecar.metrics import PoolCollector, SidecarMetrics
+    from prometheus_client import CollectorRegistry
+
+    families: list[tuple[str, str, tuple[str, ...], str]] = []
+    for build, component in ((SidecarMetrics, "sidecar"), (GatewayMetrics.create, "gateway"),
+                             (OperatorMetrics.build, "operator")):
+        holder = build(CollectorRegistry())
+        for metric in vars(holder).values():
+            if hasattr(metric, "_labelnames") and hasattr(metric, "_type"):
+                families.append((metric._name, metric._type, tuple(metric._labelnames), component))
+    empty = SimpleNamespace(snapshot=SimpleNamespace(objects_by_location=(), budgets=(), pools=(), draining=0))
+    for family in PoolCollector(lambda: empty).collect():  # type: ignore[arg-type, return-value]
+        families.append((family.name, family.type, tuple(family._labelnames), "sidecar"))
+    samples: dict[str, set[str]] = {}
+    for name, kind, labels, component in families:
+        target = {"node"} if component == "sidecar" else set()  # added by the sidecar PodMonitor
+        if kind == "counter":
+            samples[f"{name}_total"] = {*labels, *target}
+        elif kind == "histogram":
+            samples[f"{name}_bucket"] = {*labels, "le", *target}
+            samples[f"{name}_sum"] = samples[f"{name}_count"] = {*labels, *target}
+        else:
+            samples[name] = {*labels, *target}
+    return samples
+
+
+def _queries(dashboard: dict[str, Any]) -> list[str]:
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")]
+    return exprs
+
+
+def test_the_dashboard_is_valid_json_with_unique_panels_on_the_grid() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] == "FaaSTube"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+
+
+def test_every_metric_and_label_the_dashboard_queries_exists_in_the_code() -> None:
+    samples = _metric_labels()
+    for expr in _queries(json.loads(DASHBOARD.read_text())):
+        names = set(re.findall(r"\bfaastube_[a-z0-9_]+\b", expr))
+        assert names, expr
+        unknown = names - set(samples)
+        assert not unknown, f"{sorted(unknown)} in {expr}"
+        allowed = set().union(*(samples[n] for n in names))
+        used = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for label in group.split(",")}
+        used |= {m for sel in re.findall(r"\{([^}]*)\}", expr)
+                 for m in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", sel)}
+        used |= set(re.findall(r"label_values\([a-z0-9_]+, ([a-z_]+)\)", expr))
+        assert used <= allowed, f"labels {sorted(used - allowed)} of {expr} are not on {sorted(names)}"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) not installed")
+def test_prometheus_parses_every_dashboard_query(tmp_path: Path) -> None:
+    # Grafana's variables, as Grafana would substitute them.
+    variables = {"$__rate_interval": "2m", "$node": ".*", "$workflow": ".*", "$slo": "0.5"}
+    rules = []
+    for i, expr in enumerate(_queries(json.loads(DASHBOARD.read_text()))):
+        if expr.startswith("label_values("):
+            continue  # a Grafana function, not PromQL
+        for name, value in variables.items():
+            expr = expr.replace(name, value)
+        rules.append({"record": f"faastube:dashboard_query_{i}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in done.stdout
+
+
+def test_the_dashboard_covers_pools_requests_transfers_functions_gateways_and_the_operator() -> None:
+    queried = {n for e in _queries(json.loads(DASHBOARD.read_text())) for n in re.findall(r"faastube_[a-z0-9_]+", e)}
+    assert {"faastube_pool_reserved_bytes", "faastube_pool_used_bytes", "faastube_pool_limit_bytes",
+            "faastube_pool_quota_bytes", "faastube_request_seconds_bucket", "faastube_transfer_bytes_total",
+            "faastube_transfer_routes_total", "faastube_function_transfer_bytes_total",
+            "faastube_frames_rejected_total", "faastube_gateway_request_duration_seconds_bucket",
+            "faastube_gateway_requests_total", "faastube_operator_reconciliations_total"} <= queried
+
+
+def test_the_latency_bound_choices_are_real_histogram_buckets() -> None:
+    from faastube_runtime.metrics import GatewayMetrics
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.utils import floatToGoString
+
+    histogram = GatewayMetrics.create(CollectorRegistry()).request_seconds
+    bounds = {floatToGoString(b) for b in histogram._upper_bounds}
+    slo = next(v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "slo")
+    choices = [o["value"] for o in slo["options"]]
+    assert choices and set(choices) <= bounds  # le="$slo" must name an exported bucket
+    assert slo["current"]["value"] in choices
+
+
+def test_the_dashboard_ships_in_a_configmap_for_grafanas_sidecar() -> None:
+    objs = _render(COMBINATIONS["monitoring"])
+    cm = _one(objs, "ConfigMap", "-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "grafana"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "FaaSTube"}
+    assert json.loads(cm["data"]["faastube.json"]) == json.loads(DASHBOARD.read_text())
+    assert not [o for o in _render() if o["kind"] == "ConfigMap"]
+
+
+def test_monitors_scrape_sidecars_with_their_node_and_every_gateway() -> None:
+    objs = _render(COMBINATIONS["monitoring"])
+    sidecars = _one(objs, "PodMonitor", "-sidecar")["spec"]["podMetricsEndpoints"][0]
+    assert sidecars["honorLabels"] is True  # the workflow's `namespace` label survives
+    assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"} in sidecars["relabelings"]
+    gateways = _one(objs, "PodMonitor", "-gateways")["spec"]
+    assert gateways["namespaceSelector"] == {"any": True}
+    # It selects what the operator really labels gateway pods with, on the port they serve.
+    gateway = next(o for o in manifests.workflow_children(
+        WORKFLOW, namespace="team-a", spec={}, placement={}, settings=_operator_settings())
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == "traffic-gateway")
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    assert gateways["selector"]["matchLabels"].items() <= labels.items()
+    ports = {p["name"] for p in gateway["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert gateways["podMetricsEndpoints"][0]["port"] in ports

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from typing import Any
 
 import pytest
@@ -10,8 +12,10 @@ import pytest
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from faastube import workflow as wf
+from faastube_operator import cli as operator_cli
 from faastube_operator import manifests
 from faastube_operator.manifests import Where
+from faastube_operator.podresources import ContainerResources, canonical_quantity
 from faastube_operator.settings import OperatorSettings
 
 SPEC: dict[str, Any] = {
@@ -109,7 +113,9 @@ def test_gpu_function_gets_its_gpu_resource_labels_env_and_node_pin() -> None:
     assert pod["metadata"]["labels"]["faastube.io/function"] == "detect"
     assert dep["spec"]["selector"]["matchLabels"] == {"faastube.io/workflow": "traffic",
                                                       "faastube.io/function": "detect"}
-    assert container["resources"] == {"limits": {"faastube.io/gpu-1": 1}}
+    # Its GPU, and CPU/memory so that the pod is not BestEffort (a Workflow declares neither).
+    assert container["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"},
+                                      "limits": {"memory": "8Gi", "faastube.io/gpu-1": 1}}
     env = _env(container)
     assert env["FAASTUBE_WORKFLOW"] == "traffic" and env["FAASTUBE_FUNCTION"] == "detect"
     assert env["FAASTUBE_GPU_INDEX"] == "1"
@@ -132,7 +138,7 @@ def test_cpu_function_follows_the_gpu_function_it_feeds() -> None:
         "matchExpressions"][0]["values"])
     assert node_of(decode) == ["node-a"]  # placement said node-b; detect is on node-a
     assert node_of(post) == ["node-c"]
-    assert "resources" not in decode["containers"][0]
+    assert "faastube.io/gpu-1" not in decode["containers"][0]["resources"]["limits"]
     assert decode["containers"][0]["image"] == "example/fn:1"
     assert post["containers"][0]["image"] == SETTINGS.image  # no image: the runtime image
     # No device plugin allocation for a CPU function: it mounts the socket directory itself.
@@ -215,13 +221,95 @@ def test_long_names_are_shortened_to_a_stable_valid_label() -> None:
     assert manifests.child_name("traffic", "decode") == "traffic-decode"
 
 
-def test_no_socket_mount_when_the_device_plugin_adds_it() -> None:
+def test_without_the_socket_mount_pods_without_a_gpu_ask_the_device_plugin_for_the_socket() -> None:
     w = _workflow()
     settings = OperatorSettings(mount_socket_dir=False)
-    dep = manifests.function_deployment(w, w.function("decode"), namespace="ns",
-                                        where=Where("n"), settings=settings,
-                                        workflow_spec_hash="h")
-    assert dep["spec"]["template"]["spec"]["volumes"] == []
+    placed = manifests.resolve_placement(w, {"detect": Where("n", 0), "classify": Where("n", 1)})
+    children = {o["metadata"]["name"]: o for o in manifests.workflow_children(
+        w, namespace="ns", spec=SPEC, placement=placed, settings=settings) if o["kind"] == "Deployment"}
+    for name, dep in children.items():
+        pod = dep["spec"]["template"]["spec"]
+        # No hostPath anywhere: every workflow pod passes Pod Security "baseline".
+        assert pod["volumes"] == [] and pod["containers"][0]["volumeMounts"] == [], name
+        limits = pod["containers"][0]["resources"]["limits"]
+        if name in ("traffic-detect", "traffic-classify"):
+            assert "faastube.io/socket" not in limits  # the GPU's allocation brings the mount
+        else:
+            assert limits["faastube.io/socket"] == 1, name
+        kubernetes_validate.validate(dep, "1.30", strict=True)
+
+
+def test_gpu_pods_run_under_the_configured_runtime_class_and_others_drop_it() -> None:
+    w = _workflow()
+    settings = OperatorSettings(gpu_runtime_class="nvidia")
+    placed = manifests.resolve_placement(w, {"detect": Where("n", 0), "classify": Where("n", 1)})
+    pods = {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in manifests.workflow_children(
+        w, namespace="ns", spec=SPEC, placement=placed, settings=settings) if o["kind"] == "Deployment"}
+    assert pods["traffic-detect"]["runtimeClassName"] == "nvidia"
+    assert pods["traffic-decode"]["runtimeClassName"] is None  # a merge patch removes an old one
+    assert "runtimeClassName" not in pods["traffic-gateway"]
+    plain = _children()["Deployment/traffic-detect"]["spec"]["template"]["spec"]
+    assert plain["runtimeClassName"] is None  # the CDI exposure needs no runtime class
+
+
+def test_every_workflow_pod_tolerates_the_gpu_node_taint() -> None:
+    for obj in _children().values():
+        if obj["kind"] == "Deployment":
+            assert obj["spec"]["template"]["spec"]["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_function_and_gateway_resources_come_from_the_settings() -> None:
+    settings = OperatorSettings(
+        function_resources=ContainerResources.parse({"requests": {"cpu": "2", "memory": "4Gi"},
+                                                     "limits": {"cpu": "4", "memory": "16Gi"}}),
+        gateway_resources=ContainerResources.parse({"requests": {"cpu": "0.25", "memory": "512Mi"}}))
+    w = _workflow()
+    placed = manifests.resolve_placement(w, {"detect": Where("n", 0)})
+    deps = {o["metadata"]["name"]: o for o in manifests.workflow_children(
+        w, namespace="ns", spec=SPEC, placement=placed, settings=settings) if o["kind"] == "Deployment"}
+    resources = {name: d["spec"]["template"]["spec"]["containers"][0]["resources"] for name, d in deps.items()}
+    assert resources["traffic-detect"] == {"requests": {"cpu": "2", "memory": "4Gi"},
+                                           "limits": {"cpu": "4", "memory": "16Gi", "faastube.io/gpu-0": 1}}
+    assert resources["traffic-post"] == {"requests": {"cpu": "2", "memory": "4Gi"},
+                                         "limits": {"cpu": "4", "memory": "16Gi"}}
+    assert resources["traffic-gateway"] == {"requests": {"cpu": "250m", "memory": "512Mi"}}
+
+
+@pytest.mark.parametrize(("given", "canonical"), [
+    ("0.5", "500m"), ("250m", "250m"), ("2000", "2k"), ("1500", "1500"), ("1024Mi", "1Gi"),
+    ("1.5Gi", "1536Mi"), ("512", "512"), ("0.5Ki", "512"), ("0", "0"), ("8Gi", "8Gi"),
+])
+def test_quantities_are_written_as_the_api_server_returns_them(given: str, canonical: str) -> None:
+    # What the operator writes, it reads back unchanged: no endless re-patching.
+    assert canonical_quantity(given) == canonical
+
+
+@pytest.mark.parametrize(("doc", "why"), [
+    ({"requests": {"gpu": "1"}}, "requests.gpu: not one of cpu, memory, ephemeral-storage"),
+    ({"limits": {"memory": "lots"}}, "limits.memory: 'lots' is not a quantity"),
+    ({"limits": {"memory": "1e9"}}, "limits.memory: '1e9' is not a quantity"),
+    ({"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}, "requests.memory 2Gi is above limits.memory 1Gi"),
+    ({"request": {}}, "unknown keys ['request']"),
+    ([], "expected a mapping"),
+])
+def test_bad_resources_are_refused_naming_the_key(doc: Any, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        ContainerResources.parse(doc)
+
+
+def test_the_operator_command_line_sets_runtime_class_and_resources() -> None:
+    parser = argparse.ArgumentParser()
+    operator_cli.add_arguments(parser)
+    args = parser.parse_args(["--gpu-runtime-class", "nvidia", "--function-resources",
+                              '{"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}'])
+    settings = operator_cli.settings_from_args(args)
+    assert settings.gpu_runtime_class == "nvidia"
+    assert settings.function_resources.to_kubernetes() == {"requests": {"cpu": "1", "memory": "2Gi"},
+                                                           "limits": {"memory": "4Gi"}}
+    assert settings.gateway_resources == OperatorSettings().gateway_resources
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--function-resources", '{"limits": {"memory": "x"}}'])
 
 
 def test_settings_reject_bad_values_naming_the_field() -> None:
@@ -231,6 +319,8 @@ def test_settings_reject_bad_values_naming_the_field() -> None:
         OperatorSettings(image_pull_policy="Sometimes")
     with pytest.raises(ValueError, match="worker_port"):
         OperatorSettings(worker_port=70000)
+    with pytest.raises(ValueError, match="gpu_runtime_class"):
+        OperatorSettings(gpu_runtime_class="NVIDIA runtime")
 
 
 def test_pods_that_reach_the_sidecar_join_its_socket_group() -> None:

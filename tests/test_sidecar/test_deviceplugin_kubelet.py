@@ -15,8 +15,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+import yaml
 from faastube_sidecar.deviceplugin import api_pb2, api_pb2_grpc
-from faastube_sidecar.deviceplugin.devices import GpuDevice, SocketMount
+from faastube_sidecar.deviceplugin.cdi import CdiCheckedHealth
+from faastube_sidecar.deviceplugin.devices import (
+    GpuDevice,
+    GpuExposure,
+    SocketMount,
+    SocketResource,
+)
 from faastube_sidecar.deviceplugin.service import DevicePluginService, DevicePluginSettings
 from faastube_sidecar.gpuhealth import FixedHealthSource, HealthMonitor
 
@@ -267,3 +274,120 @@ async def test_plugin_waits_for_a_kubelet_that_is_not_there_yet(plugin_dir, heal
         await svc.stop()
         await monitor.stop()
     assert not os.path.exists(svc.socket_paths[0])
+
+
+# --- CDI exposure and the socket resource --------------------------------------------------
+
+
+def write_cdi_spec(directory: str, *names: str) -> None:
+    """A spec as ``nvidia-ctk cdi generate`` lays it out: kind nvidia.com/gpu, named devices."""
+    spec = {"cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
+            "devices": [{"name": n, "containerEdits": {"deviceNodes": [{"path": f"/dev/nvidia{i}"}]}}
+                        for i, n in enumerate(names)]}
+    with open(os.path.join(directory, "nvidia.yaml"), "w") as f:
+        yaml.safe_dump(spec, f)
+
+
+@pytest.fixture
+def cdi_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="ftcdi", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def cdi_service(plugin_dir: str, kubelet: Kubelet, health_source: FixedHealthSource,
+                      cdi_dir: str) -> AsyncIterator[DevicePluginService]:
+    """Both GPUs exposed through CDI; only GPU 0 has a CDI device at first; 4 socket devices."""
+    write_cdi_spec(cdi_dir, UUID0, "all")
+    gpus = [GpuDevice(0, UUID0, sharing_slots=2), GpuDevice(1, UUID1, sharing_slots=2)]
+    exposure = GpuExposure("cdi")
+    checked = CdiCheckedHealth(health_source, devices={g.uuid: exposure.cdi_device(g) for g in gpus},
+                               spec_dirs=[cdi_dir])
+    monitor = HealthMonitor(checked, [g.uuid for g in gpus], interval_s=0.05)
+    await monitor.start()
+    svc = DevicePluginService(
+        gpus, health=monitor, socket=SocketMount(host_dir="/run/faastube-host"),
+        settings=DevicePluginSettings(plugin_dir=plugin_dir, kubelet_poll_interval_s=0.05),
+        exposure=exposure, socket_resource=SocketResource(4),
+    )
+    await svc.start()
+    yield svc
+    await svc.stop()
+    await monitor.stop()
+
+
+async def test_cdi_allocate_carries_the_cdi_device_and_the_socket_mount(kubelet, cdi_service):
+    regs = await registrations_by_resource(kubelet, 3)
+    assert sorted(regs) == ["faastube.io/gpu-0", "faastube.io/gpu-1", "faastube.io/socket"]
+    async with kubelet.dial(regs["faastube.io/gpu-0"]) as plugin:
+        response = await plugin.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["gpu0-slot1"])]))
+    (container,) = response.container_responses
+    assert [d.name for d in container.cdi_devices] == [f"nvidia.com/gpu={UUID0}"]
+    assert container.envs["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert container.envs["FAASTUBE_GPU_UUID"] == UUID0
+    assert [(m.host_path, m.container_path, m.read_only) for m in container.mounts] == [
+        ("/run/faastube-host", "/var/run/faastube", True)]
+    assert list(container.devices) == [] and dict(container.annotations) == {}
+
+
+async def test_a_gpu_whose_cdi_device_is_undefined_is_unhealthy_until_the_spec_appears(
+        kubelet, cdi_service, cdi_dir):
+    regs = await registrations_by_resource(kubelet, 3)
+    async with kubelet.dial(regs["faastube.io/gpu-1"]) as plugin:
+        stream = plugin.ListAndWatch(api_pb2.Empty())
+        first = await asyncio.wait_for(stream.read(), 5)
+        assert {d.health for d in first.devices} == {"Unhealthy"}
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await plugin.Allocate(api_pb2.AllocateRequest(container_requests=[
+                api_pb2.ContainerAllocateRequest(devices_ids=["gpu1-slot0"])]))
+        assert f"CDI device nvidia.com/gpu={UUID1} is defined by no spec" in info.value.details()
+
+        write_cdi_spec(cdi_dir, UUID0, UUID1, "all")  # e.g. nvidia-cdi-refresh ran after boot
+        recovered = await asyncio.wait_for(stream.read(), 5)
+        stream.cancel()
+        assert {d.health for d in recovered.devices} == {"Healthy"}
+        response = await plugin.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["gpu1-slot0"])]))
+    assert [d.name for d in response.container_responses[0].cdi_devices] == [f"nvidia.com/gpu={UUID1}"]
+
+
+async def test_the_socket_resource_gives_pods_without_a_gpu_the_socket_directory(kubelet, cdi_service):
+    regs = await registrations_by_resource(kubelet, 3)
+    reg = regs["faastube.io/socket"]
+    assert reg.endpoint == "faastube-socket.sock" and reg.options.get_preferred_allocation_available
+    async with kubelet.dial(reg) as plugin:
+        stream = plugin.ListAndWatch(api_pb2.Empty())
+        listed = await asyncio.wait_for(stream.read(), 5)
+        stream.cancel()
+        preferred = await plugin.GetPreferredAllocation(api_pb2.PreferredAllocationRequest(
+            container_requests=[api_pb2.ContainerPreferredAllocationRequest(
+                available_deviceIDs=["socket-3", "socket-2"], allocation_size=1)]))
+        response = await plugin.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["socket-2"]),
+            api_pb2.ContainerAllocateRequest(devices_ids=["socket-3"])]))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await plugin.Allocate(api_pb2.AllocateRequest(container_requests=[
+                api_pb2.ContainerAllocateRequest(devices_ids=["socket-4"])]))
+    assert [(d.ID, d.health) for d in listed.devices] == [(f"socket-{k}", "Healthy") for k in range(4)]
+    assert list(preferred.container_responses[0].deviceIDs) == ["socket-2"]
+    assert len(response.container_responses) == 2
+    container = response.container_responses[0]
+    assert dict(container.envs) == {"FAASTUBE_SOCKET": "/var/run/faastube/faastube.sock",
+                                    "NVIDIA_VISIBLE_DEVICES": "void"}
+    assert [(m.host_path, m.container_path, m.read_only) for m in container.mounts] == [
+        ("/run/faastube-host", "/var/run/faastube", True)]
+    assert list(container.cdi_devices) == []
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'socket-4'" in info.value.details()
+
+
+async def test_the_socket_resource_registers_again_after_a_kubelet_restart(kubelet, cdi_service):
+    await registrations_by_resource(kubelet, 3)
+    await kubelet.restart()
+    regs = await registrations_by_resource(kubelet, 3)
+    async with kubelet.dial(regs["faastube.io/socket"]) as plugin:
+        stream = plugin.ListAndWatch(api_pb2.Empty())
+        listed = await asyncio.wait_for(stream.read(), 5)
+        stream.cancel()
+    assert len(listed.devices) == 4

@@ -132,6 +132,48 @@ async def test_sidecar_registers_one_resource_per_gpu_and_hands_out_its_socket_d
     assert not sidecar.socket_path.exists()
 
 
+async def test_sidecar_exposes_gpus_as_cdi_devices_and_offers_the_socket_resource(
+        kubelet, kubelet_dir, make_sidecar, tmp_path):
+    # The node's CDI spec (as nvidia-ctk cdi generate writes it) defines GPUs 0-2, not GPU 3.
+    cdi_dir = tmp_path / "cdi"
+    cdi_dir.mkdir()
+    (cdi_dir / "nvidia.yaml").write_text(yaml.safe_dump({
+        "cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
+        "devices": [{"name": g.uuid, "containerEdits": {"deviceNodes": [{"path": f"/dev/nvidia{g.index}"}]}}
+                    for g in LENT.gpus[:3]]}))
+    sidecar = await start(make_sidecar, "--device-plugin", "--kubelet-dir", kubelet_dir,
+                          "--simulated-topology", "lent-4xh100", "--gpu-exposure", "cdi",
+                          "--cdi-spec-dir", str(cdi_dir), "--socket-devices", "16")
+    regs = {r.resource_name: r for r in [await kubelet.next_registration() for _ in range(5)]}
+    assert sorted(regs) == [*(f"faastube.io/gpu-{i}" for i in range(4)), "faastube.io/socket"]
+
+    async with kubelet.dial(regs["faastube.io/gpu-1"]) as plugin:
+        reply = await plugin.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["gpu1-slot0"])]))
+    (container,) = reply.container_responses
+    assert [d.name for d in container.cdi_devices] == [f"nvidia.com/gpu={LENT.gpu(1).uuid}"]
+    assert container.envs["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert Path(container.mounts[0].host_path) == sidecar.socket_path.parent
+
+    async with kubelet.dial(regs["faastube.io/gpu-3"]) as plugin:
+        stream = plugin.ListAndWatch(api_pb2.Empty())
+        devices = (await asyncio.wait_for(stream.read(), 5)).devices
+        stream.cancel()
+    assert {d.health for d in devices} == {"Unhealthy"}  # no CDI device: no pod could use it
+
+    async with kubelet.dial(regs["faastube.io/socket"]) as plugin:
+        reply = await plugin.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=["socket-15"])]))
+    (container,) = reply.container_responses
+    in_pod = container.envs["FAASTUBE_SOCKET"]
+    host_path = Path(container.mounts[0].host_path) / os.path.relpath(in_pod, container.mounts[0].container_path)
+    assert host_path == sidecar.socket_path and host_path.is_socket()
+
+    assert await asyncio.to_thread(sidecar.stop) == 0
+    assert "CDI devices ['nvidia.com/gpu=" + LENT.gpu(3).uuid + "'] are defined by no spec" in sidecar.log()
+    assert os.listdir(kubelet_dir) == ["kubelet.sock"]
+
+
 # --- GpuNode publishing ---------------------------------------------------------------------
 
 
@@ -258,6 +300,13 @@ def sidecar_cli(*flags: str, socket_dir: Path) -> subprocess.CompletedProcess[st
      "--kubeconfig: no such file '/nonexistent/kubeconfig'"),
     (["--publish-node", "--node-name", "n", "--heartbeat", "1ms"], "--heartbeat must be at least 100ms"),
     (["--proc-root", "/proc"], "--proc-root has no effect without --identity kubernetes"),
+    (["--gpu-exposure", "cdi"], "--gpu-exposure has no effect without --device-plugin"),
+    (["--socket-devices", "8"], "--socket-devices has no effect without --device-plugin"),
+    (["--device-plugin", "--cdi-kind", "nvidia.com/gpu"],
+     "--cdi-kind has no effect without --gpu-exposure cdi or cdi-annotations"),
+    (["--device-plugin", "--gpu-exposure", "envvar", "--cdi-spec-dir", "/etc/cdi"],
+     "--cdi-spec-dir has no effect without --gpu-exposure cdi or cdi-annotations"),
+    (["--device-plugin", "--gpu-exposure", "runtime"], "invalid choice: 'runtime'"),
 ])
 def test_bad_flag_combinations_exit_2_naming_the_flag(flags, message, tmp_path):
     done = sidecar_cli(*flags, socket_dir=tmp_path)
@@ -273,6 +322,14 @@ def test_device_plugin_without_gpus_or_a_simulated_topology_fails_clearly(tmp_pa
     assert done.returncode == 1, done.stderr
     assert "--device-plugin and --publish-node need GPUs" in done.stderr
     assert "--simulated-topology" in done.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_bad_cdi_kind_fails_before_the_socket_is_bound(tmp_path):
+    done = sidecar_cli("--device-plugin", "--kubelet-dir", str(tmp_path), "--simulated-topology",
+                       "lent-4xh100", "--gpu-exposure", "cdi", "--cdi-kind", "nvidia-gpu", socket_dir=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "device plugin: CDI kind 'nvidia-gpu' is not vendor/class" in done.stderr
     assert not (tmp_path / "s.sock").exists()
 
 

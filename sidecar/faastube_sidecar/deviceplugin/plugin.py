@@ -1,14 +1,16 @@
-"""The gRPC DevicePlugin servicer for one GPU: translates kubelet calls, decides nothing.
+"""The gRPC DevicePlugin servicers, one per resource: translate kubelet calls, decide nothing.
 
-Policy lives in :mod:`.devices`; health comes from the shared
-:class:`~faastube_sidecar.gpuhealth.HealthMonitor`. Request errors become
+:class:`GpuPluginServicer` serves one GPU's ``faastube.io/gpu-<i>``, with health from the
+shared :class:`~faastube_sidecar.gpuhealth.HealthMonitor`; :class:`SocketPluginServicer`
+serves ``faastube.io/socket``. Policy lives in :mod:`.devices`. Request errors become
 INVALID_ARGUMENT with a message naming the offending device id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 from faastube.errors import InvalidRequest
@@ -28,11 +30,13 @@ OPTIONS = api_pb2.DevicePluginOptions(
 
 class GpuPluginServicer(api_pb2_grpc.DevicePluginServicer):
     def __init__(
-        self, gpu: devices.GpuDevice, *, health: HealthMonitor, socket: devices.SocketMount
+        self, gpu: devices.GpuDevice, *, health: HealthMonitor, socket: devices.SocketMount,
+        exposure: devices.GpuExposure = devices.DEFAULT_EXPOSURE,
     ) -> None:
         self._gpu = gpu
         self._health = health
         self._socket = socket
+        self._exposure = exposure
         self._stopped = False
 
     def stop(self) -> None:
@@ -74,17 +78,9 @@ class GpuPluginServicer(api_pb2_grpc.DevicePluginServicer):
     async def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
-        responses = []
-        for i, req in enumerate(request.container_requests):
-            try:
-                chosen = devices.preferred_allocation(
-                    self._gpu, available=list(req.available_deviceIDs),
-                    must_include=list(req.must_include_deviceIDs), size=req.allocation_size,
-                )
-            except InvalidRequest as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
-            responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=chosen))
-        return api_pb2.PreferredAllocationResponse(container_responses=responses)
+        return await _preferred(request, context, lambda available, must_include, size:
+                                devices.preferred_allocation(self._gpu, available=available,
+                                                             must_include=must_include, size=size))
 
     async def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext
@@ -94,7 +90,8 @@ class GpuPluginServicer(api_pb2_grpc.DevicePluginServicer):
         for i, req in enumerate(request.container_requests):
             try:
                 alloc = devices.container_allocation(
-                    self._gpu, req.devices_ids, socket=self._socket, unhealthy=unhealthy
+                    self._gpu, req.devices_ids, socket=self._socket, exposure=self._exposure,
+                    unhealthy=unhealthy,
                 )
             except InvalidRequest as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
@@ -106,6 +103,71 @@ class GpuPluginServicer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.PreStartContainerRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.PreStartContainerResponse:
         return api_pb2.PreStartContainerResponse()
+
+
+class SocketPluginServicer(api_pb2_grpc.DevicePluginServicer):
+    """``faastube.io/socket``: a fixed list of always-healthy devices."""
+
+    def __init__(self, resource: devices.SocketResource, *, socket: devices.SocketMount) -> None:
+        self._resource = resource
+        self._socket = socket
+        self._stopped = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def GetDevicePluginOptions(
+        self, request: api_pb2.Empty, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DevicePluginOptions:
+        return OPTIONS
+
+    async def ListAndWatch(
+        self, request: api_pb2.Empty, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.ListAndWatchResponse]:
+        yield api_pb2.ListAndWatchResponse(devices=[
+            api_pb2.Device(ID=d, health=HEALTHY) for d in self._resource.device_ids()])
+        await self._stopped.wait()  # the list never changes; keep the stream open
+
+    async def GetPreferredAllocation(
+        self, request: api_pb2.PreferredAllocationRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.PreferredAllocationResponse:
+        return await _preferred(request, context, lambda available, must_include, size:
+                                devices.preferred_socket_allocation(
+                                    self._resource, available=available,
+                                    must_include=must_include, size=size))
+
+    async def Allocate(
+        self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.AllocateResponse:
+        responses = []
+        for i, req in enumerate(request.container_requests):
+            try:
+                alloc = devices.socket_allocation(self._resource, req.devices_ids, socket=self._socket)
+            except InvalidRequest as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
+            logger.debug("%s: allocated %s", self._resource.resource_name, list(req.devices_ids))
+            responses.append(_to_proto(alloc))
+        return api_pb2.AllocateResponse(container_responses=responses)
+
+    async def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.PreStartContainerResponse:
+        return api_pb2.PreStartContainerResponse()
+
+
+async def _preferred(
+    request: api_pb2.PreferredAllocationRequest, context: grpc.aio.ServicerContext,
+    choose: Callable[[Sequence[str], Sequence[str], int], list[str]],
+) -> api_pb2.PreferredAllocationResponse:
+    responses = []
+    for i, req in enumerate(request.container_requests):
+        try:
+            chosen = choose(list(req.available_deviceIDs), list(req.must_include_deviceIDs),
+                            req.allocation_size)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
+        responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=chosen))
+    return api_pb2.PreferredAllocationResponse(container_responses=responses)
 
 
 def _to_proto(alloc: devices.ContainerAllocation) -> api_pb2.ContainerAllocateResponse:
@@ -120,4 +182,5 @@ def _to_proto(alloc: devices.ContainerAllocation) -> api_pb2.ContainerAllocateRe
             for d in alloc.devices
         ],
         annotations=dict(alloc.annotations),
+        cdi_devices=[api_pb2.CDIDevice(name=name) for name in alloc.cdi_devices],
     )

@@ -1,4 +1,6 @@
-"""Runs one device-plugin gRPC server per GPU and keeps them registered with the kubelet.
+"""Runs one device-plugin gRPC server per resource and keeps them registered with the kubelet.
+
+Resources: one per GPU (``faastube.io/gpu-<i>``) and, when asked, ``faastube.io/socket``.
 
 The kubelet forgets every plugin when it restarts: it recreates ``kubelet.sock`` and
 deletes the other sockets in its directory. We notice either by checking, every
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -53,28 +55,30 @@ def _file_id(path: str) -> _FileId | None:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-class _GpuServer:
-    """One GPU's servicer on its own socket; restartable."""
+# A servicer whose open ListAndWatch streams end after ``stop()``.
+_Servicer = plugin.GpuPluginServicer | plugin.SocketPluginServicer
 
-    def __init__(
-        self, gpu: devices.GpuDevice, *, health: HealthMonitor, mount: devices.SocketMount,
-        socket_path: str,
-    ) -> None:
-        self.gpu = gpu
+
+class _PluginServer:
+    """One resource's servicer on its own socket; restartable (a fresh servicer each start)."""
+
+    def __init__(self, resource_name: str, *, socket_path: str,
+                 make_servicer: Callable[[], _Servicer]) -> None:
+        self.resource_name = resource_name
         self.socket_path = socket_path
-        self._health = health
-        self._mount = mount
+        self._make_servicer = make_servicer
         self._server: grpc.aio.Server | None = None
-        self._servicer: plugin.GpuPluginServicer | None = None
+        self._servicer: _Servicer | None = None
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)  # a stale socket from a previous run blocks bind()
-        self._servicer = plugin.GpuPluginServicer(self.gpu, health=self._health, socket=self._mount)
+        servicer = self._make_servicer()
         server = grpc.aio.server()
-        api_pb2_grpc.add_DevicePluginServicer_to_server(self._servicer, server)
+        api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
         server.add_insecure_port(f"unix://{self.socket_path}")
         await server.start()
+        self._servicer = servicer
         self._server = server
 
     async def stop(self, grace_s: float) -> None:
@@ -88,7 +92,8 @@ class _GpuServer:
 
 
 class DevicePluginService:
-    """Serves ``faastube.io/gpu-<index>`` for every GPU of this node; start()/stop() from asyncio."""
+    """Serves ``faastube.io/gpu-<index>`` for every GPU of this node, and ``faastube.io/socket``
+    when ``socket_resource`` is given; start()/stop() from asyncio."""
 
     def __init__(
         self,
@@ -97,6 +102,8 @@ class DevicePluginService:
         health: HealthMonitor,
         socket: devices.SocketMount,
         settings: DevicePluginSettings = DevicePluginSettings(),
+        exposure: devices.GpuExposure = devices.DEFAULT_EXPOSURE,
+        socket_resource: devices.SocketResource | None = None,
     ) -> None:
         indices = [g.index for g in gpus]
         if len(set(indices)) != len(indices):
@@ -104,10 +111,15 @@ class DevicePluginService:
         self._settings = settings
         self._health = health
         self._servers = [
-            _GpuServer(g, health=health, mount=socket,
-                       socket_path=os.path.join(settings.plugin_dir, g.endpoint))
+            _PluginServer(g.resource_name, socket_path=os.path.join(settings.plugin_dir, g.endpoint),
+                          make_servicer=_gpu_servicer(g, health=health, socket=socket, exposure=exposure))
             for g in gpus
         ]
+        if socket_resource is not None:
+            self._servers.append(_PluginServer(
+                socket_resource.resource_name,
+                socket_path=os.path.join(settings.plugin_dir, socket_resource.endpoint),
+                make_servicer=lambda: plugin.SocketPluginServicer(socket_resource, socket=socket)))
         self._registered_kubelet: _FileId | None = None
         self._registrations = 0
         self._watch: asyncio.Task[None] | None = None
@@ -181,13 +193,18 @@ class DevicePluginService:
                 request = api_pb2.RegisterRequest(
                     version=plugin.API_VERSION,
                     endpoint=os.path.basename(s.socket_path),
-                    resource_name=s.gpu.resource_name,
+                    resource_name=s.resource_name,
                     options=plugin.OPTIONS,
                 )
                 try:
                     await stub.Register(request, timeout=self._settings.register_timeout_s)
                 except grpc.aio.AioRpcError as e:
                     raise RegistrationFailed(
-                        f"{s.gpu.resource_name}: {e.code().name}: {e.details()}"
+                        f"{s.resource_name}: {e.code().name}: {e.details()}"
                     ) from e
-                logger.info("registered %s at %s", s.gpu.resource_name, s.socket_path)
+                logger.info("registered %s at %s", s.resource_name, s.socket_path)
+
+
+def _gpu_servicer(gpu: devices.GpuDevice, *, health: HealthMonitor, socket: devices.SocketMount,
+                  exposure: devices.GpuExposure) -> Callable[[], plugin.GpuPluginServicer]:
+    return lambda: plugin.GpuPluginServicer(gpu, health=health, socket=socket, exposure=exposure)
