@@ -13,6 +13,8 @@ from faastube_operator.podresources import (
 )
 
 DEFAULT_IMAGE = "ghcr.io/faastube/faastube:0.1.0"
+# The resolution of the heartbeat timestamps sidecars write.
+TIMESTAMP_RESOLUTION_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,9 @@ class NodeHealthSettings:
 
     The sidecar patches ``status.lastHeartbeatTime`` every ``heartbeat_s`` (its
     ``--heartbeat``); after ``missed_heartbeats`` of them without a change the operator
-    marks the GpuNode NotReady and its workflows are placed again.
+    marks the GpuNode NotReady and its workflows are placed again. The timestamp has
+    whole seconds (a ``metav1.Time``, as a Node's heartbeat), so it changes at most once
+    a second: a sidecar heartbeating faster counts as heartbeating every second.
     """
 
     heartbeat_s: float = 10.0
@@ -61,7 +65,7 @@ class NodeHealthSettings:
 
     @property
     def stale_after_s(self) -> float:
-        return self.heartbeat_s * self.missed_heartbeats
+        return max(self.heartbeat_s, TIMESTAMP_RESOLUTION_S) * self.missed_heartbeats
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,9 @@ no controllers, admission or schema pruning (see kubernetes-notes.md). On top of
   empty lists on the way in, as the API server's ``omitempty`` serialisation does, and a
   ``generateName`` gets a random suffix (kopf names its events so).
 - ``Cluster`` is HTTP access as kubectl would have it, plus stand-ins for the
-  controllers the tests need: the Deployment controller (``finish_rollouts``) and the
-  garbage collector (``collect_garbage``: owner references).
+  controllers the tests need: the Deployment controller (``finish_rollouts``), the
+  garbage collector (``collect_garbage``: owner references) and the namespace controller
+  (``delete_namespace_contents``).
 - ``OperatorProcess`` runs ``faastube operator`` against it.
 
 Deletions between a list and a watch are not replayed (kmock keeps no history of
@@ -53,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NS = "team-a"
 WF = "faastube.io/v1alpha1"
 APPLY_PATCH = "application/apply-patch+yaml"
+# Requests the tests make themselves (as kubectl or a controller would) say so.
+TEST_USER_AGENT = "faastube-tests/1"
 
 # --- server-side apply, as a pure function over dicts --------------------------------------
 
@@ -549,8 +552,12 @@ def _manager(request: Any) -> str:
     given = (request.params or {}).get("fieldManager")
     if given:
         return str(given)
+    return user_agent(request).split("/")[0] or "unknown"
+
+
+def user_agent(request: Any) -> str:
     headers = {k.lower(): v for k, v in (request.headers or {}).items()}
-    return str(headers.get("user-agent", "unknown")).split("/")[0] or "unknown"
+    return str(headers.get("user-agent", ""))
 
 
 def _nulls_for_empty_lists(patch: dict[str, Any]) -> None:
@@ -656,11 +663,14 @@ class Cluster:
             await asyncio.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
 
-    def writes(self, *, plurals: tuple[str, ...] = ("deployments", "services")) -> list[Any]:
-        """Requests so far that could change objects of these kinds (all but reads)."""
+    def writes(self, *, plurals: tuple[str, ...] = ("deployments", "services"),
+               by_the_test: bool = True) -> list[Any]:
+        """Requests so far that could change objects of these kinds (all but reads);
+        ``by_the_test=False`` leaves out the test's own."""
         return [r for r in list(self.emulator)
                 if str(r.method).upper().rsplit(".", 1)[-1] in ("POST", "PATCH", "PUT", "DELETE")
-                and getattr(r.resource, "plural", None) in plurals]
+                and getattr(r.resource, "plural", None) in plurals
+                and (by_the_test or user_agent(r) != TEST_USER_AGENT)]
 
     async def finish_rollouts(self, namespace: str = NS) -> None:
         """Play the Deployment controller: every Deployment becomes available."""
@@ -670,6 +680,24 @@ class Cluster:
                 f"/apis/apps/v1/namespaces/{namespace}/deployments/{dep['metadata']['name']}",
                 {"status": {"replicas": replicas, "updatedReplicas": replicas,
                             "readyReplicas": replicas, "availableReplicas": replicas}})
+
+    async def delete_namespace_contents(self, namespace: str) -> list[str]:
+        """Play the namespace controller after ``kubectl delete namespace``: delete every
+        object in the namespace; return those still there (held by a finalizer), which
+        would keep the namespace Terminating."""
+        for (resource, ns, name), obj in list(self.emulator.objects.items()):
+            if ns == namespace and not obj.deleted:
+                status, data = await self.request("DELETE", resource_path(resource, ns, name))
+                assert status in (200, 202, 404), data
+        return [f"{resource.plural}/{name}"
+                for (resource, ns, name), obj in self.emulator.objects.items()
+                if ns == namespace and not obj.deleted]
+
+    def finalizers(self) -> dict[str, list[str]]:
+        """Every stored object that carries finalizers, with them."""
+        return {f"{resource.plural}/{name}": list(obj.raw["metadata"]["finalizers"])
+                for (resource, _, name), obj in self.emulator.objects.items()
+                if not obj.deleted and (obj.raw.get("metadata") or {}).get("finalizers")}
 
     async def collect_garbage(self) -> list[str]:
         """Play the garbage collector: delete objects all of whose owners are gone."""
@@ -722,7 +750,7 @@ async def emulated_cluster(workdir: Path) -> AsyncIterator[Cluster]:
             "users": [{"name": "kmock", "user": {"token": "test"}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
         }))
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers={"User-Agent": TEST_USER_AGENT}) as session:
             yield Cluster(emulator, session, url, kubeconfig=kubeconfig, workdir=workdir)
 
 

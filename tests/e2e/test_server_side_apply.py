@@ -108,7 +108,7 @@ async def test_fields_no_longer_applied_are_removed_and_drift_is_undone(
     assert detect is not None
     pod = detect["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert "resources" not in container
+    assert container["resources"]["limits"] == {"memory": "8Gi"}  # the GPU's limit went
     assert "FAASTUBE_GPU_INDEX" not in {e["name"] for e in container["env"]}
     assert set(pod["affinity"]) == {"podAffinity"}  # the node pin is gone
     assert pod["volumes"][0]["name"] == "faastube-socket"  # CPU functions mount the socket
@@ -164,7 +164,7 @@ async def test_children_written_by_the_previous_operator_version_are_taken_over(
     assert _managers(now).keys() == {("faastube-operator", "Apply")}
     pod = now["spec"]["template"]["spec"]
     assert set(pod["affinity"]) == {"podAffinity"}  # the old pin did not linger
-    assert "resources" not in pod["containers"][0]
+    assert pod["containers"][0]["resources"]["limits"] == {"memory": "8Gi"}
 
 
 async def test_the_emulator_refuses_a_conflicting_apply_unless_forced(cluster: Cluster) -> None:

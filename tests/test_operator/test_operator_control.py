@@ -291,6 +291,8 @@ def test_the_command_line_sets_peering_and_node_health() -> None:
     assert settings.peering == PeeringSettings(name="ft", identity=leadership.new_identity(),
                                                priority=5, lifetime_s=15)
     assert settings.node_health.stale_after_s == 8
+    # Heartbeat times have whole seconds: one sent twice a second changes once a second.
+    assert NodeHealthSettings(heartbeat_s=0.5, missed_heartbeats=3).stale_after_s == 3
     assert settings.serves("team-a") and not settings.serves("kube-system")
     standalone = cli.settings_from_args(_args())
     assert not standalone.peering.enabled and standalone.serves("anything")
