@@ -1,13 +1,19 @@
-"""``faastube operator``: run the kopf operator with metrics and a liveness endpoint."""
+"""``faastube operator``: run the kopf operator with metrics, a health endpoint and peering."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from typing import Any, cast
 
 from faastube_operator.podresources import ContainerResources
-from faastube_operator.settings import DEFAULT_IMAGE, OperatorSettings
+from faastube_operator.settings import (
+    DEFAULT_IMAGE,
+    NodeHealthSettings,
+    OperatorSettings,
+    PeeringSettings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='requests and limits of gateway containers (default {"requests": '
                              '{"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "6Gi"}})')
     parser.add_argument("--status-interval-s", type=float, default=10.0,
-                        help="how often Ready is refreshed from the deployments")
+                        help="how often the active replica sweeps: Ready refreshed from the "
+                             "deployments, GpuNodes whose heartbeat stopped marked NotReady")
     parser.add_argument("--retry-delay-s", type=float, default=30.0)
     parser.add_argument("--default-network-bandwidth-GBps", type=float, default=12.5,
                         dest="network_GBps", help="between nodes, 10^9 bytes/s")
@@ -47,8 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness-port", type=int, default=8081, help="0 disables /healthz")
     parser.add_argument("--namespace", action="append", default=[],
                         help="watch only these namespaces (repeatable); default: all")
-    parser.add_argument("--peering", default=None,
-                        help="kopf peering name for several replicas; default: standalone")
+    parser.add_argument("--peering", default=None, metavar="NAME",
+                        help="the ClusterKopfPeering several replicas share (created if missing): "
+                             "one replica acts, the others stand by; default: standalone")
+    parser.add_argument("--peering-priority", type=int, default=None,
+                        help="this replica's priority among its peers (the highest acts); "
+                             "default: random, so that replicas never tie")
+    parser.add_argument("--peering-lifetime-s", type=int, default=60,
+                        help="how long a silent peer counts as alive: the failover time when "
+                             "the active replica dies without saying goodbye")
+    parser.add_argument("--gpunode-heartbeat-s", type=float, default=10.0,
+                        help="how often sidecars heartbeat their GpuNode (their --heartbeat)")
+    parser.add_argument("--gpunode-missed-heartbeats", type=int, default=3,
+                        help="heartbeats missed before a GpuNode is marked NotReady")
 
 
 def _resources(text: str) -> ContainerResources:
@@ -59,6 +77,13 @@ def _resources(text: str) -> ContainerResources:
 
 
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
+    from faastube_operator import leadership
+
+    peering = PeeringSettings(
+        name=args.peering, identity=leadership.new_identity(),
+        priority=args.peering_priority if args.peering_priority is not None
+        else leadership.new_priority(),
+        lifetime_s=args.peering_lifetime_s)
     resources = {name: value for name in ("function_resources", "gateway_resources")
                  if (value := getattr(args, name)) is not None}
     return OperatorSettings(
@@ -67,7 +92,11 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         socket_name=args.socket_name, mount_socket_dir=not args.no_socket_mount, socket_group=args.socket_group,
         status_interval_s=args.status_interval_s, retry_delay_s=args.retry_delay_s,
         default_network_bandwidth_bytes_per_s=args.network_GBps * 1e9,
-        gpu_runtime_class=args.gpu_runtime_class, **resources)
+        gpu_runtime_class=args.gpu_runtime_class,
+        namespaces=tuple(args.namespace), peering=peering,
+        node_health=NodeHealthSettings(heartbeat_s=args.gpunode_heartbeat_s,
+                                       missed_heartbeats=args.gpunode_missed_heartbeats),
+        **resources)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,10 +120,16 @@ def run(args: argparse.Namespace) -> int:
     kopf_registry = kopf.OperatorRegistry()
     handlers.register(kopf_registry, settings=settings, metrics=metrics)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    if settings.peering.enabled:
+        logger.info("peering %s as %s with priority %d", settings.peering.name,
+                    settings.peering.identity, settings.peering.priority)
     kopf.run(
         registry=kopf_registry,
-        standalone=args.peering is None,
-        peering_name=args.peering,
+        standalone=not settings.peering.enabled,
+        peering_name=settings.peering.name,
+        # kopf's Identity is a NewType of str that kopf does not export.
+        identity=cast(Any, settings.peering.identity or None),
+        priority=settings.peering.priority,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=liveness,

@@ -23,7 +23,6 @@ class Phase(str, enum.Enum):
     UNSCHEDULABLE = "Unschedulable"
     DEPLOYING = "Deploying"
     RUNNING = "Running"
-    TERMINATING = "Terminating"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +43,6 @@ _TABLE: dict[Phase, tuple[tuple[ConditionStatus, str], ...]] = {
                       ("False", "AsExpected")),
     Phase.RUNNING: (("True", "AllFunctionsAvailable"), ("False", "RolloutComplete"),
                     ("False", "AsExpected")),
-    Phase.TERMINATING: (("False", "Terminating"), ("True", "Terminating"), ("False", "AsExpected")),
 }
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
 

@@ -7,10 +7,18 @@ Registered into an explicit ``kopf.OperatorRegistry`` by ``register()`` (nothing
 happens at import). Errors are translated here and only here: a bad spec or a
 workflow that fits nowhere is written into status and surfaced as an event;
 API trouble becomes ``kopf.TemporaryError`` so kopf retries later.
+
+No handler needs a finalizer, so kopf puts none on a Workflow: deleting one (or its
+namespace) never waits for the operator, which may be gone (uninstalled, scaled to
+zero). Its children go with it through their owner references (the garbage
+collector's job). Periodic work runs in one sweep on the active replica
+(``housekeeping``) instead of kopf timers, which would each hold a finalizer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import logging
 from collections.abc import Callable
@@ -19,7 +27,7 @@ from typing import Any
 import kopf
 from faastube_spec import api, gpunode
 
-from faastube_operator import conditions, errors, k8s, reconcile
+from faastube_operator import conditions, errors, housekeeping, k8s, leadership, reconcile
 from faastube_operator.conditions import Phase
 from faastube_operator.metrics import OperatorMetrics
 from faastube_operator.settings import OperatorSettings
@@ -27,11 +35,10 @@ from faastube_operator.settings import OperatorSettings
 logger = logging.getLogger(__name__)
 
 GROUP, VERSION = api.GROUP, api.VERSION
+# Earlier versions held every Workflow with this finalizer until a delete handler had
+# run. kopf is told its name so that, finding it on a Workflow with no handler needing
+# it any more, kopf removes it (on the first event after an upgrade).
 FINALIZER = "faastube.io/cleanup"
-# How often kopf re-checks a timer that was mid-call when its workflow got deleted.
-# The finalizer stays until the timer has exited, and kopf's default (60 s) holds a
-# deleted workflow that long after a refresh merely overlapped the delete.
-TIMER_EXIT_POLLING_S = 0.5
 
 
 def _now() -> datetime.datetime:
@@ -41,6 +48,15 @@ def _now() -> datetime.datetime:
 def _post(body: kopf.Body, events: tuple[reconcile.Event, ...]) -> None:
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def ensure_peering_object(api: k8s.KubeApi, name: str) -> None:
+    """kopf waits, paused, for a peering object it never creates: create it if missing."""
+    try:
+        api.create(leadership.peering_object(name))
+        logger.info("created ClusterKopfPeering %s", name)
+    except errors.KubeConflict:
+        pass  # there already
 
 
 def register(
@@ -59,18 +75,38 @@ def register(
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(id="startup", registry=registry)
-    def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = FINALIZER
-        settings.posting.level = logging.INFO
-        settings.background.cancellation_polling = TIMER_EXIT_POLLING_S
-        memo.api = api_factory()
+    async def startup(memo: kopf.Memo, **kwargs: Any) -> None:
+        kopf_settings: kopf.OperatorSettings = kwargs["settings"]
+        kopf_settings.persistence.finalizer = FINALIZER
+        kopf_settings.posting.level = logging.INFO
+        if settings.peering.enabled:
+            # One peering object for the whole release, also when serving some namespaces.
+            kopf_settings.peering.clusterwide = True
+            kopf_settings.peering.lifetime = settings.peering.lifetime_s
+        if getattr(memo, "api", None) is None:  # kopf retries a startup handler that failed
+            memo.api = api_factory()
         memo.nodes = {}  # GpuNode name -> gpunode.NodeState last seen
+        if settings.peering.name is not None:
+            await asyncio.to_thread(ensure_peering_object, memo.api, settings.peering.name)
+        memo.housekeeper = housekeeping.Housekeeper(memo.api, settings=settings, metrics=metrics)
+        memo.sweep = asyncio.create_task(memo.housekeeper.run(), name="faastube-sweep")
 
     @kopf.on.cleanup(id="shutdown", registry=registry)
-    def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+        sweep = getattr(memo, "sweep", None)
+        if sweep is not None:
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep
         api = getattr(memo, "api", None)
         if api is not None:
             api.close()
+
+    # Served at the liveness/readiness endpoint (kopf's /healthz), for people looking.
+    @kopf.on.probe(id="role", registry=registry)
+    def role(memo: kopf.Memo, **_: Any) -> str:
+        keeper = getattr(memo, "housekeeper", None)
+        return keeper.role if keeper is not None else "unknown"
 
     @kopf.on.resume(GROUP, VERSION, api.WORKFLOW_PLURAL, id="reconcile", registry=registry)
     @kopf.on.create(GROUP, VERSION, api.WORKFLOW_PLURAL, id="reconcile", registry=registry)
@@ -86,7 +122,8 @@ def register(
             metrics.reconciled("error")
             raise kopf.TemporaryError(str(e), delay=settings.retry_delay_s) from e
         metrics.reconciled(outcome.result)
-        patch.status.update(outcome.status)
+        if not k8s.is_subset(outcome.status, body.get("status") or {}):
+            patch.status.update(outcome.status)  # else nothing to write
         _post(body, outcome.events)
         if outcome.phase is Phase.INVALID:
             # Nothing to retry until the user edits the spec (that is a new cause).
@@ -94,31 +131,6 @@ def register(
         if outcome.phase is Phase.UNSCHEDULABLE:
             raise kopf.TemporaryError(outcome.message, delay=settings.retry_delay_s)
         logger.info("workflow %s/%s reconciled: %s", obj.namespace, obj.name, outcome.message)
-
-    @kopf.on.delete(GROUP, VERSION, api.WORKFLOW_PLURAL, id="cleanup", registry=registry)
-    def delete_workflow(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        obj = reconcile.WorkflowObject.from_body(body)
-        try:
-            removed = reconcile.cleanup(memo.api, obj)
-        except errors.KubeApiError as e:
-            raise kopf.TemporaryError(str(e), delay=settings.retry_delay_s) from e
-        logger.info("workflow %s/%s deleted with %d children", obj.namespace, obj.name, removed)
-
-    @kopf.timer(GROUP, VERSION, api.WORKFLOW_PLURAL, id="status", interval=settings.status_interval_s,
-                initial_delay=settings.status_interval_s, registry=registry)
-    def refresh_status(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-        obj = reconcile.WorkflowObject.from_body(body)
-        if (body.get("metadata") or {}).get("deletionTimestamp"):
-            return
-        try:
-            change = reconcile.refresh(memo.api, obj, now=_now())
-        except errors.KubeApiError as e:
-            logger.warning("status refresh of %s/%s failed: %s", obj.namespace, obj.name, e)
-            return
-        if change is not None:
-            status, event = change
-            patch.status.update(status)
-            _post(body, (event,))
 
     @kopf.on.event(GROUP, VERSION, api.GPUNODE_PLURAL, id="gpunode-changes", registry=registry)
     def gpunode_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

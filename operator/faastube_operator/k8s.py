@@ -2,13 +2,22 @@
 
 One small client over the ``kubernetes`` package's configured transport
 (kubeconfig or in-cluster service account), speaking raw JSON dicts so the
-manifest builders' output goes out as-is. Writes are create-or-merge-patch by
-name, which makes reconciliations idempotent.
+manifest builders' output goes out as-is.
+
+Children are written with server-side apply under one field manager
+(``faastube-operator``, forcing conflicts: the Workflow is the source of truth for
+every field we set). The API server merges by field ownership, so a field we stop
+sending is removed and fields other controllers own are left alone, and an apply
+of an unchanged configuration is a no-op there. To avoid even sending it, the
+client compares first: a child whose ``faastube.io/applied-config`` digest matches
+the configuration and whose live fields still hold every value we set is left
+untouched (see ``up_to_date``), which keeps a repeated reconciliation silent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import urllib.parse
@@ -25,9 +34,23 @@ logger = logging.getLogger(__name__)
 KINDS: dict[str, tuple[str, str, bool]] = {
     "Deployment": ("apps/v1", "deployments", True),
     "Service": ("v1", "services", True),
+    "Event": ("v1", "events", True),
     api.WORKFLOW_KIND: (api.API_VERSION, api.WORKFLOW_PLURAL, True),
     api.GPUNODE_KIND: (api.API_VERSION, api.GPUNODE_PLURAL, False),
+    "ClusterKopfPeering": ("kopf.dev/v1", "clusterkopfpeerings", False),
 }
+
+FIELD_MANAGER = "faastube-operator"
+APPLY_PATCH = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+# A digest of the configuration last applied to a child: a field we stopped sending is
+# still on the live object (until the apply removes it), so values alone can't tell.
+ANNOTATION_APPLIED = "faastube.io/applied-config"
+# The manager name the API server derived for the ``kubernetes`` client's user agent
+# ("OpenAPI-Generator/<version>/python"): earlier operator versions wrote children with
+# create and merge patches under it. ``apply`` moves its fields to our Apply manager once.
+LEGACY_MANAGERS = frozenset({"OpenAPI-Generator"})
 
 ApplyResult = Literal["created", "patched", "unchanged"]
 
@@ -45,12 +68,15 @@ class KubeApi(Protocol):
     def get(self, ref: ObjectRef) -> dict[str, Any] | None: ...
     def list(self, kind: str, *, namespace: str | None = None,
              labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]: ...
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
     def apply(self, obj: Mapping[str, Any]) -> ApplyResult: ...
-    def merge_patch(self, ref: ObjectRef, patch: Mapping[str, Any]) -> dict[str, Any]: ...
+    def merge_patch(self, ref: ObjectRef, patch: Mapping[str, Any], *,
+                    subresource: str | None = None) -> dict[str, Any]: ...
     def delete(self, ref: ObjectRef) -> bool: ...
 
 
-def _path(kind: str, *, namespace: str | None, name: str | None = None) -> str:
+def _path(kind: str, *, namespace: str | None, name: str | None = None,
+          subresource: str | None = None) -> str:
     try:
         api_version, plural, namespaced = KINDS[kind]
     except KeyError:
@@ -61,6 +87,8 @@ def _path(kind: str, *, namespace: str | None, name: str | None = None) -> str:
     base += f"/{plural}"
     if name is not None:
         base += f"/{urllib.parse.quote(name, safe='')}"
+        if subresource is not None:
+            base += f"/{urllib.parse.quote(subresource, safe='')}"
     return base
 
 
@@ -76,6 +104,99 @@ def is_subset(desired: Any, actual: Any) -> bool:
         return (isinstance(actual, list) and len(desired) == len(actual)
                 and all(is_subset(d, a) for d, a in zip(desired, actual, strict=True)))
     return bool(desired == actual)
+
+
+def _apply_form(value: Any, *, quantities: bool = False) -> Any:
+    """``value`` as an apply configuration states it.
+
+    None values and empty lists go: in an apply, absent means "not ours" (the server
+    removes what we owned before), while the API server drops empty lists of built-in
+    types anyway, so one sent would never compare equal to the live object.
+    Integer resource quantities become strings, the form the server returns them in.
+    """
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if quantities and isinstance(item, int) and not isinstance(item, bool):
+                form: Any = str(item)  # a quantity of resources.limits / requests
+            else:
+                form = _apply_form(item, quantities=key in ("limits", "requests"))
+            if form is None or form == []:
+                continue
+            out[str(key)] = form
+        return out
+    if isinstance(value, list):
+        return [_apply_form(item) for item in value if item is not None]
+    return value
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """A short stable digest of an apply configuration (without its own annotation)."""
+    meta = dict(config.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if k != ANNOTATION_APPLIED}
+    meta["annotations"] = annotations
+    canonical = json.dumps({**config, "metadata": meta}, sort_keys=True,
+                           separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def apply_config(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The server-side apply configuration for ``obj``, stamped with its digest."""
+    config: dict[str, Any] = _apply_form(obj)
+    meta = config.setdefault("metadata", {})
+    meta.setdefault("annotations", {})[ANNOTATION_APPLIED] = config_digest(config)
+    return config
+
+
+def up_to_date(config: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
+    """Whether applying ``config`` to ``live`` would change nothing, so need not be sent.
+
+    The digest says the last applied configuration was this one (no field of ours to
+    remove); the values say nobody changed a field we set since.
+    """
+    annotations = (live.get("metadata") or {}).get("annotations") or {}
+    digest = (config.get("metadata") or {}).get("annotations", {}).get(ANNOTATION_APPLIED)
+    return annotations.get(ANNOTATION_APPLIED) == digest and is_subset(config, live)
+
+
+def legacy_ownership(live: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """``managedFields`` with a legacy writer's entries handed to our Apply manager.
+
+    None when there is nothing to move: we already apply this object, or no earlier
+    operator version wrote it. Without the move, the fields an earlier version set and
+    this one no longer sends would stay owned by that old manager, and no apply would
+    ever remove them. (The same migration as client-go's ``csaupgrade``.)
+    """
+    entries = [dict(e) for e in (live.get("metadata") or {}).get("managedFields") or []
+               if isinstance(e, Mapping)]
+    ours = [e for e in entries if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply"
+            and not e.get("subresource")]
+    legacy = [e for e in entries if e.get("manager") in LEGACY_MANAGERS
+              and e.get("operation") == "Update" and not e.get("subresource")]
+    if ours or not legacy:
+        return None
+    fields: dict[str, Any] = {}
+    for entry in legacy:
+        fields = _union_fields(fields, entry.get("fieldsV1") or {})
+    moved = {"manager": FIELD_MANAGER, "operation": "Apply",
+             "apiVersion": str(live.get("apiVersion", "")), "fieldsType": "FieldsV1",
+             "fieldsV1": fields}
+    if legacy[0].get("time"):
+        moved["time"] = legacy[0]["time"]
+    return [e for e in entries if not any(e is entry for entry in legacy)] + [moved]
+
+
+def _union_fields(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, Mapping) else {} for k, v in a.items()}
+    for key, sub in b.items():
+        out[key] = _union_fields(out.get(key, {}), sub if isinstance(sub, Mapping) else {})
+    return out
+
+
+def resource_version(obj: Mapping[str, Any] | None) -> str | None:
+    version = ((obj or {}).get("metadata") or {}).get("resourceVersion")
+    return None if version is None else str(version)
 
 
 def ref_of(obj: Mapping[str, Any]) -> ObjectRef:
@@ -164,14 +285,19 @@ class KubeClient:
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         ref = ref_of(obj)
-        result: dict[str, Any] = self._request("POST", _path(ref.kind, namespace=ref.namespace),
-                                               body=dict(obj))
+        result: dict[str, Any] = self._request(
+            "POST", _path(ref.kind, namespace=ref.namespace),
+            query=[("fieldManager", FIELD_MANAGER)], body=dict(obj))
         return result
 
-    def merge_patch(self, ref: ObjectRef, patch: Mapping[str, Any]) -> dict[str, Any]:
+    def merge_patch(self, ref: ObjectRef, patch: Mapping[str, Any], *,
+                    subresource: str | None = None) -> dict[str, Any]:
+        """A JSON merge patch; a ``metadata.resourceVersion`` in it makes it conditional
+        (HTTP 409, ``KubeConflict``, when the object changed since that version)."""
         result: dict[str, Any] = self._request(
-            "PATCH", _path(ref.kind, namespace=ref.namespace, name=ref.name),
-            body=dict(patch), content_type="application/merge-patch+json")
+            "PATCH", _path(ref.kind, namespace=ref.namespace, name=ref.name,
+                           subresource=subresource),
+            query=[("fieldManager", FIELD_MANAGER)], body=dict(patch), content_type=MERGE_PATCH)
         return result
 
     def delete(self, ref: ObjectRef) -> bool:
@@ -185,20 +311,30 @@ class KubeClient:
         return True
 
     def apply(self, obj: Mapping[str, Any]) -> ApplyResult:
-        """Create the object, or merge-patch it to the desired fields when they differ."""
+        """Server-side apply ``obj`` as ``faastube-operator``, unless it would change nothing."""
         ref = ref_of(obj)
+        config = apply_config(obj)
         current = self.get(ref)
-        if current is None:
-            try:
-                self.create(obj)
-                logger.info("created %s %s/%s", ref.kind, ref.namespace, ref.name)
-                return "created"
-            except errors.KubeConflict:
-                current = self.get(ref)  # created meanwhile: fall through and patch it
-                if current is None:
-                    raise
-        if is_subset(obj, current):
+        if current is not None and up_to_date(config, current):
             return "unchanged"
-        self.merge_patch(ref, obj)
+        if current is not None and (moved := legacy_ownership(current)) is not None:
+            self._request(
+                "PATCH", _path(ref.kind, namespace=ref.namespace, name=ref.name),
+                body=[{"op": "test", "path": "/metadata/resourceVersion",
+                       "value": resource_version(current)},
+                      {"op": "replace", "path": "/metadata/managedFields", "value": moved}],
+                content_type=JSON_PATCH)
+            logger.info("took over the fields of %s %s/%s from the previous operator version",
+                        ref.kind, ref.namespace, ref.name)
+        result = self._request(
+            "PATCH", _path(ref.kind, namespace=ref.namespace, name=ref.name),
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            # JSON is YAML; a string body goes out as-is whatever the client version.
+            body=json.dumps(config, separators=(",", ":")), content_type=APPLY_PATCH)
+        if current is None:
+            logger.info("created %s %s/%s", ref.kind, ref.namespace, ref.name)
+            return "created"
+        if resource_version(result) == resource_version(current):
+            return "unchanged"  # the server found nothing to change
         logger.info("patched %s %s/%s", ref.kind, ref.namespace, ref.name)
         return "patched"

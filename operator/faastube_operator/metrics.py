@@ -15,6 +15,7 @@ class OperatorMetrics:
     placement_duration: Histogram
     placement_cost: Histogram
     replacements: Counter
+    stale_gpunodes: Counter
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> OperatorMetrics:
@@ -36,6 +37,10 @@ class OperatorMetrics:
             replacements=Counter(
                 "faastube_operator_replacements_requested_total",
                 "Workflows marked for re-placement after a GpuNode change.",
+                registry=registry),
+            stale_gpunodes=Counter(
+                "faastube_operator_gpunodes_marked_stale_total",
+                "GpuNodes marked NotReady because their sidecar's heartbeat stopped.",
                 registry=registry),
         )
 

@@ -4,7 +4,8 @@ The handlers module owns everything kopf-specific (adoption, events, error
 translation); this module is plain Python over the ``k8s.KubeApi`` seam, so the
 decisions read top to bottom: an invalid spec stops at parsing, an impossible
 placement stops before touching children, otherwise every child is
-created-or-patched by name and stale ones are deleted.
+server-side applied and stale ones are deleted. Deleting a Workflow needs nothing
+from here: its children carry owner references and the garbage collector removes them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import datetime
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -241,6 +243,26 @@ def refresh(api: k8s.KubeApi, obj: WorkflowObject, *,
     return status, event
 
 
+def event_object(involved: Mapping[str, Any], event: Event, *, now: datetime.datetime,
+                 reporter: str) -> dict[str, Any]:
+    """A core/v1 Event about ``involved``, for writers outside kopf's handlers (kopf's
+    ``kopf.event`` only works inside them). Named uniquely, as generateName would."""
+    meta = involved.get("metadata") or {}
+    stamp = conditions.format_time(now)
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": f"{meta.get('name', 'unknown')}.{uuid.uuid4().hex[:16]}",
+                     "namespace": meta.get("namespace") or "default"},
+        "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                           "name": meta.get("name"), "namespace": meta.get("namespace"),
+                           "uid": meta.get("uid")},
+        "type": event.type, "reason": event.reason, "message": event.message[:1024],
+        "source": {"component": "faastube-operator"},
+        "reportingComponent": "faastube-operator", "reportingInstance": reporter or "",
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+    }
+
+
 def delete_stale_children(api: k8s.KubeApi, obj: WorkflowObject, *, keep: set[str]) -> int:
     removed = 0
     for kind in ("Deployment", "Service"):
@@ -251,11 +273,6 @@ def delete_stale_children(api: k8s.KubeApi, obj: WorkflowObject, *, keep: set[st
                 logger.info("deleted stale %s %s/%s", kind, obj.namespace, name)
                 removed += 1
     return removed
-
-
-def cleanup(api: k8s.KubeApi, obj: WorkflowObject) -> int:
-    """Delete every child (owner references cascade too, but not every cluster runs the GC)."""
-    return delete_stale_children(api, obj, keep=set())
 
 
 def workflows_to_replace(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
 
 from faastube_operator.podresources import (
@@ -12,6 +13,59 @@ from faastube_operator.podresources import (
 )
 
 DEFAULT_IMAGE = "ghcr.io/faastube/faastube:0.1.0"
+# The resolution of the heartbeat timestamps sidecars write.
+TIMESTAMP_RESOLUTION_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PeeringSettings:
+    """Several replicas, one active: kopf's peering through a ClusterKopfPeering object.
+
+    kopf pauses every replica that sees a live peer of higher (or equal) priority, so each
+    replica takes its own random priority: the highest one acts, the others stand by,
+    and one takes over when the active one's keep-alive stops (at once when it exits
+    cleanly, after ``lifetime_s`` when it dies).
+    """
+
+    name: str | None = None  # None: standalone, no peering (one replica only)
+    identity: str = ""  # unique per process; "" for the host name and process id
+    priority: int = 0
+    lifetime_s: int = 60
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not self.name:
+            raise ValueError("peering name: must not be empty")
+        if self.lifetime_s < 2:
+            raise ValueError(f"peering lifetime_s: {self.lifetime_s} is under 2 seconds")
+
+    @property
+    def enabled(self) -> bool:
+        return self.name is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeHealthSettings:
+    """When a GpuNode counts as gone: its sidecar's heartbeat stopped for a while.
+
+    The sidecar patches ``status.lastHeartbeatTime`` every ``heartbeat_s`` (its
+    ``--heartbeat``); after ``missed_heartbeats`` of them without a change the operator
+    marks the GpuNode NotReady and its workflows are placed again. The timestamp has
+    whole seconds (a ``metav1.Time``, as a Node's heartbeat), so it changes at most once
+    a second: a sidecar heartbeating faster counts as heartbeating every second.
+    """
+
+    heartbeat_s: float = 10.0
+    missed_heartbeats: int = 3
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0:
+            raise ValueError("heartbeat_s: must be > 0")
+        if self.missed_heartbeats < 1:
+            raise ValueError("missed_heartbeats: must be at least 1")
+
+    @property
+    def stale_after_s(self) -> float:
+        return max(self.heartbeat_s, TIMESTAMP_RESOLUTION_S) * self.missed_heartbeats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +85,16 @@ class OperatorSettings:
     # The group the sidecar's socket admits (its --socket-group); function and gateway pods
     # get it as a supplemental group. None: the pods' own groups must already match.
     socket_group: int | None = None
-    # How often Ready is refreshed from the children's rollout state.
+    # How often the active replica sweeps: Ready refreshed from the children's rollout
+    # state, GpuNodes whose heartbeat stopped marked NotReady.
     status_interval_s: float = 10.0
     # Delay before re-trying a workflow that could not be placed or hit an API error.
     retry_delay_s: float = 30.0
     default_network_bandwidth_bytes_per_s: float = 12.5e9
+    # Namespaces (kopf patterns) the operator serves; empty: all.
+    namespaces: tuple[str, ...] = ()
+    peering: PeeringSettings = PeeringSettings()
+    node_health: NodeHealthSettings = NodeHealthSettings()
     # RuntimeClass of GPU function pods: the NVIDIA runtime when the device plugin hands GPUs
     # over as NVIDIA_VISIBLE_DEVICES; "" (none) with its CDI exposure.
     gpu_runtime_class: str = ""
@@ -59,6 +118,10 @@ class OperatorSettings:
             raise ValueError("default_network_bandwidth_bytes_per_s: must be > 0")
         if self.gpu_runtime_class and not _DNS_SUBDOMAIN.match(self.gpu_runtime_class):
             raise ValueError(f"gpu_runtime_class: {self.gpu_runtime_class!r} is not a RuntimeClass name")
+
+    def serves(self, namespace: str) -> bool:
+        return not self.namespaces or any(fnmatch.fnmatchcase(namespace, pattern)
+                                          for pattern in self.namespaces)
 
     @property
     def socket_path(self) -> str:

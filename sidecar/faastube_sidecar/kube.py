@@ -298,6 +298,7 @@ class KubernetesPieces:
                 logger.warning("GPUs %s of the topology have no pool in this sidecar", missing)
             self._publisher = nodepublisher.NodePublisher(
                 k8s.CustomObjectsApi(self._client), self.node, health=self._health, pools=pools,
+                nodes=nodepublisher.CoreV1NodeUids(k8s.CoreV1Api(self._client)),
                 settings=nodepublisher.PublisherSettings(interval_s=s.heartbeat_s))
             await self._publisher.start()
             logger.info("publishing GpuNode %s every %.3gs", self.node.name, s.heartbeat_s)

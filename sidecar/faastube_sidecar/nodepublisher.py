@@ -5,7 +5,10 @@ links the node has, ``status`` says which GPUs are healthy and how much pool mem
 free. The publisher creates the object if missing, corrects ``spec.topology`` if it
 drifted, and patches ``status`` every ``interval_s`` (that patch is also the heartbeat).
 It deletes nothing on shutdown: a GpuNode whose heartbeat went stale tells the operator
-more than a vanished one, and the next sidecar start takes it over again.
+more than a vanished one (it marks it NotReady), and the next sidecar start takes it
+over again. The GpuNode is owned by its Node (an owner reference with the Node's uid,
+looked up through the API), so when the Node object is deleted the garbage collector
+deletes the GpuNode too, even with no sidecar left to do it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,36 @@ class PoolStatsSource(Protocol):
 
 class HealthView(Protocol):
     def current(self) -> Mapping[str, GpuHealth]: ...
+
+
+class NodeUids(Protocol):
+    def node_uid(self, name: str) -> str | None:
+        """The uid of the Node called ``name``; None when there is no such Node."""
+        ...
+
+
+class CoreV1NodeUids:
+    """``NodeUids`` through a ``kubernetes.client.CoreV1Api`` (needs ``get`` on nodes)."""
+
+    def __init__(self, core_api: Any, *, timeout_s: float = 10.0) -> None:
+        self._core = core_api
+        self._timeout_s = timeout_s
+
+    def node_uid(self, name: str) -> str | None:
+        try:
+            node = self._core.read_node(name, _request_timeout=self._timeout_s)
+        except Exception as e:
+            if _is_not_found(e):
+                return None
+            raise
+        uid = getattr(getattr(node, "metadata", None), "uid", None)
+        return str(uid) if uid else None
+
+
+def node_owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """An owner reference to a Node: the GpuNode is garbage-collected with it. Not a
+    controller reference and no blockOwnerDeletion (that needs rights on the Node)."""
+    return {"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}
 
 
 @dataclass(frozen=True)
@@ -135,6 +168,7 @@ class NodePublisher:
         *,
         health: HealthView,
         pools: PoolStatsSource,
+        nodes: NodeUids | None = None,
         settings: PublisherSettings = PublisherSettings(),
         clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
@@ -144,6 +178,9 @@ class NodePublisher:
         self._node = node
         self._health = health
         self._pools = pools
+        self._nodes = nodes
+        # True while the Node's uid could not be looked up (and should be, again).
+        self._owner_pending = nodes is not None
         self._settings = settings
         self._clock = clock
         self._spec_synced = False
@@ -181,7 +218,7 @@ class NodePublisher:
 
     async def publish_once(self) -> None:
         """Make sure the object exists with the right spec, then patch its status."""
-        if not self._spec_synced:
+        if not self._spec_synced or self._owner_pending:
             await self._sync_spec()
         status = build_status(
             self._node, self._health.current(), self._pools.pool_stats(),
@@ -206,23 +243,51 @@ class NodePublisher:
         self._ready = status["conditions"][0]
         self._published += 1
 
+    async def _owner_reference(self) -> dict[str, Any] | None:
+        """The reference to this node's Node, or None when unknown (no Node, lookup failed)."""
+        if self._nodes is None:
+            return None
+        try:
+            uid = await asyncio.to_thread(self._nodes.node_uid, self.name)
+        except Exception as e:  # RBAC or the API server: keep publishing, look again later
+            if not self._owner_pending or self._published == 0:
+                logger.warning("cannot look up Node %s for the GpuNode's owner: %s", self.name, e)
+            self._owner_pending = True
+            return None
+        self._owner_pending = False
+        if uid is None:
+            logger.warning("there is no Node called %s: its GpuNode will not be deleted with it",
+                           self.name)
+            return None
+        return node_owner_reference(self.name, uid)
+
     async def _sync_spec(self) -> None:
         desired = topology.dump_node(self._node)
+        owner = await self._owner_reference()
         try:
             current = await self._call(self._api.get_cluster_custom_object, GROUP, VERSION, PLURAL, self.name)
         except Exception as e:
             if not _is_not_found(e):
                 raise
-            body = gpunode.new_body(self.name, desired)
+            body = gpunode.new_body(self.name, desired, owner=owner)
             await self._call(self._api.create_cluster_custom_object, GROUP, VERSION, PLURAL, body)
             logger.info("created GpuNode %s with %d GPUs", self.name, len(self._node.gpus))
         else:
             old = (current.get("spec") or {}).get("topology")
+            patch: dict[str, Any] = {}
             if old != desired:
-                patch = {"spec": {"topology": replacing_merge_patch(old, desired)}}
+                patch["spec"] = {"topology": replacing_merge_patch(old, desired)}
+            owners = (current.get("metadata") or {}).get("ownerReferences") or []
+            if owner is not None and owner not in owners:
+                # Exactly one owner: a reference to a Node of the same name that was deleted
+                # and registered again would have the old uid.
+                patch["metadata"] = {"ownerReferences": [owner]}
+            if patch:
                 await self._call(self._api.patch_cluster_custom_object, GROUP, VERSION, PLURAL,
                                  self.name, patch)
-                logger.info("updated the topology of GpuNode %s", self.name)
+                logger.info("updated GpuNode %s: %s", self.name,
+                            " and ".join(f for f, k in (("topology", "spec"), ("owner", "metadata"))
+                                         if k in patch))
             conditions = (current.get("status") or {}).get("conditions") or []
             self._ready = next((c for c in conditions if c.get("type") == "Ready"), None)
         self._spec_synced = True

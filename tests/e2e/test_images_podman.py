@@ -367,10 +367,10 @@ def test_the_sidecar_as_the_chart_runs_it_serves_only_containers_in_the_socket_g
     creates it: the socket goes to the group, the operator's function pods (in the group)
     put and get, a container outside the group is refused."""
     helm = pytest.importorskip("helm_python")
-    from faastube.workflow import load_workflow
     from faastube_operator import manifests
     from faastube_operator.manifests import Where
     from faastube_operator.settings import OperatorSettings
+    from faastube_spec.workflow import load_workflow
 
     chart = helm.Chart.load(str(ROOT / "charts" / "faastube"))
     try:
@@ -458,12 +458,12 @@ def healthy(url: str) -> bool:
 def test_the_examples_image_serves_the_traffic_workflow_behind_the_daemon_images_gateway(
         images: dict[str, str], podman: Podman, socket_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from faastube.workflow import load_workflow
     from faastube_operator import manifests
     from faastube_operator.manifests import Where
     from faastube_operator.settings import OperatorSettings
     from faastube_runtime import cli as run_cli
     from faastube_runtime.bodies import NPY_CONTENT_TYPE
+    from faastube_spec.workflow import load_workflow
 
     node = "node-images"
     workflow = load_workflow(EXAMPLE / "workflow.yaml")

@@ -60,6 +60,9 @@ COMBINATIONS: dict[str, dict[str, Any] | None] = {
                                "gatewayPodMonitor": {"enabled": True},
                                "grafanaDashboard": {"enabled": True, "namespace": "grafana",
                                                     "annotations": {"grafana_folder": "FaaSTube"}}}},
+    "single-operator": {"operator": {"replicas": 1}},
+    "three-operators-fast-failover": {"operator": {"replicas": 3, "peeringLifetimeSeconds": 15},
+                                      "gpuNodeHealth": {"heartbeatSeconds": 2.5, "missedHeartbeats": 4}},
     "operator-only": {"sidecar": {"enabled": False}},
     "sidecar-only": {"operator": {"enabled": False}},
 }
@@ -150,6 +153,28 @@ def test_rendered_objects_are_valid_kubernetes(values: dict[str, Any] | None, ve
         kubernetes_validate.validate(obj, version, strict=True)
 
 
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_crds_helm_installs_are_valid_custom_resource_definitions(version: str) -> None:
+    crds = [yaml.safe_load(p.read_text()) for p in sorted((CHART / "crds").glob("*.yaml"))]
+    assert {c["metadata"]["name"] for c in crds} >= {
+        "workflows.faastube.io", "gpunodes.faastube.io", "clusterkopfpeerings.kopf.dev"}
+    for crd in crds:
+        kubernetes_validate.validate(crd, version, strict=True)
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"operator": {"replicas": 0}}, "replicas"),
+    ({"operator": {"replica": 2}}, "replica"),
+    ({"operator": {"peeringLifetimeSeconds": 1}}, "peeringLifetimeSeconds"),
+    ({"gpuNodeHealth": {"heartbeatSeconds": 0.5}}, "heartbeatSeconds"),  # timestamps have seconds
+    ({"gpuNodeHealth": {"missedHeartbeats": 0}}, "missedHeartbeats"),
+])
+def test_the_values_schema_refuses_operator_values_the_operator_would_refuse(
+        values: dict[str, Any], field: str) -> None:
+    report = helm.lint(str(CHART), values, strict=True)
+    assert any(field in e for e in report["errors"]), report
+
+
 def test_the_values_schema_refuses_a_typo_before_anything_reaches_a_node() -> None:
     report = helm.lint(str(CHART), {"sidecar": {"devicePlugin": {"gpuExposure": "cdl"}}}, strict=True)
     assert any("gpuExposure" in e for e in report["errors"])
@@ -160,7 +185,8 @@ def test_the_values_schema_refuses_a_typo_before_anything_reaches_a_node() -> No
 def test_default_render_has_operator_sidecar_rbac_and_no_monitors() -> None:
     kinds = sorted(o["kind"] for o in _render())
     assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-                     "DaemonSet", "Deployment", "Service", "ServiceAccount", "ServiceAccount"]
+                     "DaemonSet", "Deployment", "PodDisruptionBudget", "Service",
+                     "ServiceAccount", "ServiceAccount"]
 
 
 def test_rbac_is_least_privilege() -> None:
@@ -400,6 +426,53 @@ def test_operator_deployment_runs_faastube_operator_with_metrics_and_liveness() 
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+def test_operator_replicas_peer_are_probed_for_readiness_and_have_a_disruption_budget() -> None:
+    objs = _render()
+    dep = _one(objs, "Deployment", "-operator")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert dep["spec"]["replicas"] == 2
+    assert "strategy" not in dep["spec"]  # rolling updates: a new replica peers with the old
+    assert f"--peering={dep['metadata']['name']}" in container["args"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+        dep["spec"]["selector"]["matchLabels"]
+    pdb = _one(objs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": dep["spec"]["selector"]}
+    operator = _one(objs, "ClusterRole", "-operator")
+    grants = {(g, r): set(rule["verbs"]) for rule in operator["rules"]
+              for g in rule["apiGroups"] for r in rule["resources"]}
+    assert grants[("kopf.dev", "clusterkopfpeerings")] == {"get", "list", "watch", "create",
+                                                           "patch"}
+    assert grants[("faastube.io", "gpunodes/status")] == {"patch"}
+    # One replica: no budget (there would be nothing for it to keep up).
+    single = _render(COMBINATIONS["single-operator"])
+    assert not [o for o in single if o["kind"] == "PodDisruptionBudget"]
+    assert _one(single, "Deployment", "-operator")["spec"]["replicas"] == 1
+    three = _render(COMBINATIONS["three-operators-fast-failover"])
+    assert _one(three, "Deployment", "-operator")["spec"]["replicas"] == 3
+    assert _one(three, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("name", ["defaults", "three-operators-fast-failover"])
+def test_the_operator_expects_heartbeats_as_often_as_the_sidecars_send_them(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faastube_sidecar import cli as sidecar_cli
+
+    monkeypatch.setenv("NODE_NAME", "node-a")
+    values = COMBINATIONS[name]
+    operator = _operator_settings(values)
+    sidecar = sidecar_cli.settings_from(_parse_command(_args(values, "DaemonSet")))
+    health = (values or {}).get("gpuNodeHealth", {"heartbeatSeconds": 10, "missedHeartbeats": 3})
+    assert sidecar.kube.publish_node
+    assert sidecar.kube.heartbeat_s == operator.node_health.heartbeat_s == health["heartbeatSeconds"]
+    assert operator.node_health.missed_heartbeats == health["missedHeartbeats"]
+    lifetime_s = (values or {}).get("operator", {}).get("peeringLifetimeSeconds", 60)
+    assert operator.peering.enabled and operator.peering.lifetime_s == lifetime_s
+    assert operator.peering.name == _one(_render(values), "Deployment", "-operator")["metadata"]["name"]
+
+
 def test_custom_values_reach_the_objects() -> None:
     objs = _render(CUSTOM)
     args = _one(objs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -433,6 +506,18 @@ def test_notes_list_the_prerequisites() -> None:
     assert "mount the hostPath /var/run/faastube" in hostpath
     shared = _render_files(COMBINATIONS["any-node"])["faastube/templates/NOTES.txt"]
     assert "a GPU can then be given to a FaaSTube function and to another pod" in shared
+
+
+def test_notes_give_the_uninstall_order_with_the_peering_object_helm_does_not_know() -> None:
+    notes = _render_files()["faastube/templates/NOTES.txt"]
+    steps = ["kubectl delete ftwf --all -A --wait", "helm uninstall ft -n faastube",
+             "kubectl delete clusterkopfpeering ft-faastube-operator"]
+    assert all(step in notes for step in steps)
+    assert [notes.index(step) for step in steps] == sorted(notes.index(step) for step in steps)
+    operator = _one(_render(), "Deployment", "-operator")
+    assert steps[2].endswith(f" {operator['metadata']['name']}")  # the --peering name
+    sidecar_only = _render_files(COMBINATIONS["sidecar-only"])["faastube/templates/NOTES.txt"]
+    assert "clusterkopfpeering" not in sidecar_only
 
 
 # --- monitoring and the Grafana dashboard ----------------------------------------------------

@@ -45,7 +45,8 @@ def _nodes(schema: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, Map
             yield f"{path}.{junctor}[{i}]", sub, True
 
 
-@pytest.mark.parametrize("name", ["workflows.faastube.io.yaml", "gpunodes.faastube.io.yaml"])
+@pytest.mark.parametrize("name", ["workflows.faastube.io.yaml", "gpunodes.faastube.io.yaml",
+                                  "clusterkopfpeerings.kopf.dev.yaml"])
 def test_crd_schema_is_structural(name: str) -> None:
     for path, node, in_junctor in _nodes(_schema(_crd(name))):
         if in_junctor:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from faastube_sidecar.gpuhealth import FixedHealthSource, GpuHealth, HealthMonitor
 from faastube_sidecar.nodepublisher import (
+    CoreV1NodeUids,
     GpuPoolStats,
     NodePublisher,
     PublisherSettings,
@@ -211,3 +212,89 @@ def test_the_merge_patch_nulls_fields_that_disappeared():
     old = {"a": 1, "b": {"c": 2, "d": 3}, "gone": True}
     new = {"a": 1, "b": {"c": 5}}
     assert replacing_merge_patch(old, new) == {"a": 1, "b": {"c": 5, "d": None}, "gone": None}
+
+
+NODE_UID = "3f1c2b9e-1d2a-4c5b-8e7f-0a1b2c3d4e5f"
+
+
+@pytest.fixture
+def node_uids(kmock):
+    kmock.resources["v1/nodes"] = kmock.ResourceInfo(namespaced=False, kind="Node", singular="node")
+    cfg = k8s.Configuration()
+    cfg.host = str(kmock.url).rstrip("/")
+    api_client = k8s.ApiClient(cfg)
+    yield CoreV1NodeUids(k8s.CoreV1Api(api_client))
+    api_client.close()
+
+
+def _add_node(kmock, name: str, uid: str) -> None:
+    kmock.objects["v1/nodes", None, name] = {
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "uid": uid}}
+
+
+async def test_the_gpunode_is_owned_by_its_node_so_it_goes_with_it(
+        kmock, custom_api, node_uids, node, health):
+    _, monitor = health
+    _add_node(kmock, node.name, NODE_UID)
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}),
+                              nodes=node_uids, clock=Clock())
+    await publisher.publish_once()
+    owners = stored(kmock, node.name)["metadata"]["ownerReferences"]
+    assert owners == [{"apiVersion": "v1", "kind": "Node", "name": node.name, "uid": NODE_UID}]
+
+
+async def test_an_existing_gpunode_gets_its_owner_and_a_new_one_after_the_node_came_back(
+        kmock, custom_api, node_uids, node, health):
+    _, monitor = health
+    kmock.objects[RESOURCE, None, node.name] = {  # published by an earlier sidecar version
+        "apiVersion": "faastube.io/v1alpha1", "kind": "GpuNode",
+        "metadata": {"name": node.name, "uid": "u-1", "resourceVersion": "1"},
+        "spec": {"topology": topology.dump_node(node)},
+    }
+    _add_node(kmock, node.name, NODE_UID)
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}),
+                              nodes=node_uids, clock=Clock())
+    await publisher.publish_once()
+    assert stored(kmock, node.name)["metadata"]["ownerReferences"][0]["uid"] == NODE_UID
+
+    # The Node was deleted and registered again: the garbage collector removed the GpuNode
+    # (its owner's uid is gone); the publisher recreates it, owned by the new Node.
+    _add_node(kmock, node.name, "new-uid")
+    await asyncio.to_thread(custom_api.delete_cluster_custom_object, "faastube.io", "v1alpha1",
+                            "gpunodes", node.name)
+    await publisher.publish_once()
+    assert stored(kmock, node.name)["metadata"]["ownerReferences"][0]["uid"] == "new-uid"
+
+
+class FlakyNodeUids:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def node_uid(self, name: str) -> str | None:
+        self.calls += 1
+        if self.calls == 1:
+            raise PermissionError("nodes is forbidden")  # say, RBAC not updated yet
+        return NODE_UID
+
+
+async def test_without_its_node_the_gpunode_is_published_and_the_owner_added_later(
+        kmock, custom_api, node_uids, node, health):
+    _, monitor = health
+    # No Node of that name (a sidecar outside Kubernetes): published all the same.
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}),
+                              nodes=node_uids, clock=Clock())
+    await publisher.publish_once()
+    assert "ownerReferences" not in stored(kmock, node.name)["metadata"]
+    assert stored(kmock, node.name)["status"]["conditions"][0]["status"] == "True"
+
+    # A failed look-up is tried again on the next heartbeat.
+    flaky = FlakyNodeUids()
+    other = topology.NodeTopology(name="node-x", gpus=node.gpus, links=node.links)
+    publisher = NodePublisher(custom_api, other, health=monitor, pools=Pools({}),
+                              nodes=flaky, clock=Clock())
+    await publisher.publish_once()
+    assert "ownerReferences" not in stored(kmock, "node-x")["metadata"]
+    await publisher.publish_once()
+    await publisher.publish_once()
+    assert flaky.calls == 2  # once settled, not looked up again
+    assert stored(kmock, "node-x")["metadata"]["ownerReferences"][0]["uid"] == NODE_UID
