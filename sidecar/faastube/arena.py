@@ -65,6 +65,7 @@ class Arena:
     free: FreeList = field(init=False)
     used: dict[int, int] = field(default_factory=dict)           # offset -> reserved bytes
     idle_since: float = field(default_factory=time.monotonic)
+    retiring: bool = False       # the sidecar took it back: nothing new goes in, unmapped once empty
 
     def __post_init__(self) -> None:
         self.free = FreeList(self.size)
@@ -119,7 +120,7 @@ class Arenas:
     def allocate(self, nbytes: int) -> tuple[int, int] | None:
         """(slab id, offset) of room for `nbytes`, preferring the fullest arena that fits."""
         reserved = align_up(max(nbytes, 1))
-        fitting = [a for a in self._arenas.values() if a.free.largest() >= reserved]
+        fitting = [a for a in self._arenas.values() if not a.retiring and a.free.largest() >= reserved]
         for arena in sorted(fitting, key=lambda a: (a.empty, a.size)):
             offset = arena.take(nbytes)
             if offset is not None:
@@ -146,12 +147,25 @@ class Arenas:
         return [a.slab_id for a in stale]
 
     def surplus(self) -> list[int]:
-        """Empty arenas beyond `keep_empty` (the largest are kept): slabs to give back."""
-        empty = sorted((a for a in self._arenas.values() if a.empty), key=lambda a: -a.size)
-        extra = empty[self.keep_empty:]
+        """Empty arenas beyond `keep_empty` (the largest are kept), and retiring ones now empty: slabs to give back."""
+        done = [a for a in self._arenas.values() if a.retiring and a.empty]
+        empty = sorted((a for a in self._arenas.values() if a.empty and not a.retiring), key=lambda a: -a.size)
+        extra = done + empty[self.keep_empty:]
         for arena in extra:
             del self._arenas[arena.slab_id]
         return [a.slab_id for a in extra]
 
     def drop(self, slab_id: int) -> None:
         self._arenas.pop(slab_id, None)
+
+    def retire(self, slab_id: int) -> bool:
+        """The sidecar took this arena back. True: unmap it now (nothing of ours is in it); else it
+        stays mapped, for no new object, until what is in it was sealed and freed or discarded."""
+        arena = self._arenas.get(slab_id)
+        if arena is None:
+            return True
+        if arena.empty:
+            del self._arenas[slab_id]
+            return True
+        arena.retiring = True
+        return False

@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,6 +376,32 @@ class Client:
         return ObjectInfo(r["ref"], r["nbytes"], r["dtype"], tuple(r["shape"]), r["state"], tuple(r["locations"]),
                           r["consumers_left"], r["readers"], r["expires_in_s"], r["owner"])
 
+    def hint(self, positions: Mapping[str, int], *, due_in_s: Mapping[str, float] | None = None) -> None:
+        """Tell the sidecar where the readers of these objects stand in the workflow's queue.
+
+        `positions`: ref -> the place of the request that will read it (larger: later; an
+        arrival sequence number works, as do places counted from the front). `due_in_s`:
+        optionally, ref -> seconds until it will be read. When the GPU fills up, the objects
+        read last move out first, and come back before their reader's turn. No round trip;
+        refs that are gone (or not this workflow's) are ignored.
+        """
+        items: list[dict[str, Any]] = []
+        for ref, position in positions.items():
+            protocol.check_ref(ref)
+            if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+                raise errors.InvalidRequest(f"hint {ref}: position must be a non-negative integer, got {position!r}")
+            item: dict[str, Any] = {"ref": ref, "position": position}
+            due = (due_in_s or {}).get(ref)
+            if due is not None:
+                if not isinstance(due, (int, float)) or isinstance(due, bool) or not 0 <= due < float("inf"):
+                    raise errors.InvalidRequest(f"hint {ref}: due_in_s must be a non-negative number, got {due!r}")
+                item["due_in_s"] = float(due)
+            items.append(item)
+        with self._lock:
+            self._raise_deferred()
+            for i in range(0, len(items), protocol.MAX_LIST_ITEMS):
+                self._notify(protocol.Op.HINT, {"hints": items[i:i + protocol.MAX_LIST_ITEMS]}, None)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             self._raise_deferred()
@@ -443,7 +469,7 @@ class Client:
         if device in ("cpu", "host"):
             return HOST
         if device is None:
-            if not self._gpu_of:
+            if not self._gpu_of or self.backend == "host":    # no GPU, or simulated ones: named explicitly
                 return HOST
             import cupy
 
@@ -485,6 +511,10 @@ class Client:
                 raise errors.ProtocolError(f"malformed arena reply from the sidecar: {e!r}") from None
             hit = arenas.allocate(nbytes)
             if hit is None:
+                if reply.get("arena", {}).get("size", 0) >= nbytes:
+                    # A hole the sidecar made in one of our arenas, where we still hold memory it can't
+                    # see (an `empty` not sealed yet): the pool is full, try again later.
+                    raise errors.OutOfPoolMemory(f"no room for {nbytes} bytes at {location}: the pool is full")
                 raise errors.ProtocolError(f"the sidecar leased an arena too small for {nbytes} bytes")
         slab_id, offset = hit
         return self._slabs[slab_id], offset
@@ -565,11 +595,16 @@ class Client:
         self._forgotten.append((location, slab_id, offset))
 
     def _take_forgotten(self) -> None:
+        given = False
         while self._forgotten:
             location, slab_id, offset = self._forgotten.popleft()
             arenas = self._arenas.get(location)
             if arenas is not None:
-                arenas.give(slab_id, offset)
+                given = arenas.give(slab_id, offset) or given
+        if given:
+            surplus = [s for arenas in self._arenas.values() for s in arenas.surplus()]
+            if surplus:
+                self._unmap(surplus)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -896,10 +931,11 @@ class Client:
                 self._unmap(surplus)
         retired = reply.pop("retired", None)
         if retired:
-            for arenas in self._arenas.values():
-                for slab_id in retired:
-                    arenas.drop(int(slab_id))
-            self._unmap([int(s) for s in retired])
+            # An arena holding memory handed out by `empty` and not sealed yet stays mapped until then.
+            unmap = [int(s) for s in retired
+                     if all(arenas.retire(int(s)) for arenas in self._arenas.values())]
+            if unmap:
+                self._unmap(unmap)
 
     def _unmap(self, slab_ids: list[int]) -> None:
         for slab_id in slab_ids:

@@ -174,10 +174,11 @@ class Op(str, enum.Enum):
     PING = "ping"
     STATS = "stats"
     BYE = "bye"
+    HINT = "hint"
 
 
 # Field type tags: "str", "int" (non-negative), "num" (non-negative), "bool", "shape", "refs",
-# "ints", "devices", "location" (parsed to a Location), "ref", "fence".
+# "ints", "devices", "location" (parsed to a Location), "ref", "fence", "hints".
 _SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
     Op.HELLO: {"version": ("int", True), "namespace": ("str", False), "workflow": ("str", False),
                "function": ("str", False), "devices": ("devices", False)},
@@ -203,6 +204,9 @@ _SCHEMAS: dict[Op, dict[str, tuple[str, bool]]] = {
     Op.STATS: {},
     # A clean goodbye: every read still open ends now and counts (a crash, no bye, counts none).
     Op.BYE: {},
+    # Where the readers of this workflow's objects stand in its queue: [{ref, position, due_in_s?}];
+    # larger positions are read later. The memory policy moves those read last out of the GPU first.
+    Op.HINT: {"hints": ("hints", True)},
 }
 
 MAX_LIST_ITEMS = 4096
@@ -284,6 +288,21 @@ def _fence(value: Any) -> Any:
     return value
 
 
+_HINT_KEYS = frozenset({"ref", "position", "due_in_s"})
+
+
+def _hints(value: Any) -> Any:
+    if type(value) is not list or len(value) > MAX_LIST_ITEMS:
+        return _Expected(f"a list of at most {MAX_LIST_ITEMS} {{ref, position, due_in_s?}} objects")
+    for item in value:
+        if (type(item) is not dict or not {"ref", "position"} <= item.keys() <= _HINT_KEYS
+                or type(item["ref"]) is not str or _REF_PATTERN.fullmatch(item["ref"]) is None
+                or not _is_count(item["position"])
+                or ("due_in_s" in item and type(_num(item["due_in_s"])) is _Expected)):
+            return _Expected("a list of {ref, position: non-negative integer, due_in_s?: seconds} objects")
+    return value
+
+
 def _devices(value: Any) -> Any:
     if not isinstance(value, list) or len(value) > 64:
         return _Expected("a list of at most 64 {ordinal, pci_bus_id} objects")
@@ -297,7 +316,7 @@ def _devices(value: Any) -> Any:
 
 _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "int": _int, "ref": _ref, "location": _location, "str": _str, "num": _num, "bool": _bool, "shape": _shape,
-    "refs": _refs, "ints": _ints, "fence": _fence, "devices": _devices,
+    "refs": _refs, "ints": _ints, "fence": _fence, "devices": _devices, "hints": _hints,
 }
 # op -> field -> (checker, required); op -> its required fields
 _COMPILED = {op: {name: (_CHECKERS[tag], required) for name, (tag, required) in schema.items()}

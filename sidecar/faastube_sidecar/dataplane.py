@@ -14,6 +14,11 @@ each with one notify (no reply); a reader's `get` is one round trip whose reply
 carries everything the reader needs (the slab on first sight, the fence to order
 its stream after). GPU writes are ordered by fence events the writer records on
 the GPU, never by a synchronize.
+
+Memory (``elastic``, ``sizing``, ``eviction``): every publish and every copy made for a
+reader is one execution of a function, whose traffic sizes its pool; the sweep keeps
+each pool at its target and under its cap, and with an evicting policy a request that
+finds its pool full waits for objects to move out rather than failing.
 """
 
 from __future__ import annotations
@@ -31,10 +36,24 @@ import numpy as np
 from faastube import errors, protocol
 from faastube.locations import Location
 
+from faastube_sidecar import elastic
 from faastube_sidecar.backends import Backend, Span
+from faastube_sidecar.devicememory import DeviceMemory, MemoryInfo
+from faastube_sidecar.eviction import Evictor
 from faastube_sidecar.identity import Domain, Identity
 from faastube_sidecar.lifetimes import Fence, Lifetimes, ObjectRecord, Replica
-from faastube_sidecar.pool import Allocation, Budget, Pool, PoolLimits, PoolStats
+from faastube_sidecar.pool import (
+    ALIGN_BYTES,
+    LARGE_ROUND_BYTES,
+    Allocation,
+    Budget,
+    Pool,
+    PoolLimits,
+    PoolStats,
+    Slab,
+    align_up,
+)
+from faastube_sidecar.sizing import SizingSettings, TrafficSizing
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +85,11 @@ DEFAULT_HOST_LIMITS = PoolLimits(slab_bytes=64 << 20, max_bytes=8 << 30, arena_b
 DEFAULT_GPU_LIMITS = PoolLimits(slab_bytes=512 << 20, max_bytes=16 << 30, arena_bytes=64 << 20,
                                 quota_bytes=8 << 30)
 DEFAULT_TTL_S = 600.0
+DEFAULT_MEMORY_POLICY = elastic.MemoryPolicy()
+# Elastic pools take back an empty arena its writer still holds after this long (the writer is
+# told, and unmaps); when memory is short, after this much shorter time.
+LEASED_IDLE_S = 1.0
+PRESSURE_LEASED_IDLE_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +107,8 @@ class DataPlaneConfig:
     fence_events_per_gpu: int = 8
     fence_poll_s: float = 0.002    # how long a copy waits for a writer's first fence by polling it
     max_sessions_per_identity: int = 1024   # connections one function (or one pod) may hold
+    memory: elastic.MemoryPolicy = DEFAULT_MEMORY_POLICY
+    sizing: SizingSettings = SizingSettings()
 
 
 @dataclass(eq=False)
@@ -129,6 +155,24 @@ class BudgetView:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryView:
+    """The memory policy's figures as of one moment (metrics)."""
+
+    policy: str = "static"
+    caps: tuple[tuple[Location, int], ...] = ()
+    device_free: tuple[tuple[Location, int], ...] = ()
+    targets: tuple[tuple[Domain, Location, int], ...] = ()
+    reservations: tuple[tuple[Domain, str, Location, int], ...] = ()
+    releases: tuple[tuple[Location, str, int], ...] = ()
+    evictions: tuple[tuple[Location, Location, str, int], ...] = ()
+    evicted_bytes_total: tuple[tuple[Location, int], ...] = ()
+    restores: tuple[tuple[Location, str, int], ...] = ()
+    evicted_now: tuple[tuple[Location, int, int], ...] = ()      # home, objects, bytes
+    aborted: int = 0
+    failed_room: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Pool and object figures as of one moment, for readers on other threads (metrics).
 
@@ -140,21 +184,34 @@ class Snapshot:
     budgets: tuple[BudgetView, ...] = ()
     objects_by_location: tuple[tuple[Location, int], ...] = ()
     draining: int = 0
+    memory: MemoryView = MemoryView()
 
 
 class DataPlane:
     def __init__(self, backend: Backend, config: DataPlaneConfig = DataPlaneConfig(), *,
-                 observer: TransferObserver | None = None,
+                 observer: TransferObserver | None = None, device_memory: DeviceMemory | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        problems = config.memory.problems()
+        if problems:
+            raise ValueError("memory policy: " + "; ".join(problems))
         self.backend = backend
         self.config = config
+        self.policy = config.memory
         self.observer = observer or TransferObserver()
         self._clock = clock
         self.locations: tuple[Location, ...] = tuple(backend.locations())
         self.budgets = {loc: Budget(loc, self._limits(loc)) for loc in self.locations}
         self.pools: dict[tuple[Domain, Location], Pool[Any]] = {}
         self._slab_pool: dict[int, Pool[Any]] = {}                  # slab id -> its pool
+        self._by_range: dict[tuple[int, int], ObjectRecord] = {}    # (slab, offset) -> the object there
+        self.device_memory = device_memory
+        self.device_info: dict[Location, MemoryInfo] = {}
+        self.sizing: TrafficSizing[tuple[Domain, str, Location]] = TrafficSizing(config.sizing, clock=clock)
+        self._live_by_function: Counter[tuple[Domain, str, Location]] = Counter()
+        self.targets: dict[tuple[Domain, Location], int] = {}
+        self._releases: dict[Location, Counter[str]] = {loc: Counter() for loc in self.locations}
         self.lifetimes = Lifetimes(self._free_memory)
+        self.evictor = Evictor(self)
         self.sessions: dict[int, Session] = {}
         self._next_session = 1
         self._awaiting: dict[str, list[asyncio.Future[None]]] = {}  # refs a get waits to see published
@@ -175,13 +232,50 @@ class DataPlane:
         if pool is None:
             pool = Pool(domain, location, self.backend, self._limits(location), self.budgets[location],
                         reclaim=self._reclaim, on_slab=self._index_slab, clock=self._clock)
+            pool.releases = self._releases[location]     # kept here: pools come and go
             self.pools[(domain, location)] = pool
         return pool
 
+    pool = _pool
+
     def _reclaim(self, location: Location) -> None:
+        leased = PRESSURE_LEASED_IDLE_S if self.policy.elastic else None
         for (_, loc), pool in list(self.pools.items()):
             if loc == location:
-                pool.collect(force=True)
+                pool.collect(force=True, leased_idle_s=leased)
+        self.announce_retired()
+
+    reclaim = _reclaim
+
+    def pool_of_slab(self, slab_id: int) -> Pool[Any]:
+        return self._slab_pool[slab_id]
+
+    def record_at(self, slab_id: int, offset: int) -> ObjectRecord | None:
+        return self._by_range.get((slab_id, offset))
+
+    def now(self) -> float:
+        return self._clock()
+
+    def excess_bytes(self, domain: Domain, location: Location) -> int:
+        """What `domain`'s pool at `location` holds beyond its target (its own policy's share)."""
+        pool = self.pools.get((domain, location))
+        if pool is None:
+            return 0
+        return max(0, pool.active_bytes - self.targets.get((domain, location), 0))
+
+    def fits_without_growth(self, domain: Domain, location: Location, nbytes: int) -> bool:
+        """Room for `nbytes` in the domain's shared slabs there, without growing the pool."""
+        reserved = align_up(max(nbytes, 1), ALIGN_BYTES)
+        pool = self.pools.get((domain, location))
+        return pool is not None and any(not s.arena and not s.retired and s.free.largest() >= reserved for s in pool)
+
+    def announce_retired(self) -> None:
+        """Tell every client mapping a newly retired slab to unmap it (on its next reply)."""
+        for pool in list(self.pools.values()):
+            for slab_id in pool.take_retired():
+                for session in self.sessions.values():
+                    if slab_id in session.mapped:
+                        session.retired_notices.append(slab_id)
 
     def pools_at(self, location: Location) -> Iterator[Pool[Any]]:
         return (pool for (_, loc), pool in self.pools.items() if loc == location)
@@ -189,8 +283,42 @@ class DataPlane:
     def _index_slab(self, slab_id: int, pool: Pool[Any] | None) -> None:
         if pool is None:
             self._slab_pool.pop(slab_id, None)
+            self.evictor.memory_freed()
         else:
             self._slab_pool[slab_id] = pool
+
+    # --- replicas ------------------------------------------------------------------------------
+
+    def add_replica(self, record: ObjectRecord, location: Location, replica: Replica) -> None:
+        record.replicas[location] = replica
+        self._by_range[(replica.alloc.slab_id, replica.alloc.offset)] = record
+        if replica.function is not None:
+            key = (record.domain, replica.function, location)
+            self._live_by_function[key] += 1
+            # One execution of the function put these bytes in the pool: its traffic, for sizing.
+            self.sizing.observe(key, record.nbytes, self._live_by_function[key])
+
+    def drop_replica(self, record: ObjectRecord, location: Location) -> None:
+        """Free one replica's memory (nobody may be reading it: the caller checked)."""
+        self._release_replica(record, record.replicas.pop(location))
+
+    def _release_replica(self, record: ObjectRecord, replica: Replica) -> None:
+        self._drop_fence(replica)
+        alloc = replica.alloc
+        if self._by_range.get((alloc.slab_id, alloc.offset)) is record:
+            del self._by_range[(alloc.slab_id, alloc.offset)]
+        if replica.function is not None:
+            key = (record.domain, replica.function, alloc.location)
+            left = self._live_by_function[key] - 1
+            if left > 0:
+                self._live_by_function[key] = left
+            else:
+                self._live_by_function.pop(key, None)
+        writer = self._slab_pool[alloc.slab_id].free(alloc)
+        if writer is not None:
+            owner = self.sessions.get(writer)
+            if owner is not None:
+                owner.freed_notices.append([alloc.slab_id, alloc.offset])
 
     # --- sessions -----------------------------------------------------------------------------
 
@@ -213,12 +341,14 @@ class DataPlane:
             gpu = self.backend.gpu_for_bus_id(device["pci_bus_id"])
             if gpu is not None:
                 session.device_map[device["ordinal"]] = gpu
+        if not session.device_map:
+            session.device_map = self.backend.default_device_map()
         return {"session": session.id, "backend": self.backend.name,
                 "locations": [str(loc) for loc in self.locations],
                 "device_map": {str(k): v for k, v in session.device_map.items()},
                 "identity": {"namespace": identity.namespace, "workflow": identity.workflow,
                              "function": identity.function},
-                "align": 512,
+                "align": ALIGN_BYTES,
                 "arena_bytes": {str(loc): self._limits(loc).arena_bytes for loc in self.locations},
                 "quota_bytes": {str(loc): self.budgets[loc].quota_bytes for loc in self.locations}}, []
 
@@ -278,6 +408,36 @@ class DataPlane:
         location = self._location(fields["location"])
         pool = self._pool(domain, location)
         slab = pool.grant_arena(session.id, fields["nbytes"])
+        return self._arena_reply(session, pool, slab)
+
+    def arena_now(self, session: Session, fields: Mapping[str, Any]) -> Reply | None:
+        """`arena`, or None when the pool is full and objects must move out first (`arena_with_room`)."""
+        try:
+            return self.arena(session, fields)
+        except errors.OutOfPoolMemory:
+            location = fields["location"]
+            if not self.evictor.active or location not in self.budgets or location.is_host:
+                raise
+            return None
+
+    async def arena_with_room(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        """An arena once eviction made room: a new slab, or a hole in one of the writer's own arenas."""
+        domain = session.domain
+        location = self._location(fields["location"])
+        nbytes = fields["nbytes"]
+        room = await self.evictor.make_room(domain, location, grow_bytes=align_up(max(nbytes, 1), LARGE_ROUND_BYTES),
+                                            hole_bytes=align_up(max(nbytes, 1), ALIGN_BYTES), writer=session.id)
+        pool = self._pool(domain, location)
+        if room is not None and room.hole_slab is not None and room.hole_slab in pool.slabs:
+            return self._arena_reply(session, pool, pool.slab(room.hole_slab))
+        try:
+            return self.arena(session, fields)
+        except errors.OutOfPoolMemory as e:
+            raise errors.OutOfPoolMemory(f"{e} (and no object could leave {location} within "
+                                         f"{self.policy.evict_wait_s:g}s to make room)") from None
+
+    def _arena_reply(self, session: Session, pool: Pool[Any], slab: Slab[Any]) -> Reply:
+        domain, location = pool.domain, pool.location
         session.arenas.add(slab.id)
         reply, fds = self._introduce(session, pool, slab.id, writable=True)
         reply["arena"] = {"slab": slab.id, "size": slab.size, "location": str(location)}
@@ -316,8 +476,9 @@ class DataPlane:
             raise errors.InvalidRequest(f"publish: ref {ref} is already in use; use a fresh one")
         alloc = pool.claim(session.id, slab_id, fields["offset"], nbytes)
         now = self._clock()
-        record = ObjectRecord(ref, identity, nbytes, dtype.str, shape, {pool.location: Replica(alloc, fence)},
-                              session.id, now, now + ttl_s, consumers)
+        record = ObjectRecord(ref, identity, nbytes, dtype.str, shape, {}, session.id, now, now + ttl_s, consumers,
+                              last_used_s=now)
+        self.add_replica(record, pool.location, Replica(alloc, fence, function=identity.function))
         self.lifetimes.publish(record)
         if fence is not None:
             self._fence_users.update(event for event, _ in fence)
@@ -356,7 +517,10 @@ class DataPlane:
         if replica is None or (replica.landing is not None and replica.fence is None):
             return None
         self.lifetimes.open_lease(record, session.id)
-        return self._get_reply(session, record, replica, "local")
+        record.last_used_s = self._clock()
+        # A GPU reader ordered after a restore still in flight waited for it.
+        path = "restore" if replica.landing is not None and record.home is not None else "local"
+        return self._get_reply(session, record, replica, path)
 
     async def get(self, session: Session, fields: Mapping[str, Any]) -> Reply:
         ref = fields["ref"]
@@ -369,12 +533,15 @@ class DataPlane:
         self._check_access(session, record, "get")
         # The lease starts now, so a free() during a copy can't recycle the bytes under it.
         self.lifetimes.open_lease(record, session.id)
+        record.last_used_s = self._clock()
         try:
             replica = record.replicas.get(location)
             path = "local"
             if replica is None:
                 await self._first_bytes_written(record, location)
-                replica, path = self._replicate(session, record, location)
+                replica, path = await self._replicate_with_room(session, record, location)
+            elif replica.landing is not None and record.home is not None:
+                path = "restore"     # it was on its way back: the reader waits for the rest
             if replica.landing is not None and replica.fence is None:
                 # The reader can't order itself after the copy on a GPU (a CPU reader, or the copy
                 # went through the transfer engine): wait for it here.
@@ -460,13 +627,37 @@ class DataPlane:
                 self._fence_users.pop(e, None)
             self.backend.drop_events(dead)
 
-    def _replicate(self, session: Session, record: ObjectRecord, location: Location) -> tuple[Replica, str]:
+    async def _replicate_with_room(self, session: Session, record: ObjectRecord,
+                                   location: Location) -> tuple[Replica, str]:
+        try:
+            return self.replicate(session, record, location)
+        except errors.OutOfPoolMemory:
+            if not self.evictor.active or location.is_host:
+                raise
+        room = await self.evictor.make_room(record.domain, location,
+                                            grow_bytes=align_up(record.nbytes, LARGE_ROUND_BYTES),
+                                            hole_bytes=align_up(max(record.nbytes, 1), ALIGN_BYTES))
+        if room is None:
+            raise errors.OutOfPoolMemory(f"get {record.ref}: no room for {record.nbytes} bytes at {location}, and "
+                                         f"no object could leave it within {self.policy.evict_wait_s:g}s")
+        existing = record.replicas.get(location)     # a restore may have landed meanwhile
+        if existing is not None:
+            return existing, "restore" if existing.landing is not None else "local"
+        return self.replicate(session, record, location)
+
+    def replicate(self, session: Session | None, record: ObjectRecord, location: Location) -> tuple[Replica, str]:
+        """Start a copy of `record` to `location` (for a reader's get, or a restore when `session` is None).
+
+        Returns the new replica and the get's path label: the copy's path, or ``restore`` when
+        the object had been evicted from its GPU and comes back.
+        """
         source_location = self._best_source(record, location)
         src = record.replicas[source_location]
         dst = self._pool(record.domain, location).allocate(record.nbytes)
         after = src.fence if src.fence is not None and not self.backend.fence_done(src.fence) else None
         start = self._clock()
-        who = session.identity
+        who = session.identity if session is not None else None
+        restoring = record.home is not None
         try:
             ticket = self.backend.submit_copy(
                 self._span(dst), self._span(src.alloc), after=after, domain=record.domain,
@@ -474,11 +665,11 @@ class DataPlane:
         except BaseException:
             self._slab_pool[dst.slab_id].free(dst)
             raise
-        replica = Replica(dst, ticket.fence, ticket.done)
-        record.replicas[location] = replica
+        replica = Replica(dst, ticket.fence, ticket.done, function=who.function if who else None)
+        self.add_replica(record, location, replica)
         self.lifetimes.copy_started(record, location)
-        logger.debug("replicating %s to %s over %s %s (%d bytes)", record.ref, location, ticket.path, ticket.route,
-                     record.nbytes)
+        logger.debug("replicating %s to %s over %s %s (%d bytes)%s", record.ref, location, ticket.path, ticket.route,
+                     record.nbytes, " (restore)" if restoring else "")
 
         def finished(done: asyncio.Future[None]) -> None:
             replica.landing = None
@@ -486,16 +677,21 @@ class DataPlane:
                 logger.error("copy of %s to %s failed: %s", record.ref, location,
                              "cancelled" if done.cancelled() else done.exception())
                 if record.replicas.get(location) is replica:
-                    del record.replicas[location]
-                    self._slab_pool[dst.slab_id].free(dst)
+                    self.drop_replica(record, location)
             else:
                 replica.fence = None      # landed: later readers need not wait for anything
-                self.observer.transfer(ticket.path, record.nbytes, self._clock() - start,
-                                       route=ticket.route or ticket.path, requester=who)
+                route = ticket.route or ticket.path
+                self.observer.transfer("restore" if restoring else ticket.path, record.nbytes,
+                                       self._clock() - start, route=f"restore-{route}" if restoring else route,
+                                       requester=who)
+                if restoring:
+                    if session is not None:
+                        self.evictor.restores[(location, "read")] += 1
+                    self.evictor.landed(record, location)
             self.lifetimes.copy_finished(record, location)
 
         ticket.done.add_done_callback(finished)
-        return replica, ticket.path
+        return replica, "restore" if restoring else ticket.path
 
     @staticmethod
     def _best_source(record: ObjectRecord, location: Location) -> Location:
@@ -511,6 +707,8 @@ class DataPlane:
     def _span(self, alloc: Allocation) -> Span:
         slab = self._slab_pool[alloc.slab_id].slab(alloc.slab_id)
         return Span(alloc.location, slab.handle, alloc.offset, alloc.nbytes)
+
+    span = _span
 
     # --- the rest of an object's life ------------------------------------------------------------
 
@@ -539,21 +737,44 @@ class DataPlane:
 
     def _free_memory(self, record: ObjectRecord) -> None:
         for replica in record.replicas.values():
-            self._drop_fence(replica)
-            alloc = replica.alloc
-            writer = self._slab_pool[alloc.slab_id].free(alloc)
-            if writer is not None:
-                owner = self.sessions.get(writer)
-                if owner is not None:
-                    owner.freed_notices.append([alloc.slab_id, alloc.offset])
+            self._release_replica(record, replica)
         record.replicas = {}
+        self.evictor.forget(record)
+        self.evictor.memory_freed()
+        if self.evictor.evicted:
+            self.evictor.kick()      # room for an evicted object to come back
+
+    def hint(self, session: Session, fields: Mapping[str, Any]) -> Reply:
+        """Where the readers of some of this workflow's objects stand in its queue.
+
+        Refs that are gone, or another workflow's, are skipped without a word: a hint is
+        advice, and it must not tell a workflow which refs of others exist.
+        """
+        domain = session.domain
+        now = self._clock()
+        applied = 0
+        evicted = False
+        for item in fields["hints"]:
+            record = self.lifetimes.find(item["ref"])
+            if record is None or record.domain != domain:
+                continue
+            due = item.get("due_in_s")
+            record.hint = elastic.Hint(item["position"], None if due is None else now + due, now)
+            applied += 1
+            evicted = evicted or record.home is not None
+        if applied:
+            self.evictor.hinted(domain)
+            if evicted:
+                self.evictor.kick()       # an evicted object's reader may be near: restore in time
+        return self._with_notices(session, {"applied": applied}), []
 
     def stat(self, session: Session, fields: Mapping[str, Any]) -> Reply:
         record = self.lifetimes.lookup(fields["ref"])
         self._check_access(session, record, "stat")
         return self._with_notices(session, {
             "ref": record.ref, "nbytes": record.nbytes, "dtype": record.dtype, "shape": list(record.shape),
-            "state": "sealed", "locations": [str(loc) for loc in record.replicas],
+            "state": "evicted" if record.home is not None else "sealed",
+            "locations": [str(loc) for loc in record.replicas],
             "consumers_left": record.consumers_left, "readers": record.lease_count(),
             "expires_in_s": max(0.0, record.expiry_s - self._clock()),
             "owner": {"namespace": record.owner.namespace, "workflow": record.owner.workflow,
@@ -620,17 +841,51 @@ class DataPlane:
     # --- housekeeping -------------------------------------------------------------------------
 
     def sweep(self) -> int:
-        """Expire objects and shrink pools; returns how many objects expired."""
+        """Expire objects, size and cap the pools, shrink them; returns how many objects expired."""
         expired = self.lifetimes.expire(self._clock())
-        for pool in list(self.pools.values()):
-            pool.collect()
-            # Also slabs retired under memory pressure since the last sweep.
-            for slab_id in pool.take_retired():
-                for session in self.sessions.values():
-                    if slab_id in session.mapped:
-                        session.retired_notices.append(slab_id)
+        self.refresh_memory()
+        for (domain, location), pool in list(self.pools.items()):
+            if self.policy.elastic:
+                pool.collect(keep_bytes=self.targets.get((domain, location), 0), leased_idle_s=LEASED_IDLE_S)
+            else:
+                pool.collect()
+        if self.policy.elastic:
+            for location, budget in self.budgets.items():
+                if budget.total > budget.limit_bytes:
+                    self._reclaim(location)        # over the cap: every empty slab goes
+        # Also slabs retired under memory pressure since the last sweep.
+        self.announce_retired()
+        self.sizing.forget_idle()
+        self.evictor.kick()
         self._forget_empty_pools()
         return expired
+
+    def refresh_memory(self) -> None:
+        """Caps from the devices' free memory, targets from the traffic."""
+        policy = self.policy
+        plentiful: dict[Location, bool] = {}
+        for location, budget in self.budgets.items():
+            info = None
+            if location.gpu is not None and self.device_memory is not None:
+                info = self.device_memory.info(location.gpu)
+                if info is not None:
+                    self.device_info[location] = info
+            plentiful[location] = elastic.plentiful(free_bytes=info.free_bytes if info else None,
+                                                    total_bytes=info.total_bytes if info else None)
+            if policy.elastic:
+                budget.cap_bytes = elastic.cap_bytes(limit_bytes=budget.max_bytes, share=policy.cap_share,
+                                                     free_bytes=info.free_bytes if info else None,
+                                                     held_bytes=budget.total)
+            else:
+                budget.cap_bytes = budget.max_bytes
+        if not policy.elastic:
+            self.targets = {}
+            return
+        reserved = self.sizing.reserved_by(lambda key: (key[0], key[2]))
+        self.targets = {(domain, location): elastic.target_bytes(
+                            reserved_bytes=reserved.get((domain, location), 0), floor_bytes=policy.floor_bytes,
+                            plentiful=plentiful[location])
+                        for domain, location in self.pools}
 
     def _forget_empty_pools(self) -> None:
         for key, pool in list(self.pools.items()):
@@ -649,8 +904,29 @@ class DataPlane:
             budgets=tuple(BudgetView(loc, b.max_bytes, b.quota_bytes, b.refusals, tuple(b.by_domain.items()))
                           for loc, b in self.budgets.items()),
             objects_by_location=tuple(self.objects_by_location().items()),
-            draining=len(self.lifetimes.draining))
+            draining=len(self.lifetimes.draining),
+            memory=self.memory_view())
         return self.snapshot
+
+    def memory_view(self) -> MemoryView:
+        ev = self.evictor
+        evicted: dict[Location, tuple[int, int]] = {}
+        for record in ev.evicted.values():
+            if record.home is not None:
+                n, b = evicted.get(record.home, (0, 0))
+                evicted[record.home] = (n + 1, b + record.nbytes)
+        return MemoryView(
+            policy=self.policy.name,
+            caps=tuple((loc, b.limit_bytes) for loc, b in self.budgets.items()),
+            device_free=tuple((loc, info.free_bytes) for loc, info in self.device_info.items()),
+            targets=tuple((d, loc, t) for (d, loc), t in self.targets.items()),
+            reservations=tuple((key[0], key[1], key[2], r.reserved_bytes) for key, r in self.sizing.reservations()),
+            releases=tuple((loc, reason, n) for loc, counts in self._releases.items() for reason, n in counts.items()),
+            evictions=tuple((a, b, order, n) for (a, b, order), n in ev.evictions.items()),
+            evicted_bytes_total=tuple(ev.evicted_bytes_total.items()),
+            restores=tuple((loc, trigger, n) for (loc, trigger), n in ev.restores.items()),
+            evicted_now=tuple((loc, n, b) for loc, (n, b) in evicted.items()),
+            aborted=ev.aborted, failed_room=ev.failed_room)
 
     def pool_stats(self) -> list[PoolStats]:
         """One line per location: every domain's pools there together."""

@@ -3,9 +3,10 @@
 Most requests are answered without awaiting anything (metadata, zero-copy gets):
 `dispatch` returns their reply directly, so the server writes it in the same
 callback that read the request. Only a hello (attestation), a get that needs a
-copy and a get of a ref whose publish is still on its way return an awaitable.
-Notifies (requests that want no reply) are limited to ops that return nothing a
-client needs: publish, release, free, unmap and bye.
+copy, a get of a ref whose publish is still on its way, and an arena that must
+wait for objects to leave a full GPU return an awaitable. Notifies (requests that
+want no reply) are limited to ops that return nothing a client needs: publish,
+release, free, unmap, hint and bye.
 
 Exceptions become error replies here and only here: services raise faastube
 errors, this layer turns them into wire codes and counts them.
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 Result = tuple[protocol.Kind, dict[str, Any], list[int]]
 
 # Ops a client may send without waiting for their reply.
-NOTIFY_OPS = frozenset({Op.PUBLISH, Op.RELEASE, Op.FREE, Op.UNMAP, Op.BYE})
+NOTIFY_OPS = frozenset({Op.PUBLISH, Op.RELEASE, Op.FREE, Op.UNMAP, Op.BYE, Op.HINT})
 
 
 class Dispatcher:
@@ -41,8 +42,9 @@ class Dispatcher:
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         dp = dataplane
         self._sync: dict[Op, Callable[[Session, Mapping[str, Any]], Reply]] = {
-            Op.ARENA: dp.arena, Op.PUBLISH: dp.publish, Op.RELEASE: dp.release, Op.FREE: dp.free,
+            Op.PUBLISH: dp.publish, Op.RELEASE: dp.release, Op.FREE: dp.free,
             Op.STAT: dp.stat, Op.UNMAP: dp.unmap, Op.PING: dp.ping, Op.STATS: dp.stats_body, Op.BYE: dp.bye,
+            Op.HINT: dp.hint,
         }
 
     def dispatch(self, session: Session, peer: PeerProcess | None,
@@ -64,6 +66,10 @@ class Dispatcher:
                 reply = self.dataplane.get_local(session, fields)
                 if reply is None:
                     return self._finish_async(op_label, start, self.dataplane.get(session, fields))
+            elif op is Op.ARENA:
+                reply = self.dataplane.arena_now(session, fields)
+                if reply is None:     # the GPU is full: objects move out first
+                    return self._finish_async(op_label, start, self.dataplane.arena_with_room(session, fields))
             else:
                 reply = self._sync[op](session, fields)
         except Exception as e:  # noqa: BLE001 - turned into an error reply

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from faastube import errors
 from faastube.locations import Location
 
+from faastube_sidecar.elastic import Hint
 from faastube_sidecar.identity import Domain, Identity
 from faastube_sidecar.pool import Allocation
 
@@ -40,6 +41,8 @@ class Replica:
     alloc: Allocation
     fence: Fence | None = None          # GPU readers order themselves after these events
     landing: asyncio.Future[None] | None = None   # the sidecar's copy into it, while in flight
+    function: str | None = None         # the function whose execution allocated it (traffic sizing)
+    evicted: bool = False               # a copy made to move the object out of its home GPU
 
 
 @dataclass(eq=False)
@@ -57,6 +60,10 @@ class ObjectRecord:
     leases: dict[int, int] = field(default_factory=dict)   # session id -> open reads
     released: bool = False                   # gone from the table; memory waits for leases and copies
     copies_in_flight: int = 0                # replicas being written, or copies reading from us
+    last_used_s: float = 0.0                 # published or last read (least-recently-used order)
+    hint: Hint | None = None                 # where its reader stands in the workflow's queue
+    home: Location | None = None             # evicted from here; None while it is where it was put
+    moving: bool = False                     # an eviction or restore of it is in flight
 
     @property
     def domain(self) -> Domain:

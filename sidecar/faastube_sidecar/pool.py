@@ -22,9 +22,12 @@ mapped it (an arena at its first publish, a shared slab at birth): readers can t
 only ever map it read-only.
 
 Every byte a pool reserves is charged to a :class:`Budget` per location: the node's
-limit for that location and each domain's quota. Empty slabs idle past
-``idle_release_s`` are retired: no new use, and the backend frees them once every
-client that mapped them has unmapped (CUDA requires importers to unmap first).
+limit for that location (lowered to a *cap* when the GPU's free memory shrinks, see
+``elastic``) and each domain's quota. Empty slabs are retired, either once idle past
+``idle_release_s`` (static pools) or as soon as the pool holds more than its *target*
+(elastic pools: what the traffic reserves, see ``sizing``): no new use, and the
+backend frees them once every client that mapped them has unmapped (CUDA requires
+importers to unmap first).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import bisect
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -152,15 +156,27 @@ class PoolStats:
 
 
 class Budget:
-    """Bytes reserved at one location: the node's limit and each domain's quota."""
+    """Bytes reserved at one location: the node's limit (or a lower cap) and each domain's quota."""
 
     def __init__(self, location: Location, limits: PoolLimits) -> None:
         self.location = location
         self.max_bytes = limits.max_bytes
+        self.cap_bytes = limits.max_bytes          # lowered by the elastic policy as the device fills
         self.quota_bytes = min(limits.quota_bytes or limits.max_bytes, limits.max_bytes)
         self.total = 0
         self.by_domain: dict[Domain, int] = {}
         self.refusals = 0
+
+    @property
+    def limit_bytes(self) -> int:
+        return min(self.max_bytes, self.cap_bytes)
+
+    def headroom(self, domain: Domain) -> int:
+        """Bytes `domain` may still reserve here (node limit or cap, and its quota)."""
+        return max(0, min(self.limit_bytes - self.total, self.quota_bytes - self.by_domain.get(domain, 0)))
+
+    def quota_binds(self, domain: Domain, nbytes: int) -> bool:
+        return self.by_domain.get(domain, 0) + nbytes > self.quota_bytes
 
     def check(self, domain: Domain, nbytes: int) -> str | None:
         """Why `nbytes` more can't be reserved for `domain`, or None if they can."""
@@ -171,6 +187,9 @@ class Budget:
         if self.total + nbytes > self.max_bytes:
             return (f"the node's {self.location} pools are full ({self.total} of {self.max_bytes} bytes "
                     f"reserved, {nbytes} more wanted)")
+        if self.total + nbytes > self.cap_bytes:
+            return (f"the node's {self.location} pools are at their cap ({self.total} of {self.cap_bytes} bytes "
+                    f"reserved, {nbytes} more wanted; the cap follows the device's free memory)")
         return None
 
     def charge(self, domain: Domain, nbytes: int) -> None:
@@ -208,6 +227,7 @@ class Pool(Generic[H]):
         self._clock = clock
         self.slabs: dict[int, Slab[H]] = {}
         self.alloc_failures = 0
+        self.releases: Counter[str] = Counter()   # slabs retired, by why: idle, target, pressure, evicted
         self._unannounced: list[int] = []      # retired, but their mappers not told yet
 
     # --- accounting ---------------------------------------------------------------------------
@@ -219,6 +239,11 @@ class Pool(Generic[H]):
     @property
     def used_bytes(self) -> int:
         return sum(s.used_bytes for s in self.slabs.values())
+
+    @property
+    def active_bytes(self) -> int:
+        """Reserved bytes not on their way out (retired slabs wait only for their mappers)."""
+        return sum(s.size for s in self.slabs.values() if not s.retired)
 
     def stats(self) -> PoolStats:
         return PoolStats(self.location, self.reserved_bytes, self.used_bytes, len(self.slabs),
@@ -240,7 +265,9 @@ class Pool(Generic[H]):
             off = slab.take(reserved)
             if off is not None:
                 return Allocation(slab.id, self.location, off, nbytes, reserved)
-        slab = self._grow(max(self.limits.slab_bytes, align_up(reserved, LARGE_ROUND_BYTES)), arena=False)
+        # The usual slab, else just what this object needs, when memory is short.
+        needed = align_up(reserved, LARGE_ROUND_BYTES)
+        slab = self._grow(max(self.limits.slab_bytes, needed), arena=False, fallback=(needed,))
         off = slab.take(reserved)
         if off is None:  # pragma: no cover - a fresh slab always fits what it was sized for
             raise errors.InternalError(f"fresh slab {slab.id} cannot hold {reserved} bytes")
@@ -359,31 +386,51 @@ class Pool(Generic[H]):
         out, self._unannounced = self._unannounced, []
         return [slab_id for slab_id in out if slab_id in self.slabs]
 
-    def collect(self, *, force: bool = False) -> list[int]:
-        """Retire idle empty slabs above the floor; destroy retired slabs nobody maps.
+    def collect(self, *, force: bool = False, keep_bytes: int | None = None,
+                leased_idle_s: float | None = None) -> list[int]:
+        """Retire empty slabs the pool need not keep; destroy retired slabs nobody maps.
 
-        Arenas leased to a writer are the writer's to give back, never retired here.
-        Returns the ids of slabs newly retired; they are also queued for `take_retired`.
+        Static (`keep_bytes` None): slabs idle past `idle_release_s`, above `min_bytes`.
+        Elastic: every empty slab beyond `keep_bytes` (the pool's target), at once. `force`
+        (memory is short): every empty slab. Arenas leased to a writer are the writer's,
+        retired only when `leased_idle_s` is given and they have been empty that long
+        (the writer is told, and unmaps). Returns the ids of slabs newly retired; they are
+        also queued for `take_retired`.
         """
         now = self._clock()
         newly_retired: list[int] = []
-        reserved = self.reserved_bytes
+        active = self.active_bytes
         for slab in sorted(self.slabs.values(), key=lambda s: s.idle_since):
-            if slab.retired or slab.live or slab.writer is not None:
+            if slab.retired or slab.live:
                 continue
-            if not force and now - slab.idle_since < self.limits.idle_release_s:
+            if slab.writer is not None and (leased_idle_s is None or now - slab.idle_since < leased_idle_s):
                 continue
-            if reserved - slab.size < self.limits.min_bytes and not force:
-                continue
-            slab.retired = True
-            reserved -= slab.size
+            if force:
+                reason = "pressure"
+            elif keep_bytes is not None:
+                if active - slab.size < keep_bytes:
+                    continue
+                reason = "target"
+            else:
+                if now - slab.idle_since < self.limits.idle_release_s or active - slab.size < self.limits.min_bytes:
+                    continue
+                reason = "idle"
+            self.retire(slab, reason)
+            active -= slab.size
             newly_retired.append(slab.id)
-            if slab.mappers:
-                self._unannounced.append(slab.id)
         for slab in list(self.slabs.values()):
             if slab.retired and not slab.mappers and not slab.live:
                 self._destroy(slab)
         return newly_retired
+
+    def retire(self, slab: Slab[H], reason: str) -> None:
+        """No new use of this slab; it is destroyed once empty and unmapped by everyone."""
+        if slab.retired:
+            return
+        slab.retired = True
+        self.releases[reason] += 1
+        if slab.mappers:
+            self._unannounced.append(slab.id)
 
     def _destroy(self, slab: Slab[H]) -> None:
         del self.slabs[slab.id]

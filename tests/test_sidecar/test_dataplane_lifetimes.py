@@ -20,11 +20,13 @@ from dataplane_doubles import (
 )
 from faastube import errors, protocol
 from faastube.locations import HOST
+from faastube_sidecar.elastic import MemoryPolicy
 
 
 @pytest.fixture
 def dp():
-    plane, clock = make_dataplane()
+    # No floor: an idle pool gives everything back once its traffic's reservations ran out.
+    plane, clock = make_dataplane(memory=MemoryPolicy(floor_bytes=0))
     plane.clock = clock  # type: ignore[attr-defined]
     yield plane
     plane.close()

@@ -68,6 +68,11 @@ REF = "ft-" + "a" * 32
     ({"op": "release", "refs": REF}, "refs"),
     ({"op": "release", "refs": [1, 2]}, "refs"),
     ({"op": "unmap", "slabs": ["a"]}, "slabs"),
+    ({"op": "hint", "hints": [{"ref": REF}]}, "hints"),
+    ({"op": "hint", "hints": [{"ref": REF, "position": -1}]}, "hints"),
+    ({"op": "hint", "hints": [{"ref": REF, "position": 1, "due_in_s": float("inf")}]}, "hints"),
+    ({"op": "hint", "hints": [{"ref": REF, "position": 1, "reader": "x"}]}, "hints"),
+    ({"op": "hint", "hints": [{"ref": "ft-x", "position": 1}]}, "hints"),
     ({"op": "hello", "version": 1, "devices": [{"ordinal": 0}]}, "devices"),
 ])
 def test_each_schema_violation_names_the_field(body, match) -> None:
@@ -81,7 +86,7 @@ def test_every_op_accepts_its_minimal_valid_body() -> None:
         Op.PUBLISH: {"ref": REF, "slab": 1, "offset": 0, "nbytes": 4, "dtype": "<f4", "shape": [1]},
         Op.GET: {"ref": REF, "location": "gpu:0"}, Op.RELEASE: {"refs": []},
         Op.FREE: {"ref": REF}, Op.STAT: {"ref": REF}, Op.UNMAP: {"slabs": [1]}, Op.PING: {}, Op.STATS: {},
-        Op.BYE: {},
+        Op.BYE: {}, Op.HINT: {"hints": []},
     }
     assert set(minimal) == set(Op)
     for op, body in minimal.items():

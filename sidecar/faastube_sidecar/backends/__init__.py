@@ -70,6 +70,9 @@ class Backend(Protocol):
     def gpu_for_bus_id(self, pci_bus_id: str) -> int | None:
         """The GPU index for a client's device, by PCI bus id (None if not ours)."""
 
+    def default_device_map(self) -> dict[int, int]:
+        """Client ordinal -> GPU index for a client that names no device (simulated GPUs only)."""
+
     def create_slab(self, domain: Domain, location: Location, nbytes: int) -> Any:
         """A new zeroed slab of `domain`; raises OutOfPoolMemory when the device can't hold it."""
 
@@ -109,7 +112,7 @@ def create_backend(name: str, **options: Any) -> Backend:
     if name == "host":
         from faastube_sidecar.backends.host import HostBackend
 
-        return HostBackend()
+        return HostBackend(**options)
     if name == "cuda":
         from faastube_sidecar.backends.cuda import CudaBackend
 

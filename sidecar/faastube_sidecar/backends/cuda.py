@@ -215,6 +215,14 @@ class CudaBackend:
         except ValueError:
             return None
 
+    def default_device_map(self) -> dict[int, int]:
+        return {}     # a client's GPUs are matched by PCI bus id, never guessed
+
+    @property
+    def bus_ids(self) -> dict[int, str]:
+        """GPU index -> PCI bus id (for NVML)."""
+        return {i: bus for bus, i in self._bus_ids.items()}
+
     # --- per-domain resources -----------------------------------------------------------------
 
     def _domain_gpu(self, domain: Domain, gpu: int) -> _DomainGpu:
