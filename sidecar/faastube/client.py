@@ -63,6 +63,9 @@ _EVENT_DISABLE_TIMING = 0x2
 _FENCE_SPIN_S = 0.005     # poll a pending fence this long before handing the wait to the GPU
 _IDLE_ARENA_S = 5.0       # an empty arena larger than the usual one goes back after this long unused
 _TIDY_INTERVAL_S = 1.0
+# An idle client holding mappings asks this often whether the sidecar wants some back (a `retired`
+# notice): the pools shrink, and a GPU short of memory frees it, only once every mapper let go.
+_MAPPED_IDLE_S = 1.0
 
 Device = int | str | None
 Stream = Any     # a CuPy or torch stream, or a raw cudaStream_t as an int
@@ -798,6 +801,9 @@ class Client:
                 self._last_tidy = now
                 if any(arenas.busy() for arenas in self._arenas.values()) and now - self._last_call > _IDLE_ARENA_S:
                     # Idle, with objects out: ask whether readers let go (the answer is a freed notice).
+                    self._call(protocol.Op.PING, {})
+                elif self._slabs and now - self._last_call > _MAPPED_IDLE_S:
+                    # Idle, with slabs mapped: the answer may ask us to unmap some (`retired`).
                     self._call(protocol.Op.PING, {})
                 stale = [slab for location, arenas in self._arenas.items()
                          for slab in arenas.idle(older_than_s=_IDLE_ARENA_S,

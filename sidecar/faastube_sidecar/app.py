@@ -14,17 +14,21 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from faastube.locations import gpu
 from prometheus_client import CollectorRegistry, start_http_server
 
-from faastube_sidecar.backends import create_backend, cuda_visible
+from faastube_sidecar.backends import Backend, create_backend, cuda_visible
 from faastube_sidecar.dataplane import (
     DEFAULT_GPU_LIMITS,
     DEFAULT_HOST_LIMITS,
+    DEFAULT_MEMORY_POLICY,
     DEFAULT_TTL_S,
     DataPlane,
     DataPlaneConfig,
 )
+from faastube_sidecar.devicememory import DeviceMemory, NvmlMemory, SimulatedMemory
 from faastube_sidecar.dispatch import Dispatcher
+from faastube_sidecar.elastic import MemoryPolicy
 from faastube_sidecar.identity import Attestor, ClaimAttestor
 from faastube_sidecar.kube import KubernetesPieces, KubeSettings
 from faastube_sidecar.metrics import SidecarMetrics
@@ -54,6 +58,10 @@ class SidecarSettings:
     node_name: str | None = None
     kube: KubeSettings = field(default_factory=KubeSettings)
     shutdown_timeout_s: float = 10.0
+    memory: MemoryPolicy = DEFAULT_MEMORY_POLICY
+    simulated_gpus: int = 0                   # host backend: GPU locations of shared memory
+    simulated_gpu_bytes: int = 4 << 30
+    simulated_gpu_busy_bytes: int = 0         # held by "other processes" on each simulated GPU
 
     @property
     def uses_kubernetes(self) -> bool:
@@ -73,11 +81,17 @@ def build(settings: SidecarSettings, *, registry: CollectorRegistry | None = Non
     if backend_name == "cuda":
         options = {"pool_max_bytes": settings.gpu_limits.max_bytes, "copy_events": settings.copy_events,
                    "multipath": settings.multipath}
+    elif settings.simulated_gpus:
+        options = {"simulated_gpus": settings.simulated_gpus}
     backend = create_backend(backend_name, **options)
     metrics = SidecarMetrics(registry or CollectorRegistry())
     config = DataPlaneConfig(default_ttl_s=settings.default_ttl_s, host_limits=settings.host_limits,
-                             gpu_limits=settings.gpu_limits)
-    dataplane = DataPlane(backend, config, observer=metrics)
+                             gpu_limits=settings.gpu_limits, memory=settings.memory)
+    device_memory = _device_memory(backend, settings)
+    dataplane = DataPlane(backend, config, observer=metrics, device_memory=device_memory)
+    if isinstance(device_memory, SimulatedMemory):
+        device_memory.used_by_us = lambda index: dataplane.budgets[gpu(index)].total
+    dataplane.refresh_memory()
     metrics.watch(dataplane)
     dispatcher = Dispatcher(dataplane, attestor or ClaimAttestor(), metrics)
     server_config = ServerConfig(settings.socket_path, max_clients=settings.max_clients,
@@ -85,6 +99,23 @@ def build(settings: SidecarSettings, *, registry: CollectorRegistry | None = Non
                                  hello_timeout_s=settings.hello_timeout_s,
                                  max_body_bytes=settings.max_body_bytes)
     return SidecarServer(server_config, dispatcher, metrics)
+
+
+def _device_memory(backend: Backend, settings: SidecarSettings) -> DeviceMemory | None:
+    """Where the elastic policy reads the GPUs' free memory: NVML, or the simulated GPUs."""
+    if settings.simulated_gpus:
+        return SimulatedMemory(settings.simulated_gpus, settings.simulated_gpu_bytes,
+                               others_bytes={i: settings.simulated_gpu_busy_bytes
+                                             for i in range(settings.simulated_gpus)})
+    bus_ids = backend.gpu_bus_ids()
+    if not bus_ids or not settings.memory.elastic:
+        return None
+    try:
+        return NvmlMemory(bus_ids)
+    except Exception as e:  # noqa: BLE001 - the pools then stay within --gpu-pool-max only: say so
+        logger.warning("cannot read the GPUs' free memory through NVML (%s): the pools' cap is "
+                       "--gpu-pool-max, whatever else the GPUs hold", e)
+        return None
 
 
 async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) -> None:

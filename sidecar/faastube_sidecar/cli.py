@@ -12,10 +12,17 @@ from typing import NoReturn
 from faastube import errors
 from faastube_spec.units import format_size, parse_duration, parse_size
 
-from faastube_sidecar.dataplane import DEFAULT_GPU_LIMITS, DEFAULT_HOST_LIMITS, DEFAULT_TTL_S
+from faastube_sidecar.dataplane import (
+    DEFAULT_GPU_LIMITS,
+    DEFAULT_HOST_LIMITS,
+    DEFAULT_MEMORY_POLICY,
+    DEFAULT_TTL_S,
+)
+from faastube_sidecar.elastic import POLICIES, MemoryPolicy
 from faastube_sidecar.pool import PoolLimits
 
 DEFAULT_SOCKET = "/var/run/faastube/faastube.sock"
+DEFAULT_SIMULATED_GPU_BYTES = 4 << 30
 
 
 def _size(text: str) -> int:
@@ -66,6 +73,26 @@ def _group(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r} (e.g. 0.5 or 50%)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -109,6 +136,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"empty slabs idle this long are given back (default {gpu.idle_release_s:g}s)")
     parser.add_argument("--default-ttl", type=_duration, default=DEFAULT_TTL_S, metavar="DURATION",
                         help=f"lifetime of objects put without a ttl (default {DEFAULT_TTL_S:g}s)")
+    memory = parser.add_argument_group("Memory policy (docs/sidecar.md, Memory)")
+    mp = DEFAULT_MEMORY_POLICY
+    memory.add_argument("--memory-policy", choices=POLICIES, default=mp.name,
+                        help="static: keep-alive pools up to --gpu-pool-max, a full pool fails puts; elastic: "
+                             "keep what the traffic needs, capped by the GPU's free memory; elastic+eviction: "
+                             "and move objects out of a full GPU, those read last in the queue first, back "
+                             "before their turn; lru: eviction by least recent use, back when read "
+                             f"(default {mp.name})")
+    memory.add_argument("--pool-floor", type=_size, default=mp.floor_bytes, metavar="SIZE",
+                        help=f"elastic: memory each workflow's pool keeps on a GPU while the GPU has a quarter "
+                             f"or more free (default {format_size(mp.floor_bytes)})")
+    memory.add_argument("--pool-cap-share", type=_share, default=mp.cap_share, metavar="FRACTION",
+                        help=f"elastic: the pools of a GPU hold at most this share of its free memory plus "
+                             f"what they hold (default {mp.cap_share:g})")
+    memory.add_argument("--evict-wait", type=_duration, default=mp.evict_wait_s, metavar="DURATION",
+                        help=f"a put waits at most this long for objects to move out of a full GPU "
+                             f"(default {mp.evict_wait_s:g}s)")
+    memory.add_argument("--restore-ahead", type=_count, default=mp.restore_ahead, metavar="N",
+                        help=f"evicted objects come back when their reader is this many places from the "
+                             f"front of its queue, or sooner when memory allows (default {mp.restore_ahead})")
+    memory.add_argument("--simulated-gpus", type=_count, metavar="N",
+                        help="with --backend host: N GPU locations made of shared memory (development, "
+                             "tests and the benchmark's CPU mode)")
+    memory.add_argument("--simulated-gpu-memory", type=_size, metavar="SIZE",
+                        help="with --simulated-gpus: each simulated GPU's memory (default 4Gi)")
+    memory.add_argument("--simulated-gpu-busy", type=_size, metavar="SIZE",
+                        help="with --simulated-gpus: memory other processes hold on each (default 0)")
     parser.add_argument("--max-clients", type=_positive_int, default=8192,
                         help="connections open at once (default 8192; the open-file limit is raised to fit)")
     parser.add_argument("--socket-mode", type=_mode, default=0o660, metavar="MODE",
@@ -185,6 +239,22 @@ def check_flags(args: argparse.Namespace) -> None:
             _usage_error(f"--{name.replace('_', '-')} must be at least 1Mi")
     if args.gpu_pool_min > args.gpu_pool_max:
         _usage_error("--gpu-pool-min is larger than --gpu-pool-max")
+    if args.memory_policy == "static":
+        defaults = DEFAULT_MEMORY_POLICY
+        for flag, given, default in (("--pool-floor", args.pool_floor, defaults.floor_bytes),
+                                     ("--pool-cap-share", args.pool_cap_share, defaults.cap_share),
+                                     ("--restore-ahead", args.restore_ahead, defaults.restore_ahead),
+                                     ("--evict-wait", args.evict_wait, defaults.evict_wait_s)):
+            if given != default:
+                _usage_error(f"{flag} has no effect with --memory-policy static")
+    if args.simulated_gpus is not None and args.backend != "host":
+        _usage_error("--simulated-gpus needs --backend host (a real GPU is not simulated)")
+    for flag, name in (("--simulated-gpu-memory", "simulated_gpu_memory"),
+                       ("--simulated-gpu-busy", "simulated_gpu_busy")):
+        if getattr(args, name) is not None and not args.simulated_gpus:
+            _usage_error(f"{flag} has no effect without --simulated-gpus")
+    if (args.simulated_gpu_busy or 0) > (args.simulated_gpu_memory or DEFAULT_SIMULATED_GPU_BYTES):
+        _usage_error("--simulated-gpu-busy is more than a simulated GPU's memory")
     for kind in ("gpu", "host"):
         quota = getattr(args, f"{kind}_quota")
         if quota is not None and not 1 << 20 <= quota <= getattr(args, f"{kind}_pool_max"):
@@ -265,7 +335,12 @@ def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import defer
         default_ttl_s=args.default_ttl, max_clients=args.max_clients, max_body_bytes=args.max_frame,
         socket_mode=args.socket_mode, socket_group=args.socket_group, hello_timeout_s=args.hello_timeout,
         identity=args.identity, node_name=args.node_name, kube=kube,
-        copy_events=not args.no_copy_events, multipath=not args.no_multipath)
+        copy_events=not args.no_copy_events, multipath=not args.no_multipath,
+        memory=MemoryPolicy(name=args.memory_policy, floor_bytes=args.pool_floor, cap_share=args.pool_cap_share,
+                            evict_wait_s=args.evict_wait, restore_ahead=args.restore_ahead),
+        simulated_gpus=args.simulated_gpus or 0,
+        simulated_gpu_bytes=args.simulated_gpu_memory or DEFAULT_SIMULATED_GPU_BYTES,
+        simulated_gpu_busy_bytes=args.simulated_gpu_busy or 0)
 
 
 def run(args: argparse.Namespace) -> int:

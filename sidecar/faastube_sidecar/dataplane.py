@@ -431,7 +431,8 @@ class DataPlane:
         if room is not None and room.hole_slab is not None and room.hole_slab in pool.slabs:
             return self._arena_reply(session, pool, pool.slab(room.hole_slab))
         try:
-            return self.arena(session, fields)
+            with self.budgets[location].lend(room.loan_bytes if room is not None else 0):
+                return self.arena(session, fields)
         except errors.OutOfPoolMemory as e:
             raise errors.OutOfPoolMemory(f"{e} (and no object could leave {location} within "
                                          f"{self.policy.evict_wait_s:g}s to make room)") from None
@@ -643,7 +644,8 @@ class DataPlane:
         existing = record.replicas.get(location)     # a restore may have landed meanwhile
         if existing is not None:
             return existing, "restore" if existing.landing is not None else "local"
-        return self.replicate(session, record, location)
+        with self.budgets[location].lend(room.loan_bytes):
+            return self.replicate(session, record, location)
 
     def replicate(self, session: Session | None, record: ObjectRecord, location: Location) -> tuple[Replica, str]:
         """Start a copy of `record` to `location` (for a reader's get, or a restore when `session` is None).
@@ -944,6 +946,9 @@ class DataPlane:
         return counts
 
     def close(self) -> None:
+        self.evictor.close()
+        if self.device_memory is not None:
+            self.device_memory.close()
         for session in list(self.sessions.values()):
             self.close_session(session)
         self.lifetimes.release_all("the sidecar shut down")

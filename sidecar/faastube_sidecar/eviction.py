@@ -49,9 +49,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Room:
-    """Room was made: in slab `hole_slab` (a hole of the size asked), or else by the budget admitting growth."""
+    """Room was made: in slab `hole_slab` (a hole of the size asked), or else by the budget admitting
+    growth, past the cap by `loan_bytes` (memory in retired slabs, back once their mappers unmap:
+    allocate within ``Budget.lend(loan_bytes)``)."""
 
     hole_slab: int | None = None
+    loan_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,11 @@ class Evictor:
             self._again = True
             return
         self._task = loop.create_task(self._rebalance_loop(), name="faastube-rebalance")
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.memory_freed()
 
     async def settle(self) -> None:
         """Wait for the rebalancing started so far (tests)."""
@@ -194,9 +202,14 @@ class Evictor:
             dp.reclaim(location)
             if budget.check(domain, grow_bytes) is None:
                 return Room()
-            window, slabs = self._plan(domain, location, grow_bytes=grow_bytes, hole_bytes=hole_bytes,
-                                       writer=writer, protect_above=protect_above)
+            window, slabs, need = self._plan(domain, location, grow_bytes=grow_bytes, hole_bytes=hole_bytes,
+                                             writer=writer, protect_above=protect_above)
             moved_any = False
+            if window is None and slabs is None and need <= 0 and not budget.quota_binds(domain, grow_bytes):
+                # What is missing is in retired slabs, back once their mappers unmap (an idle client
+                # may take a second): borrow it now, if the device really has it free.
+                if self._device_has(location, grow_bytes):
+                    return Room(loan_bytes=grow_bytes - budget.headroom(domain))
             if window is not None and (slabs is None or window.worst >= slabs.worst):
                 order = self._order_label(domain)
                 moved = await self._move_all(window.victims, location, order)
@@ -220,6 +233,12 @@ class Evictor:
                 # Nothing could move now: wait for memory to free (unmaps, reads ending, restores).
                 await self._wait_for_memory(end - loop.time())
 
+    def _device_has(self, location: Location, nbytes: int) -> bool:
+        if location.gpu is None or self.dp.device_memory is None:
+            return True
+        info = self.dp.device_memory.info(location.gpu)
+        return info is None or info.free_bytes >= nbytes
+
     async def _wait_for_memory(self, timeout_s: float) -> None:
         if timeout_s <= 0:
             return
@@ -237,7 +256,10 @@ class Evictor:
         return "queue" if self._queue_aware(domain) else "lru"
 
     def _plan(self, domain: Domain, location: Location, *, grow_bytes: int, hole_bytes: int, writer: int | None,
-              protect_above: elastic.EvictionKey | None) -> tuple[elastic.Window | None, _SlabPlan | None]:
+              protect_above: elastic.EvictionKey | None
+              ) -> tuple[elastic.Window | None, _SlabPlan | None, int]:
+        """The cheapest hole, the cheapest slabs to free, and how many bytes are missing beyond
+        those already on their way back."""
         dp = self.dp
         fronts = self._fronts()
         queue_aware = self._queue_aware(domain)
@@ -258,7 +280,7 @@ class Evictor:
         # Slabs already retired come back once their mappers unmap: count them as on their way.
         need = grow_bytes - budget.headroom(domain) - self._retiring_bytes(location, domains)
         return window, self._slab_plan(location, need, domains, owner=domain, writer=writer, fronts=fronts,
-                                       protect_above=protect_above)
+                                       protect_above=protect_above), need
 
     def _retiring_bytes(self, location: Location, domains: Iterable[Domain]) -> int:
         pools = (self.dp.pools.get((d, location)) for d in domains)
@@ -472,7 +494,8 @@ class Evictor:
                 if room is None or record.released or record.home != home or home in record.replicas:
                     return False
                 try:
-                    replica, _path = dp.replicate(None, record, home)
+                    with dp.budgets[home].lend(room.loan_bytes):
+                        replica, _path = dp.replicate(None, record, home)
                 except errors.OutOfPoolMemory:
                     return False
             if replica.landing is not None:

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 
 from faastube.locations import Location
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from faastube_sidecar.dataplane import DataPlane, TransferObserver
+from faastube_sidecar.dataplane import DataPlane, MemoryView, TransferObserver
 from faastube_sidecar.identity import Identity
 
 # From a metadata round trip (tens of us) to a multi-GiB copy (seconds).
@@ -83,7 +83,7 @@ class PoolCollector(Collector):
     def __init__(self, get_dataplane: Callable[[], DataPlane]) -> None:
         self._get = get_dataplane
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         dataplane = self._get()
         reserved = GaugeMetricFamily("faastube_pool_reserved_bytes", "Bytes the pools hold from the device",
                                      labels=["gpu"])
@@ -117,6 +117,63 @@ class PoolCollector(Collector):
                 by_domain.add_metric([label, domain.namespace, domain.workflow], held)
         draining.add_metric([], snap.draining)
         yield from (reserved, used, limit, quota, slabs, refusals, objects, by_domain, draining)
+        yield from memory_families(snap.memory)
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())
+
+
+def memory_families(mem: MemoryView) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The memory policy's decisions (``elastic``): caps, targets, reservations, releases, moves."""
+    policy = GaugeMetricFamily("faastube_memory_policy_info", "The pools' memory policy (value 1)",
+                               labels=["policy"])
+    policy.add_metric([mem.policy], 1)
+    cap = GaugeMetricFamily("faastube_pool_cap_bytes",
+                            "Most the pools may hold now: the limit, or a share of the device's free memory "
+                            "plus what they hold (elastic policies)", labels=["gpu"])
+    for loc, value in mem.caps:
+        cap.add_metric([gpu_label(loc)], value)
+    free = GaugeMetricFamily("faastube_device_free_bytes", "The device's free memory (NVML)", labels=["gpu"])
+    for loc, value in mem.device_free:
+        free.add_metric([gpu_label(loc)], value)
+    target = GaugeMetricFamily("faastube_pool_target_bytes",
+                               "What a workflow's pool keeps when idle: its functions' reservations, at least "
+                               "the floor while memory is plentiful", labels=["gpu", "namespace", "workflow"])
+    for domain, loc, value in mem.targets:
+        target.add_metric([gpu_label(loc), domain.namespace, domain.workflow], value)
+    reserved = GaugeMetricFamily("faastube_pool_function_reserved_bytes",
+                                 "A function's reservation: p99 size x p99 concurrency, until no call within "
+                                 "its p99 interval", labels=["gpu", "namespace", "workflow", "function"])
+    for domain, function, loc, value in mem.reservations:
+        reserved.add_metric([gpu_label(loc), domain.namespace, domain.workflow, function], value)
+    releases = CounterMetricFamily("faastube_pool_releases", "Slabs given back, by reason: idle (static), "
+                                   "target (beyond the reservations), pressure, cap, evicted",
+                                   labels=["gpu", "reason"])
+    for loc, reason, n in mem.releases:
+        releases.add_metric([gpu_label(loc), reason], n)
+    evictions = CounterMetricFamily("faastube_evictions", "Objects moved out of a GPU, by where to and in "
+                                    "which order (queue: by the gateway's hints; lru: least recently used)",
+                                    labels=["gpu", "to", "order"])
+    for a, b, order, n in mem.evictions:
+        evictions.add_metric([gpu_label(a), gpu_label(b), order], n)
+    evicted_bytes = CounterMetricFamily("faastube_evicted_bytes", "Bytes moved out of a GPU", labels=["gpu"])
+    for loc, n in mem.evicted_bytes_total:
+        evicted_bytes.add_metric([gpu_label(loc)], n)
+    restores = CounterMetricFamily("faastube_restores", "Evicted objects brought back to their GPU, by "
+                                   "trigger (proactive: before their read; read: a get waited for it)",
+                                   labels=["gpu", "trigger"])
+    for loc, trigger, n in mem.restores:
+        restores.add_metric([gpu_label(loc), trigger], n)
+    away = GaugeMetricFamily("faastube_objects_evicted", "Objects away from their GPU now", labels=["gpu"])
+    away_bytes = GaugeMetricFamily("faastube_objects_evicted_bytes", "Bytes away from their GPU now",
+                                   labels=["gpu"])
+    for home, count, nbytes in mem.evicted_now:
+        away.add_metric([gpu_label(home)], count)
+        away_bytes.add_metric([gpu_label(home)], nbytes)
+    aborted = CounterMetricFamily("faastube_eviction_aborts", "Moves cancelled because a read started meanwhile")
+    aborted.add_metric([], mem.aborted)
+    failed = CounterMetricFamily("faastube_eviction_room_failures",
+                                 "Requests for which no object could move out in time (they failed)")
+    failed.add_metric([], mem.failed_room)
+    yield from (policy, cap, free, target, reserved, releases, evictions, evicted_bytes, restores, away,
+                away_bytes, aborted, failed)

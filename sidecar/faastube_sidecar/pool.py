@@ -33,6 +33,7 @@ importers to unmap first).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import time
@@ -166,10 +167,24 @@ class Budget:
         self.total = 0
         self.by_domain: dict[Domain, int] = {}
         self.refusals = 0
+        self.loan_bytes = 0      # may pass the cap by this much now: memory on its way back (see `lend`)
 
     @property
     def limit_bytes(self) -> int:
         return min(self.max_bytes, self.cap_bytes)
+
+    @contextlib.contextmanager
+    def lend(self, nbytes: int) -> Iterator[None]:
+        """Let growth pass the cap (never the limit or a quota) by `nbytes` within the block.
+
+        For memory already given up but not yet back: retired slabs wait for their mappers to
+        unmap, and a reader should not wait for an idle client's next call. The pools return
+        under the cap once those slabs are gone."""
+        before, self.loan_bytes = self.loan_bytes, max(self.loan_bytes, nbytes)
+        try:
+            yield
+        finally:
+            self.loan_bytes = before
 
     def headroom(self, domain: Domain) -> int:
         """Bytes `domain` may still reserve here (node limit or cap, and its quota)."""
@@ -187,7 +202,7 @@ class Budget:
         if self.total + nbytes > self.max_bytes:
             return (f"the node's {self.location} pools are full ({self.total} of {self.max_bytes} bytes "
                     f"reserved, {nbytes} more wanted)")
-        if self.total + nbytes > self.cap_bytes:
+        if self.total + nbytes > self.cap_bytes + self.loan_bytes:
             return (f"the node's {self.location} pools are at their cap ({self.total} of {self.cap_bytes} bytes "
                     f"reserved, {nbytes} more wanted; the cap follows the device's free memory)")
         return None

@@ -73,6 +73,9 @@ class Backend(Protocol):
     def default_device_map(self) -> dict[int, int]:
         """Client ordinal -> GPU index for a client that names no device (simulated GPUs only)."""
 
+    def gpu_bus_ids(self) -> dict[int, str]:
+        """GPU index -> PCI bus id of the real GPUs (for NVML); empty without any."""
+
     def create_slab(self, domain: Domain, location: Location, nbytes: int) -> Any:
         """A new zeroed slab of `domain`; raises OutOfPoolMemory when the device can't hold it."""
 

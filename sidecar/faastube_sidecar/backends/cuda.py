@@ -218,9 +218,7 @@ class CudaBackend:
     def default_device_map(self) -> dict[int, int]:
         return {}     # a client's GPUs are matched by PCI bus id, never guessed
 
-    @property
-    def bus_ids(self) -> dict[int, str]:
-        """GPU index -> PCI bus id (for NVML)."""
+    def gpu_bus_ids(self) -> dict[int, str]:
         return {i: bus for bus, i in self._bus_ids.items()}
 
     # --- per-domain resources -----------------------------------------------------------------

@@ -37,6 +37,9 @@ class HostBackend:
     def default_device_map(self) -> dict[int, int]:
         return {i: i for i in range(self.simulated_gpus)}
 
+    def gpu_bus_ids(self) -> dict[int, str]:
+        return {}
+
     def create_slab(self, domain: Domain, location: Location, nbytes: int) -> ShmSegment:
         return ShmSegment(nbytes, name="faastube-host" if location.is_host else f"faastube-sim-{location}")
 
