@@ -61,6 +61,8 @@ COMBINATIONS: dict[str, dict[str, Any] | None] = {
                                "grafanaDashboard": {"enabled": True, "namespace": "grafana",
                                                     "annotations": {"grafana_folder": "FaaSTube"}}}},
     "single-operator": {"operator": {"replicas": 1}},
+    "static-pools": {"sidecar": {"memory": {"policy": "static"}}},
+    "lru-small-cap": {"sidecar": {"memory": {"policy": "lru", "floor": "0", "capShare": 0.1}}},
     "three-operators-fast-failover": {"operator": {"replicas": 3, "peeringLifetimeSeconds": 15},
                                       "gpuNodeHealth": {"heartbeatSeconds": 2.5, "missedHeartbeats": 4}},
     "operator-only": {"sidecar": {"enabled": False}},
@@ -471,6 +473,34 @@ def test_the_operator_expects_heartbeats_as_often_as_the_sidecars_send_them(
     lifetime_s = (values or {}).get("operator", {}).get("peeringLifetimeSeconds", 60)
     assert operator.peering.enabled and operator.peering.lifetime_s == lifetime_s
     assert operator.peering.name == _one(_render(values), "Deployment", "-operator")["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("memory", "policy", "floor", "share"), [
+    (None, "elastic+eviction", 300 << 20, 0.5),
+    ({"policy": "elastic", "floor": "1Gi", "capShare": 0.25}, "elastic", 1 << 30, 0.25),
+    ({"policy": "lru", "capShare": 1}, "lru", 300 << 20, 1.0),
+    ({"policy": "static"}, "static", 300 << 20, 0.5),
+])
+def test_the_memory_policy_values_reach_the_sidecar(memory: dict[str, Any] | None, policy: str, floor: int,
+                                                    share: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faastube_sidecar import cli as sidecar_cli
+
+    monkeypatch.setenv("NODE_NAME", "node-a")
+    args = _args({"sidecar": {"memory": memory}} if memory else None, "DaemonSet")
+    settings = sidecar_cli.settings_from(_parse_command(args))
+    assert (settings.memory.name, settings.memory.floor_bytes, settings.memory.cap_share) == (policy, floor, share)
+    if policy == "static":
+        assert not any(a.startswith(("--pool-floor", "--pool-cap-share")) for a in args), \
+            "the sidecar refuses elastic knobs with static pools"
+
+
+@pytest.mark.parametrize(("memory", "field"), [({"policy": "elastic+lru"}, "policy"), ({"capShare": 0}, "capShare"),
+                                               ({"capShare": 1.5}, "capShare"), ({"floor": "300MB"}, "floor"),
+                                               ({"evictWait": "2s"}, "evictWait")])
+def test_the_values_schema_refuses_a_memory_policy_the_sidecar_would_refuse(memory: dict[str, Any],
+                                                                          field: str) -> None:
+    report = helm.lint(str(CHART), {"sidecar": {"memory": memory}}, strict=True)
+    assert any(field in e for e in report["errors"]), report
 
 
 def test_custom_values_reach_the_objects() -> None:
