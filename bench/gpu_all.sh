@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark of the project, for one call on the lent GPU machine.
-#   bash bench/gpu_all.sh [tests] [dataplane] [dataplane-spin] [transfers] [e2e] [topology]   (default: all)
+#   bash bench/gpu_all.sh [tests] [dataplane] [dataplane-spin] [transfers] [e2e] [topology] [memory]   (default: all)
+#   memory: the memory policies (issue 12), ~7 min on 2x H200; MEMORY_ARGS="--levels 0.05" etc. to shorten
 # Writes logs and JSON under $OUT (or /tmp/faastube-gpu) and prints a short summary last.
 set -u
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ fi
 OUT="${OUT:-/tmp/faastube-gpu}"
 mkdir -p "$OUT"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(topology tests dataplane dataplane-spin transfers e2e)
+[ ${#steps[@]} -eq 0 ] && steps=(topology tests dataplane dataplane-spin transfers e2e memory)
 summary="$OUT/summary.txt"
 : > "$summary"
 ft() { python3 -m faastube.cli "$@"; }
@@ -32,6 +33,7 @@ for step in "${steps[@]}"; do
         tests/test_sidecar/test_dataplane_gpu.py tests/test_sidecar/test_cuda_executor_copies.py \
         tests/test_sidecar/test_deviceplugin_nvml_health.py tests/test_sidecar/test_topology_discovery.py \
         tests/test_sidecar/test_sidecar_kube_nvml.py tests/test_sidecar/test_scheduler_cuda_ordering.py \
+        tests/test_sidecar/test_eviction_gpu.py \
         $(ls tests/test_runtime/test_*gpu*.py 2>/dev/null) > "$OUT/pytest-gpu.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$OUT/pytest-gpu.log")" >> "$summary" ;;
     tests-dataplane)
@@ -106,6 +108,21 @@ for step in "${steps[@]}"; do
         --out "$OUT" > "$OUT/e2e.log" 2>&1
       echo "e2e: rc=$?" >> "$summary"
       tail -25 "$OUT/e2e.log" >> "$summary" ;;
+    tests-memory)
+      # The GPU tests of eviction and restore alone (issue 12).
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts= -ra tests/test_sidecar/test_eviction_gpu.py \
+        > "$OUT/pytest-gpu-memory.log" 2>&1
+      echo "tests-memory: rc=$? $(tail -1 "$OUT/pytest-gpu-memory.log")" >> "$summary"
+      grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/pytest-gpu-memory.log" | head -20 >> "$summary" ;;
+    memory)
+      # Pools reserved vs live per policy, and P99/failures with 1/5/10% of each GPU free (issue 12).
+      timeout 560 python3 -m faastube.cli --log-level WARNING bench memory --out "$OUT" ${MEMORY_ARGS:-} \
+        > "$OUT/memory.log" 2>&1
+      rc=$?
+      echo "memory: rc=$rc" >> "$summary"
+      grep -E "^\[(MET |MISS|N/A )\]" "$OUT/memory.log" >> "$summary"
+      sed -n '/^== memory:/,$p' "$OUT/memory.log" >> "$summary"
+      [ $rc -ne 0 ] && tail -25 "$OUT/memory.log" >> "$summary" ;;
     *) echo "unknown step $step" >> "$summary" ;;
   esac
   echo "  ($step took $(( $(date +%s) - start )) s)" >> "$summary"

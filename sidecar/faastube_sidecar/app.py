@@ -81,13 +81,14 @@ def build(settings: SidecarSettings, *, registry: CollectorRegistry | None = Non
     if backend_name == "cuda":
         options = {"pool_max_bytes": settings.gpu_limits.max_bytes, "copy_events": settings.copy_events,
                    "multipath": settings.multipath}
-    elif settings.simulated_gpus:
-        options = {"simulated_gpus": settings.simulated_gpus}
+    simulated = _simulated_memory(settings)
+    if simulated is not None:
+        options = {"simulated_gpus": settings.simulated_gpus, "memory": simulated}
     backend = create_backend(backend_name, **options)
     metrics = SidecarMetrics(registry or CollectorRegistry())
     config = DataPlaneConfig(default_ttl_s=settings.default_ttl_s, host_limits=settings.host_limits,
                              gpu_limits=settings.gpu_limits, memory=settings.memory)
-    device_memory = _device_memory(backend, settings)
+    device_memory = simulated if simulated is not None else _nvml_memory(backend, settings)
     dataplane = DataPlane(backend, config, observer=metrics, device_memory=device_memory)
     if isinstance(device_memory, SimulatedMemory):
         device_memory.used_by_us = lambda index: dataplane.budgets[gpu(index)].total
@@ -101,12 +102,15 @@ def build(settings: SidecarSettings, *, registry: CollectorRegistry | None = Non
     return SidecarServer(server_config, dispatcher, metrics)
 
 
-def _device_memory(backend: Backend, settings: SidecarSettings) -> DeviceMemory | None:
-    """Where the elastic policy reads the GPUs' free memory: NVML, or the simulated GPUs."""
-    if settings.simulated_gpus:
-        return SimulatedMemory(settings.simulated_gpus, settings.simulated_gpu_bytes,
-                               others_bytes={i: settings.simulated_gpu_busy_bytes
-                                             for i in range(settings.simulated_gpus)})
+def _simulated_memory(settings: SidecarSettings) -> SimulatedMemory | None:
+    if not settings.simulated_gpus:
+        return None
+    return SimulatedMemory(settings.simulated_gpus, settings.simulated_gpu_bytes,
+                           others_bytes={i: settings.simulated_gpu_busy_bytes for i in range(settings.simulated_gpus)})
+
+
+def _nvml_memory(backend: Backend, settings: SidecarSettings) -> DeviceMemory | None:
+    """Where the elastic policy reads the GPUs' free memory."""
     bus_ids = backend.gpu_bus_ids()
     if not bus_ids or not settings.memory.elastic:
         return None

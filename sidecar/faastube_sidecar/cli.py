@@ -145,8 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "before their turn; lru: eviction by least recent use, back when read "
                              f"(default {mp.name})")
     memory.add_argument("--pool-floor", type=_size, default=mp.floor_bytes, metavar="SIZE",
-                        help=f"elastic: memory each workflow's pool keeps on a GPU while the GPU has a quarter "
-                             f"or more free (default {format_size(mp.floor_bytes)})")
+                        help=f"elastic: memory the pools of a GPU keep when idle (shared by the workflows "
+                             f"there) while a quarter or more of the GPU is free "
+                             f"(default {format_size(mp.floor_bytes)})")
     memory.add_argument("--pool-cap-share", type=_share, default=mp.cap_share, metavar="FRACTION",
                         help=f"elastic: the pools of a GPU hold at most this share of its free memory plus "
                              f"what they hold (default {mp.cap_share:g})")

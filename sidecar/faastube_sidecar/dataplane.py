@@ -170,6 +170,7 @@ class MemoryView:
     evicted_now: tuple[tuple[Location, int, int], ...] = ()      # home, objects, bytes
     aborted: int = 0
     failed_room: int = 0
+    borrowed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,7 @@ class DataPlane:
             pool = Pool(domain, location, self.backend, self._limits(location), self.budgets[location],
                         reclaim=self._reclaim, on_slab=self._index_slab, clock=self._clock)
             pool.releases = self._releases[location]     # kept here: pools come and go
+            pool.grow_exact = self.policy.elastic
             self.pools[(domain, location)] = pool
         return pool
 
@@ -407,8 +409,18 @@ class DataPlane:
         domain = session.domain
         location = self._location(fields["location"])
         pool = self._pool(domain, location)
-        slab = pool.grant_arena(session.id, fields["nbytes"])
+        slab = pool.grant_arena(session.id, fields["nbytes"], usual_bytes=self._usual_arena(session, location))
         return self._arena_reply(session, pool, slab)
+
+    def _usual_arena(self, session: Session, location: Location) -> int | None:
+        """Elastic pools: an arena holds what the writer's function has alive at once (R_size x R_con),
+        up to `--gpu-arena`; a function putting 256 KiB at a time gets 2 MiB, not 64."""
+        if not self.policy.elastic or session.identity is None:
+            return None
+        r = self.sizing.reservation((session.domain, session.identity.function, location))
+        if r is None or not r.size_bytes:
+            return None
+        return align_up(r.size_bytes * r.concurrency, LARGE_ROUND_BYTES)
 
     def arena_now(self, session: Session, fields: Mapping[str, Any]) -> Reply | None:
         """`arena`, or None when the pool is full and objects must move out first (`arena_with_room`)."""
@@ -809,7 +821,20 @@ class DataPlane:
                 "domain_reserved_bytes": {str(loc): budget.by_domain.get(mine, 0) if mine else 0
                                           for loc, budget in self.budgets.items()},
                 "objects": len(self.lifetimes), "draining": len(self.lifetimes.draining),
-                "sessions": len(self.sessions)}, []
+                "sessions": len(self.sessions), "memory": self._memory_stats()}, []
+
+    def _memory_stats(self) -> dict[str, Any]:
+        """The memory policy's counts, node-wide (no workflow's names or refs)."""
+        ev = self.evictor
+        return {"policy": self.policy.name,
+                "caps": {str(loc): b.limit_bytes for loc, b in self.budgets.items()},
+                "evictions": sum(ev.evictions.values()),
+                "evictions_by_order": {order: sum(n for (_, _, o), n in ev.evictions.items() if o == order)
+                                       for order in ("queue", "lru")},
+                "restores": {trigger: sum(n for (_, t), n in ev.restores.items() if t == trigger)
+                             for trigger in ("proactive", "read")},
+                "evicted_now": len(ev.evicted), "aborted": ev.aborted, "room_failures": ev.failed_room,
+                "over_cap": ev.borrowed}
 
     # --- replies ------------------------------------------------------------------------------
 
@@ -893,9 +918,11 @@ class DataPlane:
             self.targets = {}
             return
         reserved = self.sizing.reserved_by(lambda key: (key[0], key[2]))
+        # The floor is a location's: shared by the workflows that hold memory there.
+        sharing = Counter(location for _, location in self.pools)
         self.targets = {(domain, location): elastic.target_bytes(
-                            reserved_bytes=reserved.get((domain, location), 0), floor_bytes=policy.floor_bytes,
-                            plentiful=plentiful[location])
+                            reserved_bytes=reserved.get((domain, location), 0),
+                            floor_bytes=policy.floor_bytes // sharing[location], plentiful=plentiful[location])
                         for domain, location in self.pools}
 
     def _forget_empty_pools(self) -> None:
@@ -937,7 +964,7 @@ class DataPlane:
             evicted_bytes_total=tuple(ev.evicted_bytes_total.items()),
             restores=tuple((loc, trigger, n) for (loc, trigger), n in ev.restores.items()),
             evicted_now=tuple((loc, n, b) for loc, (n, b) in evicted.items()),
-            aborted=ev.aborted, failed_room=ev.failed_room)
+            aborted=ev.aborted, failed_room=ev.failed_room, borrowed=ev.borrowed)
 
     def pool_stats(self) -> list[PoolStats]:
         """One line per location: every domain's pools there together."""

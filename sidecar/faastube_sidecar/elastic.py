@@ -45,7 +45,7 @@ PEER_HEADROOM_SHARE = 0.2
 @dataclass(frozen=True, slots=True)
 class MemoryPolicy:
     name: PolicyName = "elastic+eviction"
-    floor_bytes: int = 300 << 20       # per workflow and GPU, kept while memory is plentiful
+    floor_bytes: int = 300 << 20       # per GPU (shared by its workflows), kept while memory is plentiful
     cap_share: float = 0.5             # of the GPU's free memory plus what the pools hold
     restore_ahead: int = 2             # queue positions from the front whose objects are brought back
     restore_ahead_s: float = 0.5       # or due within this long (hints with a deadline)

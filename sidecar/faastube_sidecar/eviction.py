@@ -73,6 +73,7 @@ class Evictor:
         self.restores: Counter[tuple[Location, str]] = Counter()             # (to, proactive | read)
         self.aborted = 0
         self.failed_room = 0
+        self.borrowed = 0           # requests that grew a pool past its cap (nothing could move)
         self._hinted: set[Domain] = set()
         self._said_lru: set[Domain] = set()
         self._waiters: list[asyncio.Future[None]] = []
@@ -190,10 +191,16 @@ class Evictor:
     # --- making room ---------------------------------------------------------------------------
 
     async def make_room(self, domain: Domain, location: Location, *, grow_bytes: int, hole_bytes: int,
-                        writer: int | None = None, protect_above: elastic.EvictionKey | None = None
-                        ) -> Room | None:
+                        writer: int | None = None, protect_above: elastic.EvictionKey | None = None,
+                        borrow: bool = True) -> Room | None:
         """Make `grow_bytes` of budget, or a hole of `hole_bytes` the requester can use; None if impossible
-        within `evict_wait_s`. `writer`: an arena request's session (holes in its own arenas count)."""
+        within `evict_wait_s`. `writer`: an arena request's session (holes in its own arenas count).
+
+        When nothing (more) can move (what is left is being read, copied or written) or what is
+        missing is in retired slabs waiting for their mappers, a request that may `borrow` grows
+        the pool past its cap, never past the limit or a quota, by what the device really has
+        free, rather than fail: the cap bounds what the store keeps, and `rebalance` moves out
+        what goes above it as soon as objects can move."""
         dp = self.dp
         loop = asyncio.get_running_loop()
         end = loop.time() + self.policy.evict_wait_s
@@ -205,11 +212,10 @@ class Evictor:
             window, slabs, need = self._plan(domain, location, grow_bytes=grow_bytes, hole_bytes=hole_bytes,
                                              writer=writer, protect_above=protect_above)
             moved_any = False
-            if window is None and slabs is None and need <= 0 and not budget.quota_binds(domain, grow_bytes):
-                # What is missing is in retired slabs, back once their mappers unmap (an idle client
-                # may take a second): borrow it now, if the device really has it free.
-                if self._device_has(location, grow_bytes):
-                    return Room(loan_bytes=grow_bytes - budget.headroom(domain))
+            if window is None and slabs is None and borrow:
+                loan = self._loan(domain, location, grow_bytes)
+                if loan is not None:
+                    return Room(loan_bytes=loan)
             if window is not None and (slabs is None or window.worst >= slabs.worst):
                 order = self._order_label(domain)
                 moved = await self._move_all(window.victims, location, order)
@@ -233,11 +239,17 @@ class Evictor:
                 # Nothing could move now: wait for memory to free (unmaps, reads ending, restores).
                 await self._wait_for_memory(end - loop.time())
 
-    def _device_has(self, location: Location, nbytes: int) -> bool:
-        if location.gpu is None or self.dp.device_memory is None:
-            return True
-        info = self.dp.device_memory.info(location.gpu)
-        return info is None or info.free_bytes >= nbytes
+    def _loan(self, domain: Domain, location: Location, nbytes: int) -> int | None:
+        """How far past the cap `nbytes` more would go, if the limit, the quota and the device allow it."""
+        budget = self.dp.budgets[location]
+        if budget.quota_binds(domain, nbytes) or budget.total + nbytes > budget.max_bytes:
+            return None
+        if location.gpu is not None and self.dp.device_memory is not None:
+            info = self.dp.device_memory.info(location.gpu)
+            if info is not None and info.free_bytes < nbytes:
+                return None
+        self.borrowed += 1
+        return max(0, budget.total + nbytes - budget.cap_bytes)
 
     async def _wait_for_memory(self, timeout_s: float) -> None:
         if timeout_s <= 0:
@@ -490,7 +502,8 @@ class Evictor:
                 if not urgent:
                     return False
                 room = await self.make_room(record.domain, home, grow_bytes=align_up(record.nbytes, LARGE_ROUND_BYTES),
-                                            hole_bytes=align_up(record.nbytes, ALIGN_BYTES), protect_above=key)
+                                            hole_bytes=align_up(record.nbytes, ALIGN_BYTES), protect_above=key,
+                                            borrow=False)
                 if room is None or record.released or record.home != home or home in record.replicas:
                     return False
                 try:

@@ -175,5 +175,9 @@ def memory_families(mem: MemoryView) -> Iterator[GaugeMetricFamily | CounterMetr
     failed = CounterMetricFamily("faastube_eviction_room_failures",
                                  "Requests for which no object could move out in time (they failed)")
     failed.add_metric([], mem.failed_room)
+    borrowed = CounterMetricFamily("faastube_pool_over_cap",
+                                   "Requests that grew a pool past its cap because nothing could move out "
+                                   "(what was left was in use), within the device's free memory")
+    borrowed.add_metric([], mem.borrowed)
     yield from (policy, cap, free, target, reserved, releases, evictions, evicted_bytes, restores, away,
-                away_bytes, aborted, failed)
+                away_bytes, aborted, failed, borrowed)

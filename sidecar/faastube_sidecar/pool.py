@@ -243,6 +243,9 @@ class Pool(Generic[H]):
         self.slabs: dict[int, Slab[H]] = {}
         self.alloc_failures = 0
         self.releases: Counter[str] = Counter()   # slabs retired, by why: idle, target, pressure, evicted
+        # Elastic pools grow their shared slabs by what is needed, not by `slab_bytes`: the sidecar's
+        # copies come and go with the traffic, and an empty slab beyond the target goes back at once.
+        self.grow_exact = False
         self._unannounced: list[int] = []      # retired, but their mappers not told yet
 
     # --- accounting ---------------------------------------------------------------------------
@@ -282,7 +285,8 @@ class Pool(Generic[H]):
                 return Allocation(slab.id, self.location, off, nbytes, reserved)
         # The usual slab, else just what this object needs, when memory is short.
         needed = align_up(reserved, LARGE_ROUND_BYTES)
-        slab = self._grow(max(self.limits.slab_bytes, needed), arena=False, fallback=(needed,))
+        slab = self._grow(needed if self.grow_exact else max(self.limits.slab_bytes, needed), arena=False,
+                          fallback=(needed,))
         off = slab.take(reserved)
         if off is None:  # pragma: no cover - a fresh slab always fits what it was sized for
             raise errors.InternalError(f"fresh slab {slab.id} cannot hold {reserved} bytes")
@@ -290,16 +294,20 @@ class Pool(Generic[H]):
 
     # --- arenas -------------------------------------------------------------------------------
 
-    def grant_arena(self, session_id: int, nbytes: int) -> Slab[H]:
-        """An empty arena of at least `nbytes` leased to `session_id` (reused within the domain first)."""
+    def grant_arena(self, session_id: int, nbytes: int, *, usual_bytes: int | None = None) -> Slab[H]:
+        """An empty arena of at least `nbytes` leased to `session_id` (reused within the domain first).
+
+        `usual_bytes`: the size to grant when the object is smaller (default `arena_bytes`; elastic
+        pools size it from the writer's traffic)."""
         needed = align_up(max(nbytes, 1), LARGE_ROUND_BYTES)
+        usual = self.limits.arena_bytes if usual_bytes is None else min(usual_bytes, self.limits.arena_bytes)
         reusable = [s for s in self.slabs.values() if s.arena and s.writer is None and not s.frozen
                     and not s.retired and not s.live and s.size >= nbytes]
         if reusable:
             slab = min(reusable, key=lambda s: s.size)
         else:
             # The usual arena size, else just what this object needs, when memory is short.
-            wanted = self.limits.arena_bytes if nbytes <= self.limits.arena_bytes else needed
+            wanted = usual if nbytes <= usual else needed
             slab = self._grow(wanted, arena=True, fallback=(needed, align_up(max(nbytes, 1), ALIGN_BYTES)))
         slab.writer = session_id
         return slab

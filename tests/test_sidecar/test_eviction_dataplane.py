@@ -375,3 +375,46 @@ async def test_the_elastic_policy_without_eviction_refuses_the_put_too() -> None
     await fill(w, 4)
     with pytest.raises(errors.OutOfPoolMemory):
         await w.put(blob(5))
+
+
+async def test_when_everything_on_a_gpu_is_being_read_a_put_borrows_past_the_cap_and_gives_it_back() -> None:
+    dp, memory, _ = plane(gpu_max=64 * MiB)
+    memory.hold(0, 56 * MiB)          # 8 MiB free: the cap is 4 MiB
+    memory.hold(1, 64 * MiB)
+    dp.refresh_memory()
+    w = ArenaWriter(dp, session(dp, ALICE), GPU0)
+    reader = session(dp, ALICE_READER)
+    refs = await fill(w, 4)
+    for r in refs:
+        close_fds(dp.get_local(reader, {"ref": r, "location": GPU0})[1])    # all four being read
+    other = ArenaWriter(dp, session(dp, Identity("ns", "wf-a", "other")), GPU0)
+    late = await other.put(blob(5))
+    assert where(dp, late) == {"gpu:0"}, "nothing could move, so the put grew past the cap instead of failing"
+    assert dp.budgets[GPU0].total > dp.budgets[GPU0].limit_bytes and dp.evictor.borrowed == 1
+    memory.hold(0, 60 * MiB)          # and never past what the device has free
+    with pytest.raises(errors.OutOfPoolMemory):
+        await ArenaWriter(dp, session(dp, Identity("ns", "wf-a", "third")), GPU0).put(blob(6))
+    memory.hold(0, 56 * MiB)
+    # The reads end: what went past the cap moves out again.
+    dp.release(reader, {"refs": refs})
+    for _ in range(5):
+        dp.sweep()
+        await dp.evictor.settle()
+        for writer in (w, other):
+            writer.notices(dp.ping(writer.s, {})[0])
+    assert dp.budgets[GPU0].total <= dp.budgets[GPU0].limit_bytes
+    for r in [*refs, late]:
+        data, _ = await read(dp, reader, r, HOST)
+        assert data == blob(refs.index(r) if r in refs else 5)
+
+
+@pytest.mark.parametrize(("policy", "expected"), [(QUEUE, 2 * MiB), (MemoryPolicy(name="static"), 16 * MiB)])
+async def test_an_elastic_pool_sizes_a_writers_arenas_from_its_traffic(policy: MemoryPolicy, expected: int) -> None:
+    dp, _, _ = plane(policy=policy, gpu_max=64 * MiB, arena=16 * MiB)
+    w = ArenaWriter(dp, session(dp, ALICE), GPU0)
+    ref = await w.put(blob(0, 256 << 10))
+    assert dp.pool_of_slab(dp.lifetimes.lookup(ref).replicas[GPU0].alloc.slab_id).slab(
+        dp.lifetimes.lookup(ref).replicas[GPU0].alloc.slab_id).size == 16 * MiB, "no traffic seen yet"
+    reply, fds = dp.arena(w.s, {"location": GPU0, "nbytes": 4096})
+    close_fds(fds)
+    assert reply["arena"]["size"] == expected, "256 KiB at a time, one alive: 2 MiB arenas, not 16"

@@ -17,16 +17,18 @@ from faastube.locations import HOST, Location, gpu
 
 from faastube_sidecar.backends import CopyTicket, Export, Fence, FenceEvent, Span
 from faastube_sidecar.backends.shm import ShmSegment
+from faastube_sidecar.devicememory import DeviceMemory
 from faastube_sidecar.identity import Domain
 
 
 class HostBackend:
     name = "host"
 
-    def __init__(self, *, simulated_gpus: int = 0) -> None:
+    def __init__(self, *, simulated_gpus: int = 0, memory: DeviceMemory | None = None) -> None:
         if not 0 <= simulated_gpus <= 64:
             raise ValueError(f"simulated_gpus must be in 0..64, got {simulated_gpus}")
         self.simulated_gpus = simulated_gpus
+        self.memory = memory      # the simulated GPUs' memory: a slab past it fails, as cudaMalloc would
 
     def locations(self) -> tuple[Location, ...]:
         return (HOST, *(gpu(i) for i in range(self.simulated_gpus)))
@@ -41,6 +43,11 @@ class HostBackend:
         return {}
 
     def create_slab(self, domain: Domain, location: Location, nbytes: int) -> ShmSegment:
+        if location.gpu is not None and self.memory is not None:
+            info = self.memory.info(location.gpu)
+            if info is not None and info.free_bytes < nbytes:
+                raise errors.OutOfPoolMemory(f"simulated GPU {location.gpu} is out of memory ({info.free_bytes} "
+                                             f"bytes free, {nbytes} wanted)")
         return ShmSegment(nbytes, name="faastube-host" if location.is_host else f"faastube-sim-{location}")
 
     def destroy_slab(self, handle: ShmSegment) -> None:
