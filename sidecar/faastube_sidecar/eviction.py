@@ -205,6 +205,9 @@ class Evictor:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.policy.evict_wait_s
         budget = dp.budgets[location]
+        if grow_bytes > min(budget.quota_bytes, budget.max_bytes):
+            self.failed_room += 1
+            return None         # more than the workflow may ever hold here: nothing to wait for
         while True:
             dp.reclaim(location)
             if budget.check(domain, grow_bytes) is None:
