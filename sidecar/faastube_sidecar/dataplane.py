@@ -671,7 +671,7 @@ class DataPlane:
         after = src.fence if src.fence is not None and not self.backend.fence_done(src.fence) else None
         start = self._clock()
         who = session.identity if session is not None else None
-        restoring = record.home is not None
+        restoring = record.home is not None and not location.is_host    # back on a GPU (a CPU read is a d2h)
         try:
             ticket = self.backend.submit_copy(
                 self._span(dst), self._span(src.alloc), after=after, domain=record.domain,
