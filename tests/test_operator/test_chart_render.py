@@ -571,7 +571,9 @@ def _metric_labels() -> dict[str, set[str]]:
         for metric in vars(holder).values():
             if hasattr(metric, "_labelnames") and hasattr(metric, "_type"):
                 families.append((metric._name, metric._type, tuple(metric._labelnames), component))
-    empty = SimpleNamespace(snapshot=SimpleNamespace(objects_by_location=(), budgets=(), pools=(), draining=0))
+    from faastube_sidecar.dataplane import Snapshot
+
+    empty = SimpleNamespace(snapshot=Snapshot())
     for family in PoolCollector(lambda: empty).collect():  # type: ignore[arg-type, return-value]
         families.append((family.name, family.type, tuple(family._labelnames), "sidecar"))
     samples: dict[str, set[str]] = {}
