@@ -75,7 +75,11 @@ def resolve_backend(backend: Backend) -> Literal["host", "cuda"]:
 
 def assign_devices(workflow: Workflow, *, gpus: int, node: NodeTopology | None = None,
                    cuda_of: Mapping[int, int] | None = None) -> dict[tuple[str, int], int | None]:
-    """CUDA ordinal per (function, replica); CPU functions get none.
+    """CUDA ordinal per (function, replica number); CPU functions get none.
+
+    Every replica number a function may run gets one (up to its ``reserved_replicas``:
+    ``maxReplicas`` when it autoscales), so replicas started later land where placement
+    reserved room for them.
 
     With this machine's topology (`node`, NVML indices mapped to CUDA ordinals by `cuda_of`),
     GPU functions are placed as the operator places them on a cluster node: functions that
@@ -99,7 +103,7 @@ def assign_devices(workflow: Workflow, *, gpus: int, node: NodeTopology | None =
     assignment: dict[tuple[str, int], int | None] = {}
     next_gpu = 0
     for spec in workflow.functions:
-        for replica in range(spec.replicas):
+        for replica in range(spec.reserved_replicas):
             if not spec.gpu or gpus <= 0:
                 assignment[(spec.name, replica)] = None
             elif gpu_of.get(spec.name) is not None:
