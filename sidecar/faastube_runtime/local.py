@@ -300,6 +300,12 @@ class LocalRuntime:
         self._children = [c for c in self._children if c.address != address]
         await asyncio.to_thread(_stop_children, children)
 
+    def worker_pids(self, function: str) -> list[int]:
+        """Process ids of ``function``'s worker processes that are running (started and not stopped)."""
+        prefix = f"fn-{function}-"
+        return [c.process.pid for c in self._children
+                if c.name.startswith(prefix) and c.name[len(prefix):].isdigit() and c.process.poll() is None]
+
     def scaling_report(self) -> dict[str, FunctionScaling]:
         """Per function: workers at the start and at the end, fewest and most, scale events."""
         if self._controller is not None:
