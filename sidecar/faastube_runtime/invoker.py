@@ -179,8 +179,9 @@ class WorkerPool:
             replica = queue.get_nowait()
             if self._is_member(replica):
                 kept.append(replica)
-            else:
+            elif not self._failed_on_any(replica):
                 self._close_session(replica)
+            # else: its session stays until the request's /forget is sent (_send_forget closes it)
         for replica in kept:
             queue.put_nowait(replica)
 
@@ -277,11 +278,11 @@ class WorkerPool:
         """
         for replica in self._failed_on.pop(request_id, ()):
             self._track(self._send_forget(replica, request_id))
-            self._note_released(replica)
 
     async def _send_forget(self, replica: Replica, request_id: str) -> None:
         session = self._sessions.get(replica)
         if session is None:
+            self._note_released(replica)
             return
         try:
             async with session.post(f"{replica.address.base_url}{wire.FORGET_PATH}",
@@ -292,6 +293,7 @@ class WorkerPool:
         finally:
             if not self._is_member(replica) and not self._failed_on_any(replica):
                 self._close_session(replica)
+            self._note_released(replica)  # a leaving replica's kept reads are let go now
 
     async def _finish_orphan(self, call: asyncio.Future[wire.ReplyBody], replica: Replica) -> None:
         try:

@@ -34,26 +34,30 @@ class FakeWorker:
     def __init__(self, path: str) -> None:
         self.address = Address.unix(path)
         self.calls = 0
-        self._gates: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+        self.forgets: list[str] = []
+        self._gates: asyncio.Queue[asyncio.Future[bool]] = asyncio.Queue()
         self._runner: web.AppRunner | None = None
 
     async def _call(self, request: web.Request) -> web.Response:
         await request.json()
         self.calls += 1
-        gate = asyncio.Event()
+        gate = asyncio.get_running_loop().create_future()
         await self._gates.put(gate)
-        await gate.wait()
+        if not await gate:
+            return web.json_response({"error": "HandlerFailed", "message": "failed on purpose",
+                                      "retryable": True}, status=500)
         ref = f"ref-{self.calls}"
         return web.json_response({"outputs": {sdk.GATEWAY_READER: ref}, "refs": [ref],
                                   "timings": {"get_s": 0.0, "compute_s": 0.0, "put_s": 0.0, "wait_s": 0.0}})
 
-    async def _forget(self, _request: web.Request) -> web.Response:
+    async def _forget(self, request: web.Request) -> web.Response:
+        self.forgets.append(wire.parse_forget(await request.json()))
         return web.json_response({})
 
-    async def release(self) -> None:
-        """Let the oldest held call answer (waits for one to arrive)."""
+    async def release(self, *, ok: bool = True) -> None:
+        """Let the oldest held call answer, or fail (waits for one to arrive)."""
         async with asyncio.timeout(DEADLINE_S):
-            (await self._gates.get()).set()
+            (await self._gates.get()).set_result(ok)
 
     async def start(self) -> FakeWorker:
         app = web.Application()
@@ -194,6 +198,23 @@ async def test_leave_stops_new_calls_at_once_and_returns_after_the_running_call(
         await second
         assert old.calls == 1
         await pool.leave("f", Address.unix("/nonexistent"))  # not a member: nothing to do
+
+
+async def test_leave_waits_for_the_reads_a_failed_call_kept_until_the_request_forgets_them(
+        socket_dir: Path) -> None:
+    async with workers(socket_dir, 1) as (worker,), pool_of([worker]) as pool:
+        failing = call(pool, 7)
+        await worker.release(ok=False)
+        with pytest.raises(errors.CallFailed):
+            await failing
+        # The worker keeps that call's reads for a retry: stopping it now would lose them.
+        leaving = asyncio.ensure_future(pool.leave("f", worker.address))
+        await asyncio.sleep(0.05)
+        assert not leaving.done() and counts(pool) == (0, 0)
+        pool.forget("r7")  # the request ended
+        async with asyncio.timeout(DEADLINE_S):
+            await leaving
+        assert worker.forgets == ["r7"]  # told before leave returned
 
 
 async def test_leaving_an_idle_replica_returns_at_once(socket_dir: Path) -> None:
