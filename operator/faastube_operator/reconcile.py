@@ -131,7 +131,8 @@ def usage_by_others(
                 continue
             key = (str(where.get("node")), int(where["gpu"]))
             memory, slots = totals.setdefault(key, [0, 0])
-            totals[key] = [memory + fn.replicas * fn.gpu_memory_bytes, slots + fn.replicas]
+            # What placement reserved for it: maxReplicas of an autoscaled function.
+            totals[key] = [memory + fn.reserved_replicas * fn.gpu_memory_bytes, slots + fn.reserved_replicas]
     return {key: placement.GpuUsage(memory_used_bytes=m, slots_used=s) for key, (m, s) in totals.items()}
 
 

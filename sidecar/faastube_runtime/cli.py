@@ -57,7 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--call-timeout", type=float, default=30.0, help="seconds per function call (default 30)")
     parser.add_argument("--retries", type=int, default=2, help="extra attempts of a failed call (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    parser.add_argument("--no-autoscale", dest="autoscale", action="store_false",
+                        help="keep every function at its starting replica count (at least one): the "
+                             "fixed-replica baseline; by default functions with minReplicas/maxReplicas "
+                             "follow the load")
     gateway_cli.add_limit_arguments(parser)
+    gateway_cli.add_autoscale_arguments(parser)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -75,6 +80,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.retries < 0:
         problems.append(f"--retries: must be 0 or more, got {args.retries}")
     gateway_cli.limits_config(args, problems)
+    gateway_cli.autoscale_config(args, problems)
     if problems:
         raise errors.BadInput("; ".join(problems))
 
@@ -167,8 +173,10 @@ async def _serve_forever(runtime: LocalRuntime) -> None:
 async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
     port = args.port if args.port is not None else (8080 if args.requests == 0 else 0)
     limits, max_input_bytes = gateway_cli.limits_config(args, [])  # checked in _validate
+    autoscale, scale_interval_s = gateway_cli.autoscale_config(args, [])
     options = LocalOptions(
-        backend=args.backend, host=args.host, port=port, passing=args.passing,
+        backend=args.backend, host=args.host, port=port, passing=args.passing, autoscale=args.autoscale,
+        autoscale_settings=autoscale, scale_interval_s=scale_interval_s,
         gateway=GatewayConfig(policy=dag.DagPolicy(request_timeout_s=args.request_timeout,
                                                    call_timeout_s=args.call_timeout,
                                                    max_retries=args.retries),
@@ -190,7 +198,9 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                       on_result=_Progress(args.requests),
                                       timeout_s=args.request_timeout + 10)
         summary = report.summarize(results, duration_s=time.monotonic() - sent)
+        scaled = runtime.scaling_report()
     print(report.format_table(summary), flush=True)
+    print(report.format_scaling(workflow, scaled, autoscale=args.autoscale), flush=True)
     for r in results:
         if not r.ok:
             print(f"request {r.index}: HTTP {r.status}: {r.error}", file=sys.stderr)
@@ -199,6 +209,8 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"workflow": workflow.name, "passing": args.passing,
                                          "arrival": args.arrival, "rate_per_s": args.rate,
+                                         "autoscale": args.autoscale,
+                                         "replicas": {name: s.as_dict() for name, s in scaled.items()},
                                          **summary.as_dict()}, indent=2))
     return 0 if summary.ok == summary.requests else 1
 

@@ -22,6 +22,9 @@ class GatewayMetrics:
     function_seconds: Histogram
     retries: Counter
     freed_refs: Counter
+    function_concurrency: Gauge
+    desired_replicas: Gauge
+    function_replicas: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -50,7 +53,23 @@ class GatewayMetrics:
                             ["workflow", "function"], registry=r),
             freed_refs=Counter("faastube_gateway_freed_refs_total",
                                "Objects the gateway freed when requests ended", ["workflow"], registry=r),
+            function_concurrency=Gauge("faastube_gateway_function_concurrency",
+                                       "Calls of a function running on a replica or waiting for one, "
+                                       "averaged over the last autoscaling sample", ["workflow", "function"],
+                                       registry=r),
+            desired_replicas=Gauge("faastube_gateway_desired_replicas",
+                                   "Replicas the autoscaler wants for a function", ["workflow", "function"],
+                                   registry=r),
+            function_replicas=Gauge("faastube_gateway_function_replicas",
+                                    "Replicas of a function the gateway is sending calls to",
+                                    ["workflow", "function"], registry=r),
         )
+
+    def observe_scale(self, workflow: str, function: str, *, concurrency: float, desired: int,
+                      current: int) -> None:
+        self.function_concurrency.labels(workflow, function).set(concurrency)
+        self.desired_replicas.labels(workflow, function).set(desired)
+        self.function_replicas.labels(workflow, function).set(current)
 
     def observe_success(self, workflow: str, trace: dag.RequestTrace, breakdown: dag.Breakdown) -> None:
         self.requests.labels(workflow, "ok").inc()

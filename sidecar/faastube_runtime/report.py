@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from faastube_spec.workflow import Workflow
 
 from faastube_runtime.loadgen import RequestResult
+from faastube_runtime.local_scaling import FunctionScaling
 
 STAGES = ("total_s", "compute_s", "data_passing_s", "queueing_s", "other_s")
 STAGE_LABELS = {"total_s": "end-to-end (gateway)", "compute_s": "compute",
@@ -78,4 +80,21 @@ def format_table(summary: RunSummary) -> str:
     rows.append(f"{summary.ok}/{summary.requests} ok in {summary.duration_s:.2f}s "
                 f"({summary.throughput_per_s:.1f} req/s)" + (f"; failed: {failed}" if failed else ""))
     rows.append("stages are along each request's critical path; 'other' is transport and scheduling")
+    return "\n".join(rows)
+
+
+def format_scaling(workflow: Workflow, scaling: Mapping[str, FunctionScaling], *, autoscale: bool) -> str:
+    """Workers per function over the run: at the start, the most reached, at the end, scale events."""
+    rows = [f"{'replicas':<22}{'start':>7}{'most':>7}{'end':>7}  bounds / events"]
+    for fn in workflow.functions:
+        s = scaling[fn.name]
+        low, high = fn.replica_range
+        if fn.autoscaled and autoscale:
+            note = (f"{low}..{high}; {s.scale_ups} up, {s.scale_downs} down"
+                    + (f", {s.failed_starts} failed starts" if s.failed_starts else ""))
+        elif fn.autoscaled:
+            note = f"{low}..{high}, not scaled (--no-autoscale)"
+        else:
+            note = "fixed"
+        rows.append(f"{fn.name:<22}{s.initial:>7}{s.most:>7}{s.final:>7}  {note}")
     return "\n".join(rows)

@@ -23,6 +23,7 @@ import difflib
 import heapq
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "API_VERSION",
     "DEFAULT_GPU_MEMORY_BYTES",
+    "DEFAULT_TARGET_CONCURRENCY",
     "GATEWAY_FUNCTION",
     "KIND",
     "MAX_ERRORS_LISTED",
@@ -73,6 +75,10 @@ GATEWAY_FUNCTION = "gateway"
 RESERVED_FUNCTION_NAMES = frozenset({GATEWAY_FUNCTION})
 # A Deployment's replicas are a 32-bit integer in Kubernetes.
 MAX_REPLICAS = 2**31 - 1
+# Calls in flight (running or waiting) per replica that the autoscaler aims at: one, since a
+# worker runs one call at a time. A function whose replicas take several calls at once (a
+# batching worker) says how many with `targetConcurrency`.
+DEFAULT_TARGET_CONCURRENCY = 1.0
 # A document can hold thousands of mistakes; the message lists this many and counts the rest.
 MAX_ERRORS_LISTED = 100
 # "Did you mean" compares a name with every candidate (~3 us each): this many comparisons
@@ -92,7 +98,8 @@ _METADATA_FIELDS = (
     "ownerReferences", "managedFields", "generateName", "selfLink",
 )
 _SPEC_FIELDS = ("slo", "entry", "exit", "functions", "edges")
-_FUNCTION_FIELDS = ("name", "handler", "image", "gpu", "replicas", "slo", "computeTime")
+_FUNCTION_FIELDS = ("name", "handler", "image", "gpu", "replicas", "minReplicas", "maxReplicas",
+                    "targetConcurrency", "slo", "computeTime")
 _GPU_FIELDS = ("memory", "enabled")
 _EDGE_FIELDS = ("from", "to", "size")
 
@@ -131,6 +138,14 @@ class WorkflowInvalid(InvalidRequest):
 
 @dataclass(frozen=True)
 class FunctionSpec:
+    """One function of a workflow.
+
+    ``replicas`` is the number it starts with. An autoscaled function (``minReplicas`` or
+    ``maxReplicas`` in the document) has both bounds set here, with ``replicas`` between
+    them; a function with fixed replicas has neither (``None``), and ``replica_range`` is
+    ``(replicas, replicas)``.
+    """
+
     name: str
     handler: str
     image: str | None = None
@@ -139,6 +154,37 @@ class FunctionSpec:
     replicas: int = 1
     slo_s: float | None = None
     compute_time_s: float | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_concurrency: float = DEFAULT_TARGET_CONCURRENCY
+
+    def __post_init__(self) -> None:
+        # parse_workflow never builds these; a FunctionSpec built in code must not either.
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError(f"function {self.name!r}: give both min_replicas and max_replicas, or neither")
+        low, high = self.replica_range
+        if not 0 <= low <= self.replicas <= high or high < 1:
+            raise ValueError(f"function {self.name!r}: replicas {self.replicas} outside "
+                             f"[{low}, {high}] (or no replica ever)")
+        if not self.target_concurrency > 0:
+            raise ValueError(f"function {self.name!r}: target_concurrency must be positive")
+
+    @property
+    def autoscaled(self) -> bool:
+        """Whether the replica count follows load (between ``min_replicas`` and ``max_replicas``)."""
+        return self.max_replicas is not None
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """The fewest and the most replicas this function may run."""
+        if self.min_replicas is None or self.max_replicas is None:
+            return self.replicas, self.replicas
+        return self.min_replicas, self.max_replicas
+
+    @property
+    def reserved_replicas(self) -> int:
+        """The replicas placement reserves GPU sharing slots and memory for: the most it may run."""
+        return self.replica_range[1]
 
     @property
     def handler_module(self) -> str:
@@ -465,18 +511,7 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
 
     gpu, gpu_memory_bytes = _parse_gpu(c, fn.get("gpu", False), f"{path}.gpu")
 
-    replicas = 1
-    if "replicas" in fn:
-        raw_replicas = fn["replicas"]
-        if isinstance(raw_replicas, bool) or not isinstance(raw_replicas, int):
-            c.add(f"{path}.replicas", f"must be an integer, got {_type_name(raw_replicas)}")
-        elif raw_replicas < 1:
-            c.add(f"{path}.replicas", f"must be at least 1, got {raw_replicas}")
-        elif raw_replicas > MAX_REPLICAS:
-            c.add(f"{path}.replicas", f"must be at most {MAX_REPLICAS:,} (a Deployment's limit), "
-                                      f"got {raw_replicas:,}")
-        else:
-            replicas = raw_replicas
+    replicas, min_replicas, max_replicas, target_concurrency = _parse_scaling(c, fn, path)
 
     slo_s = c.positive_duration(fn["slo"], f"{path}.slo") if "slo" in fn else None
     compute_time_s = (c.positive_duration(fn["computeTime"], f"{path}.computeTime")
@@ -500,7 +535,77 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
         return None
     return FunctionSpec(name=name, handler=handler, image=image, gpu=gpu,
                         gpu_memory_bytes=gpu_memory_bytes, replicas=replicas,
-                        slo_s=slo_s, compute_time_s=compute_time_s)
+                        slo_s=slo_s, compute_time_s=compute_time_s, min_replicas=min_replicas,
+                        max_replicas=max_replicas, target_concurrency=target_concurrency)
+
+
+def _parse_scaling(c: _Collector, fn: Mapping[str, Any],
+                   path: str) -> tuple[int, int | None, int | None, float]:
+    """``replicas``, ``minReplicas``, ``maxReplicas`` and ``targetConcurrency`` of a function.
+
+    Without ``minReplicas`` and ``maxReplicas`` the function runs ``replicas`` (default 1)
+    replicas, fixed. With either, it is autoscaled: ``minReplicas`` defaults to 1 (scaling to
+    zero is asked for with ``minReplicas: 0``), ``replicas`` (the count it starts with) to
+    ``max(1, minReplicas)``, and ``maxReplicas`` to ``max(replicas, minReplicas)``.
+    Returns (replicas, min, max, target); min and max are None for a fixed function, and
+    values are defaults where a field was invalid (an error is then recorded).
+    """
+    raw_min = fn.get("minReplicas")
+    zero_ok = raw_min == 0 and not isinstance(raw_min, bool)  # only minReplicas: 0 lets a function start at 0
+    given: dict[str, int | None] = {}
+    for key, lowest in (("replicas", 0 if zero_ok else 1), ("minReplicas", 0), ("maxReplicas", 1)):
+        if key in fn:
+            given[key] = _replica_count(c, fn[key], f"{path}.{key}", lowest=lowest,
+                                        zero_hint=key == "replicas")
+    target = DEFAULT_TARGET_CONCURRENCY
+    if "targetConcurrency" in fn:
+        target = _positive_number(c, fn["targetConcurrency"], f"{path}.targetConcurrency") or target
+    autoscaled = "minReplicas" in fn or "maxReplicas" in fn
+    if not autoscaled and "targetConcurrency" in fn:
+        c.add(f"{path}.targetConcurrency", "only with minReplicas or maxReplicas: a function with "
+                                           "fixed replicas does not scale")
+    counts = {key: value for key, value in given.items() if value is not None}
+    if not autoscaled or len(counts) < len(given):  # fixed, or a bad count (reported above)
+        return counts.get("replicas", 1), None, None, target
+    low = counts.get("minReplicas", 1)
+    replicas = counts.get("replicas", max(1, low))
+    high = counts.get("maxReplicas", max(replicas, low))
+    if high < low:
+        c.add(f"{path}.maxReplicas", f"must be at least minReplicas ({low}), got {high}")
+        return 1, None, None, target
+    if not low <= replicas <= high:
+        c.add(f"{path}.replicas", f"must lie within minReplicas..maxReplicas ({low}..{high}), "
+                                  f"got {replicas}")
+        return 1, None, None, target
+    return replicas, low, high, target
+
+
+def _replica_count(c: _Collector, raw: Any, path: str, *, lowest: int,
+                   zero_hint: bool = False) -> int | None:
+    """A replica count: an integer from ``lowest`` to ``MAX_REPLICAS``, or None (reported)."""
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        c.add(path, f"must be an integer, got {_type_name(raw)}")
+        return None
+    if raw < lowest:
+        hint = " (0 only with minReplicas: 0, to start scaled to zero)" if zero_hint and raw == 0 else ""
+        c.add(path, f"must be at least {lowest}, got {raw}{hint}")
+        return None
+    if raw > MAX_REPLICAS:
+        c.add(path, f"must be at most {MAX_REPLICAS:,} (a Deployment's limit), got {raw:,}")
+        return None
+    return raw
+
+
+def _positive_number(c: _Collector, raw: Any, path: str) -> float | None:
+    """A finite number greater than zero (an integer or a float; not a string or a boolean)."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        c.add(path, f"must be a number, got {_type_name(raw)}")
+        return None
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        c.add(path, f"must be a finite number greater than zero, got {preview(raw)}")
+        return None
+    return value
 
 
 def _parse_gpu(c: _Collector, raw: Any, path: str) -> tuple[bool, int]:
@@ -855,6 +960,10 @@ def dump_workflow(workflow: Workflow) -> dict[str, Any]:
             item["image"] = f.image
         item["gpu"] = {"memory": format_size(f.gpu_memory_bytes)} if f.gpu else False
         item["replicas"] = f.replicas
+        if f.min_replicas is not None and f.max_replicas is not None:
+            item["minReplicas"] = f.min_replicas
+            item["maxReplicas"] = f.max_replicas
+            item["targetConcurrency"] = f.target_concurrency
         if f.slo_s is not None:
             item["slo"] = format_duration(f.slo_s)
         if f.compute_time_s is not None:

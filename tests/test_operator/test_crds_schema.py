@@ -102,6 +102,19 @@ def test_a_hand_written_workflow_passes() -> None:
     _validate("workflows.faastube.io.yaml", _good())
 
 
+def test_an_autoscaled_workflow_passes_the_schema_and_gets_no_replicas_default() -> None:
+    doc = _good()
+    doc["spec"]["functions"][1].update(minReplicas=0, replicas=0, maxReplicas=4, targetConcurrency=1.5)
+    doc["spec"]["functions"][0].update(minReplicas=2, maxReplicas=3)
+    doc["spec"]["functions"][0].pop("replicas")
+    doc["spec"]["edges"].pop()  # the schema lets a duplicate edge through; the parser does not
+    _validate("workflows.faastube.io.yaml", doc)
+    # An API-server default of replicas: 1 would make minReplicas: 2 invalid.
+    fields = _schema(_crd("workflows.faastube.io.yaml"))["properties"]["spec"]["properties"]["functions"]
+    assert "default" not in fields["items"]["properties"]["replicas"]
+    assert wf.parse_workflow(doc).function("a").replicas == 2
+
+
 BAD_WORKFLOWS = {
     "no spec": (lambda d: d.pop("spec")),
     "no slo": (lambda d: d["spec"].pop("slo")),
@@ -110,7 +123,13 @@ BAD_WORKFLOWS = {
     "no functions": (lambda d: d["spec"].__setitem__("functions", [])),
     "upper-case function name": (lambda d: d["spec"]["functions"][0].__setitem__("name", "Decode")),
     "function name too long": (lambda d: d["spec"]["functions"][0].__setitem__("name", "a" * 64)),
-    "zero replicas": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", 0)),
+    "negative replicas": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", -1)),
+    "negative minReplicas": (lambda d: d["spec"]["functions"][0].__setitem__("minReplicas", -1)),
+    "zero maxReplicas": (lambda d: d["spec"]["functions"][0].__setitem__("maxReplicas", 0)),
+    "maxReplicas over a Deployment's limit": (lambda d: d["spec"]["functions"][0].__setitem__("maxReplicas",
+                                                                                              2**31)),
+    "zero targetConcurrency": (lambda d: d["spec"]["functions"][0].__setitem__("targetConcurrency", 0)),
+    "targetConcurrency as text": (lambda d: d["spec"]["functions"][0].__setitem__("targetConcurrency", "2")),
     "replicas as text": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", "2")),
     "handler without function": (lambda d: d["spec"]["functions"][0].__setitem__("handler", "mod")),
     "edge without size": (lambda d: d["spec"]["edges"][0].pop("size")),
