@@ -181,7 +181,8 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
         print(f"workflow {workflow.name!r}: {len(workflow.functions)} functions, "
               f"{runtime.backend} backend, {args.passing} passing, gateway {runtime.url} "
               f"(started in {time.monotonic() - started:.1f}s, every worker warm)", file=sys.stderr, flush=True)
-        print(report.format_warmup(runtime.warmup), file=sys.stderr, flush=True)
+        print(report.format_warmup({f.name: runtime.warmup.get(f.name, []) for f in workflow.functions}),
+              file=sys.stderr, flush=True)
         if args.requests == 0:
             await _serve_forever(runtime)
             return 0

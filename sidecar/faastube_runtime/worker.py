@@ -163,6 +163,11 @@ class FunctionWorker:
         self.calls_served = 0
         self._held = _HeldReads(limit=max(4, 2 * self.policy.max_size))
 
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the handler thread (not those of the batch running)."""
+        return len(self._batcher)
+
     def _bind_device(self) -> None:
         if self._device is None:
             return
@@ -188,7 +193,10 @@ class FunctionWorker:
         missing: list[str] = []
         for name in self.plan.inputs:
             if name == sdk.REQUEST_INPUT:
-                missing.append("the request's input (no edge describes it)")
+                if self._workflow.input_shape is None or self._workflow.input_dtype is None:
+                    missing.append("the request's input (spec.input)")
+                else:
+                    shapes[name] = (self._workflow.input_shape, self._workflow.input_dtype)
                 continue
             edge = self._workflow.edge(name, self.function)
             if edge.shape is None or edge.dtype is None:

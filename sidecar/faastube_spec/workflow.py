@@ -119,7 +119,8 @@ _METADATA_FIELDS = (
     "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "finalizers",
     "ownerReferences", "managedFields", "generateName", "selfLink",
 )
-_SPEC_FIELDS = ("slo", "entry", "exit", "functions", "edges")
+_SPEC_FIELDS = ("slo", "entry", "exit", "functions", "edges", "input")
+_INPUT_FIELDS = ("shape", "dtype")
 _FUNCTION_FIELDS = ("name", "handler", "image", "gpu", "replicas", "slo", "computeTime", "batch")
 _GPU_FIELDS = ("memory", "enabled")
 _BATCH_FIELDS = ("maxSize", "maxDelay")
@@ -208,6 +209,9 @@ class Workflow:
     functions: tuple[FunctionSpec, ...]
     edges: tuple[EdgeSpec, ...]
     namespace: str | None = None
+    # What one request's input is (``spec.input``), when the document says: the entry's warm-up call.
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
     # Where the document was loaded from: handlers' modules resolve next to it first.
     source_path: Path | None = field(default=None, compare=False)
 
@@ -448,6 +452,7 @@ def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] 
 
     functions, positions = _parse_functions(c, spec.get("functions"), workflow_slo_s=slo_s)
     edges = _parse_edges(c, spec.get("edges", []), known=positions)
+    input_shape, input_dtype = _parse_input(c, spec["input"]) if "input" in spec else (None, None)
     entry, exit_ = _check_graph(c, spec, functions, edges, positions=positions)
 
     if c.count:
@@ -463,8 +468,30 @@ def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] 
         functions=tuple(functions),
         edges=tuple(edges),
         namespace=namespace,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
         source_path=None if source_path is None else Path(source_path),
     )
+
+
+def _parse_input(c: _Collector, raw: Any) -> tuple[tuple[int, ...] | None, str | None]:
+    """``spec.input: {shape, dtype}``: what a request sends (both required)."""
+    if not isinstance(raw, Mapping):
+        c.add("spec.input", f"must be a mapping like {{shape: [21, 270, 480, 3], dtype: uint8}}, "
+                            f"got {_type_name(raw)}")
+        return None, None
+    fields = c.mapping(raw, "spec.input", allowed=_INPUT_FIELDS)
+    if fields is None:
+        return None, None
+    for key in _INPUT_FIELDS:
+        if key not in fields:
+            c.add(f"spec.input.{key}", "required")
+    shape = _parse_shape(c, fields["shape"], "spec.input.shape") if "shape" in fields else None
+    dtype = _parse_dtype(c, fields["dtype"], "spec.input.dtype") if "dtype" in fields else None
+    if shape is not None and dtype is not None and math.prod(shape) * DTYPE_BYTES[dtype] > MAX_SIZE_BYTES:
+        c.add("spec.input.shape", f"{_shape_text(shape)} of {dtype} is more than {MAX_SIZE_BYTES:,} bytes")
+        return None, None
+    return (shape, dtype) if shape is not None and dtype is not None else (None, None)
 
 
 def _parse_functions(c: _Collector, raw: Any, *,
@@ -600,7 +627,9 @@ def _parse_batch(c: _Collector, raw: Any, path: str, *, slo_s: float | None, wor
                                       f"({format_duration(left_s)})")
             return None
     elif left_s is not None and left_s > 0:
-        max_delay_s = round(left_s * DEFAULT_BATCH_DELAY_FRACTION, 6)  # whole microseconds
+        # In whole microseconds, as the document would spell it (so it dumps as "26ms", not "26000us").
+        delay_us = round(left_s * DEFAULT_BATCH_DELAY_FRACTION * 1e6)
+        max_delay_s = parse_duration(f"{delay_us // 1000}ms" if delay_us % 1000 == 0 else f"{delay_us}us")
     else:
         max_delay_s = None  # the SLO or computeTime is in error, reported where it is
     if max_size is None or max_delay_s is None:
@@ -1036,6 +1065,8 @@ def dump_workflow(workflow: Workflow) -> dict[str, Any]:
             "exit": workflow.exit,
             "functions": functions,
             "edges": [_dump_edge(e) for e in workflow.edges],
+            **({"input": {"shape": list(workflow.input_shape), "dtype": workflow.input_dtype}}
+               if workflow.input_shape is not None and workflow.input_dtype is not None else {}),
         },
     }
 

@@ -74,6 +74,8 @@ def test_edge_sizes_shapes_and_dtypes_in_the_yaml_are_the_full_scale_outputs(nam
         shape, dtype = shapes[edge.source]
         assert int(np.prod(shape)) * np.dtype(dtype).itemsize == edge.size_bytes, edge
         assert (edge.shape, edge.dtype) == (tuple(shape), dtype), edge  # what warm-up calls are built from
+    request = module.make_input(scale=1.0)
+    assert (workflow.input_shape, workflow.input_dtype) == (request.shape, str(request.dtype))
 
 
 @pytest.mark.parametrize("name", NAMES)
