@@ -19,6 +19,13 @@ Calling convention (also in docs/runtime.md):
 * Return a tuple of arrays: the i-th goes to the i-th reader, readers in the
   order of the workflow's edges (the exit's gateway reader last).
 
+Batches (``execute_batch``; the function has a ``batch`` policy in the workflow): a
+``batch="stack"`` handler (the default) gets each input as the requests' arrays
+concatenated along axis 0 and returns outputs whose axis 0 is split back, request by
+request; a ``batch="list"`` handler gets lists of the requests' arrays and returns a
+list of per-request results. Warm-up (``run_warmup_hook``, ``warm_up_call``): the
+handler's ``warmup`` hook, then a call on zeros whose outputs are discarded.
+
 This module is light on purpose (it runs inside function images): NumPy only;
 CuPy and torch are imported lazily, only when a value of theirs shows up.
 """

@@ -225,30 +225,27 @@ class FunctionWorker:
             logger.warning("function %s gets %s; its first request pays for what a warm-up call warms "
                            "(give those edges shape and dtype)", self.function, note)
         else:
-            for requests in (1, self.policy.max_size):
-                if requests > 1 and options.batch == "stack" and not _stackable(shapes):
+            call_s = self._warm_up_call(shapes, requests=1)
+            # A full batch too: the largest inputs the handler will see (memory, autotuning).
+            if self.policy.max_size > 1:
+                if options.batch == "stack" and not _stackable(shapes):
                     note = "no full-batch warm-up call: the inputs have no common axis 0 to stack"
-                    break
-                if requests > 1 and call_s is None:
-                    break
-                t = time.perf_counter()
-                try:
-                    sdk.warm_up_call(self._client, self._handler, inputs=shapes, readers=self.plan.readers,
-                                     device=self._device, passing=self._passing, requests=requests)
-                except sdk.WarmupFailed as e:
-                    described = ", ".join(f"{n} {d}{list(sh)}" for n, (sh, d) in shapes.items())
-                    raise sdk.WarmupFailed(f"the warm-up call of {self.function!r} on zeros "
-                                           f"({requests} request(s) of {described}) failed: "
-                                           f"{e.__cause__ or e}") from e
-                if requests == 1:
-                    call_s = time.perf_counter() - t
                 else:
-                    batch_call_s = time.perf_counter() - t
-                if self.policy.max_size == 1:
-                    break
+                    batch_call_s = self._warm_up_call(shapes, requests=self.policy.max_size)
             self._flush()
         return WarmupReport(total_s=time.perf_counter() - started, hook_s=hook_s, call_s=call_s,
                             batch_call_s=batch_call_s, note=note)
+
+    def _warm_up_call(self, shapes: dict[str, tuple[tuple[int, ...], str]], *, requests: int) -> float:
+        started = time.perf_counter()
+        try:
+            sdk.warm_up_call(self._client, self._handler, inputs=shapes, readers=self.plan.readers,
+                             device=self._device, passing=self._passing, requests=requests)
+        except sdk.WarmupFailed as e:
+            described = ", ".join(f"{n} {d}{list(sh)}" for n, (sh, d) in shapes.items())
+            raise sdk.WarmupFailed(f"the warm-up call of {self.function!r} on zeros ({requests} request(s) "
+                                   f"of {described}) failed: {e.__cause__ or e}") from e
+        return time.perf_counter() - started
 
     # --- calls ------------------------------------------------------------------------------
 
