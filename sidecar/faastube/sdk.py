@@ -403,9 +403,10 @@ def execute_batch(client: DataClient, handler: Callable[..., Any], calls: Sequen
 
     * ``"stack"`` (default): each input is the requests' arrays concatenated along axis 0
       (one gather copy; a batch of one is passed as is, with no copy), and each output is
-      split back along axis 0 by the requests' row counts (``batches.split_rows``). Calls
-      whose inputs cannot stack with the others (dtype, trailing shape, array type, no
-      axis 0) run in a handler call of their own.
+      split back along axis 0 by the requests' row counts (``batches.split_rows``). Calls are
+      grouped by what stacks (per input: dtype, trailing shape, array type), one handler
+      call per group; a call with a scalar input, or inputs of different row counts, runs
+      alone.
     * ``"list"``: each input is a list of the requests' arrays (zero-copy views, as for a
       single call) and the handler returns a list with one result per request.
 
