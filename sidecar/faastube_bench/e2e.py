@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtimes", default=",".join(RUNTIMES),
                         help="comma-separated: today (1 replica, no batching) and/or scaled")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated passing modes")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated runtime/mode pairs not to run, e.g. today/host-centric "
+                             "(the targets compare scaled with today's tube runtime)")
     parser.add_argument("--backend", choices=("host", "cuda", "auto"), default="auto")
     parser.add_argument("--scale", type=float, default=None,
                         help="FAASTUBE_EXAMPLE_SCALE for the examples (default: theirs; 1.0 on a GPU)")
@@ -106,6 +109,17 @@ def _csv(text: str, allowed: Sequence[str], flag: str) -> list[str]:
     if bad or not items:
         raise SystemExit(f"faastube bench e2e: {flag}: expected some of {', '.join(allowed)}, got {text!r}")
     return items
+
+
+def _skipped(text: str) -> set[tuple[str, str]]:
+    pairs = set()
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        runtime, _, mode = item.partition("/")
+        if runtime not in RUNTIMES or mode not in MODES:
+            raise SystemExit(f"faastube bench e2e: --skip: {item!r} is not runtime/mode "
+                             f"({'|'.join(RUNTIMES)}/{'|'.join(MODES)})")
+        pairs.add((runtime, mode))
+    return pairs
 
 
 def _workflow_paths(spec: str) -> list[Path]:
@@ -288,12 +302,15 @@ async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settin
     arrivals = _csv(args.arrivals, ARRIVALS, "--arrivals")
     runtimes = _csv(args.runtimes, RUNTIMES, "--runtimes")
     modes = _csv(args.modes, MODES, "--modes")
+    skipped = _skipped(args.skip)
     search_budget_s = settings.budget_s / max(1, searches)
     result: dict[str, Any] = {"slo_s": workflow.slo_s, "input_bytes": len(body), "runtimes": {}}
     start_rate: float | None = None
     for runtime_name in [r for r in RUNTIMES if r in runtimes]:
         configs: dict[str, Any] = {}
         for mode in modes:
+            if (runtime_name, mode) in skipped:
+                continue
             today = result["runtimes"].get("today", {}).get(mode)
             common: dict[str, float | None] | None = None
             if runtime_name == "scaled":
@@ -428,8 +445,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     settings = _settings(args)
     started = time.monotonic()
     paths = _workflow_paths(args.workflows)
-    searches = (len(paths) * len(_csv(args.arrivals, ARRIVALS, "--arrivals"))
-                * len(_csv(args.runtimes, RUNTIMES, "--runtimes")) * len(_csv(args.modes, MODES, "--modes")))
+    configs = [(r, m) for r in _csv(args.runtimes, RUNTIMES, "--runtimes") for m in _csv(args.modes, MODES, "--modes")
+               if (r, m) not in _skipped(args.skip)]
+    searches = len(paths) * len(_csv(args.arrivals, ARRIVALS, "--arrivals")) * len(configs)
     data: dict[str, Any] = {"benchmark": "e2e", "machine": _machine(),
                             "settings": {**dataclasses.asdict(settings), "quick": bool(args.quick),
                                          "scale": os.environ.get("FAASTUBE_EXAMPLE_SCALE")},
