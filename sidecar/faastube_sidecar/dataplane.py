@@ -608,6 +608,15 @@ class DataPlane:
         return {"slab": {"id": slab.id, "location": str(slab.location), **export.descriptor,
                          "fds": len(export.fds)}}, list(export.fds)
 
+    def keep_notices(self, session: Session, reply: dict[str, Any]) -> None:
+        """Put back the notices of a reply that will not be sent (a notify's), ahead of newer ones."""
+        retired = reply.pop("retired", None)
+        if retired:
+            session.retired_notices[:0] = retired
+        freed = reply.pop("freed", None)
+        if freed:
+            session.freed_notices[:0] = freed
+
     def _with_notices(self, session: Session, reply: dict[str, Any]) -> dict[str, Any]:
         if session.retired_notices:
             reply["retired"] = session.retired_notices

@@ -66,6 +66,9 @@ class Dispatcher:
                     return self._finish_async(op_label, start, self.dataplane.get(session, fields))
             else:
                 reply = self._sync[op](session, fields)
+                if notify:
+                    # A notify's reply is never sent: notices it picked up wait for the next reply.
+                    self.dataplane.keep_notices(session, reply[0])
         except Exception as e:  # noqa: BLE001 - turned into an error reply
             return self._fail(op_label, start, e)
         return self._ok(op_label, start, reply)

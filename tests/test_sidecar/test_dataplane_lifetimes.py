@@ -239,3 +239,24 @@ async def test_an_empty_arena_given_back_is_granted_to_the_next_writer_of_the_do
     reply, fds = dp.arena(m, {"location": HOST, "nbytes": 8})
     close_fds(fds)
     assert reply["arena"]["slab"] != first.slab, "never another domain's slab"
+
+
+async def test_a_writer_that_ends_its_own_reads_with_notifies_still_learns_its_ranges_are_free(dp) -> None:
+    from faastube_sidecar.dispatch import Dispatcher
+    from faastube_sidecar.identity import ClaimAttestor
+    from faastube_sidecar.metrics import SidecarMetrics
+    from prometheus_client import CollectorRegistry
+
+    dispatcher = Dispatcher(dp, ClaimAttestor(), SidecarMetrics(CollectorRegistry()))
+    p, r = session(dp, ALICE), session(dp, ALICE_READER)
+    w = Writer(dp, p)
+    mine = w.put(consumers=1)
+    theirs = Writer(dp, r).put(consumers=1)
+    await get(dp, r, mine)
+    await get(dp, p, theirs)
+    dp.release(r, {"refs": [mine]})              # consumed: the writer's range is free again
+    # The writer ends its own read with a notify: that reply is never sent, so its notices wait.
+    kind, _, _ = dispatcher.dispatch(p, None, {"op": "release", "refs": [theirs]}, notify=True)
+    assert kind is protocol.Kind.REPLY
+    reply, _ = dp.ping(p, {})
+    assert reply.get("freed") == [[w.slab, 0]], "the freed notice reaches the writer on its next reply"
