@@ -140,8 +140,8 @@ class Scaler:
     async def round_once(self) -> RoundReport:
         started = time.perf_counter()
         if not await asyncio.to_thread(self._is_active):
-            if self.role == "active":
-                logger.info("scaling loop standing by")
+            if self.role != "standby":
+                logger.info("scaling loop standing by: another replica is active")
             self.role = "standby"
             return RoundReport("standby")
         if self.role != "active":
