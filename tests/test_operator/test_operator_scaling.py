@@ -443,3 +443,22 @@ def test_an_autoscaled_function_counts_as_available_with_its_minimum_replicas() 
     phase, _ = conditions.rollout_phase([dep(3, 1)], expected_names=["w-detect"],
                                         minimum_available={"w-detect": 1})
     assert phase is conditions.Phase.RUNNING
+
+
+def test_the_documented_keda_scaled_object_reads_the_gauge_the_gateway_exports() -> None:
+    import re
+    from pathlib import Path
+
+    import yaml
+    from faastube_runtime.metrics import GatewayMetrics
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", doc, flags=re.S) if "ScaledObject" in b]
+    scaled = yaml.safe_load(block)
+    assert scaled["kind"] == "ScaledObject" and scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == manifests.function_deployment_name("traffic", "detection")
+    (trigger,) = scaled["spec"]["triggers"]
+    (family,) = GatewayMetrics.create().desired_replicas.describe()
+    assert family.name == "faastube_gateway_desired_replicas"
+    assert f"{family.name}{{" in trigger["metadata"]["query"]
+    assert trigger["metadata"]["threshold"] == "1"  # replicas = the gateway's desired count
