@@ -1,6 +1,7 @@
 """``faastube run WORKFLOW.yaml``: run a workflow on this machine and measure it.
 
-Starts a sidecar, one worker process per function replica and the gateway; sends
+Starts a sidecar, one worker process per function replica and the gateway; waits
+until every worker is warm (and prints how long each function took); sends
 ``--requests`` requests on an arrival schedule (or serves until Ctrl-C with
 ``--requests 0``), prints a latency table, and shuts everything down.
 """
@@ -187,7 +188,9 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
     async with LocalRuntime(workflow, options) as runtime:
         print(f"workflow {workflow.name!r}: {len(workflow.functions)} functions, "
               f"{runtime.backend} backend, {args.passing} passing, gateway {runtime.url} "
-              f"(started in {time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+              f"(started in {time.monotonic() - started:.1f}s, every worker warm)", file=sys.stderr, flush=True)
+        print(report.format_warmup({f.name: runtime.warmup.get(f.name, []) for f in workflow.functions}),
+              file=sys.stderr, flush=True)
         if args.requests == 0:
             await _serve_forever(runtime)
             return 0

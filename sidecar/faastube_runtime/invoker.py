@@ -1,9 +1,11 @@
-"""Calling function workers over HTTP (Unix socket or TCP), one call per replica at a time.
+"""Calling function workers over HTTP (Unix socket or TCP), a bounded number of calls per replica.
 
-Each function has a queue of idle replicas; a call takes one (waiting is the
-request's queueing time), sends ``POST /call``, and puts the replica back. So the
-concurrency of a function is bounded by its replica count, and a waiting call
-costs nothing but a parked coroutine.
+Each function has a queue of free replica *slots*; a call takes one (waiting is the
+request's queueing time), sends ``POST /call``, and puts the slot back. A replica has
+one slot, or its function's ``batch.maxSize`` slots when the function batches (the
+worker gathers the calls it holds into one handler call). So the concurrency of a
+function is bounded by replicas x slots, and a waiting call costs nothing but a
+parked coroutine.
 
 The replica set may change while serving (``set_replicas``: in a cluster, pods
 come and go behind a function's Service; ``join`` and ``leave``: local mode's
@@ -79,7 +81,8 @@ class WorkerPool:
         self._initial = {name: list(r) for name, r in replicas.items()}
         self._entered = False
         self._load = {name: LoadCounter(clock) for name in names}
-        self._busy: dict[Replica, int] = {}  # calls running on a replica (abandoned ones too)
+        # calls on a replica (slots taken, abandoned calls too); its session closes once none is
+        self._busy: dict[Replica, int] = {}
         self._leaving: dict[Replica, asyncio.Event] = {}  # set once a removed replica is unused
         self._on_starved: Callable[[str], None] | None = None
 
@@ -96,7 +99,8 @@ class WorkerPool:
         self._members[replica.function][replica.address] = replica
         self._sessions[replica] = aiohttp.ClientSession(connector=replica.address.connector(),
                                                         timeout=aiohttp.ClientTimeout(total=None))
-        self._idle[replica.function].put_nowait(replica)
+        for _ in range(self._plan.function(replica.function).max_batch):  # one slot per call it may hold
+            self._idle[replica.function].put_nowait(replica)
 
     def replicas(self, function: str) -> tuple[Replica, ...]:
         """The current members of ``function``'s replica set."""
@@ -189,6 +193,8 @@ class WorkerPool:
         return self._members[replica.function].get(replica.address) is replica
 
     def _close_session(self, replica: Replica) -> None:
+        if self._busy.get(replica):
+            return  # another slot's call is still on it; the last one back closes it
         session = self._sessions.pop(replica, None)
         if session is not None:
             self._track(session.close())
@@ -211,6 +217,7 @@ class WorkerPool:
         while True:
             replica = await self._idle[function].get()
             if self._is_member(replica):
+                self._busy[replica] = self._busy.get(replica, 0) + 1
                 return replica
             self._close_session(replica)
 
@@ -229,7 +236,7 @@ class WorkerPool:
             await session.close()
 
     def waiting(self, function: str) -> int:
-        """Replicas of ``function`` idle right now."""
+        """Free slots of ``function``'s replicas right now (one per idle replica without batching)."""
         return self._idle[function].qsize()
 
     async def invoke(self, function: str, inputs: Mapping[str, str], *, request_id: str,
@@ -244,7 +251,6 @@ class WorkerPool:
         finally:
             load.wait_ended()
         load.call_started()
-        self._busy[replica] = self._busy.get(replica, 0) + 1
         queue_s = time.monotonic() - queued
         body = wire.CallBody(request_id=request_id, attempt=attempt, final=final, inputs=dict(inputs),
                              timeout_s=max(1e-3, timeout_s - queue_s))
@@ -263,7 +269,7 @@ class WorkerPool:
         t = reply["timings"]
         return dag.CallOutcome(outputs=reply["outputs"], get_s=t["get_s"], compute_s=t["compute_s"],
                                put_s=t["put_s"], queue_s=queue_s + t["wait_s"],
-                               refs=tuple(reply["refs"]))
+                               refs=tuple(reply["refs"]), batch_size=reply["batch_size"])
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -58,7 +58,8 @@ class LocalOptions:
     port: int = 0  # 0: any free port
     passing: sdk.Passing = "tube"
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    startup_timeout_s: float = 60.0
+    startup_timeout_s: float = 60.0  # for each child to answer at all
+    warmup_timeout_s: float = 600.0  # then for each worker to be warm (a model may take minutes to load)
     child_log_level: str = "WARNING"
     sidecar_args: tuple[str, ...] = ()
     # Worker processes follow the autoscaler (functions with minReplicas/maxReplicas); off,
@@ -194,6 +195,8 @@ class LocalRuntime:
         self._store: ClientStore | None = None
         self._runner: web.AppRunner | None = None
         self._client: Any = None
+        # function -> each replica's warm-up as its /healthz reported it (WarmupReport.as_dict)
+        self.warmup: dict[str, list[dict[str, Any]]] = {}
 
     async def __aenter__(self) -> Self:
         try:
@@ -217,6 +220,7 @@ class LocalRuntime:
                                 *self.options.sidecar_args])
         self._client = await self._connect_sidecar()
         replicas = self._spawn_workers()
+        # Nothing is sent before every worker is warm (its handler's setup and warm-up call ran).
         await asyncio.gather(*(self._wait_worker(r) for rs in replicas.values() for r in rs))
         self._store = ClientStore(self._client)
         # A function that starts scaled to zero has no worker yet: its first call waits for one.
@@ -321,9 +325,11 @@ class LocalRuntime:
                 raise errors.StartupFailed(f"{name} exited with status {child.process.returncode} "
                                            f"during startup; its log ends:\n{tail}")
 
-    async def _until_ready(self, name: str, probe: Any) -> Any:
-        """Probe with backoff until it answers, the child dies, or the startup timeout passes."""
-        deadline = time.monotonic() + self.options.startup_timeout_s
+    async def _until_ready(self, name: str, probe: Any, *, timeout_s: float | None = None) -> Any:
+        """Probe with backoff until it answers, the child dies, or the timeout (default: the
+        startup timeout) passes."""
+        timeout_s = self.options.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         delay_s = 0.01
         while True:
             self._check_alive(name)
@@ -332,8 +338,7 @@ class LocalRuntime:
             except (OSError, aiohttp.ClientError, ft_errors.Unavailable) as e:
                 last: BaseException = e
             if time.monotonic() > deadline:
-                raise errors.StartupFailed(f"{name} did not become ready in "
-                                           f"{self.options.startup_timeout_s:.0f}s: {last}")
+                raise errors.StartupFailed(f"{name} did not become ready in {timeout_s:.0f}s: {last}")
             await asyncio.sleep(delay_s)
             delay_s = min(0.2, delay_s * 2)
 
@@ -353,16 +358,26 @@ class LocalRuntime:
         return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function=GATEWAY_FUNCTION)
 
     async def _wait_worker(self, replica: Replica) -> None:
-        async def probe() -> None:
+        """Until the worker answers (the startup timeout), then until it is warm (the warm-up timeout)."""
+
+        async def health() -> tuple[int, Any]:
             if not os.path.exists(replica.address.path):
                 raise FileNotFoundError(replica.address.path)
             connector = aiohttp.UnixConnector(path=replica.address.path)
             async with (aiohttp.ClientSession(connector=connector) as s,
                         s.get(f"http://worker{wire.HEALTH_PATH}") as response):
-                if response.status != 200:
-                    raise aiohttp.ClientError(f"healthz answered {response.status}")
+                return response.status, await response.json(content_type=None)
 
-        await self._until_ready(f"fn-{replica.function}-{replica.index}", probe)
+        async def warm() -> Any:
+            status, body = await health()
+            if status != 200:
+                raise aiohttp.ClientError(f"healthz answered {status}: {body.get('phase', body)}")
+            return body
+
+        name = f"fn-{replica.function}-{replica.index}"
+        await self._until_ready(name, health)
+        body = await self._until_ready(name, warm, timeout_s=self.options.warmup_timeout_s)
+        self.warmup.setdefault(replica.function, []).append(body.get("warmup") or {})
 
     # --- stop ----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from faastube_runtime import dag
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class GatewayMetrics:
     function_concurrency: Gauge
     desired_replicas: Gauge
     function_replicas: Gauge
+    batch_size: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -63,6 +65,10 @@ class GatewayMetrics:
             function_replicas=Gauge("faastube_gateway_function_replicas",
                                     "Replicas of a function the gateway is sending calls to",
                                     ["workflow", "function"], registry=r),
+            batch_size=Histogram("faastube_gateway_batch_size",
+                                 "Calls in the handler call that served each successful call (a batch "
+                                 "of n is observed once per call in it)",
+                                 ["workflow", "function"], buckets=_BATCH_SIZE_BUCKETS, registry=r),
         )
 
     def observe_scale(self, workflow: str, function: str, *, concurrency: float, desired: int,
@@ -83,3 +89,4 @@ class GatewayMetrics:
                 self.function_seconds.labels(workflow, call.function, part).observe(value)
             if call.attempts > 1:
                 self.retries.labels(workflow, call.function).inc(call.attempts - 1)
+            self.batch_size.labels(workflow, call.function).observe(call.batch_size)

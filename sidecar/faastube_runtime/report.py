@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from faastube_spec.workflow import Workflow
@@ -98,3 +99,22 @@ def format_scaling(workflow: Workflow, scaling: Mapping[str, FunctionScaling], *
             note = "fixed"
         rows.append(f"{fn.name:<22}{s.initial:>7}{s.most:>7}{s.final:>7}  {note}")
     return "\n".join(rows)
+def format_warmup(warmup: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One line per function: how long its replicas took to get warm (the slowest), and what ran.
+
+    ``warmup`` is function -> each replica's warm-up as its worker's ``/healthz`` reported it.
+    """
+    lines = ["warm-up (slowest replica per function):"]
+    width = max((len(name) for name in warmup), default=0)
+    for name, reports in warmup.items():
+        if not reports:
+            continue
+        slowest = max(reports, key=lambda r: float(r.get("total_s") or 0.0))
+        steps = [f"{label} {float(slowest[key]):.2f}s" for key, label in
+                 (("hook_s", "hook"), ("call_s", "call"), ("batch_call_s", "full batch"))
+                 if slowest.get(key) is not None]
+        note = str(slowest.get("note") or "")
+        detail = "; ".join(part for part in (", ".join(steps), note) if part)
+        lines.append(f"  {name:<{width}}  {float(slowest.get('total_s') or 0.0):7.2f}s"
+                     + (f"  ({detail})" if detail else ""))
+    return "\n".join(lines)

@@ -36,19 +36,31 @@ from faastube.errors import InvalidRequest
 
 from faastube_spec import api, documents
 from faastube_spec.documents import preview
-from faastube_spec.units import UnitError, format_duration, format_size, parse_duration, parse_size
+from faastube_spec.units import (
+    MAX_SIZE_BYTES,
+    UnitError,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_BATCH_DELAY_FRACTION",
     "DEFAULT_GPU_MEMORY_BYTES",
     "DEFAULT_TARGET_CONCURRENCY",
     "GATEWAY_FUNCTION",
     "KIND",
+    "DTYPE_BYTES",
+    "MAX_BATCH_SIZE",
+    "MAX_DIMS",
     "MAX_ERRORS_LISTED",
     "MAX_REPLICAS",
     "RESERVED_FUNCTION_NAMES",
+    "BatchSpec",
     "EdgeSpec",
     "FieldError",
     "FunctionSpec",
@@ -76,9 +88,24 @@ RESERVED_FUNCTION_NAMES = frozenset({GATEWAY_FUNCTION})
 # A Deployment's replicas are a 32-bit integer in Kubernetes.
 MAX_REPLICAS = 2**31 - 1
 # Calls in flight (running or waiting) per replica that the autoscaler aims at: one, since a
-# worker runs one call at a time. A function whose replicas take several calls at once (a
-# batching worker) says how many with `targetConcurrency`.
+# worker runs one call at a time; a batched function's default is its batch.maxSize (its
+# replicas hold that many calls at once). `targetConcurrency` overrides either.
 DEFAULT_TARGET_CONCURRENCY = 1.0
+# The most requests one batched handler call may gather: the gateway keeps this many calls in
+# flight per replica, each an open HTTP exchange.
+MAX_BATCH_SIZE = 1024
+# Without `batch.maxDelay`, a batched function waits at most this fraction of the time its SLO
+# leaves after its compute time: `(slo - computeTime) / 10` (docs/workflow.md, "Batching").
+DEFAULT_BATCH_DELAY_FRACTION = 0.1
+# The dimensions an edge's `shape` may have: NumPy's limit, and what the gateway accepts.
+MAX_DIMS = 32
+# The element types an edge's `dtype` may name (NumPy's spelling) and their sizes: the plain
+# numeric types the data plane stores.
+DTYPE_BYTES: Mapping[str, int] = {
+    "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2,
+    "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8,
+    "complex64": 8, "complex128": 16,
+}
 # A document can hold thousands of mistakes; the message lists this many and counts the rest.
 MAX_ERRORS_LISTED = 100
 # "Did you mean" compares a name with every candidate (~3 us each): this many comparisons
@@ -97,11 +124,13 @@ _METADATA_FIELDS = (
     "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "finalizers",
     "ownerReferences", "managedFields", "generateName", "selfLink",
 )
-_SPEC_FIELDS = ("slo", "entry", "exit", "functions", "edges")
+_SPEC_FIELDS = ("slo", "entry", "exit", "functions", "edges", "input")
+_INPUT_FIELDS = ("shape", "dtype")
 _FUNCTION_FIELDS = ("name", "handler", "image", "gpu", "replicas", "minReplicas", "maxReplicas",
-                    "targetConcurrency", "slo", "computeTime")
+                    "targetConcurrency", "slo", "computeTime", "batch")
 _GPU_FIELDS = ("memory", "enabled")
-_EDGE_FIELDS = ("from", "to", "size")
+_BATCH_FIELDS = ("maxSize", "maxDelay")
+_EDGE_FIELDS = ("from", "to", "size", "shape", "dtype")
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,15 @@ class WorkflowInvalid(InvalidRequest):
         if more:
             lines += f"\n  ... and {more:,} more"
         super().__init__(f"{head} ({total:,} error{'s' if total != 1 else ''}):\n{lines}")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A function's dynamic batching: gather up to ``max_size`` queued calls into one handler
+    call, waiting at most ``max_delay_s`` after the first (resolved from the SLO if not given)."""
+
+    max_size: int
+    max_delay_s: float
 
 
 @dataclass(frozen=True)
@@ -185,6 +223,7 @@ class FunctionSpec:
     def reserved_replicas(self) -> int:
         """The replicas placement reserves GPU sharing slots and memory for: the most it may run."""
         return self.replica_range[1]
+    batch: BatchSpec | None = None
 
     @property
     def handler_module(self) -> str:
@@ -200,6 +239,10 @@ class EdgeSpec:
     source: str
     target: str
     size_bytes: int
+    # What one request passes on this edge, when the document says (warm-up inputs are built
+    # from them): both or neither, and then ``size_bytes`` is their product.
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +254,9 @@ class Workflow:
     functions: tuple[FunctionSpec, ...]
     edges: tuple[EdgeSpec, ...]
     namespace: str | None = None
+    # What one request's input is (``spec.input``), when the document says: the entry's warm-up call.
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
     # Where the document was loaded from: handlers' modules resolve next to it first.
     source_path: Path | None = field(default=None, compare=False)
 
@@ -369,6 +415,26 @@ class _Collector:
             return None
         return size_bytes
 
+    def duration(self, value: Any, path: str) -> float | None:
+        """A duration that may be zero."""
+        try:
+            return parse_duration(value)
+        except UnitError as e:
+            self.add(path, str(e))
+            return None
+
+    def integer(self, value: Any, path: str, *, minimum: int, maximum: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(path, f"must be an integer, got {_type_name(value)}")
+            return None
+        if value < minimum:
+            self.add(path, f"must be at least {minimum:,}, got {value:,}")
+            return None
+        if value > maximum:
+            self.add(path, f"must be at most {maximum:,}, got {value:,}")
+            return None
+        return value
+
 
 def parse_workflow(doc: Mapping[str, Any], *, source_path: str | os.PathLike[str] | None = None) -> Workflow:
     """Validate a Workflow document (YAML/JSON already loaded) and build the model.
@@ -431,6 +497,7 @@ def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] 
 
     functions, positions = _parse_functions(c, spec.get("functions"), workflow_slo_s=slo_s)
     edges = _parse_edges(c, spec.get("edges", []), known=positions)
+    input_shape, input_dtype = _parse_input(c, spec["input"]) if "input" in spec else (None, None)
     entry, exit_ = _check_graph(c, spec, functions, edges, positions=positions)
 
     if c.count:
@@ -446,8 +513,30 @@ def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] 
         functions=tuple(functions),
         edges=tuple(edges),
         namespace=namespace,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
         source_path=None if source_path is None else Path(source_path),
     )
+
+
+def _parse_input(c: _Collector, raw: Any) -> tuple[tuple[int, ...] | None, str | None]:
+    """``spec.input: {shape, dtype}``: what a request sends (both required)."""
+    if not isinstance(raw, Mapping):
+        c.add("spec.input", f"must be a mapping like {{shape: [21, 270, 480, 3], dtype: uint8}}, "
+                            f"got {_type_name(raw)}")
+        return None, None
+    fields = c.mapping(raw, "spec.input", allowed=_INPUT_FIELDS)
+    if fields is None:
+        return None, None
+    for key in _INPUT_FIELDS:
+        if key not in fields:
+            c.add(f"spec.input.{key}", "required")
+    shape = _parse_shape(c, fields["shape"], "spec.input.shape") if "shape" in fields else None
+    dtype = _parse_dtype(c, fields["dtype"], "spec.input.dtype") if "dtype" in fields else None
+    if shape is not None and dtype is not None and math.prod(shape) * DTYPE_BYTES[dtype] > MAX_SIZE_BYTES:
+        c.add("spec.input.shape", f"{_shape_text(shape)} of {dtype} is more than {MAX_SIZE_BYTES:,} bytes")
+        return None, None
+    return (shape, dtype) if shape is not None and dtype is not None else (None, None)
 
 
 def _parse_functions(c: _Collector, raw: Any, *,
@@ -528,6 +617,14 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
         c.add(f"{path}.slo", f"{format_duration(slo_s)} exceeds the workflow's spec.slo "
                              f"{format_duration(workflow_slo_s)}")
 
+    batch = (_parse_batch(c, fn["batch"], f"{path}.batch", slo_s=slo_s, workflow_slo_s=workflow_slo_s,
+                          compute_time_s=compute_time_s)
+             if "batch" in fn else None)
+
+    if batch is not None and "targetConcurrency" not in fn:
+        # A batching replica holds batch.maxSize calls at once: that is its capacity.
+        target_concurrency = float(batch.max_size)
+
     if c.count != before or name is None or handler is None:
         # Keep a named function in the graph checks so that edges to it are not reported as unknown.
         if name is not None:
@@ -536,7 +633,7 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
     return FunctionSpec(name=name, handler=handler, image=image, gpu=gpu,
                         gpu_memory_bytes=gpu_memory_bytes, replicas=replicas,
                         slo_s=slo_s, compute_time_s=compute_time_s, min_replicas=min_replicas,
-                        max_replicas=max_replicas, target_concurrency=target_concurrency)
+                        max_replicas=max_replicas, target_concurrency=target_concurrency, batch=batch)
 
 
 def _parse_scaling(c: _Collector, fn: Mapping[str, Any],
@@ -608,6 +705,46 @@ def _positive_number(c: _Collector, raw: Any, path: str) -> float | None:
     return value
 
 
+def _parse_batch(c: _Collector, raw: Any, path: str, *, slo_s: float | None, workflow_slo_s: float | None,
+                 compute_time_s: float | None) -> BatchSpec | None:
+    """``{maxSize: N, maxDelay: <duration>}``; maxDelay defaults to a tenth of what the SLO leaves.
+
+    The SLO is the function's own, else the workflow's; what it leaves is the SLO minus the
+    function's computeTime (0 when not given). Waiting must fit in what it leaves.
+    """
+    if not isinstance(raw, Mapping):
+        c.add(path, f"must be a mapping like {{maxSize: 8, maxDelay: 5ms}}, got {_type_name(raw)}")
+        return None
+    batch = c.mapping(raw, path, allowed=_BATCH_FIELDS)
+    if batch is None:
+        return None
+    max_size = None
+    if "maxSize" not in batch:
+        c.add(f"{path}.maxSize", "required: the most queued requests one handler call gathers, e.g. 8")
+    else:
+        max_size = c.integer(batch["maxSize"], f"{path}.maxSize", minimum=1, maximum=MAX_BATCH_SIZE)
+    slo_of, slo_name = (slo_s, "the function's slo") if slo_s is not None else \
+        (workflow_slo_s, "the workflow's spec.slo")
+    left_s = None if slo_of is None else slo_of - (compute_time_s or 0.0)
+    if "maxDelay" in batch:
+        max_delay_s = c.duration(batch["maxDelay"], f"{path}.maxDelay")
+        if max_delay_s is not None and left_s is not None and left_s > 0 and max_delay_s >= left_s:
+            spent = "" if compute_time_s is None else f" after its computeTime {format_duration(compute_time_s)}"
+            c.add(f"{path}.maxDelay", f"{format_duration(max_delay_s)} of waiting does not fit in what "
+                                      f"{slo_name} {format_duration(slo_of or 0.0)} leaves{spent} "
+                                      f"({format_duration(left_s)})")
+            return None
+    elif left_s is not None and left_s > 0:
+        # In whole microseconds, as the document would spell it (so it dumps as "26ms", not "26000us").
+        delay_us = round(left_s * DEFAULT_BATCH_DELAY_FRACTION * 1e6)
+        max_delay_s = parse_duration(f"{delay_us // 1000}ms" if delay_us % 1000 == 0 else f"{delay_us}us")
+    else:
+        max_delay_s = None  # the SLO or computeTime is in error, reported where it is
+    if max_size is None or max_delay_s is None:
+        return None
+    return BatchSpec(max_size=max_size, max_delay_s=max_delay_s)
+
+
 def _parse_gpu(c: _Collector, raw: Any, path: str) -> tuple[bool, int]:
     if isinstance(raw, bool):
         return raw, (DEFAULT_GPU_MEMORY_BYTES if raw else 0)
@@ -662,11 +799,7 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
                                        + (f" (did you mean {hint!r}?)" if hint else ""))
                 end = None
             ends.append(end)
-        size_bytes = None
-        if "size" not in edge:
-            c.add(f"{path}.size", "required: the bytes passed on this edge, e.g. '130MB'")
-        else:
-            size_bytes = c.positive_size(edge["size"], f"{path}.size")
+        size_bytes, shape, dtype = _parse_edge_data(c, edge, path)
         source, target = ends
         if source is None or target is None:
             continue
@@ -679,8 +812,71 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
             continue
         first_index[source, target] = i
         # A bad size is reported above; keep the edge so the graph checks still see it.
-        edges.append(EdgeSpec(source, target, size_bytes or 0))
+        edges.append(EdgeSpec(source, target, size_bytes or 0, shape=shape, dtype=dtype))
     return edges
+
+
+def _parse_edge_data(c: _Collector, edge: Mapping[str, Any],
+                     path: str) -> tuple[int | None, tuple[int, ...] | None, str | None]:
+    """(size, shape, dtype) of an edge: a size, or a shape and a dtype (then the size is theirs), or all
+    three if they agree."""
+    shape = _parse_shape(c, edge["shape"], f"{path}.shape") if "shape" in edge else None
+    dtype = _parse_dtype(c, edge["dtype"], f"{path}.dtype") if "dtype" in edge else None
+    if "shape" in edge and "dtype" not in edge:
+        c.add(f"{path}.dtype", "required with shape: the element type, e.g. 'float32'")
+    if "dtype" in edge and "shape" not in edge:
+        c.add(f"{path}.shape", "required with dtype: the dimensions, e.g. [21, 3, 736, 736]")
+    derived = None
+    if shape is not None and dtype is not None:
+        derived = math.prod(shape) * DTYPE_BYTES[dtype]
+        if derived > MAX_SIZE_BYTES:
+            c.add(f"{path}.shape", f"{_shape_text(shape)} of {dtype} is {derived:,} bytes, "
+                                   f"more than {MAX_SIZE_BYTES:,} (2**63 - 1)")
+            derived = None
+    if "size" not in edge:
+        if "shape" not in edge and "dtype" not in edge:
+            c.add(f"{path}.size", "required: the bytes passed on this edge, e.g. '130MB' "
+                                  "(or give its shape and dtype)")
+        return derived, (shape if derived else None), (dtype if derived else None)
+    size_bytes = c.positive_size(edge["size"], f"{path}.size")
+    if size_bytes is not None and derived is not None and size_bytes != derived:
+        c.add(f"{path}.size", f"{size_bytes:,} bytes, but shape {_shape_text(shape or ())} of {dtype} is "
+                              f"{derived:,} bytes; fix one, or leave size out")
+    return size_bytes, (shape if derived else None), (dtype if derived else None)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _parse_shape(c: _Collector, raw: Any, path: str) -> tuple[int, ...] | None:
+    if not isinstance(raw, list):
+        c.add(path, f"must be a list of dimensions like [21, 3, 736, 736], got {_type_name(raw)}")
+        return None
+    if len(raw) > MAX_DIMS:
+        c.add(path, f"has {len(raw):,} dimensions; at most {MAX_DIMS}")
+        return None
+    dims: list[int] = []
+    for i, d in enumerate(raw):
+        if isinstance(d, bool) or not isinstance(d, int):
+            c.add(f"{path}[{i}]", f"must be an integer, got {_type_name(d)}")
+        elif d < 1:
+            c.add(f"{path}[{i}]", f"must be at least 1, got {d:,}")
+        else:
+            dims.append(d)
+    return tuple(dims) if len(dims) == len(raw) else None
+
+
+def _parse_dtype(c: _Collector, raw: Any, path: str) -> str | None:
+    text = c.string(raw, path)
+    if text is None:
+        return None
+    if text not in DTYPE_BYTES:
+        hint = c.suggest(text, list(DTYPE_BYTES))
+        c.add(path, f"unknown dtype {preview(text)}; use one of {', '.join(DTYPE_BYTES)}"
+                    + (f" (did you mean {hint!r}?)" if hint else ""))
+        return None
+    return text
 
 
 def _check_graph(c: _Collector, spec: Mapping[str, Any], functions: list[FunctionSpec],
@@ -968,6 +1164,8 @@ def dump_workflow(workflow: Workflow) -> dict[str, Any]:
             item["slo"] = format_duration(f.slo_s)
         if f.compute_time_s is not None:
             item["computeTime"] = format_duration(f.compute_time_s)
+        if f.batch is not None:
+            item["batch"] = {"maxSize": f.batch.max_size, "maxDelay": format_duration(f.batch.max_delay_s)}
         functions.append(item)
     return {
         "apiVersion": API_VERSION,
@@ -978,8 +1176,17 @@ def dump_workflow(workflow: Workflow) -> dict[str, Any]:
             "entry": workflow.entry,
             "exit": workflow.exit,
             "functions": functions,
-            "edges": [{"from": e.source, "to": e.target, "size": format_size(e.size_bytes)}
-                      for e in workflow.edges],
+            "edges": [_dump_edge(e) for e in workflow.edges],
+            **({"input": {"shape": list(workflow.input_shape), "dtype": workflow.input_dtype}}
+               if workflow.input_shape is not None and workflow.input_dtype is not None else {}),
         },
     }
 
+
+
+def _dump_edge(edge: EdgeSpec) -> dict[str, Any]:
+    item: dict[str, Any] = {"from": edge.source, "to": edge.target, "size": format_size(edge.size_bytes)}
+    if edge.shape is not None and edge.dtype is not None:
+        item["shape"] = list(edge.shape)
+        item["dtype"] = edge.dtype
+    return item
