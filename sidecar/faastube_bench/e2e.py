@@ -163,8 +163,14 @@ class Session:
         self.deadline = float("inf")
 
     def _count(self, rate_per_s: float) -> int:
-        return int(min(self.settings.max_requests,
-                       max(self.settings.min_requests, math.ceil(rate_per_s * self.settings.point_s))))
+        """Requests for a point: about ``point_s`` worth at the rate, within the bounds, and no
+        more than the search's remaining time holds (never below ``min_requests``)."""
+        count = min(self.settings.max_requests,
+                    max(self.settings.min_requests, math.ceil(rate_per_s * self.settings.point_s)))
+        left_s = self.deadline - time.monotonic()
+        if math.isfinite(left_s):
+            count = min(count, max(self.settings.min_requests, math.floor(rate_per_s * max(left_s, 0.0))))
+        return int(count)
 
     async def point(self, arrival: str, rate_per_s: float, *, seed: int = 0) -> dict[str, Any]:
         from faastube_runtime import arrivals, loadgen, report
@@ -281,6 +287,7 @@ async def _bench_config(workflow: Workflow, body: bytes, args: argparse.Namespac
             if common_rates is None:
                 entry["at_common_rate"] = search["at_max"]
             elif common is not None:
+                session.deadline = float("inf")  # a full point, whatever the search left
                 entry["at_common_rate"] = await session.point(arrival, common, seed=100 * i + 99)
             best = search["max_rate_meeting_slo_per_s"]
             print(f"[{time.monotonic() - started:6.1f}s]   {arrival}: max "
@@ -292,7 +299,7 @@ async def _bench_config(workflow: Workflow, body: bytes, args: argparse.Namespac
 
 
 async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settings, started: float, *,
-                          searches: int) -> dict[str, Any]:
+                          searches: int, checkpoint: Any = None) -> dict[str, Any]:
     from faastube_runtime.cli import request_input
     from faastube_runtime.gateway import to_npy
     from faastube_spec.workflow import load_workflow
@@ -321,6 +328,10 @@ async def _bench_workflow(path: Path, args: argparse.Namespace, settings: Settin
                 arrivals=arrivals, start_rate=start_rate, common_rates=common, search_budget_s=search_budget_s)
             if start_rate is None:
                 start_rate = configs[mode]["start_rate_per_s"]  # one ladder start for every config
+            result["runtimes"][runtime_name] = configs
+            result["ratios"] = ratios(result, arrivals)
+            if checkpoint is not None:
+                checkpoint(result)
         result["runtimes"][runtime_name] = configs
     result["ratios"] = ratios(result, arrivals)
     return result
@@ -452,10 +463,19 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                             "settings": {**dataclasses.asdict(settings), "quick": bool(args.quick),
                                          "scale": os.environ.get("FAASTUBE_EXAMPLE_SCALE")},
                             "workflows": {}}
+    json_path = args.out / "e2e.json"
+
     for path in paths:
         name = path.parent.name
+
+        def checkpoint(partial: dict[str, Any], name: str = name) -> None:
+            data["workflows"][name] = partial
+            data["elapsed_s"] = time.monotonic() - started
+            json_path.write_text(json.dumps(data, indent=2, default=str))
+
         try:
-            data["workflows"][name] = await _bench_workflow(path, args, settings, started, searches=searches)
+            data["workflows"][name] = await _bench_workflow(path, args, settings, started, searches=searches,
+                                                            checkpoint=checkpoint)
         except Exception as e:
             logger.exception("workflow %s failed", name)
             data["workflows"][name] = {"error": f"{type(e).__name__}: {e}", "runtimes": {}, "ratios": {}}

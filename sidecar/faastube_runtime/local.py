@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import aiohttp
+import yaml
 from aiohttp import web
 from faastube import errors as ft_errors
 from faastube import sdk
 from faastube_autoscale import AutoscaleSettings
 from faastube_spec import topology
 from faastube_spec.topology import NodeTopology
-from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow
+from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow, dump_workflow
 
 from faastube_runtime import dag, errors, scaling, wire
 from faastube_runtime.addresses import Address
@@ -183,6 +184,7 @@ class LocalRuntime:
         self.plan = dag.plan_workflow(workflow)
         self.backend: Literal["host", "cuda"] = "host"
         self.socket_dir = Path()
+        self.workflow_file = Path()
         self.sidecar_socket = ""
         self.gateway: Gateway | None = None
         self.url = ""
@@ -215,6 +217,11 @@ class LocalRuntime:
         self.backend = resolve_backend(self.options.backend)
         self.socket_dir = Path(tempfile.mkdtemp(prefix="faastube-run-", dir=_socket_parent()))
         self.sidecar_socket = str(self.socket_dir / "sidecar.sock")
+        # Workers run the workflow this runtime was given, which may differ from its file (the
+        # benchmark strips batching and scaling from it): they read it from here, and look
+        # for handlers next to the original.
+        self.workflow_file = self.socket_dir / "workflow.yaml"
+        self.workflow_file.write_text(yaml.safe_dump(dump_workflow(self.workflow), sort_keys=False))
         self._spawn("sidecar", ["-m", "faastube.cli", "--log-level", self.options.child_log_level,
                                 "sidecar", "--socket", self.sidecar_socket, "--backend", self.backend,
                                 *self.options.sidecar_args])
@@ -276,7 +283,8 @@ class LocalRuntime:
         # short names: a Unix socket path must fit in 108 bytes
         path = str(self.socket_dir / f"w{number}-{serial}.sock")
         args = ["-m", "faastube_runtime.worker", "--log-level", self.options.child_log_level,
-                "--workflow", str(self.workflow.source_path), "--function", function,
+                "--workflow", str(self.workflow_file), "--handlers-dir", str(self.workflow.base_dir),
+                "--function", function,
                 "--listen", path, "--sidecar", self.sidecar_socket, "--passing", self.options.passing]
         # the GPU placement chose for the function (replica numbers cycle over its reservation)
         device = self._devices.get((function, serial % spec.reserved_replicas))

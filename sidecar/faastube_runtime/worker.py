@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -63,6 +64,9 @@ class WorkerConfig:
     passing: sdk.Passing = "tube"
     startup_timeout_s: float = 0.0  # how long to wait for the sidecar's socket (0: try once)
     namespace: str | None = None  # the Workflow's (None: the client's default)
+    # Where handler modules are looked up first (None: the workflow file's folder). Local mode
+    # hands workers the workflow it runs as a file of its own, next to none of the handlers.
+    handlers_dir: Path | None = None
 
 
 def _status_for(exc: BaseException) -> tuple[int, bool]:
@@ -426,7 +430,7 @@ async def serve(config: WorkerConfig) -> None:
         spec = workflow.function(config.function)
     except KeyError as e:
         raise errors.BadInput(f"--function: {e.args[0]}") from None
-    handler = handlers.load_handler(workflow, spec)
+    handler = handlers.load_handler(workflow, spec, search_dir=config.handlers_dir)
     state = WorkerState(config.function)
     runner = web.AppRunner(build_app(state), handle_signals=False, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -497,6 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sidecar", required=True, help="the sidecar's Unix socket")
     parser.add_argument("--device", type=int, default=None, help="GPU index (omit for a CPU function)")
     parser.add_argument("--passing", choices=sdk.PASSINGS, default="tube")
+    parser.add_argument("--handlers-dir", type=Path, default=None,
+                        help="look for handler modules here first (default: the workflow file's folder)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -509,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = WorkerConfig(workflow=load_workflow(args.workflow), function=args.function,
                               listen=parse_address(args.listen, field="--listen", listen=True),
-                              sidecar_socket=args.sidecar, device=args.device, passing=args.passing)
+                              sidecar_socket=args.sidecar, device=args.device, passing=args.passing,
+                              handlers_dir=args.handlers_dir)
         asyncio.run(serve(config))
     except sdk.WarmupFailed as e:
         print(f"worker {args.function}: warm-up failed: {e}", file=sys.stderr)

@@ -94,7 +94,7 @@ DEFAULT_TARGET_CONCURRENCY = 1.0
 # The most requests one batched handler call may gather: the gateway keeps this many calls in
 # flight per replica, each an open HTTP exchange.
 MAX_BATCH_SIZE = 1024
-# Without `batch.maxDelay`, a batched function waits at most this fraction of the time its SLO
+# With `batch.maxDelay: auto`, a batched function waits at most this fraction of the time its SLO
 # leaves after its compute time: `(slo - computeTime) / 10` (docs/workflow.md, "Batching").
 DEFAULT_BATCH_DELAY_FRACTION = 0.1
 # The dimensions an edge's `shape` may have: NumPy's limit, and what the gateway accepts.
@@ -707,10 +707,12 @@ def _positive_number(c: _Collector, raw: Any, path: str) -> float | None:
 
 def _parse_batch(c: _Collector, raw: Any, path: str, *, slo_s: float | None, workflow_slo_s: float | None,
                  compute_time_s: float | None) -> BatchSpec | None:
-    """``{maxSize: N, maxDelay: <duration>}``; maxDelay defaults to a tenth of what the SLO leaves.
+    """``{maxSize: N, maxDelay: <duration> | auto}``.
 
-    The SLO is the function's own, else the workflow's; what it leaves is the SLO minus the
-    function's computeTime (0 when not given). Waiting must fit in what it leaves.
+    Without ``maxDelay`` a batch never waits: it takes what queued while the previous one
+    ran (opportunistic batching: no latency added to a request that finds the worker idle).
+    ``auto`` waits up to a tenth of what the SLO leaves: the function's own SLO, else the
+    workflow's, minus its computeTime (0 when not given). A wait must fit in what it leaves.
     """
     if not isinstance(raw, Mapping):
         c.add(path, f"must be a mapping like {{maxSize: 8, maxDelay: 5ms}}, got {_type_name(raw)}")
@@ -726,7 +728,15 @@ def _parse_batch(c: _Collector, raw: Any, path: str, *, slo_s: float | None, wor
     slo_of, slo_name = (slo_s, "the function's slo") if slo_s is not None else \
         (workflow_slo_s, "the workflow's spec.slo")
     left_s = None if slo_of is None else slo_of - (compute_time_s or 0.0)
-    if "maxDelay" in batch:
+    max_delay_s: float | None = 0.0
+    if batch.get("maxDelay") == "auto":
+        if left_s is not None and left_s > 0:
+            # In whole microseconds, as the document would spell it (so it dumps as "26ms", not "26000us").
+            delay_us = round(left_s * DEFAULT_BATCH_DELAY_FRACTION * 1e6)
+            max_delay_s = parse_duration(f"{delay_us // 1000}ms" if delay_us % 1000 == 0 else f"{delay_us}us")
+        else:
+            max_delay_s = None  # the SLO or computeTime is in error, reported where it is
+    elif "maxDelay" in batch:
         max_delay_s = c.duration(batch["maxDelay"], f"{path}.maxDelay")
         if max_delay_s is not None and left_s is not None and left_s > 0 and max_delay_s >= left_s:
             spent = "" if compute_time_s is None else f" after its computeTime {format_duration(compute_time_s)}"
@@ -734,12 +744,6 @@ def _parse_batch(c: _Collector, raw: Any, path: str, *, slo_s: float | None, wor
                                       f"{slo_name} {format_duration(slo_of or 0.0)} leaves{spent} "
                                       f"({format_duration(left_s)})")
             return None
-    elif left_s is not None and left_s > 0:
-        # In whole microseconds, as the document would spell it (so it dumps as "26ms", not "26000us").
-        delay_us = round(left_s * DEFAULT_BATCH_DELAY_FRACTION * 1e6)
-        max_delay_s = parse_duration(f"{delay_us // 1000}ms" if delay_us % 1000 == 0 else f"{delay_us}us")
-    else:
-        max_delay_s = None  # the SLO or computeTime is in error, reported where it is
     if max_size is None or max_delay_s is None:
         return None
     return BatchSpec(max_size=max_size, max_delay_s=max_delay_s)

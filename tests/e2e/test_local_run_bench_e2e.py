@@ -63,3 +63,18 @@ def test_bench_e2e_compares_four_configurations_and_prints_a_table(tmp_path: Pat
     except ImportError:
         return
     assert (tmp_path / "e2e.png").stat().st_size > 0
+
+
+def test_a_search_never_sends_more_requests_than_its_remaining_time_holds() -> None:
+    import time
+
+    from faastube_bench.e2e import Session, Settings
+
+    settings = Settings(min_requests=5, max_requests=600, point_s=10.0, warmup=1, precision=1.2,
+                        budget_s=60.0, concurrency=8)
+    session = Session(runtime=None, body=b"", settings=settings, slo_s=1.0)
+    assert session._count(10.0) == 100  # no search running: point_s worth
+    session.deadline = time.monotonic() + 3.0
+    assert session._count(10.0) <= 30  # 3 s left at 10/s
+    session.deadline = time.monotonic() - 1.0
+    assert session._count(10.0) == 5  # out of time: the least a point measures

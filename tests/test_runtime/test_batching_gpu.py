@@ -147,10 +147,11 @@ def test_the_warm_up_call_runs_on_zeros_on_the_functions_gpu(client: Any) -> Non
         seen.append((bool(x.is_cuda), int(x.device.index), tuple(x.shape)))
         return torch.zeros_like(x)
 
+    before = client.stats()["objects"]  # the module's sidecar keeps earlier tests' objects
     sdk.warm_up_call(client, model, inputs={"a": ((3, 4), "float16")}, readers=["b"], device=0, requests=2)
     assert seen == [(True, 0, (6, 4))]
     client.flush()
-    assert client.stats()["objects"] == 0
+    assert client.stats()["objects"] == before  # nothing published, nothing left behind
 
 
 def test_a_gpu_worker_runs_its_hook_on_its_device_with_cupy(socket_path: str) -> None:

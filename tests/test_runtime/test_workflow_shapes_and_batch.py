@@ -174,15 +174,21 @@ def test_a_zero_delay_never_waits_for_more_calls() -> None:
     assert parse_workflow(d).function("detect").batch == BatchSpec(max_size=4, max_delay_s=0.0)
 
 
-def test_the_default_delay_is_a_tenth_of_what_the_functions_slo_leaves_after_compute() -> None:
+def test_without_max_delay_a_batch_never_waits() -> None:
     d = doc()
-    fn(d)["batch"] = {"maxSize": 8}  # slo 300ms, computeTime 40ms
+    fn(d)["batch"] = {"maxSize": 8}
+    assert parse_workflow(d).function("detect").batch == BatchSpec(max_size=8, max_delay_s=0.0)
+
+
+def test_an_auto_delay_is_a_tenth_of_what_the_functions_slo_leaves_after_compute() -> None:
+    d = doc()
+    fn(d)["batch"] = {"maxSize": 8, "maxDelay": "auto"}  # slo 300ms, computeTime 40ms
     assert parse_workflow(d).function("detect").batch == BatchSpec(max_size=8, max_delay_s=pytest.approx(0.026))
 
 
-def test_without_its_own_slo_the_default_delay_comes_from_the_workflows() -> None:
+def test_without_its_own_slo_an_auto_delay_comes_from_the_workflows() -> None:
     d = doc()
-    fn(d, 2)["batch"] = {"maxSize": 2}  # no slo, no computeTime: spec.slo 800ms
+    fn(d, 2)["batch"] = {"maxSize": 2, "maxDelay": "auto"}  # no slo, no computeTime: spec.slo 800ms
     assert parse_workflow(d).function("post").batch == BatchSpec(max_size=2, max_delay_s=pytest.approx(0.08))
     fn(d, 2)["computeTime"] = "200ms"
     assert parse_workflow(d).function("post").batch == BatchSpec(max_size=2, max_delay_s=pytest.approx(0.06))
@@ -224,7 +230,7 @@ def test_every_new_field_round_trips_through_dump() -> None:
     d["spec"]["input"] = {"shape": [4, 8], "dtype": "int16"}
     edge(d, 0).update(shape=[21, 3, 736, 736], dtype="float32")
     del edge(d, 0)["size"]
-    fn(d, 1)["batch"] = {"maxSize": 8}
+    fn(d, 1)["batch"] = {"maxSize": 8, "maxDelay": "auto"}
     fn(d, 2)["batch"] = {"maxSize": 3, "maxDelay": "1.5ms"}
     w = parse_workflow(d)
     assert parse_workflow(dump_workflow(w)) == w
