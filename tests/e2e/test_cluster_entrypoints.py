@@ -45,7 +45,7 @@ EXAMPLE = ROOT / "examples" / "traffic"
 NODE = "node-test"
 NAMESPACE = "e2e"
 IMAGE_ENV = {"FAASTUBE_EXAMPLE_BACKEND": "numpy", "FAASTUBE_EXAMPLE_SCALE": "0.05"}
-READY_TIMEOUT_S = 20.0
+READY_TIMEOUT_S = 120.0  # workers warm up on the edges' full shapes first: tens of seconds on a loaded CPU
 
 
 def free_port(host: str = "127.0.0.1") -> int:
