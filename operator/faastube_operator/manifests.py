@@ -174,7 +174,8 @@ def function_deployment(
     settings: OperatorSettings,
     workflow_spec_hash: str,
 ) -> dict[str, Any]:
-    """One Deployment per function, pinned to its placement.
+    """One Deployment per function, pinned to its placement; without ``replicas`` when the
+    function is autoscaled (``reconcile.apply_autoscaled``).
 
     Its container runs ``faastube worker``, which serves the function's calls on
     ``settings.worker_port`` and learns the rest (workflow document, function,
@@ -227,21 +228,23 @@ def function_deployment(
                                                      if gpu is not None else None)}
     placement_note = "anywhere" if where.node is None else (
         where.node if where.gpu is None else f"{where.node}/gpu-{where.gpu}")
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector},
+        "template": {
+            "metadata": {"labels": dict(labels),
+                         "annotations": {ANNOTATION_SPEC_HASH: workflow_spec_hash,
+                                         ANNOTATION_PLACEMENT: placement_note}},
+            "spec": pod_spec,
+        },
+    }
+    if not fn.autoscaled:  # an autoscaled function's count is the autoscaler's
+        spec = {"replicas": fn.replicas, **spec}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": function_deployment_name(workflow.name, fn.name),
                      "namespace": namespace, "labels": labels},
-        "spec": {
-            "replicas": fn.replicas,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": dict(labels),
-                             "annotations": {ANNOTATION_SPEC_HASH: workflow_spec_hash,
-                                             ANNOTATION_PLACEMENT: placement_note}},
-                "spec": pod_spec,
-            },
-        },
+        "spec": spec,
     }
 
 

@@ -14,7 +14,8 @@ its counters, so a burst between two samples still counts) and hands it in as a
    time the threshold was crossed. Otherwise the stable window's count is used.
 4. **Scale from zero**: with no ready replica and a call waiting, at least one, at once.
 5. **Scale to zero** only after ``scale_to_zero_grace_s`` without any load: until then a
-   recommendation of zero is one.
+   recommendation of zero is one, while there is a replica to keep (a function that
+   starts at zero is not given one by the grace).
 6. **Scale-down delay**: the highest recommendation of the last ``scale_down_delay_s``
    wins, so one quiet stretch does not shed replicas that come back a moment later
    (flapping), and the count a function started with holds for at least that long.
@@ -180,7 +181,10 @@ class FunctionAutoscaler:
         latest = self._samples[-1] if self._samples else None
         if ready == 0 and latest is not None and latest.waiting > 0 and recommended < 1:
             recommended, reason = 1, "from-zero"
-        if recommended == 0 and now_s - self._last_load_s < s.scale_to_zero_grace_s:
+        if (recommended == 0 and self._last_desired > 0
+                and now_s - self._last_load_s < s.scale_to_zero_grace_s):
+            # The grace keeps the last replica; it never starts one (a function that starts
+            # at zero stays there until a call waits for it).
             recommended, reason = 1, "grace"
 
         self._recommended.append((now_s, recommended))

@@ -157,6 +157,21 @@ def test_a_function_that_is_never_called_goes_to_zero_after_the_grace_from_start
     assert zero_at == SETTINGS.scale_to_zero_grace_s + SETTINGS.scale_down_delay_s - TICK_S
 
 
+def test_a_function_that_starts_at_zero_is_not_given_a_replica_by_the_grace() -> None:
+    quick = AutoscaleSettings(stable_window_s=10, panic_window_s=1, scale_down_delay_s=0,
+                              scale_to_zero_grace_s=30)
+    run = Run(scaler(low=0, high=2, initial=0, settings=quick), ready=0)
+    run.until(100, constant(0.0))
+    assert all(desired == 0 for _, desired in run.history)  # a gateway (re)start starts nothing
+    decision = run.until(101, constant(1.0), waiting=1)  # ...until a call waits
+    assert decision.desired == 1
+    run.ready = None
+    run.until(120, constant(0.0))  # the window is empty from 111 s: the grace keeps it
+    assert run.last is not None and (run.last.desired, run.last.reason) == (1, "grace")
+    run.until(135, constant(0.0))
+    assert run.last.desired == 0
+
+
 def test_grace_keeps_one_replica_after_recent_load_even_without_delay() -> None:
     quick = AutoscaleSettings(stable_window_s=10, panic_window_s=1, scale_down_delay_s=0,
                               scale_to_zero_grace_s=30)
