@@ -29,7 +29,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check sidecar operator tests bench hack
-	$(BIN)/mypy sidecar/faastube sidecar/faastube_spec sidecar/faastube_placement sidecar/faastube_sidecar operator/faastube_operator
+	$(BIN)/mypy sidecar/faastube sidecar/faastube_spec sidecar/faastube_placement sidecar/faastube_autoscale sidecar/faastube_sidecar operator/faastube_operator
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -103,11 +103,21 @@ for step in "${steps[@]}"; do
         tail -25 "$OUT/transfers.log" >> "$summary"
       fi ;;
     e2e)
-      timeout 540 python3 -m faastube.cli --log-level WARNING bench e2e --quick \
-        --workflows "${E2E_WORKFLOWS:-traffic,driving,image,video}" --budget-s "${E2E_BUDGET_S:-150}" \
-        --out "$OUT" > "$OUT/e2e.log" 2>&1
+      # Today's runtime vs batching + autoscaling, tube and host-centric (issue 11). Narrow it with
+      # E2E_WORKFLOWS, E2E_ARRIVALS, E2E_SKIP (e.g. today/host-centric) and E2E_BUDGET_S.
+      timeout "${E2E_TIMEOUT_S:-540}" python3 -m faastube.cli --log-level WARNING bench e2e --quick \
+        --workflows "${E2E_WORKFLOWS:-traffic,driving,image,video}" --arrivals "${E2E_ARRIVALS:-sporadic,periodic,bursty}" \
+        --skip "${E2E_SKIP:-}" --budget-s "${E2E_BUDGET_S:-240}" --out "$OUT" > "$OUT/e2e.log" 2>&1
       echo "e2e: rc=$?" >> "$summary"
-      tail -25 "$OUT/e2e.log" >> "$summary" ;;
+      grep -E "^\[" "$OUT/e2e.log" | tail -40 >> "$summary"
+      sed -n '/^workflow /,$p' "$OUT/e2e.log" >> "$summary" ;;
+    tests-runtime)
+      # Batching and warm-up on the GPU (CuPy, torch), the SDK's GPU passing, faastube run on CUDA.
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts= -ra \
+        tests/test_runtime/test_batching_gpu.py tests/test_runtime/test_sdk_gpu_passing.py tests/test_runtime/test_examples_gpu.py \
+        > "$OUT/pytest-gpu-runtime.log" 2>&1
+      echo "tests-runtime: rc=$? $(tail -1 "$OUT/pytest-gpu-runtime.log")" >> "$summary"
+      grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/pytest-gpu-runtime.log" | head -20 >> "$summary" ;;
     tests-memory)
       # The GPU tests of eviction and restore alone (issue 12).
       timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts= -ra tests/test_sidecar/test_eviction_gpu.py \

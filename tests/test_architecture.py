@@ -65,6 +65,15 @@ def test_placement_is_pure_and_shared() -> None:
                                                         "aiohttp", "cupy", "torch")) == []
 
 
+def test_the_autoscaler_is_pure_and_shared() -> None:
+    # The gateway, `faastube run` and the operator all decide through it: no clock, no I/O.
+    assert _violations(SIDECAR / "faastube_autoscale", ("faastube_sidecar", "faastube_operator",
+                                                        "faastube_runtime", "faastube_bench",
+                                                        "faastube_placement", "kopf", "kubernetes", "grpc",
+                                                        "prometheus_client", "aiohttp", "asyncio", "time",
+                                                        "cupy", "torch")) == []
+
+
 def test_the_group_and_version_are_spelled_once() -> None:
     spelled = [f"{path.relative_to(ROOT)}" for package in (SIDECAR, ROOT / "operator")
                for path in sorted(package.rglob("*.py"))

@@ -9,7 +9,9 @@ from typing import Any, cast
 
 from faastube_operator.podresources import ContainerResources
 from faastube_operator.settings import (
+    DEFAULT_GATEWAY_URL_TEMPLATE,
     DEFAULT_IMAGE,
+    AutoscalingSettings,
     NodeHealthSettings,
     OperatorSettings,
     PeeringSettings,
@@ -67,6 +69,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how often sidecars heartbeat their GpuNode (their --heartbeat)")
     parser.add_argument("--gpunode-missed-heartbeats", type=int, default=3,
                         help="heartbeats missed before a GpuNode is marked NotReady")
+    scaling = parser.add_argument_group(
+        "autoscaling (functions with minReplicas/maxReplicas; docs/operator.md, \"Autoscaling\")")
+    defaults = AutoscalingSettings()
+    scaling.add_argument("--no-autoscaling", action="store_true",
+                         help="do not scale function Deployments (leave replicas to KEDA or an HPA); "
+                              "autoscaled functions still start at their replicas")
+    scaling.add_argument("--autoscaling-interval-s", type=float, default=defaults.interval_s,
+                         help="how often the active replica asks every gateway for GET /scale and "
+                              "sets the replicas it decided (default %(default)s)")
+    scaling.add_argument("--gateway-url-template", default=DEFAULT_GATEWAY_URL_TEMPLATE, metavar="URL",
+                         help="where a workflow's gateway answers, with {service}, {namespace}, {port} "
+                              "and {workflow} filled in (default %(default)s)")
+    scaling.add_argument("--gateway-scrape-timeout-s", type=float, default=defaults.timeout_s,
+                         help="how long one GET /scale may take (default %(default)s)")
 
 
 def _resources(text: str) -> ContainerResources:
@@ -96,6 +112,10 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         namespaces=tuple(args.namespace), peering=peering,
         node_health=NodeHealthSettings(heartbeat_s=args.gpunode_heartbeat_s,
                                        missed_heartbeats=args.gpunode_missed_heartbeats),
+        autoscaling=AutoscalingSettings(enabled=not args.no_autoscaling,
+                                        interval_s=args.autoscaling_interval_s,
+                                        gateway_url_template=args.gateway_url_template,
+                                        timeout_s=args.gateway_scrape_timeout_s),
         **resources)
 
 

@@ -102,8 +102,14 @@ def status_patch(
     return patch
 
 
-def deployment_available(deployment: Mapping[str, Any]) -> bool:
-    """Whether a Deployment finished rolling out its current template and is available."""
+def deployment_available(deployment: Mapping[str, Any], *, minimum: int | None = None) -> bool:
+    """Whether a Deployment finished rolling out its current template and is available.
+
+    Available means every wanted replica, or, with ``minimum`` (an autoscaled function:
+    its ``minReplicas``), at least that many of them: replicas an autoscaler just added
+    and that are still starting do not make a running workflow "not ready", and a
+    function scaled to zero is available (a call waits for its replica).
+    """
     spec = deployment.get("spec") or {}
     status = deployment.get("status") or {}
     meta = deployment.get("metadata") or {}
@@ -112,16 +118,22 @@ def deployment_available(deployment: Mapping[str, Any]) -> bool:
     generation = meta.get("generation")
     if observed is not None and generation is not None and int(observed) < int(generation):
         return False
-    return (int(status.get("updatedReplicas", 0) or 0) >= wanted
-            and int(status.get("availableReplicas", 0) or 0) >= wanted)
+    enough = wanted if minimum is None else min(wanted, minimum)
+    return (int(status.get("updatedReplicas", 0) or 0) >= enough
+            and int(status.get("availableReplicas", 0) or 0) >= enough)
 
 
-def rollout_phase(deployments: Sequence[Mapping[str, Any]], *,
-                  expected_names: Sequence[str]) -> tuple[Phase, str]:
-    """Deploying or Running, with a message naming what is not available yet."""
+def rollout_phase(deployments: Sequence[Mapping[str, Any]], *, expected_names: Sequence[str],
+                  minimum_available: Mapping[str, int] | None = None) -> tuple[Phase, str]:
+    """Deploying or Running, with a message naming what is not available yet.
+
+    ``minimum_available`` names the Deployments of autoscaled functions, with the
+    replicas they need available (``deployment_available``'s ``minimum``).
+    """
     found = {str((d.get("metadata") or {}).get("name")): d for d in deployments}
+    minimum = minimum_available or {}
     waiting = [name for name in expected_names
-               if name not in found or not deployment_available(found[name])]
+               if name not in found or not deployment_available(found[name], minimum=minimum.get(name))]
     if not waiting:
         return Phase.RUNNING, f"all {len(expected_names)} deployments are available"
     return Phase.DEPLOYING, "waiting for deployments: " + ", ".join(sorted(waiting))

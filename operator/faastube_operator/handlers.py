@@ -11,8 +11,9 @@ API trouble becomes ``kopf.TemporaryError`` so kopf retries later.
 No handler needs a finalizer, so kopf puts none on a Workflow: deleting one (or its
 namespace) never waits for the operator, which may be gone (uninstalled, scaled to
 zero). Its children go with it through their owner references (the garbage
-collector's job). Periodic work runs in one sweep on the active replica
-(``housekeeping``) instead of kopf timers, which would each hold a finalizer.
+collector's job). Periodic work runs on the active replica in one sweep
+(``housekeeping``) and in the scaling loop (``scaler``) instead of kopf timers, which
+would each hold a finalizer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import kopf
 from faastube_spec import api, gpunode
 
-from faastube_operator import conditions, errors, housekeeping, k8s, leadership, reconcile
+from faastube_operator import conditions, errors, housekeeping, k8s, leadership, reconcile, scaler
 from faastube_operator.conditions import Phase
 from faastube_operator.metrics import OperatorMetrics
 from faastube_operator.settings import OperatorSettings
@@ -90,14 +91,24 @@ def register(
             await asyncio.to_thread(ensure_peering_object, memo.api, settings.peering.name)
         memo.housekeeper = housekeeping.Housekeeper(memo.api, settings=settings, metrics=metrics)
         memo.sweep = asyncio.create_task(memo.housekeeper.run(), name="faastube-sweep")
+        if settings.autoscaling.enabled and getattr(memo, "scaling", None) is None:
+            memo.fetcher = await scaler.HttpScaleFetcher(
+                timeout_s=settings.autoscaling.timeout_s).__aenter__()
+            memo.scaler = scaler.Scaler(memo.api, settings=settings, metrics=metrics,
+                                        fetcher=memo.fetcher, is_active=memo.housekeeper.is_active)
+            memo.scaling = asyncio.create_task(memo.scaler.run(), name="faastube-scaler")
 
     @kopf.on.cleanup(id="shutdown", registry=registry)
     async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-        sweep = getattr(memo, "sweep", None)
-        if sweep is not None:
-            sweep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweep
+        for name in ("sweep", "scaling"):
+            task = getattr(memo, name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        fetcher = getattr(memo, "fetcher", None)
+        if fetcher is not None:
+            await fetcher.__aexit__(None, None, None)
         api = getattr(memo, "api", None)
         if api is not None:
             api.close()

@@ -6,7 +6,10 @@ manifest builders' output goes out as-is.
 
 Children are written with server-side apply under one field manager
 (``faastube-operator``, forcing conflicts: the Workflow is the source of truth for
-every field we set). The API server merges by field ownership, so a field we stop
+every field we set). The replicas of an autoscaled function's Deployment are the one
+exception: they are applied alone under a second manager, ``faastube-autoscaler``
+(``apply_replicas``), and left out of the children's configuration, so that a
+reconciliation never resets what the scaling loop (or another scaler) set. The API server merges by field ownership, so a field we stop
 sending is removed and fields other controllers own are left alone, and an apply
 of an unchanged configuration is a no-op there. To avoid even sending it, the
 client compares first: a child whose ``faastube.io/applied-config`` digest matches
@@ -41,6 +44,8 @@ KINDS: dict[str, tuple[str, str, bool]] = {
 }
 
 FIELD_MANAGER = "faastube-operator"
+# Owns the replicas of autoscaled functions' Deployments (docs/operator.md, "Autoscaling").
+AUTOSCALER_FIELD_MANAGER = "faastube-autoscaler"
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -69,7 +74,10 @@ class KubeApi(Protocol):
     def list(self, kind: str, *, namespace: str | None = None,
              labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]: ...
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
-    def apply(self, obj: Mapping[str, Any]) -> ApplyResult: ...
+    def apply(self, obj: Mapping[str, Any], *,
+              initial: Mapping[str, Any] | None = None) -> ApplyResult: ...
+    def apply_replicas(self, ref: ObjectRef, replicas: int, *,
+                       field_manager: str) -> dict[str, Any]: ...
     def merge_patch(self, ref: ObjectRef, patch: Mapping[str, Any], *,
                     subresource: str | None = None) -> dict[str, Any]: ...
     def delete(self, ref: ObjectRef) -> bool: ...
@@ -194,6 +202,45 @@ def _union_fields(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def replicas_owners(live: Mapping[str, Any]) -> set[str]:
+    """The field managers that own ``spec.replicas`` of ``live`` (its ``managedFields``).
+
+    Whoever owns it keeps it through another manager's apply that leaves it out: a field
+    a manager stops applying is removed only when nobody else owns it (and a Deployment's
+    replicas would then default to 1).
+    """
+    owners = set()
+    for entry in (live.get("metadata") or {}).get("managedFields") or []:
+        if not isinstance(entry, Mapping) or entry.get("subresource") == "status":
+            continue
+        spec = (entry.get("fieldsV1") or {}).get("f:spec")
+        if isinstance(spec, Mapping) and "f:replicas" in spec:
+            owners.add(str(entry.get("manager", "")))
+    return owners
+
+
+def replicas_config(ref: ObjectRef, replicas: int) -> dict[str, Any]:
+    """An apply configuration that states a Deployment's replicas and nothing else.
+
+    Applied to an existing Deployment it sets (and, for its manager, owns) only that
+    field; it can create nothing (a Deployment needs a selector and a template).
+    """
+    if replicas < 0:
+        raise ValueError(f"replicas: {replicas} is negative")
+    return {"apiVersion": KINDS["Deployment"][0], "kind": "Deployment",
+            "metadata": {"name": ref.name, "namespace": ref.namespace},
+            "spec": {"replicas": replicas}}
+
+
+def _merged(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        current = out.get(key)
+        out[key] = (_merged(current, value) if isinstance(current, Mapping) and isinstance(value, Mapping)
+                    else value)
+    return out
+
+
 def resource_version(obj: Mapping[str, Any] | None) -> str | None:
     version = ((obj or {}).get("metadata") or {}).get("resourceVersion")
     return None if version is None else str(version)
@@ -310,13 +357,35 @@ class KubeClient:
             raise
         return True
 
-    def apply(self, obj: Mapping[str, Any]) -> ApplyResult:
-        """Server-side apply ``obj`` as ``faastube-operator``, unless it would change nothing."""
+    def apply_replicas(self, ref: ObjectRef, replicas: int, *,
+                       field_manager: str) -> dict[str, Any]:
+        """Server-side apply a Deployment's replicas alone as ``field_manager``, forcing.
+
+        The manager then owns the field (alone, or with others that applied the same
+        value), so another manager's apply that leaves it out no longer removes it.
+        A Deployment that does not exist is not created (HTTP 404 or 422).
+        """
+        result: dict[str, Any] = self._request(
+            "PATCH", _path(ref.kind, namespace=ref.namespace, name=ref.name),
+            query=[("fieldManager", field_manager), ("force", "true")],
+            body=json.dumps(replicas_config(ref, replicas), separators=(",", ":")),
+            content_type=APPLY_PATCH)
+        return result
+
+    def apply(self, obj: Mapping[str, Any], *, initial: Mapping[str, Any] | None = None) -> ApplyResult:
+        """Server-side apply ``obj`` as ``faastube-operator``, unless it would change nothing.
+
+        ``initial`` holds fields sent only when the apply creates the object (an
+        autoscaled Deployment's starting replicas): they are not part of the
+        configuration's digest, so later applies without them are up to date.
+        """
         ref = ref_of(obj)
         config = apply_config(obj)
         current = self.get(ref)
         if current is not None and up_to_date(config, current):
             return "unchanged"
+        if current is None and initial:
+            config = _merged(config, _apply_form(initial))
         if current is not None and (moved := legacy_ownership(current)) is not None:
             self._request(
                 "PATCH", _path(ref.kind, namespace=ref.namespace, name=ref.name),

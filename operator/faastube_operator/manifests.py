@@ -31,6 +31,10 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 # reserves (no function may take it, so `<workflow>-gateway` is never a function's too).
 GATEWAY = GATEWAY_FUNCTION
 HEALTH_PATH = "/healthz"  # faastube_runtime.wire.HEALTH_PATH (the operator imports no runtime)
+# How long a function pod may take to get warm (import, sidecar, model load, warm-up call)
+# before its container is restarted: the startup probe's period x failure threshold.
+WORKER_WARMUP_LIMIT_S = 600
+_STARTUP_PERIOD_S = 5
 # The sidecar's device plugin (the operator imports no sidecar): this resource's Allocate
 # mounts the socket directory into pods that get no GPU, so they need no hostPath volume.
 SOCKET_RESOURCE = f"{GROUP}/socket"
@@ -170,12 +174,14 @@ def function_deployment(
     settings: OperatorSettings,
     workflow_spec_hash: str,
 ) -> dict[str, Any]:
-    """One Deployment per function, pinned to its placement.
+    """One Deployment per function, pinned to its placement; without ``replicas`` when the
+    function is autoscaled (``reconcile.apply_autoscaled``).
 
     Its container runs ``faastube worker``, which serves the function's calls on
     ``settings.worker_port`` and learns the rest (workflow document, function,
-    sidecar socket, GPU) from the environment built here. It is ready once it
-    answers ``/healthz``: the handler is imported and the sidecar reached.
+    sidecar socket, GPU) from the environment built here. It is ready once
+    ``/healthz`` answers 200: the handler is imported, the sidecar reached and the
+    function warm (its ``warmup`` hook and a warm-up call ran).
     """
     labels = function_labels(workflow.name, fn.name)
     selector = {LABEL_WORKFLOW: workflow.name, LABEL_FUNCTION: fn.name}
@@ -199,6 +205,12 @@ def function_deployment(
         "env": _env(env) + [{"name": "FAASTUBE_NODE",
                              "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
         "ports": [{"name": "http", "containerPort": settings.worker_port, "protocol": "TCP"}],
+        # Ready once warm (the handler's warmup hook and a warm-up call ran; 503 until then). The
+        # startup probe gives a slow model load WORKER_WARMUP_LIMIT_S before the container is
+        # restarted; readiness is checked after it, as before.
+        "startupProbe": {"httpGet": {"path": HEALTH_PATH, "port": "http"},
+                         "periodSeconds": _STARTUP_PERIOD_S,
+                         "failureThreshold": WORKER_WARMUP_LIMIT_S // _STARTUP_PERIOD_S},
         "readinessProbe": {"httpGet": {"path": HEALTH_PATH, "port": "http"},
                            "periodSeconds": 5, "failureThreshold": 3},
         "volumeMounts": mounts,
@@ -216,21 +228,23 @@ def function_deployment(
                                                      if gpu is not None else None)}
     placement_note = "anywhere" if where.node is None else (
         where.node if where.gpu is None else f"{where.node}/gpu-{where.gpu}")
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector},
+        "template": {
+            "metadata": {"labels": dict(labels),
+                         "annotations": {ANNOTATION_SPEC_HASH: workflow_spec_hash,
+                                         ANNOTATION_PLACEMENT: placement_note}},
+            "spec": pod_spec,
+        },
+    }
+    if not fn.autoscaled:  # an autoscaled function's count is the autoscaler's
+        spec = {"replicas": fn.replicas, **spec}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": function_deployment_name(workflow.name, fn.name),
                      "namespace": namespace, "labels": labels},
-        "spec": {
-            "replicas": fn.replicas,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": dict(labels),
-                             "annotations": {ANNOTATION_SPEC_HASH: workflow_spec_hash,
-                                             ANNOTATION_PLACEMENT: placement_note}},
-                "spec": pod_spec,
-            },
-        },
+        "spec": spec,
     }
 
 

@@ -131,7 +131,8 @@ def usage_by_others(
                 continue
             key = (str(where.get("node")), int(where["gpu"]))
             memory, slots = totals.setdefault(key, [0, 0])
-            totals[key] = [memory + fn.replicas * fn.gpu_memory_bytes, slots + fn.replicas]
+            # What placement reserved for it: maxReplicas of an autoscaled function.
+            totals[key] = [memory + fn.reserved_replicas * fn.gpu_memory_bytes, slots + fn.reserved_replicas]
     return {key: placement.GpuUsage(memory_used_bytes=m, slots_used=s) for key, (m, s) in totals.items()}
 
 
@@ -171,15 +172,18 @@ def reconcile(
 
     children = manifests.workflow_children(workflow, namespace=obj.namespace, spec=obj.spec,
                                            placement=placed, settings=settings)
+    autoscaled = autoscaled_deployments(workflow)
     changed = []
     for child in children:
         adopt(child)
-        if api.apply(child) != "unchanged":
+        fn = autoscaled.get(child["metadata"]["name"]) if child["kind"] == "Deployment" else None
+        result = api.apply(child) if fn is None else apply_autoscaled(api, child, fn)
+        if result != "unchanged":
             changed.append(f"{child['kind']}/{child['metadata']['name']}")
     removed = delete_stale_children(api, obj, keep={c["metadata"]["name"] for c in children})
 
     deployments = [c["metadata"]["name"] for c in children if c["kind"] == "Deployment"]
-    phase, message = rollout_phase(api, obj, deployments)
+    phase, message = rollout_phase(api, obj, deployments, minimum_available=minimum_available(workflow))
     status = _status(obj, phase, message, now=now)
     old_placement = obj.status.get("placement") or {}
     new_placement: dict[str, Any] = {name: None for name in old_placement if name not in placed}
@@ -203,11 +207,56 @@ def reconcile(
     return Outcome(phase, message, status, "success", tuple(events))
 
 
-def rollout_phase(api: k8s.KubeApi, obj: WorkflowObject,
-                  deployment_names: Sequence[str]) -> tuple[Phase, str]:
+def autoscaled_deployments(workflow: wf.Workflow) -> dict[str, wf.FunctionSpec]:
+    """Deployment name -> function, for the functions whose replicas follow load."""
+    return {manifests.function_deployment_name(workflow.name, fn.name): fn
+            for fn in workflow.functions if fn.autoscaled}
+
+
+def minimum_available(workflow: wf.Workflow) -> dict[str, int]:
+    """Deployment name -> the replicas that must be available for an autoscaled function to
+    count as available: its ``minReplicas`` (a scale-up in progress is not a rollout)."""
+    return {name: fn.replica_range[0] for name, fn in autoscaled_deployments(workflow).items()}
+
+
+def apply_autoscaled(api: k8s.KubeApi, deployment: Mapping[str, Any],
+                     fn: wf.FunctionSpec) -> k8s.ApplyResult:
+    """Apply an autoscaled function's Deployment, whose replicas are the autoscaler's.
+
+    The configuration carries no ``spec.replicas``. Created, the Deployment starts with
+    the function's ``replicas``; the same count is then applied by the autoscaler's
+    field manager, which from then on owns the field (Kubernetes' documented hand-over
+    of replicas to an autoscaler: had nobody else owned it, an apply leaving it out would
+    remove it, and the Deployment would fall back to 1). An existing Deployment whose
+    replicas nobody but this operator holds (one that was fixed until now, or written by
+    an earlier version) is handed over the same way first, and a count outside the
+    bounds (they changed) is brought within them.
+    """
+    ref = k8s.ref_of(deployment)
+    live = api.get(ref)
+    if live is None:
+        result = api.apply(deployment, initial={"spec": {"replicas": fn.replicas}})
+        api.apply_replicas(ref, fn.replicas, field_manager=k8s.AUTOSCALER_FIELD_MANAGER)
+        return result
+    low, high = fn.replica_range
+    current = int((live.get("spec") or {}).get("replicas", 1))
+    wanted = min(high, max(low, current))
+    held = k8s.replicas_owners(live) - {k8s.FIELD_MANAGER} - k8s.LEGACY_MANAGERS
+    handed_over = not held or wanted != current
+    if handed_over:
+        api.apply_replicas(ref, wanted, field_manager=k8s.AUTOSCALER_FIELD_MANAGER)
+        logger.info("replicas of %s %s/%s held by %s at %d (bounds %d..%d)", ref.kind,
+                    ref.namespace, ref.name, k8s.AUTOSCALER_FIELD_MANAGER, wanted, low, high)
+    result = api.apply(deployment)
+    return "patched" if handed_over and result == "unchanged" else result
+
+
+def rollout_phase(api: k8s.KubeApi, obj: WorkflowObject, deployment_names: Sequence[str], *,
+                  minimum_available: Mapping[str, int] | None = None) -> tuple[Phase, str]:
     found = api.list("Deployment", namespace=obj.namespace,
                      labels={manifests.LABEL_WORKFLOW: obj.name})
-    return conditions.rollout_phase(found, expected_names=deployment_names)
+    return conditions.rollout_phase(found, expected_names=deployment_names,
+                                    minimum_available=minimum_available)
 
 
 def expected_deployments(obj: WorkflowObject) -> list[str]:
@@ -231,7 +280,11 @@ def refresh(api: k8s.KubeApi, obj: WorkflowObject, *,
     observed = obj.status.get("observedGeneration")
     if obj.generation is not None and observed != obj.generation:
         return None
-    phase, message = rollout_phase(api, obj, expected_deployments(obj))
+    try:
+        minimum = minimum_available(parse(obj))
+    except wf.WorkflowInvalid:
+        minimum = {}  # (the reconcile handler marks it Invalid) every replica counts
+    phase, message = rollout_phase(api, obj, expected_deployments(obj), minimum_available=minimum)
     if phase.value == current:
         return None
     event = (Event("Normal", "Ready", message) if phase is Phase.RUNNING

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+import string
 
 from faastube_operator.podresources import (
     DEFAULT_FUNCTION_RESOURCES,
@@ -68,6 +69,54 @@ class NodeHealthSettings:
         return max(self.heartbeat_s, TIMESTAMP_RESOLUTION_S) * self.missed_heartbeats
 
 
+# Where the scaling loop asks a workflow's gateway for its decisions (GET <url>/scale).
+DEFAULT_GATEWAY_URL_TEMPLATE = "http://{service}.{namespace}.svc:{port}"
+GATEWAY_URL_FIELDS = frozenset({"service", "namespace", "port", "workflow"})
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoscalingSettings:
+    """How the active replica scales autoscaled functions' Deployments (``autoscaler``).
+
+    Every ``interval_s`` it asks each deployed workflow's gateway for ``GET /scale``
+    at ``gateway_url_template`` (``{service}``, ``{namespace}``, ``{port}`` and
+    ``{workflow}`` filled in), waiting at most ``timeout_s``, and sets the replicas the
+    gateway decided. ``enabled=False`` leaves replicas to another scaler (KEDA, an HPA):
+    the operator still sets an autoscaled function's starting count, once.
+    """
+
+    enabled: bool = True
+    interval_s: float = 2.0
+    gateway_url_template: str = DEFAULT_GATEWAY_URL_TEMPLATE
+    timeout_s: float = 1.0
+    # At most one ScaledUp/ScaledDown event per function this often (the changes between
+    # are counted into the next event), and one warning per unreachable gateway.
+    event_interval_s: float = 10.0
+    warning_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "timeout_s", "event_interval_s", "warning_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"autoscaling {name}: must be > 0")
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(self.gateway_url_template)
+                      if field is not None}
+        except ValueError as e:
+            raise ValueError(f"gateway URL template {self.gateway_url_template!r}: {e}") from None
+        unknown = fields - GATEWAY_URL_FIELDS
+        if unknown:
+            raise ValueError(f"gateway URL template {self.gateway_url_template!r}: unknown field(s) "
+                             f"{', '.join(repr(u) for u in sorted(unknown))} (known: {', '.join(sorted(GATEWAY_URL_FIELDS))})")
+        if not self.gateway_url_template.startswith(("http://", "https://")):
+            raise ValueError(f"gateway URL template {self.gateway_url_template!r}: must start with "
+                             "http:// or https://")
+
+    def gateway_url(self, *, service: str, namespace: str, port: int, workflow: str) -> str:
+        """The base URL of one workflow's gateway (``/scale`` is appended by the caller)."""
+        return self.gateway_url_template.format(service=service, namespace=namespace, port=port,
+                                                workflow=workflow).rstrip("/")
+
+
 @dataclasses.dataclass(frozen=True)
 class OperatorSettings:
     # Image of the workflow runtime: the gateway runs ``faastube gateway`` in it.
@@ -95,6 +144,7 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     peering: PeeringSettings = PeeringSettings()
     node_health: NodeHealthSettings = NodeHealthSettings()
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
     # RuntimeClass of GPU function pods: the NVIDIA runtime when the device plugin hands GPUs
     # over as NVIDIA_VISIBLE_DEVICES; "" (none) with its CDI exposure.
     gpu_runtime_class: str = ""

@@ -19,6 +19,13 @@ Calling convention (also in docs/runtime.md):
 * Return a tuple of arrays: the i-th goes to the i-th reader, readers in the
   order of the workflow's edges (the exit's gateway reader last).
 
+Batches (``execute_batch``; the function has a ``batch`` policy in the workflow): a
+``batch="stack"`` handler (the default) gets each input as the requests' arrays
+concatenated along axis 0 and returns outputs whose axis 0 is split back, request by
+request; a ``batch="list"`` handler gets lists of the requests' arrays and returns a
+list of per-request results. Warm-up (``run_warmup_hook``, ``warm_up_call``): the
+handler's ``warmup`` hook, then a call on zeros whose outputs are discarded.
+
 This module is light on purpose (it runs inside function images): NumPy only;
 CuPy and torch are imported lazily, only when a value of theirs shows up.
 """
@@ -30,20 +37,22 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from faastube import errors
+from faastube import batches, errors
 
 logger = logging.getLogger(__name__)
 
 Framework = Literal["auto", "numpy", "cupy", "torch"]
 Passing = Literal["tube", "host-centric"]
+BatchMode = Literal["stack", "list"]
 FRAMEWORKS: tuple[str, ...] = ("auto", "numpy", "cupy", "torch")
 PASSINGS: tuple[str, ...] = ("tube", "host-centric")
+BATCH_MODES: tuple[str, ...] = ("stack", "list")
 
 # The reader name of the request's input (what the entry function receives) and of
 # the exit's output (what the gateway reads). Neither is a DNS-1123 label, so they
@@ -68,23 +77,46 @@ class HandlerContractError(errors.InvalidRequest):
     """The handler returned something the calling convention does not allow; fix the handler."""
 
 
+class WarmupFailed(errors.FaastubeError):
+    """The warmup hook or the warm-up call raised: the function cannot serve; fix it and restart."""
+
+
 @dataclass(frozen=True, slots=True)
 class FunctionOptions:
     """What ``@faastube.function(...)`` declared about a handler."""
 
     framework: Framework = "auto"
+    # Called once, on the handler's thread, before the worker reports ready (load models here).
+    warmup: Callable[[WarmupContext], Any] | None = None
+    batch: BatchMode = "stack"
 
 
-def function(fn: F | None = None, *, framework: Framework = "auto") -> Any:
+def function(fn: F | None = None, *, framework: Framework = "auto",
+             warmup: Callable[[WarmupContext], Any] | None = None, batch: BatchMode = "stack") -> Any:
     """Mark a handler as a FaaSTube function; usable bare or with options.
 
     ``framework`` picks the array type the handler receives: ``"auto"`` (NumPy for host
     data, CuPy for GPU data), ``"numpy"`` (always host arrays; GPU data is copied to the
     host), ``"cupy"`` or ``"torch"`` (zero-copy views of the same memory via DLPack).
+
+    ``warmup(context)`` runs once in the worker, on the handler's thread and before the
+    worker reports ready, with a ``WarmupContext`` (the function's device and framework):
+    load models, build caches. A warm-up call of the handler on zeros follows (when the
+    workflow gives its inputs' shapes).
+
+    ``batch`` says how the handler receives a batch when the workflow gives the function a
+    ``batch`` policy: ``"stack"`` (default; each input is the requests' arrays concatenated
+    along axis 0, and each output is split back along axis 0) or ``"list"`` (each input is a
+    list of the requests' arrays, and the handler returns a list of per-request results;
+    no copies). A ``"list"`` handler always receives lists, a batch of one without a policy.
     """
     if framework not in FRAMEWORKS:
         raise errors.InvalidRequest(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
-    options = FunctionOptions(framework=framework)
+    if batch not in BATCH_MODES:
+        raise errors.InvalidRequest(f"batch must be one of {', '.join(BATCH_MODES)}, got {batch!r}")
+    if warmup is not None and not callable(warmup):
+        raise errors.InvalidRequest(f"warmup must be a callable taking a WarmupContext, got {warmup!r}")
+    options = FunctionOptions(framework=framework, warmup=warmup, batch=batch)
 
     def mark(handler: F) -> F:
         if not callable(handler):
@@ -292,6 +324,7 @@ class Invocation:
     timings: CallTimings
     output_bytes: int = 0
     refs: tuple[str, ...] = field(default=())
+    batch_size: int = 1  # calls in the handler call that produced the outputs (compute_s is that call's)
 
 
 def _fetch(client: DataClient, ref: str, *, device: int | None, passing: Passing) -> tuple[Any, Any]:
@@ -320,6 +353,17 @@ def _store(client: DataClient, array: Any, *, consumers: int, ttl_s: float | Non
     return client.put(array, consumers=consumers, ttl=ttl_s)
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request's call in a batch: its input refs (name -> ref), its deadline
+    (``time.monotonic()``; past it the caller has given up on the call), and the views
+    kept open for its retry (ref -> view, owned by the caller; see ``execute``)."""
+
+    inputs: Mapping[str, str]
+    deadline: float | None = None
+    held: dict[str, Any] = field(default_factory=dict)
+
+
 def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[str, str],
             readers: Sequence[str], device: int | None = None, passing: Passing = "tube",
             ttl_s: float | None = None, deadline: float | None = None,
@@ -336,85 +380,364 @@ def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[
     the caller) instead of being dropped, and the next call on those refs reuses them.
     ``deadline`` (``time.monotonic()``): past it, the caller has given up on this call,
     so its outputs are freed rather than handed to no one.
+
+    This is ``execute_batch`` of one call, raising its error.
+    """
+    (outcome,) = execute_batch(client, handler, [Call(inputs, deadline, {} if held is None else held)],
+                               readers=readers, device=device, passing=passing, ttl_s=ttl_s)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def execute_batch(client: DataClient, handler: Callable[..., Any], calls: Sequence[Call], *,
+                  readers: Sequence[str], device: int | None = None, passing: Passing = "tube",
+                  ttl_s: float | None = None) -> list[Invocation | Exception]:
+    """Run several requests' calls of one function in as few handler calls as they allow.
+
+    Returns, per call in order, its ``Invocation`` or the error that failed it alone; each
+    call's inputs, outputs, reads and retries are handled as ``execute`` handles one call's.
+    A call past its deadline before it starts fails with ``CallExpired`` without running.
+
+    How the handler receives a batch is its ``@function(batch=...)``:
+
+    * ``"stack"`` (default): each input is the requests' arrays concatenated along axis 0
+      (one gather copy; a batch of one is passed as is, with no copy), and each output is
+      split back along axis 0 by the requests' row counts (``batches.split_rows``). Calls are
+      grouped by what stacks (per input: dtype, trailing shape, array type), one handler
+      call per group; a call with a scalar input, or inputs of different row counts, runs
+      alone.
+    * ``"list"``: each input is a list of the requests' arrays (zero-copy views, as for a
+      single call) and the handler returns a list with one result per request.
+
+    If a batched handler call raises, or its result cannot be split back, its requests are
+    run again one by one, so that only a failing request fails.
     """
     if passing not in PASSINGS:
         raise errors.InvalidRequest(f"passing must be one of {', '.join(PASSINGS)}, got {passing!r}")
-    held = {} if held is None else held
-    options = options_of(handler)
-    started = time.perf_counter()
-    views: dict[str, Any] = {}
-    arrays: dict[str, Any] = {}
-    for name, ref in inputs.items():
-        if ref in held:
-            views[ref] = held.pop(ref)
-            array = views[ref]
-            if device is not None and isinstance(array, np.ndarray) and passing == "host-centric":
-                import cupy
+    run = _BatchRun(client, handler, readers=tuple(readers), device=device, passing=passing, ttl_s=ttl_s)
+    outcomes = run.run(calls)
+    # An error's traceback keeps its frames, and each frame its callers' (f_back), alive for as
+    # long as the error lives; those frames held the calls, their views and their ``held`` dicts.
+    # Clear them now that they have returned, and drop this frame's own reference to the calls,
+    # so that only ``held`` keeps a failed call's reads open (and the caller can end them).
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            _clear_traceback_frames(outcome)
+    del calls
+    return outcomes
 
-                with cupy.cuda.Device(device):
-                    array = cupy.asarray(array)
-        else:
-            views[ref], array = _fetch(client, ref, device=device, passing=passing)
-        arrays[name] = to_framework(array, options.framework, device=device)
-    fetched = time.perf_counter()
-    outputs: dict[str, str] = {}
-    stored: list[str] = []
-    output_bytes = 0
-    result: Any = None
-    groups: Any = None
-    # Handlers may write outputs straight into pool memory with ``output()`` (tube passing only:
-    # the host-centric baseline copies, as such platforms do).
-    arena = _OutputArena(client, device) if passing == "tube" else None
-    try:
+
+def _clear_traceback_frames(exc: BaseException) -> None:
+    """Clear the locals of every finished frame an error (and its causes) keeps alive."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            frame: Any = tb.tb_frame
+            while frame is not None:
+                try:
+                    frame.clear()
+                except RuntimeError:
+                    break  # still executing: so are its callers
+                frame = frame.f_back
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A call of a batch on its way: its fetched inputs until it succeeds or fails."""
+
+    call: Call
+    views: dict[str, Any] = field(default_factory=dict)   # ref -> the store's view (holds the read)
+    arrays: dict[str, Any] = field(default_factory=dict)  # input name -> the array computed on
+    get_s: float = 0.0
+    failed_compute_s: float = 0.0  # a batch it was in that failed before it ran alone
+    outcome: Invocation | Exception | None = None
+
+    def fail(self, exc: Exception) -> None:
+        self.call.held.update(self.views)  # keep the reads open (uncounted) for a retry
+        self.views.clear()
+        self.arrays.clear()
+        self.outcome = exc
+
+
+@dataclass(slots=True)
+class _Computed:
+    per_request: list[list[tuple[Any, tuple[str, ...]]]]  # per call: (array, its readers)
+    gather_s: float
+    compute_s: float
+
+
+class _BatchRun:
+    """One ``execute_batch``: fetch, partition, compute, publish."""
+
+    def __init__(self, client: DataClient, handler: Callable[..., Any], *, readers: tuple[str, ...],
+                 device: int | None, passing: Passing, ttl_s: float | None) -> None:
+        self.client = client
+        self.handler = handler
+        self.options = options_of(handler)
+        self.readers = readers
+        self.device = device
+        self.passing: Passing = passing
+        self.ttl_s = ttl_s
+
+    def run(self, calls: Sequence[Call]) -> list[Invocation | Exception]:
+        pendings = [_Pending(call) for call in calls]
+        try:
+            ready: list[_Pending] = []
+            for p in pendings:
+                if p.call.deadline is not None and time.monotonic() > p.call.deadline:
+                    p.outcome = CallExpired("the call waited past its deadline before it could start")
+                    continue
+                try:
+                    self._fetch(p)
+                except Exception as e:  # noqa: BLE001 - a missing or unreadable input fails its call only
+                    p.fail(e)
+                    continue
+                ready.append(p)
+            for group in self._partition(ready):
+                self._run_group(group)
+        except BaseException:
+            for p in pendings:
+                if p.outcome is None:
+                    p.fail(errors.FaastubeError("interrupted"))
+            raise
+        outcomes: list[Invocation | Exception] = []
+        for p in pendings:
+            if p.outcome is None:  # every path sets one; keep the type honest
+                p.fail(errors.FaastubeError("internal: the call got no outcome"))
+            outcomes.append(p.outcome)  # type: ignore[arg-type]
+        return outcomes
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def _fetch(self, p: _Pending) -> None:
+        started = time.perf_counter()
+        array_of: dict[str, Any] = {}  # ref -> array: a ref named twice is read once
+        for name, ref in p.call.inputs.items():
+            if ref in array_of:
+                pass
+            elif ref in p.call.held:
+                p.views[ref] = p.call.held.pop(ref)
+                array_of[ref] = p.views[ref]
+                if self.device is not None and isinstance(array_of[ref], np.ndarray) \
+                        and self.passing == "host-centric":
+                    import cupy
+
+                    with cupy.cuda.Device(self.device):
+                        array_of[ref] = cupy.asarray(array_of[ref])
+            else:
+                p.views[ref], array_of[ref] = _fetch(self.client, ref, device=self.device, passing=self.passing)
+            p.arrays[name] = array_of[ref]
+        p.get_s = time.perf_counter() - started
+
+    def _partition(self, ready: list[_Pending]) -> list[list[_Pending]]:
+        """Groups of calls run in one handler call each, in order of their first call."""
+        if self.options.batch == "list" or len(ready) <= 1:
+            return [ready] if ready else []
+        groups: dict[Hashable, list[_Pending]] = {}
+        alone: list[list[_Pending]] = []
+        order: list[Hashable | int] = []
+        for p in ready:
+            key = batches.stack_key(p.arrays)
+            if key is None:
+                order.append(len(alone))
+                alone.append([p])
+                continue
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(p)
+        return [alone[k] if isinstance(k, int) else groups[k] for k in order]
+
+    def _handler_inputs(self, group: list[_Pending]) -> dict[str, Any]:
+        names = list(group[0].arrays)
+        framework = self.options.framework
+        if self.options.batch == "list":
+            return {n: [to_framework(p.arrays[n], framework, device=self.device) for p in group] for n in names}
+        if len(group) == 1:
+            return {n: to_framework(group[0].arrays[n], framework, device=self.device) for n in names}
+        return {n: to_framework(batches.concatenate([p.arrays[n] for p in group]), framework, device=self.device)
+                for n in names}
+
+    # --- compute ----------------------------------------------------------------------------
+
+    def _run_group(self, group: list[_Pending]) -> None:
+        arena = _OutputArena(self.client, self.device) if self.passing == "tube" else None
+        started = time.perf_counter()
+        computed: _Computed | None = None
+        try:
+            try:
+                computed = self.compute(group, arena)
+            except Exception as e:  # noqa: BLE001 - the handler's error, or a result that does not split
+                if len(group) == 1:
+                    group[0].fail(e)
+                    return
+                logger.info("a batch of %d calls of %s failed (%s: %s); running them one by one", len(group),
+                            getattr(self.handler, "__name__", self.handler), type(e).__name__, e)
+            else:
+                for p, outputs in zip(group, computed.per_request, strict=True):
+                    self._publish(p, outputs, arena, computed=computed, batch_size=len(group))
+                return
+        finally:
+            if arena is not None:
+                arena.free_unused()
+        # Outside the except block: a request's own error must not carry the batch's as context.
+        failed_s = time.perf_counter() - started
+        for p in group:
+            p.failed_compute_s += failed_s
+            self._run_group([p])
+
+    def compute(self, group: list[_Pending], arena: _OutputArena | None) -> _Computed:
+        """Call the handler once for ``group``; its outputs per call, synchronised, not stored."""
+        gathered = time.perf_counter()
+        inputs = self._handler_inputs(group)
+        started = time.perf_counter()
         token = _ARENA.set(arena)
         try:
-            result = call_handler(handler, arrays)
-        except Exception as e:
-            # the handler's frames would keep its input views (and their reads) alive
-            traceback.clear_frames(e.__traceback__)
-            raise HandlerFailed(f"handler {getattr(handler, '__name__', handler)!r} raised "
-                                f"{type(e).__name__}: {e}") from e
+            result = _invoke(self.handler, inputs)
         finally:
             _ARENA.reset(token)
-        groups = route_outputs(result, readers)
-        _synchronize([array for array, _ in groups])
-        computed = time.perf_counter()
+            inputs.clear()
+        per_request = self._route(group, result)
+        del result
+        _synchronize([array for outputs in per_request for array, _ in outputs])
+        return _Computed(per_request=per_request, gather_s=started - gathered,
+                         compute_s=time.perf_counter() - started)
+
+    def _route(self, group: list[_Pending], result: Any) -> list[list[tuple[Any, tuple[str, ...]]]]:
+        if self.options.batch == "list":
+            if not isinstance(result, list) or len(result) != len(group):
+                got = f"a list of {len(result)}" if isinstance(result, list) else type(result).__name__
+                raise HandlerContractError(f"a handler with batch='list' must return a list with one result "
+                                           f"per request ({len(group)}), got {got}")
+            return [[(array, rs) for array, rs in route_outputs(r, self.readers)] for r in result]
+        groups = route_outputs(result, self.readers)
+        if len(group) == 1:
+            return [groups]
+        rows = [batches.rows_of(p.arrays) for p in group]
+        per_request: list[list[tuple[Any, tuple[str, ...]]]] = [[] for _ in group]
         for array, group_readers in groups:
-            written = arena.take(array) if arena is not None else None
-            if written is not None:
-                # Already in pool memory (from ``output()``): publish it, no copy.
-                ref = client.seal(written, consumers=len(group_readers), ttl=ttl_s)
-            else:
-                ref = _store(client, array, consumers=len(group_readers), ttl_s=ttl_s, passing=passing)
-            stored.append(ref)
-            output_bytes += int(array.nbytes)
-            outputs.update({r: ref for r in group_readers})
-        put_done = time.perf_counter()
-        if arena is not None:
-            arena.free_unused()
-        if deadline is not None and time.monotonic() > deadline:
-            raise CallExpired(f"call finished {time.monotonic() - deadline:.3f}s after its deadline")
-    except BaseException:
-        if arena is not None:
-            arena.free_unused()
-        discard(client, stored)
-        held.update(views)  # keep the reads open (uncounted) for a retry
-        # nothing but ``held`` may reference the views: the caller decides when reads end
-        views.clear()
-        arrays.clear()
-        array = result = groups = None
-        raise
-    for ref in inputs.values():
+            try:
+                pieces = batches.split_rows(array, rows)
+            except batches.NotSplittable as e:
+                raise HandlerContractError(str(e)) from None
+            for outputs, piece in zip(per_request, pieces, strict=True):
+                outputs.append((piece, group_readers))
+        return per_request
+
+    # --- outputs ----------------------------------------------------------------------------
+
+    def _publish(self, p: _Pending, outputs: list[tuple[Any, tuple[str, ...]]], arena: _OutputArena | None,
+                 *, computed: _Computed, batch_size: int) -> None:
+        started = time.perf_counter()
+        stored: list[str] = []
+        refs_of: dict[str, str] = {}
+        output_bytes = 0
         try:
-            client.release(ref)
-        except (errors.RefNotFound, errors.InvalidRequest) as e:
-            logger.debug("release of input %s: %s", ref, e)
-    del views, arrays, result, groups
-    released = time.perf_counter()
-    return Invocation(outputs=outputs,
-                      timings=CallTimings(get_s=fetched - started, compute_s=computed - fetched,
-                                          put_s=(put_done - computed) + (released - put_done)),
-                      output_bytes=output_bytes, refs=tuple(stored))
+            for array, group_readers in outputs:
+                written = arena.take(array) if arena is not None else None
+                if written is not None:
+                    # Already in pool memory (from ``output()``): publish it, no copy.
+                    ref = self.client.seal(written, consumers=len(group_readers), ttl=self.ttl_s)
+                else:
+                    ref = _store(self.client, array, consumers=len(group_readers), ttl_s=self.ttl_s,
+                                 passing=self.passing)
+                stored.append(ref)
+                output_bytes += int(array.nbytes)
+                refs_of.update({r: ref for r in group_readers})
+            deadline = p.call.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                raise CallExpired(f"call finished {time.monotonic() - deadline:.3f}s after its deadline")
+        except Exception as e:  # noqa: BLE001 - storing one request's outputs fails that request only
+            discard(self.client, stored)
+            p.fail(e)
+            return
+        finally:
+            outputs.clear()
+        for ref in p.call.inputs.values():
+            try:
+                self.client.release(ref)
+            except (errors.RefNotFound, errors.InvalidRequest) as e:
+                logger.debug("release of input %s: %s", ref, e)
+        p.views.clear()
+        p.arrays.clear()
+        p.outcome = Invocation(outputs=refs_of,
+                               timings=CallTimings(get_s=p.get_s + computed.gather_s,
+                                                   compute_s=computed.compute_s + p.failed_compute_s,
+                                                   put_s=time.perf_counter() - started),
+                               output_bytes=output_bytes, refs=tuple(stored), batch_size=batch_size)
+
+
+def _invoke(handler: Callable[..., Any], inputs: dict[str, Any]) -> Any:
+    """The handler's call, its error as ``HandlerFailed`` (frames cleared: they hold input views)."""
+    try:
+        return call_handler(handler, inputs)
+    except Exception as e:
+        traceback.clear_frames(e.__traceback__)
+        raise HandlerFailed(f"handler {getattr(handler, '__name__', handler)!r} raised "
+                            f"{type(e).__name__}: {e}") from e
+
+
+# --- warm-up ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class WarmupContext:
+    """What a ``warmup`` hook is told: where its function runs and what it computes with."""
+
+    function: str
+    device: int | None  # this process's CUDA ordinal of the function's GPU; None for a CPU function
+    framework: Framework  # "auto" resolved: "numpy" for a CPU function, "cupy" for a GPU function
+    passing: Passing = "tube"
+
+
+def run_warmup_hook(handler: Callable[..., Any], context: WarmupContext) -> bool:
+    """Run the handler's ``warmup`` hook, if it declares one; whether one ran.
+
+    Call it on the thread that will run the handler (bound to the function's GPU).
+    Raises ``WarmupFailed`` with the hook's error.
+    """
+    hook = options_of(handler).warmup
+    if hook is None:
+        return False
+    try:
+        hook(context)
+    except Exception as e:
+        traceback.clear_frames(e.__traceback__)
+        raise WarmupFailed(f"the warmup hook {getattr(hook, '__name__', hook)!r} of "
+                           f"{context.function!r} raised {type(e).__name__}: {e}") from e
+    return True
+
+
+def warm_up_call(client: DataClient, handler: Callable[..., Any], *,
+                 inputs: Mapping[str, tuple[Sequence[int], str]], readers: Sequence[str],
+                 device: int | None = None, passing: Passing = "tube", requests: int = 1) -> None:
+    """Call the handler through its real path on zeros: ``inputs`` is name -> (shape, dtype) of
+    one request's input; ``requests`` such requests are batched as the handler's ``batch`` mode
+    says. The outputs are checked against the calling convention and discarded, never published;
+    what the handler took from ``output()`` is freed. Raises ``WarmupFailed``.
+    """
+    if passing not in PASSINGS:
+        raise errors.InvalidRequest(f"passing must be one of {', '.join(PASSINGS)}, got {passing!r}")
+    run = _BatchRun(client, handler, readers=tuple(readers), device=device, passing=passing, ttl_s=None)
+    group = [_Pending(Call({})) for _ in range(requests)]
+    for p in group:
+        p.arrays = {name: batches.zeros(shape, dtype, device=device) for name, (shape, dtype) in inputs.items()}
+    arena = _OutputArena(client, device) if passing == "tube" else None
+    try:
+        computed = run.compute(group, arena)
+        computed.per_request.clear()
+    except Exception as e:
+        _clear_traceback_frames(e)
+        raise WarmupFailed(f"the warm-up call failed: {e}") from e
+    finally:
+        if arena is not None:
+            arena.free_unused()
+        group.clear()
 
 
 def discard(client: DataClient, refs: Sequence[str]) -> None:
@@ -429,9 +752,12 @@ def discard(client: DataClient, refs: Sequence[str]) -> None:
 
 
 __all__ = [
+    "BATCH_MODES",
     "GATEWAY_READER",
     "output",
     "REQUEST_INPUT",
+    "BatchMode",
+    "Call",
     "CallExpired",
     "CallTimings",
     "DataClient",
@@ -439,13 +765,18 @@ __all__ = [
     "HandlerContractError",
     "HandlerFailed",
     "Invocation",
+    "WarmupContext",
+    "WarmupFailed",
     "call_handler",
     "discard",
     "execute",
+    "execute_batch",
     "function",
     "kwarg_name",
     "options_of",
     "route_outputs",
+    "run_warmup_hook",
     "to_framework",
     "to_storable",
+    "warm_up_call",
 ]

@@ -9,10 +9,12 @@ and the current usage, so the operator, the ``faastube place`` CLI and the tests
 get the same answer for the same input.
 
 All replicas of a function share one assignment: they run on the same GPU and
-together take ``replicas`` sharing slots and ``replicas * gpu_memory_bytes`` there.
-The API (one ``Assignment`` per function) says the same, and replicas of one
-function exchange no data with each other, so splitting them could only add
-transfers.
+together take ``reserved_replicas`` sharing slots and ``reserved_replicas *
+gpu_memory_bytes`` there. The API (one ``Assignment`` per function) says the same, and
+replicas of one function exchange no data with each other, so splitting them could
+only add transfers. ``reserved_replicas`` is ``maxReplicas`` for an autoscaled
+function: a scale-up then always fits where the function already runs, and never
+needs the workflow placed again (docs/placement.md).
 
 The cost model lives in ``costs`` and the search in ``search``;
 the design is written up in ``docs/placement.md``.
@@ -33,7 +35,7 @@ from faastube_placement.costs import CostModel, Location, PathKind
 
 if TYPE_CHECKING:
     from faastube_spec.topology import ClusterTopology
-    from faastube_spec.workflow import Workflow
+    from faastube_spec.workflow import FunctionSpec, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +238,9 @@ def _problem(workflow: Workflow, cluster: ClusterTopology, model: CostModel,
                 for row in model.seconds_per_byte)
     return search.Problem(
         domains=tuple(gpu_locations if fn.gpu else host_locations for fn in workflow.functions),
-        demand_memory_bytes=tuple(fn.replicas * fn.gpu_memory_bytes if fn.gpu else 0
+        demand_memory_bytes=tuple(fn.reserved_replicas * fn.gpu_memory_bytes if fn.gpu else 0
                                   for fn in workflow.functions),
-        demand_slots=tuple(fn.replicas if fn.gpu else 0 for fn in workflow.functions),
+        demand_slots=tuple(fn.reserved_replicas if fn.gpu else 0 for fn in workflow.functions),
         capacity_memory_bytes=tuple(capacity_memory),
         capacity_slots=tuple(capacity_slots),
         edges=tuple((index[e.source], index[e.target], e.size_bytes) for e in workflow.edges),
@@ -315,10 +317,16 @@ def _check_fits_alone(workflow: Workflow, cluster: ClusterTopology, model: CostM
         most_slots = max(gpus, key=lambda loc: (problem.capacity_slots[loc], -loc))
         raise PlacementError(
             f"function {fn.name!r} fits on no GPU: it needs {need_memory} bytes "
-            f"({fn.replicas} replica(s) x {fn.gpu_memory_bytes}) and {need_slots} sharing slot(s) "
+            f"({_replicas_note(fn)} x {fn.gpu_memory_bytes}) and {need_slots} sharing slot(s) "
             f"on one GPU; the most free memory is {problem.capacity_memory_bytes[most_memory]} bytes "
             f"({_where(model.locations[most_memory])}) and the most free slots are "
             f"{problem.capacity_slots[most_slots]} ({_where(model.locations[most_slots])})")
+
+
+def _replicas_note(fn: FunctionSpec) -> str:
+    if fn.autoscaled:
+        return f"maxReplicas {fn.reserved_replicas}, reserved for autoscaling"
+    return f"{fn.replicas} replica(s)"
 
 
 def _no_fit_message(workflow: Workflow, problem: search.Problem) -> str:

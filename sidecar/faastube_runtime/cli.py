@@ -1,6 +1,7 @@
 """``faastube run WORKFLOW.yaml``: run a workflow on this machine and measure it.
 
-Starts a sidecar, one worker process per function replica and the gateway; sends
+Starts a sidecar, one worker process per function replica and the gateway; waits
+until every worker is warm (and prints how long each function took); sends
 ``--requests`` requests on an arrival schedule (or serves until Ctrl-C with
 ``--requests 0``), prints a latency table, and shuts everything down.
 """
@@ -57,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--call-timeout", type=float, default=30.0, help="seconds per function call (default 30)")
     parser.add_argument("--retries", type=int, default=2, help="extra attempts of a failed call (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    parser.add_argument("--no-autoscale", dest="autoscale", action="store_false",
+                        help="keep every function at its starting replica count (at least one): the "
+                             "fixed-replica baseline; by default functions with minReplicas/maxReplicas "
+                             "follow the load")
     gateway_cli.add_limit_arguments(parser)
+    gateway_cli.add_autoscale_arguments(parser)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -75,6 +81,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.retries < 0:
         problems.append(f"--retries: must be 0 or more, got {args.retries}")
     gateway_cli.limits_config(args, problems)
+    gateway_cli.autoscale_config(args, problems)
     if problems:
         raise errors.BadInput("; ".join(problems))
 
@@ -167,8 +174,10 @@ async def _serve_forever(runtime: LocalRuntime) -> None:
 async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
     port = args.port if args.port is not None else (8080 if args.requests == 0 else 0)
     limits, max_input_bytes = gateway_cli.limits_config(args, [])  # checked in _validate
+    autoscale, scale_interval_s = gateway_cli.autoscale_config(args, [])
     options = LocalOptions(
-        backend=args.backend, host=args.host, port=port, passing=args.passing,
+        backend=args.backend, host=args.host, port=port, passing=args.passing, autoscale=args.autoscale,
+        autoscale_settings=autoscale, scale_interval_s=scale_interval_s,
         gateway=GatewayConfig(policy=dag.DagPolicy(request_timeout_s=args.request_timeout,
                                                    call_timeout_s=args.call_timeout,
                                                    max_retries=args.retries),
@@ -179,7 +188,9 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
     async with LocalRuntime(workflow, options) as runtime:
         print(f"workflow {workflow.name!r}: {len(workflow.functions)} functions, "
               f"{runtime.backend} backend, {args.passing} passing, gateway {runtime.url} "
-              f"(started in {time.monotonic() - started:.1f}s)", file=sys.stderr, flush=True)
+              f"(started in {time.monotonic() - started:.1f}s, every worker warm)", file=sys.stderr, flush=True)
+        print(report.format_warmup({f.name: runtime.warmup.get(f.name, []) for f in workflow.functions}),
+              file=sys.stderr, flush=True)
         if args.requests == 0:
             await _serve_forever(runtime)
             return 0
@@ -190,7 +201,9 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                       on_result=_Progress(args.requests),
                                       timeout_s=args.request_timeout + 10)
         summary = report.summarize(results, duration_s=time.monotonic() - sent)
+        scaled = runtime.scaling_report()
     print(report.format_table(summary), flush=True)
+    print(report.format_scaling(workflow, scaled, autoscale=args.autoscale), flush=True)
     for r in results:
         if not r.ok:
             print(f"request {r.index}: HTTP {r.status}: {r.error}", file=sys.stderr)
@@ -199,6 +212,8 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"workflow": workflow.name, "passing": args.passing,
                                          "arrival": args.arrival, "rate_per_s": args.rate,
+                                         "autoscale": args.autoscale,
+                                         "replicas": {name: s.as_dict() for name, s in scaled.items()},
                                          **summary.as_dict()}, indent=2))
     return 0 if summary.ok == summary.requests else 1
 

@@ -37,6 +37,7 @@ class FunctionPlan:
     name: str
     inputs: tuple[str, ...]  # predecessor names, or (REQUEST_INPUT,) for a source
     readers: tuple[str, ...]  # successor names in edge order, then GATEWAY_READER for the exit
+    max_batch: int = 1  # calls one replica gathers into a handler call (its batch policy's maxSize)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,9 @@ def plan_workflow(workflow: Workflow) -> RequestPlan:
     for name in workflow.topological_order():
         inputs = tuple(predecessors[name]) or (sdk.REQUEST_INPUT,)
         readers = tuple(successors[name]) + ((sdk.GATEWAY_READER,) if name == workflow.exit else ())
-        plans.append(FunctionPlan(name=name, inputs=inputs, readers=readers))
+        batch = workflow.function(name).batch
+        plans.append(FunctionPlan(name=name, inputs=inputs, readers=readers,
+                                  max_batch=1 if batch is None else batch.max_size))
     return RequestPlan(functions=tuple(plans), exit=workflow.exit)
 
 
@@ -81,6 +84,7 @@ class CallOutcome:
     put_s: float
     queue_s: float  # waiting for a free replica (and inside the worker for its turn)
     refs: tuple[str, ...] = ()  # every ref the call stored (the distinct values of outputs)
+    batch_size: int = 1  # calls in the handler call that served it
 
 
 class FunctionInvoker(Protocol):
@@ -113,6 +117,7 @@ class CallRecord:
     compute_s: float
     put_s: float
     queue_s: float
+    batch_size: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +218,8 @@ async def _call_with_retries(invoker: FunctionInvoker, plan: FunctionPlan, input
                                         f"call returned no output for reader(s) {sorted(missing)}")
         record = CallRecord(function=plan.name, attempts=attempts, started_s=call_started,
                             finished_s=time.monotonic() - started, get_s=outcome.get_s,
-                            compute_s=outcome.compute_s, put_s=outcome.put_s, queue_s=outcome.queue_s)
+                            compute_s=outcome.compute_s, put_s=outcome.put_s, queue_s=outcome.queue_s,
+                            batch_size=outcome.batch_size)
         return record, outcome.outputs
     raise errors.FunctionFailed(plan.name, attempts, last_cause)
 

@@ -46,6 +46,12 @@ class Overloaded(RuntimeFailure, errors.RetryableError):
     http_status = 503
 
 
+class NotReady(RuntimeFailure, errors.RetryableError):
+    """A worker that is not warm yet (HTTP 503); the gateway tries again or another replica."""
+
+    http_status = 503
+
+
 class RequestTimedOut(RuntimeFailure, errors.RetryableError):
     """The request or one of its function calls ran past its timeout (HTTP 504)."""
 

@@ -16,7 +16,8 @@ stored, then only refs.
 Every object created for a request is freed when it ends, whatever the outcome.
 HTTP errors: 400 bad input, 408 the body stopped arriving, 413 body too large, 415
 wrong content type or encoding, 502 a function failed after its retries, 503
-overloaded, 504 timed out. ``GET /healthz``, ``GET /metrics`` (Prometheus).
+overloaded, 504 timed out. ``GET /healthz``, ``GET /metrics`` (Prometheus), ``GET /scale``
+(the autoscaler's decision per function, for a controller to act on; ``scaling``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from faastube_runtime import bodies, dag, errors
 from faastube_runtime.bodies import NPY_CONTENT_TYPE
 from faastube_runtime.metrics import GatewayMetrics
+from faastube_runtime.scaling import ScaleMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ class Gateway:
 
     def __init__(self, workflow_name: str, plan: dag.RequestPlan, invoker: dag.FunctionInvoker,
                  store: RequestStore, *, config: GatewayConfig | None = None,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, scale: ScaleMonitor | None = None) -> None:
         self.workflow_name = workflow_name
         self.plan = plan
         self.config = config if config is not None else GatewayConfig()
@@ -172,6 +174,7 @@ class Gateway:
         if problems:
             raise errors.BadInput("gateway configuration: " + "; ".join(problems))
         self.metrics = metrics if metrics is not None else GatewayMetrics.create()
+        self.scale = scale  # None: /scale answers 404
         self._invoker = invoker
         self._store = store
         self._ids = itertools.count(1)
@@ -336,6 +339,12 @@ def build_app(gateway: Gateway) -> web.Application:
     async def handle_health(_request: web.Request) -> web.Response:
         return web.json_response({"workflow": gateway.workflow_name, "inFlight": gateway.in_flight})
 
+    async def handle_scale(_request: web.Request) -> web.Response:
+        if gateway.scale is None:
+            return web.json_response({"error": "NotFound", "message": "this gateway does not monitor scaling"},
+                                     status=404)
+        return web.json_response({name: scale.as_json() for name, scale in gateway.scale.snapshot().items()})
+
     async def handle_metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(gateway.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -345,6 +354,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/invoke", handle_invoke)
     app.router.add_get("/healthz", handle_health)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/scale", handle_scale)
     return app
 
 

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from faastube import errors as ft_errors
+from faastube_autoscale import AutoscaleSettings
 from faastube_spec.units import format_size, parse_size
 from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow
 
-from faastube_runtime import bodies, dag, discovery, errors, startup, workflow_source
+from faastube_runtime import bodies, dag, discovery, errors, scaling, startup, workflow_source
 from faastube_runtime.addresses import MAX_UNIX_PATH_BYTES, Address, parse_address, parse_host_port
 from faastube_runtime.gateway import (
     ClientStore,
@@ -43,6 +44,7 @@ from faastube_runtime.gateway import (
     make_runner,
 )
 from faastube_runtime.invoker import Replica, WorkerPool
+from faastube_runtime.metrics import GatewayMetrics
 from faastube_runtime.workflow_source import ENV_SOCKET
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class GatewaySettings:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     startup_timeout_s: float = 60.0
     namespace: str | None = None  # the Workflow's (None: the client's default)
+    autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
+    scale_interval_s: float = scaling.DEFAULT_INTERVAL_S
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +93,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout", type=float, default=60.0,
                         help="seconds to wait for the sidecar's socket (default %(default)s)")
     add_limit_arguments(parser)
+    add_autoscale_arguments(parser)
+
+
+def add_autoscale_arguments(parser: argparse.ArgumentParser) -> None:
+    """The autoscaler's windows and sampling (also ``faastube run``'s); docs/runtime.md, "Autoscaling"."""
+    defaults = AutoscaleSettings()
+    group = parser.add_argument_group("autoscaling (functions with minReplicas/maxReplicas)")
+    group.add_argument("--stable-window", type=float, default=defaults.stable_window_s, metavar="SECONDS",
+                       help="concurrency is averaged over this long to decide (default %(default)s)")
+    group.add_argument("--panic-window", type=float, default=defaults.panic_window_s, metavar="SECONDS",
+                       help="...and over this long to notice a burst (default %(default)s)")
+    group.add_argument("--panic-threshold", type=float, default=defaults.panic_threshold, metavar="RATIO",
+                       help="panic when the panic window's load is this many times what the ready "
+                            "replicas carry (default %(default)s)")
+    group.add_argument("--scale-down-delay", type=float, default=defaults.scale_down_delay_s, metavar="SECONDS",
+                       help="scale down only to what every decision of this long allowed (default %(default)s)")
+    group.add_argument("--scale-to-zero-grace", type=float, default=defaults.scale_to_zero_grace_s,
+                       metavar="SECONDS",
+                       help="the last replica goes only after this long without load (default %(default)s)")
+    group.add_argument("--scale-interval", type=float, default=scaling.DEFAULT_INTERVAL_S, metavar="SECONDS",
+                       help="seconds between load samples and decisions (default %(default)s)")
+
+
+def autoscale_config(args: argparse.Namespace, problems: list[str]) -> tuple[AutoscaleSettings, float]:
+    """The autoscaler's settings and sampling interval from ``add_autoscale_arguments``' flags."""
+    settings = AutoscaleSettings(stable_window_s=args.stable_window, panic_window_s=args.panic_window,
+                                 panic_threshold=args.panic_threshold, scale_down_delay_s=args.scale_down_delay,
+                                 scale_to_zero_grace_s=args.scale_to_zero_grace)
+    flags = {"stable_window_s": "--stable-window", "panic_window_s": "--panic-window",
+             "panic_threshold": "--panic-threshold", "scale_down_delay_s": "--scale-down-delay",
+             "scale_to_zero_grace_s": "--scale-to-zero-grace"}
+    for problem in settings.problems():  # named by field: say the flag instead
+        for name, flag in flags.items():
+            problem = problem.replace(name, flag)
+        problems.append(problem)
+    if not 0 < args.scale_interval < float("inf"):
+        problems.append(f"--scale-interval: must be a positive number of seconds, got {args.scale_interval}")
+    return settings, args.scale_interval
 
 
 def _size(text: str) -> int:
@@ -216,6 +258,7 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Gate
     if not args.startup_timeout >= 0:
         problems.append(f"--startup-timeout: must be 0 or more, got {args.startup_timeout}")
     limits, max_input_bytes = limits_config(args, problems)
+    autoscale, scale_interval_s = autoscale_config(args, problems)
     endpoints, services = _replica_sources(workflow, args.function_endpoint, args.function_service, problems)
     if problems or sidecar is None:
         raise errors.BadInput("; ".join(problems))
@@ -227,7 +270,8 @@ def build_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Gate
         gateway=GatewayConfig(policy=policy, max_in_flight=args.max_in_flight,
                               max_input_bytes_in_flight=max_input_bytes, limits=limits),
         startup_timeout_s=args.startup_timeout,
-        namespace=workflow_source.namespace(args.namespace, environ, workflow))
+        namespace=workflow_source.namespace(args.namespace, environ, workflow),
+        autoscale=autoscale, scale_interval_s=scale_interval_s)
 
 
 async def serve(settings: GatewaySettings, *, resolver: discovery.Resolver | None = None,
@@ -255,7 +299,12 @@ async def serve(settings: GatewaySettings, *, resolver: discovery.Resolver | Non
             if settings.services:
                 await stack.enter_async_context(discovery.ServiceDiscovery(
                     pool, settings.services, resolver=resolver, interval_s=settings.resolve_interval_s))
-            gateway = Gateway(workflow.name, plan, pool, store, config=settings.gateway)
+            metrics = GatewayMetrics.create()
+            monitor = await stack.enter_async_context(scaling.ScaleMonitor(
+                workflow, pool, settings=settings.autoscale, interval_s=settings.scale_interval_s,
+                metrics=metrics))
+            gateway = Gateway(workflow.name, plan, pool, store, config=settings.gateway, metrics=metrics,
+                              scale=monitor)
             runner = make_runner(gateway, shutdown_timeout_s=SHUTDOWN_TIMEOUT_S)
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port)

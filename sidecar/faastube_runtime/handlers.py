@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from faastube_spec.workflow import FunctionSpec, Workflow
@@ -23,8 +24,11 @@ class HandlerNotFound(errors.RuntimeFailure):
     """A handler string names no importable callable; fix the workflow or its module."""
 
 
-def load_handler(workflow: Workflow, function: FunctionSpec) -> Callable[..., Any]:
-    base = workflow.base_dir
+def load_handler(workflow: Workflow, function: FunctionSpec, *,
+                 search_dir: Path | None = None) -> Callable[..., Any]:
+    """Import ``function``'s handler, looking first in ``search_dir`` (default: the folder of
+    the workflow's YAML)."""
+    base = search_dir if search_dir is not None else workflow.base_dir
     if base is not None and str(base) not in sys.path:
         sys.path.insert(0, str(base))
     module_name, function_name = function.handler_module, function.handler_function

@@ -1,14 +1,22 @@
-"""Calling function workers over HTTP (Unix socket or TCP), one call per replica at a time.
+"""Calling function workers over HTTP (Unix socket or TCP), a bounded number of calls per replica.
 
-Each function has a queue of idle replicas; a call takes one (waiting is the
-request's queueing time), sends ``POST /call``, and puts the replica back. So the
-concurrency of a function is bounded by its replica count, and a waiting call
-costs nothing but a parked coroutine.
+Each function has a queue of free replica *slots*; a call takes one (waiting is the
+request's queueing time), sends ``POST /call``, and puts the slot back. A replica has
+one slot, or its function's ``batch.maxSize`` slots when the function batches (the
+worker gathers the calls it holds into one handler call). So the concurrency of a
+function is bounded by replicas x slots, and a waiting call costs nothing but a
+parked coroutine.
 
 The replica set may change while serving (``set_replicas``: in a cluster, pods
-come and go behind a function's Service). A removed replica finishes the call it
-is running and is then dropped instead of going back to the queue; a call for a
-function with no replica waits for one, within its timeout.
+come and go behind a function's Service; ``join`` and ``leave``: local mode's
+autoscaling starting and stopping worker processes). A removed replica finishes the
+call it is running and is then dropped instead of going back to the queue (``leave``
+returns only then, so its process can be stopped); a call for a function with no
+replica waits for one, within its timeout, and ``watch_starvation`` hears of it at
+once (a scaled-to-zero function needs a replica started).
+
+Per function, a ``load.LoadCounter`` counts the calls running on a replica and the
+calls waiting for one (``load``): what the autoscaler samples.
 
 A call the gateway gives up on (timeout, failed sibling) is not cut off: the worker
 is busy with it either way. It becomes an orphan that runs to its end; whatever
@@ -30,6 +38,7 @@ import aiohttp
 
 from faastube_runtime import dag, errors, wire
 from faastube_runtime.addresses import Address
+from faastube_runtime.load import Clock, LoadCounter, LoadReading
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +59,7 @@ class WorkerPool:
 
     def __init__(self, plan: dag.RequestPlan, replicas: Mapping[str, Sequence[Replica]], *,
                  discard: Callable[[Sequence[str]], Awaitable[None]],
-                 require_all: bool = True) -> None:
+                 require_all: bool = True, clock: Clock = time.monotonic) -> None:
         names = {f.name for f in plan.functions}
         unknown = set(replicas) - names
         if unknown:
@@ -71,6 +80,11 @@ class WorkerPool:
         self._failed_on: dict[str, set[Replica]] = {}
         self._initial = {name: list(r) for name, r in replicas.items()}
         self._entered = False
+        self._load = {name: LoadCounter(clock) for name in names}
+        # calls on a replica (slots taken, abandoned calls too); its session closes once none is
+        self._busy: dict[Replica, int] = {}
+        self._leaving: dict[Replica, asyncio.Event] = {}  # set once a removed replica is unused
+        self._on_starved: Callable[[str], None] | None = None
 
     async def __aenter__(self) -> Self:
         # Sessions are made inside the loop that uses them.
@@ -85,7 +99,8 @@ class WorkerPool:
         self._members[replica.function][replica.address] = replica
         self._sessions[replica] = aiohttp.ClientSession(connector=replica.address.connector(),
                                                         timeout=aiohttp.ClientTimeout(total=None))
-        self._idle[replica.function].put_nowait(replica)
+        for _ in range(self._plan.function(replica.function).max_batch):  # one slot per call it may hold
+            self._idle[replica.function].put_nowait(replica)
 
     def replicas(self, function: str) -> tuple[Replica, ...]:
         """The current members of ``function``'s replica set."""
@@ -110,6 +125,56 @@ class WorkerPool:
                 logger.info("replica %s[%d] at %s joined", function, replica.index, address)
                 self._add(replica)
 
+    def join(self, function: str, address: Address) -> Replica:
+        """Add one replica of ``function`` at ``address`` (the existing one if it is a member)."""
+        current = self._check_function(function)
+        if address in current:
+            return current[address]
+        replica = Replica(function, self._next_index[function], address)
+        self._next_index[function] += 1
+        logger.info("replica %s[%d] at %s joined", function, replica.index, address)
+        self._add(replica)
+        return replica
+
+    async def leave(self, function: str, address: Address) -> None:
+        """Remove a replica and return once nothing uses it: its calls ended, its kept reads forgotten.
+
+        New calls stop going to it at once; only then is it safe to stop its process.
+        """
+        replica = self._check_function(function).pop(address, None)
+        if replica is None:
+            return
+        logger.info("replica %s[%d] at %s leaving", function, replica.index, address)
+        self._prune_idle(function)
+        if self._in_use(replica):
+            released = self._leaving.setdefault(replica, asyncio.Event())
+            await released.wait()
+
+    def _check_function(self, function: str) -> dict[Address, Replica]:
+        if function not in self._members:
+            raise errors.BadInput(f"unknown function {function!r}")
+        if not self._entered:
+            raise errors.StartupFailed("replica set changed before the pool was entered")
+        return self._members[function]
+
+    def _in_use(self, replica: Replica) -> bool:
+        return self._busy.get(replica, 0) > 0 or self._failed_on_any(replica)
+
+    def _note_released(self, replica: Replica) -> None:
+        """Wake a ``leave`` waiting for ``replica`` once nothing uses it any more."""
+        released = self._leaving.get(replica)
+        if released is not None and not self._in_use(replica):
+            del self._leaving[replica]
+            released.set()
+
+    def load(self, function: str) -> LoadReading:
+        """Calls of ``function`` running and waiting now, and their integral over time."""
+        return self._load[function].read()
+
+    def watch_starvation(self, callback: Callable[[str], None] | None) -> None:
+        """Call ``callback(function)`` whenever a call starts waiting for a function with no replica."""
+        self._on_starved = callback
+
     def _prune_idle(self, function: str) -> None:
         """Drop idle replicas that are no longer members (busy ones go when they come back)."""
         queue = self._idle[function]
@@ -118,8 +183,9 @@ class WorkerPool:
             replica = queue.get_nowait()
             if self._is_member(replica):
                 kept.append(replica)
-            else:
+            elif not self._failed_on_any(replica):
                 self._close_session(replica)
+            # else: its session stays until the request's /forget is sent (_send_forget closes it)
         for replica in kept:
             queue.put_nowait(replica)
 
@@ -127,11 +193,18 @@ class WorkerPool:
         return self._members[replica.function].get(replica.address) is replica
 
     def _close_session(self, replica: Replica) -> None:
+        if self._busy.get(replica):
+            return  # another slot's call is still on it; the last one back closes it
         session = self._sessions.pop(replica, None)
         if session is not None:
             self._track(session.close())
 
     def _give_back(self, replica: Replica) -> None:
+        self._busy[replica] -= 1
+        if not self._busy[replica]:
+            del self._busy[replica]
+        self._load[replica.function].call_ended()
+        self._note_released(replica)
         if self._is_member(replica):
             self._idle[replica.function].put_nowait(replica)
         elif not self._failed_on_any(replica):
@@ -144,6 +217,7 @@ class WorkerPool:
         while True:
             replica = await self._idle[function].get()
             if self._is_member(replica):
+                self._busy[replica] = self._busy.get(replica, 0) + 1
                 return replica
             self._close_session(replica)
 
@@ -162,13 +236,21 @@ class WorkerPool:
             await session.close()
 
     def waiting(self, function: str) -> int:
-        """Replicas of ``function`` idle right now."""
+        """Free slots of ``function``'s replicas right now (one per idle replica without batching)."""
         return self._idle[function].qsize()
 
     async def invoke(self, function: str, inputs: Mapping[str, str], *, request_id: str,
                      attempt: int, final: bool, timeout_s: float) -> dag.CallOutcome:
         queued = time.monotonic()
-        replica = await self._take(function)
+        load = self._load[function]
+        load.wait_started()
+        if not self._members[function] and self._on_starved is not None:
+            self._on_starved(function)
+        try:
+            replica = await self._take(function)
+        finally:
+            load.wait_ended()
+        load.call_started()
         queue_s = time.monotonic() - queued
         body = wire.CallBody(request_id=request_id, attempt=attempt, final=final, inputs=dict(inputs),
                              timeout_s=max(1e-3, timeout_s - queue_s))
@@ -187,7 +269,7 @@ class WorkerPool:
         t = reply["timings"]
         return dag.CallOutcome(outputs=reply["outputs"], get_s=t["get_s"], compute_s=t["compute_s"],
                                put_s=t["put_s"], queue_s=queue_s + t["wait_s"],
-                               refs=tuple(reply["refs"]))
+                               refs=tuple(reply["refs"]), batch_size=reply["batch_size"])
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -206,6 +288,7 @@ class WorkerPool:
     async def _send_forget(self, replica: Replica, request_id: str) -> None:
         session = self._sessions.get(replica)
         if session is None:
+            self._note_released(replica)
             return
         try:
             async with session.post(f"{replica.address.base_url}{wire.FORGET_PATH}",
@@ -216,6 +299,7 @@ class WorkerPool:
         finally:
             if not self._is_member(replica) and not self._failed_on_any(replica):
                 self._close_session(replica)
+            self._note_released(replica)  # a leaving replica's kept reads are let go now
 
     async def _finish_orphan(self, call: asyncio.Future[wire.ReplyBody], replica: Replica) -> None:
         try:

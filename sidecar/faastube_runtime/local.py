@@ -4,6 +4,11 @@
 Ctrl-C reaches only us and we stop them in order: gateway, workers, sidecar) and
 a parent-death signal (so even a killed parent leaves no orphans). All sockets
 live in one temporary directory, removed on stop.
+
+Autoscaled functions (``minReplicas``/``maxReplicas``) start with ``replicas`` workers;
+the gateway's ``ScaleMonitor`` decides and a ``local_scaling.ReplicaController`` starts
+and stops worker processes to follow it (``LocalOptions.autoscale``; off, every function
+keeps its starting count, at least one).
 """
 
 from __future__ import annotations
@@ -24,17 +29,21 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import aiohttp
+import yaml
 from aiohttp import web
 from faastube import errors as ft_errors
 from faastube import sdk
+from faastube_autoscale import AutoscaleSettings
 from faastube_spec import topology
 from faastube_spec.topology import NodeTopology
-from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow
+from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow, dump_workflow
 
-from faastube_runtime import dag, errors, wire
+from faastube_runtime import dag, errors, scaling, wire
 from faastube_runtime.addresses import Address
 from faastube_runtime.gateway import ClientStore, Gateway, GatewayConfig, make_runner
 from faastube_runtime.invoker import Replica, WorkerPool
+from faastube_runtime.local_scaling import FunctionScaling, ReplicaController
+from faastube_runtime.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +59,15 @@ class LocalOptions:
     port: int = 0  # 0: any free port
     passing: sdk.Passing = "tube"
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
-    startup_timeout_s: float = 60.0
+    startup_timeout_s: float = 60.0  # for each child to answer at all
+    warmup_timeout_s: float = 600.0  # then for each worker to be warm (a model may take minutes to load)
     child_log_level: str = "WARNING"
     sidecar_args: tuple[str, ...] = ()
+    # Worker processes follow the autoscaler (functions with minReplicas/maxReplicas); off,
+    # each function keeps its starting count (at least one): the fixed-replica baseline.
+    autoscale: bool = True
+    autoscale_settings: AutoscaleSettings = field(default_factory=AutoscaleSettings)
+    scale_interval_s: float = scaling.DEFAULT_INTERVAL_S
 
 
 def gpu_count() -> int:
@@ -75,7 +90,11 @@ def resolve_backend(backend: Backend) -> Literal["host", "cuda"]:
 
 def assign_devices(workflow: Workflow, *, gpus: int, node: NodeTopology | None = None,
                    cuda_of: Mapping[int, int] | None = None) -> dict[tuple[str, int], int | None]:
-    """CUDA ordinal per (function, replica); CPU functions get none.
+    """CUDA ordinal per (function, replica number); CPU functions get none.
+
+    Every replica number a function may run gets one (up to its ``reserved_replicas``:
+    ``maxReplicas`` when it autoscales), so replicas started later land where placement
+    reserved room for them.
 
     With this machine's topology (`node`, NVML indices mapped to CUDA ordinals by `cuda_of`),
     GPU functions are placed as the operator places them on a cluster node: functions that
@@ -99,7 +118,7 @@ def assign_devices(workflow: Workflow, *, gpus: int, node: NodeTopology | None =
     assignment: dict[tuple[str, int], int | None] = {}
     next_gpu = 0
     for spec in workflow.functions:
-        for replica in range(spec.replicas):
+        for replica in range(spec.reserved_replicas):
             if not spec.gpu or gpus <= 0:
                 assignment[(spec.name, replica)] = None
             elif gpu_of.get(spec.name) is not None:
@@ -150,6 +169,7 @@ class _Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    address: Address | None = None  # a worker's
 
 
 class LocalRuntime:
@@ -164,14 +184,21 @@ class LocalRuntime:
         self.plan = dag.plan_workflow(workflow)
         self.backend: Literal["host", "cuda"] = "host"
         self.socket_dir = Path()
+        self.workflow_file = Path()
         self.sidecar_socket = ""
         self.gateway: Gateway | None = None
         self.url = ""
         self._children: list[_Child] = []
+        self._devices: dict[tuple[str, int], int | None] = {}
+        self._serials: dict[str, int] = {}  # per function: the next worker's number (names, sockets)
+        self._monitor: scaling.ScaleMonitor | None = None
+        self._controller: ReplicaController | None = None
         self._pool: WorkerPool | None = None
         self._store: ClientStore | None = None
         self._runner: web.AppRunner | None = None
         self._client: Any = None
+        # function -> each replica's warm-up as its /healthz reported it (WarmupReport.as_dict)
+        self.warmup: dict[str, list[dict[str, Any]]] = {}
 
     async def __aenter__(self) -> Self:
         try:
@@ -190,17 +217,32 @@ class LocalRuntime:
         self.backend = resolve_backend(self.options.backend)
         self.socket_dir = Path(tempfile.mkdtemp(prefix="faastube-run-", dir=_socket_parent()))
         self.sidecar_socket = str(self.socket_dir / "sidecar.sock")
+        # Workers run the workflow this runtime was given, which may differ from its file (the
+        # benchmark strips batching and scaling from it): they read it from here, and look
+        # for handlers next to the original.
+        self.workflow_file = self.socket_dir / "workflow.yaml"
+        self.workflow_file.write_text(yaml.safe_dump(dump_workflow(self.workflow), sort_keys=False))
         self._spawn("sidecar", ["-m", "faastube.cli", "--log-level", self.options.child_log_level,
                                 "sidecar", "--socket", self.sidecar_socket, "--backend", self.backend,
                                 *self.options.sidecar_args])
         self._client = await self._connect_sidecar()
         replicas = self._spawn_workers()
+        # Nothing is sent before every worker is warm (its handler's setup and warm-up call ran).
         await asyncio.gather(*(self._wait_worker(r) for rs in replicas.values() for r in rs))
         self._store = ClientStore(self._client)
-        self._pool = WorkerPool(self.plan, replicas, discard=self._store.discard)
+        # A function that starts scaled to zero has no worker yet: its first call waits for one.
+        self._pool = WorkerPool(self.plan, replicas, discard=self._store.discard,
+                                require_all=all(replicas.get(f.name) for f in self.workflow.functions))
         await self._pool.__aenter__()
+        metrics = GatewayMetrics.create()
+        self._monitor = scaling.ScaleMonitor(self.workflow, self._pool, settings=self.options.autoscale_settings,
+                                             interval_s=self.options.scale_interval_s, metrics=metrics)
+        if self.options.autoscale:
+            self._controller = ReplicaController(self.workflow, self._pool, self)
+            self._monitor.subscribe(self._controller.apply)
+        await self._monitor.__aenter__()
         self.gateway = Gateway(self.workflow.name, self.plan, self._pool, self._store,
-                               config=self.options.gateway)
+                               config=self.options.gateway, metrics=metrics, scale=self._monitor)
         self._runner = make_runner(self.gateway)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.options.host, self.options.port)
@@ -224,22 +266,65 @@ class LocalRuntime:
     def _spawn_workers(self) -> dict[str, list[Replica]]:
         gpus = gpu_count() if self.backend == "cuda" else 0
         node, cuda_of = local_node() if gpus else (None, {})
-        devices = assign_devices(self.workflow, gpus=gpus, node=node, cuda_of=cuda_of)
+        self._devices = assign_devices(self.workflow, gpus=gpus, node=node, cuda_of=cuda_of)
         replicas: dict[str, list[Replica]] = {}
-        for number, spec in enumerate(self.workflow.functions):
-            for index in range(spec.replicas):
-                # short names: a Unix socket path must fit in 108 bytes
-                path = str(self.socket_dir / f"w{number}-{index}.sock")
-                args = ["-m", "faastube_runtime.worker", "--log-level", self.options.child_log_level,
-                        "--workflow", str(self.workflow.source_path), "--function", spec.name,
-                        "--listen", path, "--sidecar", self.sidecar_socket,
-                        "--passing", self.options.passing]
-                device = devices[(spec.name, index)]
-                if device is not None:
-                    args += ["--device", str(device)]
-                self._spawn(f"fn-{spec.name}-{index}", args)
-                replicas.setdefault(spec.name, []).append(Replica(spec.name, index, Address.unix(path)))
+        for spec in self.workflow.functions:
+            # Without autoscaling nothing would start a function's first worker later.
+            count = spec.replicas if self.options.autoscale else max(1, spec.replicas)
+            replicas[spec.name] = [self._spawn_worker(spec.name) for _ in range(count)]
         return replicas
+
+    def _spawn_worker(self, function: str) -> Replica:
+        """Start one worker process of ``function`` (not yet ready: see ``_wait_worker``)."""
+        spec = self.workflow.function(function)
+        number = self.workflow.functions.index(spec)
+        serial = self._serials.get(function, 0)
+        self._serials[function] = serial + 1
+        # short names: a Unix socket path must fit in 108 bytes
+        path = str(self.socket_dir / f"w{number}-{serial}.sock")
+        args = ["-m", "faastube_runtime.worker", "--log-level", self.options.child_log_level,
+                "--workflow", str(self.workflow_file), "--handlers-dir", str(self.workflow.base_dir),
+                "--function", function,
+                "--listen", path, "--sidecar", self.sidecar_socket, "--passing", self.options.passing]
+        # the GPU placement chose for the function (replica numbers cycle over its reservation)
+        device = self._devices.get((function, serial % spec.reserved_replicas))
+        if device is not None:
+            args += ["--device", str(device)]
+        address = Address.unix(path)
+        self._spawn(f"fn-{function}-{serial}", args).address = address
+        return Replica(function, serial, address)
+
+    # --- autoscaling (local_scaling.Launcher) --------------------------------------------------
+
+    async def start_replica(self, function: str) -> Address:
+        """Start a worker of ``function``; its address once ``/healthz`` answers 200."""
+        replica = self._spawn_worker(function)
+        try:
+            await self._wait_worker(replica)
+        except BaseException:
+            await self.stop_replica(function, replica.address)
+            raise
+        return replica.address
+
+    async def stop_replica(self, function: str, address: Address) -> None:
+        """Stop the worker process at ``address`` (SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``)."""
+        children = [c for c in self._children if c.address == address]
+        self._children = [c for c in self._children if c.address != address]
+        await asyncio.to_thread(_stop_children, children)
+
+    def worker_pids(self, function: str) -> list[int]:
+        """Process ids of ``function``'s worker processes that are running (started and not stopped)."""
+        prefix = f"fn-{function}-"
+        return [c.process.pid for c in self._children
+                if c.name.startswith(prefix) and c.name[len(prefix):].isdigit() and c.process.poll() is None]
+
+    def scaling_report(self) -> dict[str, FunctionScaling]:
+        """Per function: workers at the start and at the end, fewest and most, scale events."""
+        if self._controller is not None:
+            return self._controller.report()
+        counts = {f.name: len(self._pool.replicas(f.name)) if self._pool else 0 for f in self.workflow.functions}
+        return {name: FunctionScaling(initial=n, final=n, fewest=n, most=n, scale_ups=0, scale_downs=0,
+                                      failed_starts=0) for name, n in counts.items()}
 
     def _check_alive(self, name: str) -> None:
         for child in self._children:
@@ -248,9 +333,11 @@ class LocalRuntime:
                 raise errors.StartupFailed(f"{name} exited with status {child.process.returncode} "
                                            f"during startup; its log ends:\n{tail}")
 
-    async def _until_ready(self, name: str, probe: Any) -> Any:
-        """Probe with backoff until it answers, the child dies, or the startup timeout passes."""
-        deadline = time.monotonic() + self.options.startup_timeout_s
+    async def _until_ready(self, name: str, probe: Any, *, timeout_s: float | None = None) -> Any:
+        """Probe with backoff until it answers, the child dies, or the timeout (default: the
+        startup timeout) passes."""
+        timeout_s = self.options.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         delay_s = 0.01
         while True:
             self._check_alive(name)
@@ -259,8 +346,7 @@ class LocalRuntime:
             except (OSError, aiohttp.ClientError, ft_errors.Unavailable) as e:
                 last: BaseException = e
             if time.monotonic() > deadline:
-                raise errors.StartupFailed(f"{name} did not become ready in "
-                                           f"{self.options.startup_timeout_s:.0f}s: {last}")
+                raise errors.StartupFailed(f"{name} did not become ready in {timeout_s:.0f}s: {last}")
             await asyncio.sleep(delay_s)
             delay_s = min(0.2, delay_s * 2)
 
@@ -280,16 +366,26 @@ class LocalRuntime:
         return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function=GATEWAY_FUNCTION)
 
     async def _wait_worker(self, replica: Replica) -> None:
-        async def probe() -> None:
+        """Until the worker answers (the startup timeout), then until it is warm (the warm-up timeout)."""
+
+        async def health() -> tuple[int, Any]:
             if not os.path.exists(replica.address.path):
                 raise FileNotFoundError(replica.address.path)
             connector = aiohttp.UnixConnector(path=replica.address.path)
             async with (aiohttp.ClientSession(connector=connector) as s,
                         s.get(f"http://worker{wire.HEALTH_PATH}") as response):
-                if response.status != 200:
-                    raise aiohttp.ClientError(f"healthz answered {response.status}")
+                return response.status, await response.json(content_type=None)
 
-        await self._until_ready(f"fn-{replica.function}-{replica.index}", probe)
+        async def warm() -> Any:
+            status, body = await health()
+            if status != 200:
+                raise aiohttp.ClientError(f"healthz answered {status}: {body.get('phase', body)}")
+            return body
+
+        name = f"fn-{replica.function}-{replica.index}"
+        await self._until_ready(name, health)
+        body = await self._until_ready(name, warm, timeout_s=self.options.warmup_timeout_s)
+        self.warmup.setdefault(replica.function, []).append(body.get("warmup") or {})
 
     # --- stop ----------------------------------------------------------------------------------
 
@@ -303,6 +399,11 @@ class LocalRuntime:
         return self._client.stats()
 
     async def stop(self) -> None:
+        if self._controller is not None:
+            await self._controller.close()
+        if self._monitor is not None:
+            await self._monitor.__aexit__(None, None, None)
+            self._monitor = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

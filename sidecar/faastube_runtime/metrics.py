@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from faastube_runtime import dag
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class GatewayMetrics:
     function_seconds: Histogram
     retries: Counter
     freed_refs: Counter
+    function_concurrency: Gauge
+    desired_replicas: Gauge
+    function_replicas: Gauge
+    batch_size: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> GatewayMetrics:
@@ -50,7 +55,27 @@ class GatewayMetrics:
                             ["workflow", "function"], registry=r),
             freed_refs=Counter("faastube_gateway_freed_refs_total",
                                "Objects the gateway freed when requests ended", ["workflow"], registry=r),
+            function_concurrency=Gauge("faastube_gateway_function_concurrency",
+                                       "Calls of a function running on a replica or waiting for one, "
+                                       "averaged over the last autoscaling sample", ["workflow", "function"],
+                                       registry=r),
+            desired_replicas=Gauge("faastube_gateway_desired_replicas",
+                                   "Replicas the autoscaler wants for a function", ["workflow", "function"],
+                                   registry=r),
+            function_replicas=Gauge("faastube_gateway_function_replicas",
+                                    "Replicas of a function the gateway is sending calls to",
+                                    ["workflow", "function"], registry=r),
+            batch_size=Histogram("faastube_gateway_batch_size",
+                                 "Calls in the handler call that served each successful call (a batch "
+                                 "of n is observed once per call in it)",
+                                 ["workflow", "function"], buckets=_BATCH_SIZE_BUCKETS, registry=r),
         )
+
+    def observe_scale(self, workflow: str, function: str, *, concurrency: float, desired: int,
+                      current: int) -> None:
+        self.function_concurrency.labels(workflow, function).set(concurrency)
+        self.desired_replicas.labels(workflow, function).set(desired)
+        self.function_replicas.labels(workflow, function).set(current)
 
     def observe_success(self, workflow: str, trace: dag.RequestTrace, breakdown: dag.Breakdown) -> None:
         self.requests.labels(workflow, "ok").inc()
@@ -64,3 +89,4 @@ class GatewayMetrics:
                 self.function_seconds.labels(workflow, call.function, part).observe(value)
             if call.attempts > 1:
                 self.retries.labels(workflow, call.function).inc(call.attempts - 1)
+            self.batch_size.labels(workflow, call.function).observe(call.batch_size)

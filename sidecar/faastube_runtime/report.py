@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from faastube_spec.workflow import Workflow
 
 from faastube_runtime.loadgen import RequestResult
+from faastube_runtime.local_scaling import FunctionScaling
 
 STAGES = ("total_s", "compute_s", "data_passing_s", "queueing_s", "other_s")
 STAGE_LABELS = {"total_s": "end-to-end (gateway)", "compute_s": "compute",
@@ -79,3 +82,39 @@ def format_table(summary: RunSummary) -> str:
                 f"({summary.throughput_per_s:.1f} req/s)" + (f"; failed: {failed}" if failed else ""))
     rows.append("stages are along each request's critical path; 'other' is transport and scheduling")
     return "\n".join(rows)
+
+
+def format_scaling(workflow: Workflow, scaling: Mapping[str, FunctionScaling], *, autoscale: bool) -> str:
+    """Workers per function over the run: at the start, the most reached, at the end, scale events."""
+    rows = [f"{'replicas':<22}{'start':>7}{'most':>7}{'end':>7}  bounds / events"]
+    for fn in workflow.functions:
+        s = scaling[fn.name]
+        low, high = fn.replica_range
+        if fn.autoscaled and autoscale:
+            note = (f"{low}..{high}; {s.scale_ups} up, {s.scale_downs} down"
+                    + (f", {s.failed_starts} failed starts" if s.failed_starts else ""))
+        elif fn.autoscaled:
+            note = f"{low}..{high}, not scaled (--no-autoscale)"
+        else:
+            note = "fixed"
+        rows.append(f"{fn.name:<22}{s.initial:>7}{s.most:>7}{s.final:>7}  {note}")
+    return "\n".join(rows)
+def format_warmup(warmup: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One line per function: how long its replicas took to get warm (the slowest), and what ran.
+
+    ``warmup`` is function -> each replica's warm-up as its worker's ``/healthz`` reported it.
+    """
+    lines = ["warm-up (slowest replica per function):"]
+    width = max((len(name) for name in warmup), default=0)
+    for name, reports in warmup.items():
+        if not reports:
+            continue
+        slowest = max(reports, key=lambda r: float(r.get("total_s") or 0.0))
+        steps = [f"{label} {float(slowest[key]):.2f}s" for key, label in
+                 (("hook_s", "hook"), ("call_s", "call"), ("batch_call_s", "full batch"))
+                 if slowest.get(key) is not None]
+        note = str(slowest.get("note") or "")
+        detail = "; ".join(part for part in (", ".join(steps), note) if part)
+        lines.append(f"  {name:<{width}}  {float(slowest.get('total_s') or 0.0):7.2f}s"
+                     + (f"  ({detail})" if detail else ""))
+    return "\n".join(lines)

@@ -39,6 +39,9 @@ class ReplyBody(TypedDict):
     outputs: dict[str, str]  # reader name -> ref
     refs: list[str]
     timings: TimingsBody
+    # Calls in the handler call that produced these outputs (its compute_s is shared); a reply
+    # without it (an older worker) is read as 1.
+    batch_size: int
 
 
 class ErrorBody(TypedDict):
@@ -103,8 +106,14 @@ def parse_forget(body: Any) -> str:
     return _string(raw["request_id"], "request_id", limit=MAX_ID_CHARS)
 
 
+MAX_BATCH_SIZE = 1 << 20
+
+
 def parse_reply(body: Any, *, expected_readers: set[str]) -> ReplyBody:
-    raw = _object(body, {"outputs", "refs", "timings"}, {"outputs", "refs", "timings"}, "reply")
+    raw = _object(body, {"outputs", "refs", "timings", "batch_size"}, {"outputs", "refs", "timings"}, "reply")
+    batch_size = raw.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise errors.BadInput(f"batch_size: must be an integer from 1 to {MAX_BATCH_SIZE}, got {batch_size!r:.40}")
     outputs = _ref_map(raw["outputs"], "outputs", expected=expected_readers)
     refs = raw["refs"]
     if not isinstance(refs, list) or not all(isinstance(r, str) and 0 < len(r) <= MAX_REF_CHARS
@@ -118,7 +127,8 @@ def parse_reply(body: Any, *, expected_readers: set[str]) -> ReplyBody:
                      timings=TimingsBody(get_s=_number(t["get_s"], "timings.get_s"),
                                          compute_s=_number(t["compute_s"], "timings.compute_s"),
                                          put_s=_number(t["put_s"], "timings.put_s"),
-                                         wait_s=_number(t["wait_s"], "timings.wait_s")))
+                                         wait_s=_number(t["wait_s"], "timings.wait_s")),
+                     batch_size=batch_size)
 
 
 def parse_error(body: Any) -> ErrorBody:

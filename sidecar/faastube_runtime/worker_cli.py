@@ -16,7 +16,8 @@ flag                environment                      meaning
 
 ``FAASTUBE_WORKFLOW`` and ``FAASTUBE_HANDLER``, when set, are checked against the
 document: a disagreement means the pod was built from another spec. Every problem
-is reported at once, and the command exits with status 2.
+is reported at once, and the command exits with status 2; a worker whose warm-up
+fails (its ``warmup`` hook or warm-up call raised) exits with status 3.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         logger.info("serving function %s of workflow %s on %s", config.function, config.workflow.name,
                     config.listen)
         asyncio.run(worker.serve(config))
+    except sdk.WarmupFailed as e:
+        print(f"faastube worker: warm-up failed: {e}", file=sys.stderr)
+        return worker.EXIT_WARMUP_FAILED
     except ft_errors.FaastubeError as e:
         print(f"faastube worker: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ import difflib
 import heapq
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,18 +36,31 @@ from faastube.errors import InvalidRequest
 
 from faastube_spec import api, documents
 from faastube_spec.documents import preview
-from faastube_spec.units import UnitError, format_duration, format_size, parse_duration, parse_size
+from faastube_spec.units import (
+    MAX_SIZE_BYTES,
+    UnitError,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_BATCH_DELAY_FRACTION",
     "DEFAULT_GPU_MEMORY_BYTES",
+    "DEFAULT_TARGET_CONCURRENCY",
     "GATEWAY_FUNCTION",
     "KIND",
+    "DTYPE_BYTES",
+    "MAX_BATCH_SIZE",
+    "MAX_DIMS",
     "MAX_ERRORS_LISTED",
     "MAX_REPLICAS",
     "RESERVED_FUNCTION_NAMES",
+    "BatchSpec",
     "EdgeSpec",
     "FieldError",
     "FunctionSpec",
@@ -73,6 +87,25 @@ GATEWAY_FUNCTION = "gateway"
 RESERVED_FUNCTION_NAMES = frozenset({GATEWAY_FUNCTION})
 # A Deployment's replicas are a 32-bit integer in Kubernetes.
 MAX_REPLICAS = 2**31 - 1
+# Calls in flight (running or waiting) per replica that the autoscaler aims at: one, since a
+# worker runs one call at a time; a batched function's default is its batch.maxSize (its
+# replicas hold that many calls at once). `targetConcurrency` overrides either.
+DEFAULT_TARGET_CONCURRENCY = 1.0
+# The most requests one batched handler call may gather: the gateway keeps this many calls in
+# flight per replica, each an open HTTP exchange.
+MAX_BATCH_SIZE = 1024
+# With `batch.maxDelay: auto`, a batched function waits at most this fraction of the time its SLO
+# leaves after its compute time: `(slo - computeTime) / 10` (docs/workflow.md, "Batching").
+DEFAULT_BATCH_DELAY_FRACTION = 0.1
+# The dimensions an edge's `shape` may have: NumPy's limit, and what the gateway accepts.
+MAX_DIMS = 32
+# The element types an edge's `dtype` may name (NumPy's spelling) and their sizes: the plain
+# numeric types the data plane stores.
+DTYPE_BYTES: Mapping[str, int] = {
+    "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2,
+    "int32": 4, "uint32": 4, "float32": 4, "int64": 8, "uint64": 8, "float64": 8,
+    "complex64": 8, "complex128": 16,
+}
 # A document can hold thousands of mistakes; the message lists this many and counts the rest.
 MAX_ERRORS_LISTED = 100
 # "Did you mean" compares a name with every candidate (~3 us each): this many comparisons
@@ -91,10 +124,13 @@ _METADATA_FIELDS = (
     "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "finalizers",
     "ownerReferences", "managedFields", "generateName", "selfLink",
 )
-_SPEC_FIELDS = ("slo", "entry", "exit", "functions", "edges")
-_FUNCTION_FIELDS = ("name", "handler", "image", "gpu", "replicas", "slo", "computeTime")
+_SPEC_FIELDS = ("slo", "entry", "exit", "functions", "edges", "input")
+_INPUT_FIELDS = ("shape", "dtype")
+_FUNCTION_FIELDS = ("name", "handler", "image", "gpu", "replicas", "minReplicas", "maxReplicas",
+                    "targetConcurrency", "slo", "computeTime", "batch")
 _GPU_FIELDS = ("memory", "enabled")
-_EDGE_FIELDS = ("from", "to", "size")
+_BATCH_FIELDS = ("maxSize", "maxDelay")
+_EDGE_FIELDS = ("from", "to", "size", "shape", "dtype")
 
 
 @dataclass(frozen=True)
@@ -130,7 +166,24 @@ class WorkflowInvalid(InvalidRequest):
 
 
 @dataclass(frozen=True)
+class BatchSpec:
+    """A function's dynamic batching: gather up to ``max_size`` queued calls into one handler
+    call, waiting at most ``max_delay_s`` after the first (resolved from the SLO if not given)."""
+
+    max_size: int
+    max_delay_s: float
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
+    """One function of a workflow.
+
+    ``replicas`` is the number it starts with. An autoscaled function (``minReplicas`` or
+    ``maxReplicas`` in the document) has both bounds set here, with ``replicas`` between
+    them; a function with fixed replicas has neither (``None``), and ``replica_range`` is
+    ``(replicas, replicas)``.
+    """
+
     name: str
     handler: str
     image: str | None = None
@@ -139,6 +192,38 @@ class FunctionSpec:
     replicas: int = 1
     slo_s: float | None = None
     compute_time_s: float | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_concurrency: float = DEFAULT_TARGET_CONCURRENCY
+
+    def __post_init__(self) -> None:
+        # parse_workflow never builds these; a FunctionSpec built in code must not either.
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError(f"function {self.name!r}: give both min_replicas and max_replicas, or neither")
+        low, high = self.replica_range
+        if not 0 <= low <= self.replicas <= high or high < 1:
+            raise ValueError(f"function {self.name!r}: replicas {self.replicas} outside "
+                             f"[{low}, {high}] (or no replica ever)")
+        if not self.target_concurrency > 0:
+            raise ValueError(f"function {self.name!r}: target_concurrency must be positive")
+
+    @property
+    def autoscaled(self) -> bool:
+        """Whether the replica count follows load (between ``min_replicas`` and ``max_replicas``)."""
+        return self.max_replicas is not None
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """The fewest and the most replicas this function may run."""
+        if self.min_replicas is None or self.max_replicas is None:
+            return self.replicas, self.replicas
+        return self.min_replicas, self.max_replicas
+
+    @property
+    def reserved_replicas(self) -> int:
+        """The replicas placement reserves GPU sharing slots and memory for: the most it may run."""
+        return self.replica_range[1]
+    batch: BatchSpec | None = None
 
     @property
     def handler_module(self) -> str:
@@ -154,6 +239,10 @@ class EdgeSpec:
     source: str
     target: str
     size_bytes: int
+    # What one request passes on this edge, when the document says (warm-up inputs are built
+    # from them): both or neither, and then ``size_bytes`` is their product.
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +254,9 @@ class Workflow:
     functions: tuple[FunctionSpec, ...]
     edges: tuple[EdgeSpec, ...]
     namespace: str | None = None
+    # What one request's input is (``spec.input``), when the document says: the entry's warm-up call.
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
     # Where the document was loaded from: handlers' modules resolve next to it first.
     source_path: Path | None = field(default=None, compare=False)
 
@@ -323,6 +415,26 @@ class _Collector:
             return None
         return size_bytes
 
+    def duration(self, value: Any, path: str) -> float | None:
+        """A duration that may be zero."""
+        try:
+            return parse_duration(value)
+        except UnitError as e:
+            self.add(path, str(e))
+            return None
+
+    def integer(self, value: Any, path: str, *, minimum: int, maximum: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(path, f"must be an integer, got {_type_name(value)}")
+            return None
+        if value < minimum:
+            self.add(path, f"must be at least {minimum:,}, got {value:,}")
+            return None
+        if value > maximum:
+            self.add(path, f"must be at most {maximum:,}, got {value:,}")
+            return None
+        return value
+
 
 def parse_workflow(doc: Mapping[str, Any], *, source_path: str | os.PathLike[str] | None = None) -> Workflow:
     """Validate a Workflow document (YAML/JSON already loaded) and build the model.
@@ -385,6 +497,7 @@ def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] 
 
     functions, positions = _parse_functions(c, spec.get("functions"), workflow_slo_s=slo_s)
     edges = _parse_edges(c, spec.get("edges", []), known=positions)
+    input_shape, input_dtype = _parse_input(c, spec["input"]) if "input" in spec else (None, None)
     entry, exit_ = _check_graph(c, spec, functions, edges, positions=positions)
 
     if c.count:
@@ -400,8 +513,30 @@ def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] 
         functions=tuple(functions),
         edges=tuple(edges),
         namespace=namespace,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
         source_path=None if source_path is None else Path(source_path),
     )
+
+
+def _parse_input(c: _Collector, raw: Any) -> tuple[tuple[int, ...] | None, str | None]:
+    """``spec.input: {shape, dtype}``: what a request sends (both required)."""
+    if not isinstance(raw, Mapping):
+        c.add("spec.input", f"must be a mapping like {{shape: [21, 270, 480, 3], dtype: uint8}}, "
+                            f"got {_type_name(raw)}")
+        return None, None
+    fields = c.mapping(raw, "spec.input", allowed=_INPUT_FIELDS)
+    if fields is None:
+        return None, None
+    for key in _INPUT_FIELDS:
+        if key not in fields:
+            c.add(f"spec.input.{key}", "required")
+    shape = _parse_shape(c, fields["shape"], "spec.input.shape") if "shape" in fields else None
+    dtype = _parse_dtype(c, fields["dtype"], "spec.input.dtype") if "dtype" in fields else None
+    if shape is not None and dtype is not None and math.prod(shape) * DTYPE_BYTES[dtype] > MAX_SIZE_BYTES:
+        c.add("spec.input.shape", f"{_shape_text(shape)} of {dtype} is more than {MAX_SIZE_BYTES:,} bytes")
+        return None, None
+    return (shape, dtype) if shape is not None and dtype is not None else (None, None)
 
 
 def _parse_functions(c: _Collector, raw: Any, *,
@@ -465,18 +600,7 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
 
     gpu, gpu_memory_bytes = _parse_gpu(c, fn.get("gpu", False), f"{path}.gpu")
 
-    replicas = 1
-    if "replicas" in fn:
-        raw_replicas = fn["replicas"]
-        if isinstance(raw_replicas, bool) or not isinstance(raw_replicas, int):
-            c.add(f"{path}.replicas", f"must be an integer, got {_type_name(raw_replicas)}")
-        elif raw_replicas < 1:
-            c.add(f"{path}.replicas", f"must be at least 1, got {raw_replicas}")
-        elif raw_replicas > MAX_REPLICAS:
-            c.add(f"{path}.replicas", f"must be at most {MAX_REPLICAS:,} (a Deployment's limit), "
-                                      f"got {raw_replicas:,}")
-        else:
-            replicas = raw_replicas
+    replicas, min_replicas, max_replicas, target_concurrency = _parse_scaling(c, fn, path)
 
     slo_s = c.positive_duration(fn["slo"], f"{path}.slo") if "slo" in fn else None
     compute_time_s = (c.positive_duration(fn["computeTime"], f"{path}.computeTime")
@@ -493,6 +617,14 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
         c.add(f"{path}.slo", f"{format_duration(slo_s)} exceeds the workflow's spec.slo "
                              f"{format_duration(workflow_slo_s)}")
 
+    batch = (_parse_batch(c, fn["batch"], f"{path}.batch", slo_s=slo_s, workflow_slo_s=workflow_slo_s,
+                          compute_time_s=compute_time_s)
+             if "batch" in fn else None)
+
+    if batch is not None and "targetConcurrency" not in fn:
+        # A batching replica holds batch.maxSize calls at once: that is its capacity.
+        target_concurrency = float(batch.max_size)
+
     if c.count != before or name is None or handler is None:
         # Keep a named function in the graph checks so that edges to it are not reported as unknown.
         if name is not None:
@@ -500,7 +632,121 @@ def _parse_function(c: _Collector, item: Any, path: str, *,
         return None
     return FunctionSpec(name=name, handler=handler, image=image, gpu=gpu,
                         gpu_memory_bytes=gpu_memory_bytes, replicas=replicas,
-                        slo_s=slo_s, compute_time_s=compute_time_s)
+                        slo_s=slo_s, compute_time_s=compute_time_s, min_replicas=min_replicas,
+                        max_replicas=max_replicas, target_concurrency=target_concurrency, batch=batch)
+
+
+def _parse_scaling(c: _Collector, fn: Mapping[str, Any],
+                   path: str) -> tuple[int, int | None, int | None, float]:
+    """``replicas``, ``minReplicas``, ``maxReplicas`` and ``targetConcurrency`` of a function.
+
+    Without ``minReplicas`` and ``maxReplicas`` the function runs ``replicas`` (default 1)
+    replicas, fixed. With either, it is autoscaled: ``minReplicas`` defaults to 1 (scaling to
+    zero is asked for with ``minReplicas: 0``), ``replicas`` (the count it starts with) to
+    ``max(1, minReplicas)``, and ``maxReplicas`` to ``max(replicas, minReplicas)``.
+    Returns (replicas, min, max, target); min and max are None for a fixed function, and
+    values are defaults where a field was invalid (an error is then recorded).
+    """
+    raw_min = fn.get("minReplicas")
+    zero_ok = raw_min == 0 and not isinstance(raw_min, bool)  # only minReplicas: 0 lets a function start at 0
+    given: dict[str, int | None] = {}
+    for key, lowest in (("replicas", 0 if zero_ok else 1), ("minReplicas", 0), ("maxReplicas", 1)):
+        if key in fn:
+            given[key] = _replica_count(c, fn[key], f"{path}.{key}", lowest=lowest,
+                                        zero_hint=key == "replicas")
+    target = DEFAULT_TARGET_CONCURRENCY
+    if "targetConcurrency" in fn:
+        target = _positive_number(c, fn["targetConcurrency"], f"{path}.targetConcurrency") or target
+    autoscaled = "minReplicas" in fn or "maxReplicas" in fn
+    if not autoscaled and "targetConcurrency" in fn:
+        c.add(f"{path}.targetConcurrency", "only with minReplicas or maxReplicas: a function with "
+                                           "fixed replicas does not scale")
+    counts = {key: value for key, value in given.items() if value is not None}
+    if not autoscaled or len(counts) < len(given):  # fixed, or a bad count (reported above)
+        return counts.get("replicas", 1), None, None, target
+    low = counts.get("minReplicas", 1)
+    replicas = counts.get("replicas", max(1, low))
+    high = counts.get("maxReplicas", max(replicas, low))
+    if high < low:
+        c.add(f"{path}.maxReplicas", f"must be at least minReplicas ({low}), got {high}")
+        return 1, None, None, target
+    if not low <= replicas <= high:
+        c.add(f"{path}.replicas", f"must lie within minReplicas..maxReplicas ({low}..{high}), "
+                                  f"got {replicas}")
+        return 1, None, None, target
+    return replicas, low, high, target
+
+
+def _replica_count(c: _Collector, raw: Any, path: str, *, lowest: int,
+                   zero_hint: bool = False) -> int | None:
+    """A replica count: an integer from ``lowest`` to ``MAX_REPLICAS``, or None (reported)."""
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        c.add(path, f"must be an integer, got {_type_name(raw)}")
+        return None
+    if raw < lowest:
+        hint = " (0 only with minReplicas: 0, to start scaled to zero)" if zero_hint and raw == 0 else ""
+        c.add(path, f"must be at least {lowest}, got {raw}{hint}")
+        return None
+    if raw > MAX_REPLICAS:
+        c.add(path, f"must be at most {MAX_REPLICAS:,} (a Deployment's limit), got {raw:,}")
+        return None
+    return raw
+
+
+def _positive_number(c: _Collector, raw: Any, path: str) -> float | None:
+    """A finite number greater than zero (an integer or a float; not a string or a boolean)."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        c.add(path, f"must be a number, got {_type_name(raw)}")
+        return None
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        c.add(path, f"must be a finite number greater than zero, got {preview(raw)}")
+        return None
+    return value
+
+
+def _parse_batch(c: _Collector, raw: Any, path: str, *, slo_s: float | None, workflow_slo_s: float | None,
+                 compute_time_s: float | None) -> BatchSpec | None:
+    """``{maxSize: N, maxDelay: <duration> | auto}``.
+
+    Without ``maxDelay`` a batch never waits: it takes what queued while the previous one
+    ran (opportunistic batching: no latency added to a request that finds the worker idle).
+    ``auto`` waits up to a tenth of what the SLO leaves: the function's own SLO, else the
+    workflow's, minus its computeTime (0 when not given). A wait must fit in what it leaves.
+    """
+    if not isinstance(raw, Mapping):
+        c.add(path, f"must be a mapping like {{maxSize: 8, maxDelay: 5ms}}, got {_type_name(raw)}")
+        return None
+    batch = c.mapping(raw, path, allowed=_BATCH_FIELDS)
+    if batch is None:
+        return None
+    max_size = None
+    if "maxSize" not in batch:
+        c.add(f"{path}.maxSize", "required: the most queued requests one handler call gathers, e.g. 8")
+    else:
+        max_size = c.integer(batch["maxSize"], f"{path}.maxSize", minimum=1, maximum=MAX_BATCH_SIZE)
+    slo_of, slo_name = (slo_s, "the function's slo") if slo_s is not None else \
+        (workflow_slo_s, "the workflow's spec.slo")
+    left_s = None if slo_of is None else slo_of - (compute_time_s or 0.0)
+    max_delay_s: float | None = 0.0
+    if batch.get("maxDelay") == "auto":
+        if left_s is not None and left_s > 0:
+            # In whole microseconds, as the document would spell it (so it dumps as "26ms", not "26000us").
+            delay_us = round(left_s * DEFAULT_BATCH_DELAY_FRACTION * 1e6)
+            max_delay_s = parse_duration(f"{delay_us // 1000}ms" if delay_us % 1000 == 0 else f"{delay_us}us")
+        else:
+            max_delay_s = None  # the SLO or computeTime is in error, reported where it is
+    elif "maxDelay" in batch:
+        max_delay_s = c.duration(batch["maxDelay"], f"{path}.maxDelay")
+        if max_delay_s is not None and left_s is not None and left_s > 0 and max_delay_s >= left_s:
+            spent = "" if compute_time_s is None else f" after its computeTime {format_duration(compute_time_s)}"
+            c.add(f"{path}.maxDelay", f"{format_duration(max_delay_s)} of waiting does not fit in what "
+                                      f"{slo_name} {format_duration(slo_of or 0.0)} leaves{spent} "
+                                      f"({format_duration(left_s)})")
+            return None
+    if max_size is None or max_delay_s is None:
+        return None
+    return BatchSpec(max_size=max_size, max_delay_s=max_delay_s)
 
 
 def _parse_gpu(c: _Collector, raw: Any, path: str) -> tuple[bool, int]:
@@ -557,11 +803,7 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
                                        + (f" (did you mean {hint!r}?)" if hint else ""))
                 end = None
             ends.append(end)
-        size_bytes = None
-        if "size" not in edge:
-            c.add(f"{path}.size", "required: the bytes passed on this edge, e.g. '130MB'")
-        else:
-            size_bytes = c.positive_size(edge["size"], f"{path}.size")
+        size_bytes, shape, dtype = _parse_edge_data(c, edge, path)
         source, target = ends
         if source is None or target is None:
             continue
@@ -574,8 +816,71 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
             continue
         first_index[source, target] = i
         # A bad size is reported above; keep the edge so the graph checks still see it.
-        edges.append(EdgeSpec(source, target, size_bytes or 0))
+        edges.append(EdgeSpec(source, target, size_bytes or 0, shape=shape, dtype=dtype))
     return edges
+
+
+def _parse_edge_data(c: _Collector, edge: Mapping[str, Any],
+                     path: str) -> tuple[int | None, tuple[int, ...] | None, str | None]:
+    """(size, shape, dtype) of an edge: a size, or a shape and a dtype (then the size is theirs), or all
+    three if they agree."""
+    shape = _parse_shape(c, edge["shape"], f"{path}.shape") if "shape" in edge else None
+    dtype = _parse_dtype(c, edge["dtype"], f"{path}.dtype") if "dtype" in edge else None
+    if "shape" in edge and "dtype" not in edge:
+        c.add(f"{path}.dtype", "required with shape: the element type, e.g. 'float32'")
+    if "dtype" in edge and "shape" not in edge:
+        c.add(f"{path}.shape", "required with dtype: the dimensions, e.g. [21, 3, 736, 736]")
+    derived = None
+    if shape is not None and dtype is not None:
+        derived = math.prod(shape) * DTYPE_BYTES[dtype]
+        if derived > MAX_SIZE_BYTES:
+            c.add(f"{path}.shape", f"{_shape_text(shape)} of {dtype} is {derived:,} bytes, "
+                                   f"more than {MAX_SIZE_BYTES:,} (2**63 - 1)")
+            derived = None
+    if "size" not in edge:
+        if "shape" not in edge and "dtype" not in edge:
+            c.add(f"{path}.size", "required: the bytes passed on this edge, e.g. '130MB' "
+                                  "(or give its shape and dtype)")
+        return derived, (shape if derived else None), (dtype if derived else None)
+    size_bytes = c.positive_size(edge["size"], f"{path}.size")
+    if size_bytes is not None and derived is not None and size_bytes != derived:
+        c.add(f"{path}.size", f"{size_bytes:,} bytes, but shape {_shape_text(shape or ())} of {dtype} is "
+                              f"{derived:,} bytes; fix one, or leave size out")
+    return size_bytes, (shape if derived else None), (dtype if derived else None)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _parse_shape(c: _Collector, raw: Any, path: str) -> tuple[int, ...] | None:
+    if not isinstance(raw, list):
+        c.add(path, f"must be a list of dimensions like [21, 3, 736, 736], got {_type_name(raw)}")
+        return None
+    if len(raw) > MAX_DIMS:
+        c.add(path, f"has {len(raw):,} dimensions; at most {MAX_DIMS}")
+        return None
+    dims: list[int] = []
+    for i, d in enumerate(raw):
+        if isinstance(d, bool) or not isinstance(d, int):
+            c.add(f"{path}[{i}]", f"must be an integer, got {_type_name(d)}")
+        elif d < 1:
+            c.add(f"{path}[{i}]", f"must be at least 1, got {d:,}")
+        else:
+            dims.append(d)
+    return tuple(dims) if len(dims) == len(raw) else None
+
+
+def _parse_dtype(c: _Collector, raw: Any, path: str) -> str | None:
+    text = c.string(raw, path)
+    if text is None:
+        return None
+    if text not in DTYPE_BYTES:
+        hint = c.suggest(text, list(DTYPE_BYTES))
+        c.add(path, f"unknown dtype {preview(text)}; use one of {', '.join(DTYPE_BYTES)}"
+                    + (f" (did you mean {hint!r}?)" if hint else ""))
+        return None
+    return text
 
 
 def _check_graph(c: _Collector, spec: Mapping[str, Any], functions: list[FunctionSpec],
@@ -855,10 +1160,16 @@ def dump_workflow(workflow: Workflow) -> dict[str, Any]:
             item["image"] = f.image
         item["gpu"] = {"memory": format_size(f.gpu_memory_bytes)} if f.gpu else False
         item["replicas"] = f.replicas
+        if f.min_replicas is not None and f.max_replicas is not None:
+            item["minReplicas"] = f.min_replicas
+            item["maxReplicas"] = f.max_replicas
+            item["targetConcurrency"] = f.target_concurrency
         if f.slo_s is not None:
             item["slo"] = format_duration(f.slo_s)
         if f.compute_time_s is not None:
             item["computeTime"] = format_duration(f.compute_time_s)
+        if f.batch is not None:
+            item["batch"] = {"maxSize": f.batch.max_size, "maxDelay": format_duration(f.batch.max_delay_s)}
         functions.append(item)
     return {
         "apiVersion": API_VERSION,
@@ -869,8 +1180,17 @@ def dump_workflow(workflow: Workflow) -> dict[str, Any]:
             "entry": workflow.entry,
             "exit": workflow.exit,
             "functions": functions,
-            "edges": [{"from": e.source, "to": e.target, "size": format_size(e.size_bytes)}
-                      for e in workflow.edges],
+            "edges": [_dump_edge(e) for e in workflow.edges],
+            **({"input": {"shape": list(workflow.input_shape), "dtype": workflow.input_dtype}}
+               if workflow.input_shape is not None and workflow.input_dtype is not None else {}),
         },
     }
 
+
+
+def _dump_edge(edge: EdgeSpec) -> dict[str, Any]:
+    item: dict[str, Any] = {"from": edge.source, "to": edge.target, "size": format_size(edge.size_bytes)}
+    if edge.shape is not None and edge.dtype is not None:
+        item["shape"] = list(edge.shape)
+        item["dtype"] = edge.dtype
+    return item

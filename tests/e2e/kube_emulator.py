@@ -12,9 +12,11 @@ no controllers, admission or schema pruning (see kubernetes-notes.md). On top of
   resourceVersion) when an apply changes nothing, and ownership moving to whoever
   changes a field with a create or merge patch. It knows the list keys of the few
   built-in lists the operator writes (containers, env, ports, volumes, volumeMounts,
-  ownerReferences); any other list is atomic. Objects of built-in kinds lose nulls and
-  empty lists on the way in, as the API server's ``omitempty`` serialisation does, and a
-  ``generateName`` gets a random suffix (kopf names its events so).
+  ownerReferences); any other list is atomic. An apply that would create a Deployment
+  without a selector or template is refused (422), as validation does. Objects of
+  built-in kinds lose nulls and empty lists on the way in, as the API server's
+  ``omitempty`` serialisation does, and a ``generateName`` gets a random suffix (kopf
+  names its events so).
 - ``Cluster`` is HTTP access as kubectl would have it, plus stand-ins for the
   controllers the tests need: the Deployment controller (``finish_rollouts``), the
   garbage collector (``collect_garbage``: owner references) and the namespace controller
@@ -450,6 +452,14 @@ class ApiServerEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                                         message="the apply configuration must name the object")
         force = str((request.params or {}).get("force", "")).lower() == "true"
         current = self._current(request)
+        if not current and request.resource.plural == "deployments":
+            # The API server validates what an apply would create: a Deployment needs its
+            # selector and template (so a replicas-only apply never creates one).
+            spec = config.get("spec") or {}
+            missing = [f"spec.{f}" for f in ("selector", "template") if not spec.get(f)]
+            if missing:
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=(
+                    f"Deployment.apps {request.name!r} is invalid: {', '.join(missing)}: Required value"))
         try:
             result = server_side_apply(current or None, config, manager=manager, force=force,
                                        now=_timestamp())

@@ -45,7 +45,7 @@ EXAMPLE = ROOT / "examples" / "traffic"
 NODE = "node-test"
 NAMESPACE = "e2e"
 IMAGE_ENV = {"FAASTUBE_EXAMPLE_BACKEND": "numpy", "FAASTUBE_EXAMPLE_SCALE": "0.05"}
-READY_TIMEOUT_S = 20.0
+READY_TIMEOUT_S = 120.0  # workers warm up on the edges' full shapes first: tens of seconds on a loaded CPU
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -289,7 +289,7 @@ async def test_the_gateway_follows_replicas_that_dns_lists_and_drops_ones_it_sto
         resolver = FixedResolver({detection_host: detection_hosts})
         gateway_port = free_port()
         args = [detection_flag, "--host", "127.0.0.1", "--port", str(gateway_port),
-                "--resolve-interval", "0.1",
+                "--resolve-interval", "0.1", "--scale-interval", "0.1",
                 *(f"--function-endpoint={f}={u}" for f, urls in endpoints.items() if f != "detection"
                   for u in urls)]
         gw_settings = gateway_cli.build_settings(_parse_gateway(args), pod_env(gateway))
@@ -301,9 +301,12 @@ async def test_the_gateway_follows_replicas_that_dns_lists_and_drops_ones_it_sto
             await _until(lambda: _healthy(http, url), "the in-process gateway")
             request = example_request(monkeypatch)
             baseline = pool_usage(socket_path)
-            await asyncio.gather(*(invoke(http, url, request) for _ in range(4)))
+            # detection batches (maxSize 4): a replica takes 4 calls at once, so 8 in flight
+            # need both (a replica's slots go back behind the other's, first in first out).
+            await asyncio.gather(*(invoke(http, url, request) for _ in range(8)))
             served = [await _calls(http, f"http://{h}:{port}") for h in detection_hosts]
-            assert all(n > 0 for n in served) and sum(served) == 4, served  # both replicas worked
+            assert all(n > 0 for n in served) and sum(served) == 8, served  # both replicas worked
+            await _until(lambda: _scale_current(http, url, "detection", 2), "/scale to count both replicas")
 
             # DNS stops listing 127.0.0.2 (its pod is not ready any more): no calls go there.
             resolver.answers[detection_host] = ["127.0.0.1"]
@@ -312,6 +315,7 @@ async def test_the_gateway_follows_replicas_that_dns_lists_and_drops_ones_it_sto
             await asyncio.gather(*(invoke(http, url, request) for _ in range(3)))
             after = [await _calls(http, f"http://{h}:{port}") for h in detection_hosts]
             assert after == [served[0] + 3, served[1]], (served, after)
+            await _until(lambda: _scale_current(http, url, "detection", 1), "/scale to count one replica")
             assert await back_to(baseline, socket_path) == baseline
         finally:
             stop.set()
@@ -332,6 +336,13 @@ async def _healthy(http: aiohttp.ClientSession, url: str) -> bool:
             return response.status == 200
     except aiohttp.ClientError:
         return False
+
+
+async def _scale_current(http: aiohttp.ClientSession, url: str, function: str, count: int) -> bool:
+    """Whether the gateway's ``GET /scale`` says ``count`` replicas of ``function`` serve."""
+    async with http.get(f"{url}/scale") as response:
+        body = await response.json()
+    return bool(response.status == 200 and body[function]["current"] == count)
 
 
 async def _asked_again(resolver: FixedResolver, count: int) -> bool:

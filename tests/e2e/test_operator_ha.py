@@ -150,7 +150,8 @@ async def test_two_replicas_peer_one_acts_and_the_other_takes_over(
         return (obj or {}).get("status", {}).get("observedGeneration") == 2
 
     await c.eventually("the standby to reconcile the change", taken_over, timeout_s=30)
-    assert time.monotonic() - died < LIFETIME_S + 10
+    # generous: a loaded 2-core CI machine starts and polls slowly; the bound is that it happens
+    assert time.monotonic() - died < LIFETIME_S + 20
     assert _reconciled(second, "traffic") >= 1 and await _reconciliations(c, second) >= 1
     assert ACTIVE in second.log()
     dep = await c.get(f"{deployments}/traffic-detect")
@@ -166,7 +167,7 @@ async def test_two_replicas_peer_one_acts_and_the_other_takes_over(
     await c.patch(wf_path("traffic"), {"spec": {"slo": "950ms"}})
     await c.eventually("the third replica to take over",
                        lambda: _expect_value(_reconciled(third, "traffic") >= 1))
-    assert time.monotonic() - left < LIFETIME_S + 5
+    assert time.monotonic() - left < LIFETIME_S + 15  # took 10.8 s once with the machine loaded
     peers = (await c.get(PEERING) or {}).get("status") or {}
     assert [p["priority"] for p in peers.values() if p] == [50]  # the leavers said goodbye
 

@@ -19,7 +19,7 @@ import pytest
 kmock = pytest.importorskip("kmock")
 kubernetes = pytest.importorskip("kubernetes")
 
-from faastube_operator import k8s, manifests
+from faastube_operator import errors, k8s, manifests
 from faastube_operator.settings import OperatorSettings
 from faastube_spec import workflow as wf
 from kube_emulator import NS, Cluster, emulated_cluster
@@ -181,3 +181,76 @@ async def test_the_emulator_refuses_a_conflicting_apply_unless_forced(cluster: C
     assert "f:replicas" not in one["f:spec"]  # taken by force
     assert "f:replicas" in _managers(stored)[("two", "Apply")]["f:spec"]
 
+
+
+# --- replicas of autoscaled functions ----------------------------------------------------------
+
+
+def _autoscaled_detect(*, slo: str = "800ms", low: int = 1, high: int = 4) -> tuple[dict[str, Any], Any]:
+    body = workflow_body("traffic", slo=slo)
+    body["spec"]["functions"][1].update({"minReplicas": low, "replicas": 2, "maxReplicas": high})
+    parsed = wf.parse_workflow(body)
+    children = manifests.workflow_children(parsed, namespace=NS, spec=body["spec"], placement=PINNED,
+                                           settings=OperatorSettings())
+    detect = next(c for c in children if c["metadata"]["name"] == "traffic-detect")
+    detect["metadata"]["ownerReferences"] = [dict(OWNER)]
+    return detect, parsed.function("detect")
+
+
+async def test_an_autoscaled_deployments_replicas_outlive_every_apply_of_the_operator(
+        cluster: Cluster, client: k8s.KubeClient) -> None:
+    from faastube_operator import reconcile
+
+    path = f"{DEPLOYMENTS}/traffic-detect"
+    detect, fn = _autoscaled_detect()
+    assert "replicas" not in detect["spec"]
+    assert await asyncio.to_thread(reconcile.apply_autoscaled, client, detect, fn) == "created"
+    created = await cluster.get(path)
+    assert created is not None and created["spec"]["replicas"] == 2  # its starting count
+    assert "f:replicas" in _managers(created)[("faastube-autoscaler", "Apply")]["f:spec"]
+    before = len(cluster.writes())
+    assert await asyncio.to_thread(reconcile.apply_autoscaled, client, detect, fn) == "unchanged"
+    assert len(cluster.writes()) == before  # (the starting count is not part of the digest)
+
+    # The scaling loop sets 4; a new spec rolls the pods: the apply leaves 4 alone.
+    ref = k8s.ObjectRef("Deployment", "traffic-detect", NS)
+    await asyncio.to_thread(client.apply_replicas, ref, 4, field_manager=k8s.AUTOSCALER_FIELD_MANAGER)
+    rolled, fn = _autoscaled_detect(slo="900ms")
+    assert await asyncio.to_thread(reconcile.apply_autoscaled, client, rolled, fn) == "patched"
+    now = await cluster.get(path)
+    assert now is not None and now["spec"]["replicas"] == 4
+    assert now["spec"]["template"] != created["spec"]["template"]
+    assert "f:replicas" not in _managers(now)[("faastube-operator", "Apply")]["f:spec"]
+
+    # The bounds shrink below the count: brought within them by the same manager.
+    narrow, fn = _autoscaled_detect(slo="900ms", high=3)
+    await asyncio.to_thread(reconcile.apply_autoscaled, client, narrow, fn)
+    assert ((await cluster.get(path)) or {})["spec"]["replicas"] == 3
+
+    # A replicas-only apply never creates a Deployment (it has no selector or template).
+    with pytest.raises(errors.KubeApiError) as missing:
+        await asyncio.to_thread(client.apply_replicas, k8s.ObjectRef("Deployment", "gone", NS), 1,
+                                field_manager=k8s.AUTOSCALER_FIELD_MANAGER)
+    assert missing.value.status == 422 and await cluster.get(f"{DEPLOYMENTS}/gone") is None
+
+
+async def test_without_the_hand_over_an_apply_leaving_replicas_out_would_drop_them(
+        cluster: Cluster, client: k8s.KubeClient) -> None:
+    """Why ``apply_autoscaled`` hands replicas over first (Kubernetes' own warning about
+    HPAs): a field that only the applying manager owned, left out, is removed."""
+    from faastube_operator import reconcile
+
+    path = f"{DEPLOYMENTS}/traffic-detect"
+    fixed = _children(PINNED)[2]
+    fixed["spec"]["replicas"] = 5
+    await asyncio.to_thread(client.apply, fixed)
+    autoscaled, fn = _autoscaled_detect(low=1, high=6)
+    naive = copy.deepcopy(autoscaled)
+    await asyncio.to_thread(client.apply, naive)  # what a plain apply would do
+    assert "replicas" not in ((await cluster.get(path)) or {})["spec"]  # gone: the server's default, 1
+
+    await asyncio.to_thread(client.apply, fixed)  # fixed at 5 again, then made autoscaled properly
+    assert await asyncio.to_thread(reconcile.apply_autoscaled, client, autoscaled, fn) == "patched"
+    kept = await cluster.get(path)
+    assert kept is not None and kept["spec"]["replicas"] == 5
+    assert k8s.replicas_owners(kept) == {"faastube-autoscaler"}

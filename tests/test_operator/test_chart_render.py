@@ -65,6 +65,11 @@ COMBINATIONS: dict[str, dict[str, Any] | None] = {
     "lru-small-cap": {"sidecar": {"memory": {"policy": "lru", "floor": "0", "capShare": 0.1}}},
     "three-operators-fast-failover": {"operator": {"replicas": 3, "peeringLifetimeSeconds": 15},
                                       "gpuNodeHealth": {"heartbeatSeconds": 2.5, "missedHeartbeats": 4}},
+    "external-scaler": {"operator": {"autoscaling": {"enabled": False}}},
+    "own-cluster-domain": {"clusterDomain": "corp.internal",
+                           "operator": {"autoscaling": {"intervalSeconds": 0.5, "scrapeTimeoutSeconds": 3}}},
+    "gateway-url-template": {"operator": {"autoscaling": {
+        "gatewayUrlTemplate": "http://{workflow}-gateway.{namespace}.svc.mesh.local:{port}"}}},
     "operator-only": {"sidecar": {"enabled": False}},
     "sidecar-only": {"operator": {"enabled": False}},
 }
@@ -170,6 +175,10 @@ def test_the_crds_helm_installs_are_valid_custom_resource_definitions(version: s
     ({"operator": {"peeringLifetimeSeconds": 1}}, "peeringLifetimeSeconds"),
     ({"gpuNodeHealth": {"heartbeatSeconds": 0.5}}, "heartbeatSeconds"),  # timestamps have seconds
     ({"gpuNodeHealth": {"missedHeartbeats": 0}}, "missedHeartbeats"),
+    ({"operator": {"autoscaling": {"intervalSeconds": 0}}}, "intervalSeconds"),
+    ({"operator": {"autoscaling": {"gatewayUrlTemplate": "gateway:8080"}}}, "gatewayUrlTemplate"),
+    ({"operator": {"autoscaling": {"interval": 2}}}, "interval"),
+    ({"clusterDomain": "Cluster_Local"}, "clusterDomain"),
 ])
 def test_the_values_schema_refuses_operator_values_the_operator_would_refuse(
         values: dict[str, Any], field: str) -> None:
@@ -501,6 +510,32 @@ def test_the_values_schema_refuses_a_memory_policy_the_sidecar_would_refuse(memo
                                                                           field: str) -> None:
     report = helm.lint(str(CHART), {"sidecar": {"memory": memory}}, strict=True)
     assert any(field in e for e in report["errors"]), report
+
+
+@pytest.mark.parametrize(("name", "enabled", "interval_s", "timeout_s", "template"), [
+    ("defaults", True, 2.0, 1.0, "http://{service}.{namespace}.svc.cluster.local:{port}"),
+    ("own-cluster-domain", True, 0.5, 3.0, "http://{service}.{namespace}.svc.corp.internal:{port}"),
+    ("gateway-url-template", True, 2.0, 1.0, "http://{workflow}-gateway.{namespace}.svc.mesh.local:{port}"),
+    ("external-scaler", False, 2.0, 1.0, "http://{service}.{namespace}.svc:{port}"),
+])
+def test_the_operator_scales_as_the_autoscaling_values_say(
+        name: str, enabled: bool, interval_s: float, timeout_s: float, template: str) -> None:
+    scaling = _operator_settings(COMBINATIONS[name]).autoscaling
+    assert (scaling.enabled, scaling.interval_s, scaling.timeout_s) == (enabled, interval_s, timeout_s)
+    assert scaling.gateway_url_template == template  # (disabled: the flag's default, unused)
+    url = scaling.gateway_url(service="traffic-gateway", namespace="team-a", port=8080, workflow="traffic")
+    assert url.startswith("http://traffic-gateway.team-a.svc") and url.endswith(":8080")
+
+
+def test_the_operator_may_scale_deployments_without_the_scale_subresource() -> None:
+    # The scaling loop applies spec.replicas on the Deployment itself (field manager
+    # faastube-autoscaler): patch on deployments, nothing on deployments/scale.
+    operator = _one(_render(), "ClusterRole", "-operator")
+    grants = {(g, r): set(rule["verbs"]) for rule in operator["rules"]
+              for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {"get", "list", "patch"} <= grants[("apps", "deployments")]
+    assert ("apps", "deployments/scale") not in grants
+    assert {"list"} <= grants[("faastube.io", "workflows")] and "create" in grants[("", "events")]
 
 
 def test_custom_values_reach_the_objects() -> None:

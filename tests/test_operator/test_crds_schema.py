@@ -50,8 +50,11 @@ def _nodes(schema: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, Map
 def test_crd_schema_is_structural(name: str) -> None:
     for path, node, in_junctor in _nodes(_schema(_crd(name))):
         if in_junctor:
-            # Only the int-or-string form may name types inside anyOf.
-            assert set(node) <= {"type"} and node.get("type") in ("integer", "string"), path
+            # Inside anyOf: only the int-or-string form's types, or which fields are required.
+            if "required" in node:
+                assert set(node) == {"required"}, path
+            else:
+                assert set(node) <= {"type"} and node.get("type") in ("integer", "string"), path
             continue
         untyped_ok = node.get("x-kubernetes-int-or-string") or node.get(
             "x-kubernetes-preserve-unknown-fields")
@@ -98,8 +101,33 @@ def _good() -> dict[str, Any]:
                                {"from": "a", "to": "b", "size": 4096}]}}
 
 
+def _batched() -> dict[str, Any]:
+    doc = _good()
+    doc["spec"]["functions"][1]["batch"] = {"maxSize": 8, "maxDelay": "5ms"}
+    doc["spec"]["edges"][0] = {"from": "a", "to": "b", "shape": [21, 3, 736, 736], "dtype": "float32"}
+    doc["spec"]["edges"][1]["shape"], doc["spec"]["edges"][1]["dtype"] = [1024], "int32"
+    return doc
+
+
+def test_a_workflow_with_shapes_dtypes_and_a_batch_policy_passes() -> None:
+    _validate("workflows.faastube.io.yaml", _batched())
+
+
 def test_a_hand_written_workflow_passes() -> None:
     _validate("workflows.faastube.io.yaml", _good())
+
+
+def test_an_autoscaled_workflow_passes_the_schema_and_gets_no_replicas_default() -> None:
+    doc = _good()
+    doc["spec"]["functions"][1].update(minReplicas=0, replicas=0, maxReplicas=4, targetConcurrency=1.5)
+    doc["spec"]["functions"][0].update(minReplicas=2, maxReplicas=3)
+    doc["spec"]["functions"][0].pop("replicas")
+    doc["spec"]["edges"].pop()  # the schema lets a duplicate edge through; the parser does not
+    _validate("workflows.faastube.io.yaml", doc)
+    # An API-server default of replicas: 1 would make minReplicas: 2 invalid.
+    fields = _schema(_crd("workflows.faastube.io.yaml"))["properties"]["spec"]["properties"]["functions"]
+    assert "default" not in fields["items"]["properties"]["replicas"]
+    assert wf.parse_workflow(doc).function("a").replicas == 2
 
 
 BAD_WORKFLOWS = {
@@ -110,7 +138,13 @@ BAD_WORKFLOWS = {
     "no functions": (lambda d: d["spec"].__setitem__("functions", [])),
     "upper-case function name": (lambda d: d["spec"]["functions"][0].__setitem__("name", "Decode")),
     "function name too long": (lambda d: d["spec"]["functions"][0].__setitem__("name", "a" * 64)),
-    "zero replicas": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", 0)),
+    "negative replicas": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", -1)),
+    "negative minReplicas": (lambda d: d["spec"]["functions"][0].__setitem__("minReplicas", -1)),
+    "zero maxReplicas": (lambda d: d["spec"]["functions"][0].__setitem__("maxReplicas", 0)),
+    "maxReplicas over a Deployment's limit": (lambda d: d["spec"]["functions"][0].__setitem__("maxReplicas",
+                                                                                              2**31)),
+    "zero targetConcurrency": (lambda d: d["spec"]["functions"][0].__setitem__("targetConcurrency", 0)),
+    "targetConcurrency as text": (lambda d: d["spec"]["functions"][0].__setitem__("targetConcurrency", "2")),
     "replicas as text": (lambda d: d["spec"]["functions"][0].__setitem__("replicas", "2")),
     "handler without function": (lambda d: d["spec"]["functions"][0].__setitem__("handler", "mod")),
     "edge without size": (lambda d: d["spec"]["edges"][0].pop("size")),
@@ -118,6 +152,16 @@ BAD_WORKFLOWS = {
     "size with unknown unit": (lambda d: d["spec"]["edges"][0].__setitem__("size", "12 parsecs")),
     "edge to a bad name": (lambda d: d["spec"]["edges"][0].__setitem__("to", "B_2")),
     "bad compute time": (lambda d: d["spec"]["functions"][0].__setitem__("computeTime", "fast")),
+    "edge with a shape but neither dtype nor size": (
+        lambda d: d["spec"]["edges"][0].update({"shape": [2, 3]}) or d["spec"]["edges"][0].pop("size")),
+    "zero dimension": (lambda d: d["spec"]["edges"][0].update({"shape": [2, 0], "dtype": "uint8"})),
+    "shape as text": (lambda d: d["spec"]["edges"][0].update({"shape": "2x3", "dtype": "uint8"})),
+    "unknown dtype": (lambda d: d["spec"]["edges"][0].update({"shape": [2], "dtype": "float"})),
+    "batch without maxSize": (lambda d: d["spec"]["functions"][1].__setitem__("batch", {"maxDelay": "5ms"})),
+    "zero maxSize": (lambda d: d["spec"]["functions"][1].__setitem__("batch", {"maxSize": 0})),
+    "maxSize over the limit": (lambda d: d["spec"]["functions"][1].__setitem__("batch", {"maxSize": 1025})),
+    "maxDelay without unit": (
+        lambda d: d["spec"]["functions"][1].__setitem__("batch", {"maxSize": 4, "maxDelay": "5"})),
 }
 
 

@@ -77,6 +77,10 @@ def test_function_container_runs_the_worker_on_its_port_with_the_workflow_docume
     assert container["ports"] == [{"name": "http", "containerPort": SETTINGS.worker_port,
                                    "protocol": "TCP"}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # /healthz answers 503 until the worker is warm; a slow model load gets ten minutes, not three probes
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     env = _env(container)
     document = json.loads(env["FAASTUBE_WORKFLOW_DOCUMENT"])
     assert wf.parse_workflow(document) == _workflow()

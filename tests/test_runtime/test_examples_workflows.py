@@ -66,13 +66,16 @@ def test_every_example_validates_and_names_existing_handlers(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_edge_sizes_in_the_yaml_are_the_full_scale_output_sizes(name: str) -> None:
+def test_edge_sizes_shapes_and_dtypes_in_the_yaml_are_the_full_scale_outputs(name: str) -> None:
     workflow, module = load_example(name)
     shapes = module.edge_shapes(module.input_shape(1.0))
     assert set(shapes) == {f.name for f in workflow.functions}
     for edge in workflow.edges:
         shape, dtype = shapes[edge.source]
         assert int(np.prod(shape)) * np.dtype(dtype).itemsize == edge.size_bytes, edge
+        assert (edge.shape, edge.dtype) == (tuple(shape), dtype), edge  # what warm-up calls are built from
+    request = module.make_input(scale=1.0)
+    assert (workflow.input_shape, workflow.input_dtype) == (request.shape, str(request.dtype))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -239,7 +239,7 @@ def test_function_durations_must_fit_inside_the_slos() -> None:
 
 
 @pytest.mark.parametrize("replicas, message", [
-    (0, "must be at least 1, got 0"),
+    (0, "must be at least 1, got 0 (0 only with minReplicas: 0, to start scaled to zero)"),
     (-2, "must be at least 1, got -2"),
     ("3", "must be an integer, got str"),
     (True, "must be an integer, got boolean"),
