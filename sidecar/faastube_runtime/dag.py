@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -138,14 +138,19 @@ class Breakdown:
 
 @dataclass(slots=True)
 class RefLedger:
-    """Every ref created for one request; the gateway frees them when it ends."""
+    """Every ref created for one request; the gateway frees them when it ends.
+
+    ``on_add`` hears of each ref once, as it joins (the gateway tells the data plane where
+    the request that will read it stands in the queue)."""
 
     refs: list[str] = field(default_factory=list)
+    on_add: Callable[[Sequence[str]], None] | None = None
 
     def add(self, refs: Sequence[str]) -> None:
-        for ref in refs:
-            if ref not in self.refs:
-                self.refs.append(ref)
+        new = [ref for ref in dict.fromkeys(refs) if ref not in self.refs]
+        self.refs.extend(new)
+        if new and self.on_add is not None:
+            self.on_add(new)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,9 @@ class RequestStore(Protocol):
 
     async def discard(self, refs: Sequence[str]) -> None: ...
 
+    async def hint(self, refs: Sequence[str], *, position: int) -> None:
+        """``refs`` will be read by the request at ``position`` of the queue (arrival order)."""
+
 
 class ClientStore:
     """A ``RequestStore`` over a blocking ``faastube`` client, run on one helper thread.
@@ -93,6 +96,11 @@ class ClientStore:
 
     async def discard(self, refs: Sequence[str]) -> None:
         await self._run(sdk.discard, self._client, list(refs))
+
+    async def hint(self, refs: Sequence[str], *, position: int) -> None:
+        hint = getattr(self._client, "hint", None)  # a client without queue hints: nothing to say
+        if hint is not None and refs:
+            await self._run(hint, {ref: position for ref in refs})
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -178,8 +186,20 @@ class Gateway:
         self._invoker = invoker
         self._store = store
         self._ids = itertools.count(1)
+        self._hints: set[asyncio.Task[None]] = set()
         self.in_flight = 0
         self.input_bytes_in_flight = 0
+
+    def _hint(self, refs: Sequence[str], position: int) -> None:
+        task = asyncio.ensure_future(self._send_hint(list(refs), position))
+        self._hints.add(task)
+        task.add_done_callback(self._hints.discard)
+
+    async def _send_hint(self, refs: list[str], position: int) -> None:
+        try:
+            await self._store.hint(refs, position=position)
+        except Exception as e:  # noqa: BLE001 - a hint is advice: losing one costs eviction order only
+            logger.debug("queue hint for %d ref(s) not sent: %s", len(refs), e)
 
     def admit(self) -> Admission:
         """A slot for one request, or ``Overloaded`` when ``max_in_flight`` are being served."""
@@ -220,8 +240,11 @@ class Gateway:
             raise errors.RuntimeFailure("run needs an open admission (Gateway.admit)")
         if (array is None) == (ref is None):
             raise errors.BadInput("give exactly one of an input array or an input ref")
-        request_id = f"r{next(self._ids)}"
-        ledger = dag.RefLedger()
+        seq = next(self._ids)
+        request_id = f"r{seq}"
+        # The arrival number is the request's place in the queue: when a GPU fills up, the
+        # sidecar moves out first the objects whose readers are furthest back.
+        ledger = dag.RefLedger(on_add=lambda refs: self._hint(refs, seq))
         keep: str | None = None
         started = time.monotonic()
         try:
