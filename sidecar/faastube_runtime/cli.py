@@ -167,6 +167,7 @@ async def _serve_forever(runtime: LocalRuntime) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"serving workflow {runtime.workflow.name!r} on {runtime.url}/invoke "
           f"(metrics: {runtime.url}/metrics); Ctrl-C stops", flush=True)
+    print(runtime.client_instructions(), flush=True)
     await stop.wait()
     print("stopping", file=sys.stderr)
 

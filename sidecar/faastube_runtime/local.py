@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 Backend = Literal["host", "cuda", "auto"]
 STOP_TIMEOUT_S = 5.0
+# The function name `faastube run` suggests to clients of one's own (any name but the gateway's works).
+CLIENT_FUNCTION = "client"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -432,6 +434,21 @@ class LocalRuntime:
         self._children = []
         if self.socket_dir != Path() and self.socket_dir.exists():
             shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def client_instructions(self, function: str = CLIENT_FUNCTION) -> str:
+        """How a process of one's own reaches this run's data: the sidecar's socket and the identity.
+
+        The sidecar keeps each workflow's objects apart, and a bare ``faastube.connect()``
+        claims the default identity (function ``anonymous`` of workflow ``default/local``),
+        which may not touch this workflow's refs. In local mode any function name is
+        accepted; the workflow must be this one's.
+        """
+        socket, name = self.sidecar_socket, self.workflow.name
+        return (f"sidecar socket: {socket}\n"
+                f"  clients connect as a function of workflow {name!r}:\n"
+                f"    faastube.connect({socket!r}, workflow={name!r}, function={function!r})\n"
+                f"  or with FAASTUBE_SOCKET={socket} FAASTUBE_WORKFLOW={name} "
+                f"FAASTUBE_FUNCTION={function} set, faastube.connect()")
 
     def child_logs(self) -> dict[str, str]:
         return {c.name: c.log_path.read_text(errors="replace") for c in self._children if c.log_path.exists()}
