@@ -26,7 +26,7 @@ from faastube import errors as ft_errors
 from faastube import sdk
 from faastube_spec.workflow import Workflow, load_workflow
 
-from faastube_runtime import arrivals, dag, errors, gateway_cli, loadgen, report
+from faastube_runtime import arrivals, dag, errors, gateway_cli, handlers, loadgen, report
 from faastube_runtime.gateway import GatewayConfig, to_npy
 from faastube_runtime.local import LocalOptions, LocalRuntime
 
@@ -99,9 +99,9 @@ def request_input(workflow: Workflow, path: Path | None) -> np.ndarray:
     entry = workflow.function(workflow.entry)
     try:
         module = _import_beside(workflow, entry.handler_module)
-    except ImportError as e:
-        raise errors.BadInput(f"cannot import {entry.handler_module!r} to call its make_input(): {e}; "
-                              "pass --input FILE.npy") from e
+    except Exception as e:  # noqa: BLE001 - whatever the module raised at import: one line, with where
+        raise errors.BadInput(f"cannot import {entry.handler_module!r} to call its make_input(): "
+                              f"{handlers.import_problem(e)}; pass --input FILE.npy") from e
     make_input = getattr(module, "make_input", None)
     if make_input is None:
         raise errors.BadInput(f"module {entry.handler_module!r} of the entry function {entry.name!r} "
@@ -201,6 +201,7 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
         results = await loadgen.drive(runtime.url, body, offsets, concurrency=args.concurrency,
                                       on_result=_Progress(args.requests),
                                       timeout_s=args.request_timeout + 10)
+        runtime.keep_logs = runtime.keep_logs or not all(r.ok for r in results)  # the workers' logs say why
         summary = report.summarize(results, duration_s=time.monotonic() - sent)
         scaled = runtime.scaling_report()
     print(report.format_table(summary), flush=True)
