@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("faastube_bench.demo", "start a sidecar and two function processes, pass tensors, print latencies"),
     "bench": ("faastube_bench.cli", "run a benchmark and write JSON (and plots) under bench/results/"),
     "topology": ("faastube_sidecar.topology_cli", "print this node's GPU topology document"),
+    "validate": ("faastube_runtime.validate_cli",
+                 "check a workflow: its document, its handlers' imports and signatures, make_input()"),
     "run": ("faastube_runtime.cli", "run a workflow locally: sidecar, gateway and one process per function"),
     "worker": ("faastube_runtime.worker_cli", "serve one function of a workflow (a function pod's command)"),
     "gateway": ("faastube_runtime.gateway_cli", "serve a workflow's POST /invoke in front of its workers"),
