@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--call-timeout", type=float, default=30.0, help="seconds per function call (default 30)")
     parser.add_argument("--retries", type=int, default=2, help="extra attempts of a failed call (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    parser.add_argument("--fail-on-slo", type=float, nargs="?", const=100.0, default=None, metavar="PERCENT",
+                        help="exit 3 when fewer than PERCENT of the requests (default 100) answered "
+                             "within the workflow's SLO")
     parser.add_argument("--no-autoscale", dest="autoscale", action="store_false",
                         help="keep every function at its starting replica count (at least one): the "
                              "fixed-replica baseline; by default functions with minReplicas/maxReplicas "
@@ -78,6 +81,8 @@ def _validate(args: argparse.Namespace) -> None:
         problems.append(f"--port: must be in 0..65535, got {args.port}")
     if not args.request_timeout > 0 or not args.call_timeout > 0:
         problems.append("--request-timeout and --call-timeout: must be positive")
+    if args.fail_on_slo is not None and not 0 <= args.fail_on_slo <= 100:
+        problems.append(f"--fail-on-slo: must be a percentage in 0..100, got {args.fail_on_slo:g}")
     if args.retries < 0:
         problems.append(f"--retries: must be 0 or more, got {args.retries}")
     gateway_cli.limits_config(args, problems)
@@ -202,7 +207,9 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                       timeout_s=args.request_timeout + 10)
         summary = report.summarize(results, duration_s=time.monotonic() - sent)
         scaled = runtime.scaling_report()
+    slo = report.SloAttainment.of(results, slo_s=workflow.slo_s)
     print(report.format_table(summary), flush=True)
+    print(report.format_slo(slo), flush=True)
     print(report.format_scaling(workflow, scaled, autoscale=args.autoscale), flush=True)
     for r in results:
         if not r.ok:
@@ -214,8 +221,14 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                          "arrival": args.arrival, "rate_per_s": args.rate,
                                          "autoscale": args.autoscale,
                                          "replicas": {name: s.as_dict() for name, s in scaled.items()},
-                                         **summary.as_dict()}, indent=2))
-    return 0 if summary.ok == summary.requests else 1
+                                         "slo": slo.as_dict(), **summary.as_dict()}, indent=2))
+    if summary.ok != summary.requests:
+        return 1
+    if args.fail_on_slo is not None and slo.percent < args.fail_on_slo:
+        print(f"faastube run: SLO attainment {slo.percent:.1f}% is below --fail-on-slo "
+              f"{args.fail_on_slo:g}%", file=sys.stderr)
+        return 3
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
