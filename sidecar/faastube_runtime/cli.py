@@ -28,7 +28,7 @@ from faastube_spec.workflow import Workflow, load_workflow
 
 from faastube_runtime import arrivals, dag, errors, gateway_cli, loadgen, report
 from faastube_runtime.gateway import GatewayConfig, to_npy
-from faastube_runtime.local import LocalOptions, LocalRuntime
+from faastube_runtime.local import LocalOptions, LocalRuntime, check_port_free
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                                    call_timeout_s=args.call_timeout,
                                                    max_retries=args.retries),
                               max_input_bytes_in_flight=max_input_bytes, limits=limits))
+    check_port_free(args.host, port)  # fail now, not after every worker warmed up
     body = to_npy(request_input(workflow, args.input)) if args.requests else b""
     offsets = arrival_offsets(args.arrival, args.requests, args.rate, args.seed) if args.requests else []
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""``faastube run`` reports SLO attainment, can fail on it, and prints '-' for no latency."""
+"""``faastube run``: SLO attainment (and failing on it), "-" for no latency, a busy port."""
 
 from __future__ import annotations
 
@@ -85,3 +85,15 @@ def test_fail_on_slo_0_lets_a_slow_run_exit_0(tmp_path: Path) -> None:
     done = run_cli(tmp_path, "--fail-on-slo", "0")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0/2 requests within" in done.stdout
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        done = run_cli(tmp_path, "--port", str(port))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"faastube run: --port: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in lines[0]
