@@ -31,7 +31,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faastube", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="faastube", description="FaaSTube: GPU data passing for serverless ML workflows.",
+        epilog="Run 'faastube COMMAND --help' for a command's options.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
