@@ -26,7 +26,7 @@ from faastube import errors as ft_errors
 from faastube import sdk
 from faastube_spec.workflow import Workflow, load_workflow
 
-from faastube_runtime import arrivals, dag, errors, gateway_cli, loadgen, report
+from faastube_runtime import arrivals, dag, errors, gateway_cli, loadgen, progress, report
 from faastube_runtime.gateway import GatewayConfig, to_npy
 from faastube_runtime.local import LocalOptions, LocalRuntime, check_port_free
 
@@ -148,23 +148,6 @@ def arrival_offsets(kind: str, count: int, rate_per_s: float, seed: int) -> list
     return [float(o) for o in arrivals.offsets(kind, count=count, rate_per_s=rate_per_s, seed=seed)]
 
 
-class _Progress:
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.tty = sys.stderr.isatty()
-        self.step = max(1, total // 10)
-
-    def __call__(self, result: loadgen.RequestResult) -> None:
-        self.done += 1
-        self.failed += 0 if result.ok else 1
-        if self.tty or self.done % self.step == 0 or self.done == self.total:
-            end = "" if self.tty and self.done < self.total else "\n"
-            print(f"\r  {self.done}/{self.total} requests done, {self.failed} failed", end=end,
-                  file=sys.stderr, flush=True)
-
-
 async def _serve_forever(runtime: LocalRuntime) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -203,9 +186,12 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
         print(f"sending {args.requests} requests ({args.arrival}, {args.rate:g}/s, "
               f"concurrency {args.concurrency}, {len(body)} B each)", file=sys.stderr, flush=True)
         sent = time.monotonic()
-        results = await loadgen.drive(runtime.url, body, offsets, concurrency=args.concurrency,
-                                      on_result=_Progress(args.requests),
-                                      timeout_s=args.request_timeout + 10)
+        shown = progress.Progress(args.requests)
+        try:
+            results = await loadgen.drive(runtime.url, body, offsets, concurrency=args.concurrency,
+                                          on_result=shown, timeout_s=args.request_timeout + 10)
+        finally:
+            shown.close()
         summary = report.summarize(results, duration_s=time.monotonic() - sent)
         scaled = runtime.scaling_report()
     slo = report.SloAttainment.of(results, slo_s=workflow.slo_s)
