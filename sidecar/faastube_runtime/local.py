@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,24 @@ class _Child:
     address: Address | None = None  # a worker's
 
 
+def port_in_use_message(host: str, port: int, error: OSError) -> str:
+    """One line for a gateway port that cannot be listened on (usually: already in use)."""
+    return (f"--port: cannot listen on {host}:{port}: {error.strerror or error}; "
+            "is another server (another faastube run?) on it? choose another --port, or 0 for any free one")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``BadInput`` now if ``host:port`` cannot be listened on, before minutes of warm-up.
+
+    Binds as the gateway will (address reuse on); the gateway's own bind stays the authority."""
+    if port == 0:
+        return
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        raise errors.BadInput(port_in_use_message(host, port, e)) from e
+
+
 class LocalRuntime:
     """``async with LocalRuntime(workflow, options) as rt:`` then POST to ``rt.url``."""
 
@@ -255,7 +274,10 @@ class LocalRuntime:
         self._runner = make_runner(self.gateway)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.options.host, self.options.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            raise errors.BadInput(port_in_use_message(self.options.host, self.options.port, e)) from e
         port = self._runner.addresses[0][1]
         self.url = f"http://{self.options.host}:{port}"
         logger.info("workflow %s: gateway on %s, %d worker(s), %s backend, %s passing", self.workflow.name,
