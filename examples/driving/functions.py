@@ -108,7 +108,7 @@ def _box_blur(x: np.ndarray, radius: int, axes: tuple[int, int]) -> np.ndarray:
 # --- handlers -------------------------------------------------------------------------------------
 
 
-@function
+@function(shapes="rank")
 def denoise(frames: Any) -> Any:
     """GPU: NHWC uint8 -> NCHW float32 in [0, 1] with the estimated noise removed."""
     torch = _backend.torch()
@@ -120,7 +120,7 @@ def denoise(frames: Any) -> Any:
     return np.ascontiguousarray(_box_blur(x, 1, axes=(1, 2)).transpose(0, 3, 1, 2))
 
 
-@function
+@function(shapes="rank")
 def segmentation(images: Any) -> Any:
     """GPU: per-pixel class (19 classes), stacked on the image as a 4th channel."""
     torch = _backend.torch()
@@ -139,7 +139,7 @@ def segmentation(images: Any) -> Any:
     return np.concatenate([x, classes[:, None].astype(np.float32)], axis=1)
 
 
-@function
+@function(shapes="rank")
 def blur(segmented: Any) -> Any:
     """GPU: blur people, tint every pixel by its class colour, return NHWC uint8 frames."""
     torch = _backend.torch()

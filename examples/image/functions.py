@@ -105,7 +105,7 @@ def _classify(model: str, images: Any) -> Any:
 # --- handlers -------------------------------------------------------------------------------------
 
 
-@function
+@function(shapes="rank")
 def denoise(images: Any) -> Any:
     """GPU: NHWC uint8 -> normalised NCHW float32 with the estimated noise removed."""
     torch = _backend.torch()
@@ -123,25 +123,25 @@ def denoise(images: Any) -> Any:
     return np.ascontiguousarray(((smooth - MEAN) / STD).astype(np.float32).transpose(0, 3, 1, 2))
 
 
-@function
+@function(shapes="rank")
 def classify_resnet18(images: Any) -> Any:
     """GPU: ResNet-18 logits."""
     return _classify("resnet18", images)
 
 
-@function
+@function(shapes="rank")
 def classify_resnet50(images: Any) -> Any:
     """GPU: ResNet-50 logits."""
     return _classify("resnet50", images)
 
 
-@function
+@function(shapes="rank")
 def classify_mobilenet(images: Any) -> Any:
     """GPU: MobileNetV3-Large logits."""
     return _classify("mobilenet", images)
 
 
-@function
+@function(shapes="rank")
 def aggregate(**logits: Any) -> np.ndarray:
     """CPU: average the classifiers' softmax probabilities (a soft-voting ensemble)."""
     expected = {kwarg_name(name) for name in CLASSIFIERS}

@@ -104,7 +104,7 @@ def make_input(*, scale: float | None = None, seed: int = SEED) -> np.ndarray:
 # --- handlers -------------------------------------------------------------------------------------
 
 
-@function
+@function(shapes="rank")
 def decode(clip: Any) -> np.ndarray:
     """CPU: expand the clip to full-resolution RGB frames (a codec's output size and layout)."""
     clip = to_host(clip)
@@ -116,7 +116,7 @@ def decode(clip: Any) -> np.ndarray:
     return frames
 
 
-@function
+@function(shapes="rank")
 def preprocess(frames: Any) -> Any:
     """GPU: resize to the detector's square input, scale to [0, 1] and normalise, NCHW float32."""
     _frames_n, height, width, _ = frames.shape
@@ -137,7 +137,7 @@ def preprocess(frames: Any) -> Any:
     return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
 
 
-@function
+@function(shapes="rank")
 def detection(images: Any) -> Any:
     """GPU: dense objectness at stride 8, upsampled and stacked on the image as a 4th channel."""
     torch = _backend.torch()
@@ -159,7 +159,7 @@ def detection(images: Any) -> Any:
     return np.concatenate([x, heat[:, None].astype(np.float32)], axis=1)
 
 
-@function
+@function(shapes="rank")
 def postprocess(detections: Any) -> np.ndarray:
     """CPU: take the K strongest cells per frame and crop a recognition-sized window around each."""
     x = to_host(detections)
@@ -178,7 +178,7 @@ def postprocess(detections: Any) -> np.ndarray:
     return crops
 
 
-@function
+@function(shapes="rank")
 def recognition(crops: Any) -> Any:
     """GPU: classify every crop (ResNet-50 on CUDA; a pooled linear classifier on a CPU)."""
     torch = _backend.torch()

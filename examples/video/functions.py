@@ -117,7 +117,7 @@ def _window(centre: int, crop: int, limit: int) -> int:
 # --- handlers -------------------------------------------------------------------------------------
 
 
-@function
+@function(shapes="rank")
 def split(clip: Any) -> dict[str, np.ndarray]:
     """CPU: decode the clip to full-resolution frames and cut it into one chunk per face function."""
     frames = np.repeat(np.repeat(to_host(clip), DECODE_FACTOR, axis=1), DECODE_FACTOR, axis=2)
@@ -125,7 +125,7 @@ def split(clip: Any) -> dict[str, np.ndarray]:
     return dict(zip(FACE_FUNCTIONS, chunks, strict=True))
 
 
-@function
+@function(shapes="rank")
 def detect_faces(frames: Any) -> Any:
     """GPU: score face likelihood per cell and crop the strongest FACES_PER_FRAME per frame."""
     n, height, width, _ = frames.shape
@@ -157,7 +157,7 @@ def detect_faces(frames: Any) -> Any:
     return out
 
 
-@function
+@function(shapes="rank")
 def recognition(**faces: Any) -> Any:
     """GPU: embed every face (fan-in of all chunks) and score its similarity to the actor."""
     expected = {kwarg_name(name) for name in FACE_FUNCTIONS}

@@ -17,6 +17,7 @@ from faastube.errors import InvalidRequest
 from faastube_placement import core as placement
 from faastube_placement import inputs as placement_inputs
 from faastube_spec.topology import ClusterTopology
+from faastube_spec.units import human_size
 from faastube_spec.workflow import Workflow, load_workflow
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def report(workflow: Workflow, cluster: ClusterTopology, result: placement.Place
         "costSeconds": result.cost_s,
         "lowerBoundSeconds": result.lower_bound_s,
         "optimal": result.proven_optimal,
-        "edges": [{"from": e.source, "to": e.target, "bytes": e.size_bytes, "path": e.path,
+        "edges": [{"from": e.source, "to": e.target, "bytes": e.size_bytes, "size": human_size(e.size_bytes), "path": e.path,
                    "seconds": e.seconds} for e in edges],
     }
 

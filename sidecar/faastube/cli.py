@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("faastube_bench.demo", "start a sidecar and two function processes, pass tensors, print latencies"),
     "bench": ("faastube_bench.cli", "run a benchmark and write JSON (and plots) under bench/results/"),
     "topology": ("faastube_sidecar.topology_cli", "print this node's GPU topology document"),
+    "validate": ("faastube_runtime.validate_cli",
+                 "check a workflow: its document, its handlers' imports and signatures, make_input()"),
     "run": ("faastube_runtime.cli", "run a workflow locally: sidecar, gateway and one process per function"),
     "worker": ("faastube_runtime.worker_cli", "serve one function of a workflow (a function pod's command)"),
     "gateway": ("faastube_runtime.gateway_cli", "serve a workflow's POST /invoke in front of its workers"),
@@ -29,7 +31,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="faastube", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="faastube", description="FaaSTube: GPU data passing for serverless ML workflows.",
+        epilog="Run 'faastube COMMAND --help' for a command's options.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -33,12 +33,15 @@ CuPy and torch are imported lazily, only when a value of theirs shows up.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
@@ -50,9 +53,11 @@ logger = logging.getLogger(__name__)
 Framework = Literal["auto", "numpy", "cupy", "torch"]
 Passing = Literal["tube", "host-centric"]
 BatchMode = Literal["stack", "list"]
+ShapeCheck = Literal["exact", "rank"]
 FRAMEWORKS: tuple[str, ...] = ("auto", "numpy", "cupy", "torch")
 PASSINGS: tuple[str, ...] = ("tube", "host-centric")
 BATCH_MODES: tuple[str, ...] = ("stack", "list")
+SHAPE_CHECKS: tuple[str, ...] = ("exact", "rank")
 
 # The reader name of the request's input (what the entry function receives) and of
 # the exit's output (what the gateway reads). Neither is a DNS-1123 label, so they
@@ -65,8 +70,29 @@ _OPTIONS_ATTR = "__faastube_function__"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class HandlerFailed(errors.RetryableError):
-    """The handler raised; the runtime may retry the call on the same inputs."""
+class HandlerError(errors.FaastubeError):
+    """The handler raised; the message names the error and where (``file:line`` in the handler's
+    module). Whether a retry may help is the subclass: ``HandlerFailed`` or
+    ``HandlerFailedPermanently``."""
+
+
+class HandlerFailed(HandlerError, errors.RetryableError):
+    """The handler raised an error that another attempt may not (``RuntimeError``, ``OSError``,
+    ``MemoryError``, ...); the runtime may retry the call on the same inputs."""
+
+
+class HandlerFailedPermanently(HandlerError):
+    """The handler raised an error that another attempt on the same inputs would raise again
+    (``DETERMINISTIC_ERRORS``: a failed assertion, a wrong type or value, a missing key or
+    attribute); not retried. Fix the handler or the request."""
+
+
+# Errors of a handler's own logic: the same inputs give the same error, so retrying is waste.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
+    AssertionError, TypeError, ValueError, LookupError, AttributeError, NameError,
+    ZeroDivisionError, NotImplementedError)
+# How much of a handler's error message a call's error carries (the gateway's reply repeats it).
+MAX_HANDLER_MESSAGE_CHARS = 500
 
 
 class CallExpired(errors.RetryableError):
@@ -75,6 +101,66 @@ class CallExpired(errors.RetryableError):
 
 class HandlerContractError(errors.InvalidRequest):
     """The handler returned something the calling convention does not allow; fix the handler."""
+
+
+class OutputMismatch(HandlerContractError):
+    """An output's shape or dtype differs from what its out-edge declares; fix the producer
+    (or the edge). Raised before the output is published, so no consumer sees it."""
+
+
+# An output this many times larger, or smaller, than its edge's declared ``size`` is logged
+# (once per function): placement and pool sizing plan with the declared size.
+SIZE_WARNING_FACTOR = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeDeclaration:
+    """What the workflow declares about the edge from a function to one reader."""
+
+    size_bytes: int
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+
+
+class OutputChecks:
+    """Checks a function's outputs against its out-edges, per request, before they are stored.
+
+    A declared ``shape``/``dtype`` must match exactly (``OutputMismatch`` names the edge);
+    bytes far from a declared ``size`` (``SIZE_WARNING_FACTOR``) are logged at WARNING, once
+    per instance (a worker holds one for its function).
+    """
+
+    def __init__(self, function: str, edges: Mapping[str, EdgeDeclaration]) -> None:
+        self.function = function
+        self.edges = dict(edges)
+        self._size_warned = False
+
+    def check(self, array: Any, readers: Sequence[str], *, mode: ShapeCheck = "exact") -> None:
+        """Raise ``OutputMismatch`` if ``array`` is not what its edges to ``readers`` declare
+        (``mode="rank"``: only its dtype and number of dimensions are compared)."""
+        shape = tuple(int(d) for d in getattr(array, "shape", ()))
+        try:
+            dtype = np.dtype(getattr(array, "dtype", None)).name
+        except TypeError:
+            dtype = str(getattr(array, "dtype", "?"))
+        for reader in readers:
+            edge = self.edges.get(reader)
+            if edge is None:
+                continue
+            matches = (shape == edge.shape if mode == "exact"
+                       else edge.shape is not None and len(shape) == len(edge.shape))
+            if edge.shape is not None and (not matches or dtype != edge.dtype):
+                raise OutputMismatch(
+                    f"output of {self.function!r} for edge {self.function} -> {reader}: got shape "
+                    f"{list(shape)} of {dtype}, but the edge declares shape {list(edge.shape)} of "
+                    f"{edge.dtype}; fix the handler of {self.function!r} or the edge's shape/dtype")
+            nbytes = int(getattr(array, "nbytes", 0))
+            if (edge.shape is None and edge.size_bytes > 0 and not self._size_warned
+                    and not edge.size_bytes / SIZE_WARNING_FACTOR <= nbytes <= edge.size_bytes * SIZE_WARNING_FACTOR):
+                self._size_warned = True
+                logger.warning("output of %r for edge %s -> %s is %d bytes, but the edge declares size "
+                               "%d bytes (placement and pool sizing use the declared size); logged once "
+                               "per function", self.function, self.function, reader, nbytes, edge.size_bytes)
 
 
 class WarmupFailed(errors.FaastubeError):
@@ -89,10 +175,13 @@ class FunctionOptions:
     # Called once, on the handler's thread, before the worker reports ready (load models here).
     warmup: Callable[[WarmupContext], Any] | None = None
     batch: BatchMode = "stack"
+    # How outputs are checked against their out-edges' declared shape and dtype.
+    shapes: ShapeCheck = "exact"
 
 
 def function(fn: F | None = None, *, framework: Framework = "auto",
-             warmup: Callable[[WarmupContext], Any] | None = None, batch: BatchMode = "stack") -> Any:
+             warmup: Callable[[WarmupContext], Any] | None = None, batch: BatchMode = "stack",
+             shapes: ShapeCheck = "exact") -> Any:
     """Mark a handler as a FaaSTube function; usable bare or with options.
 
     ``framework`` picks the array type the handler receives: ``"auto"`` (NumPy for host
@@ -109,6 +198,12 @@ def function(fn: F | None = None, *, framework: Framework = "auto",
     along axis 0, and each output is split back along axis 0) or ``"list"`` (each input is a
     list of the requests' arrays, and the handler returns a list of per-request results;
     no copies). A ``"list"`` handler always receives lists, a batch of one without a policy.
+
+    ``shapes`` says how each output is checked against its out-edge's ``shape`` and ``dtype``
+    (when the workflow declares them), per request and before it is stored: ``"exact"``
+    (default; a mismatch fails the call with ``OutputMismatch``, naming the edge) or
+    ``"rank"`` (only the dtype and number of dimensions: for handlers whose sizes follow
+    their input's, like the examples', whose edges declare full resolution).
     """
     if framework not in FRAMEWORKS:
         raise errors.InvalidRequest(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
@@ -116,7 +211,9 @@ def function(fn: F | None = None, *, framework: Framework = "auto",
         raise errors.InvalidRequest(f"batch must be one of {', '.join(BATCH_MODES)}, got {batch!r}")
     if warmup is not None and not callable(warmup):
         raise errors.InvalidRequest(f"warmup must be a callable taking a WarmupContext, got {warmup!r}")
-    options = FunctionOptions(framework=framework, warmup=warmup, batch=batch)
+    if shapes not in SHAPE_CHECKS:
+        raise errors.InvalidRequest(f"shapes must be one of {', '.join(SHAPE_CHECKS)}, got {shapes!r}")
+    options = FunctionOptions(framework=framework, warmup=warmup, batch=batch, shapes=shapes)
 
     def mark(handler: F) -> F:
         if not callable(handler):
@@ -367,7 +464,7 @@ class Call:
 def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[str, str],
             readers: Sequence[str], device: int | None = None, passing: Passing = "tube",
             ttl_s: float | None = None, deadline: float | None = None,
-            held: dict[str, Any] | None = None) -> Invocation:
+            held: dict[str, Any] | None = None, checks: OutputChecks | None = None) -> Invocation:
     """Get ``inputs`` (name -> ref), call ``handler``, put its outputs, release the inputs.
 
     ``device`` is the GPU this function runs on (``None``: a CPU function, which gets
@@ -384,7 +481,7 @@ def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[
     This is ``execute_batch`` of one call, raising its error.
     """
     (outcome,) = execute_batch(client, handler, [Call(inputs, deadline, {} if held is None else held)],
-                               readers=readers, device=device, passing=passing, ttl_s=ttl_s)
+                               readers=readers, device=device, passing=passing, ttl_s=ttl_s, checks=checks)
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
@@ -392,7 +489,7 @@ def execute(client: DataClient, handler: Callable[..., Any], *, inputs: Mapping[
 
 def execute_batch(client: DataClient, handler: Callable[..., Any], calls: Sequence[Call], *,
                   readers: Sequence[str], device: int | None = None, passing: Passing = "tube",
-                  ttl_s: float | None = None) -> list[Invocation | Exception]:
+                  ttl_s: float | None = None, checks: OutputChecks | None = None) -> list[Invocation | Exception]:
     """Run several requests' calls of one function in as few handler calls as they allow.
 
     Returns, per call in order, its ``Invocation`` or the error that failed it alone; each
@@ -415,7 +512,8 @@ def execute_batch(client: DataClient, handler: Callable[..., Any], calls: Sequen
     """
     if passing not in PASSINGS:
         raise errors.InvalidRequest(f"passing must be one of {', '.join(PASSINGS)}, got {passing!r}")
-    run = _BatchRun(client, handler, readers=tuple(readers), device=device, passing=passing, ttl_s=ttl_s)
+    run = _BatchRun(client, handler, readers=tuple(readers), device=device, passing=passing, ttl_s=ttl_s,
+                    checks=checks)
     outcomes = run.run(calls)
     # An error's traceback keeps its frames, and each frame its callers' (f_back), alive for as
     # long as the error lives; those frames held the calls, their views and their ``held`` dicts.
@@ -476,8 +574,10 @@ class _BatchRun:
     """One ``execute_batch``: fetch, partition, compute, publish."""
 
     def __init__(self, client: DataClient, handler: Callable[..., Any], *, readers: tuple[str, ...],
-                 device: int | None, passing: Passing, ttl_s: float | None) -> None:
+                 device: int | None, passing: Passing, ttl_s: float | None,
+                 checks: OutputChecks | None = None) -> None:
         self.client = client
+        self.checks = checks
         self.handler = handler
         self.options = options_of(handler)
         self.readers = readers
@@ -639,6 +739,9 @@ class _BatchRun:
         refs_of: dict[str, str] = {}
         output_bytes = 0
         try:
+            if self.checks is not None:  # every output, before any is published
+                for array, group_readers in outputs:
+                    self.checks.check(array, group_readers, mode=self.options.shapes)
             for array, group_readers in outputs:
                 written = arena.take(array) if arena is not None else None
                 if written is not None:
@@ -674,13 +777,36 @@ class _BatchRun:
 
 
 def _invoke(handler: Callable[..., Any], inputs: dict[str, Any]) -> Any:
-    """The handler's call, its error as ``HandlerFailed`` (frames cleared: they hold input views)."""
+    """The handler's call, its error as a ``HandlerError`` naming where it was raised (frames
+    cleared: they hold input views)."""
     try:
         return call_handler(handler, inputs)
     except Exception as e:
+        where = handler_location(handler, e.__traceback__)
         traceback.clear_frames(e.__traceback__)
-        raise HandlerFailed(f"handler {getattr(handler, '__name__', handler)!r} raised "
-                            f"{type(e).__name__}: {e}") from e
+        kind = HandlerFailedPermanently if isinstance(e, DETERMINISTIC_ERRORS) else HandlerFailed
+        message = str(e)
+        if len(message) > MAX_HANDLER_MESSAGE_CHARS:
+            message = message[:MAX_HANDLER_MESSAGE_CHARS] + f"... ({len(message)} characters)"
+        at = f" at {where}" if where else ""
+        raise kind(f"handler {getattr(handler, '__name__', handler)!r} raised "
+                   f"{type(e).__name__}{at}: {message}") from e
+
+
+def handler_location(handler: Callable[..., Any], tb: Any) -> str | None:
+    """``file:line`` where an error left the handler's own code: the innermost frame of the
+    traceback in the handler's module, else the innermost one outside this package (a
+    handler defined elsewhere than its module's file); None without a traceback."""
+    frames = traceback.extract_tb(tb)
+    if not frames:
+        return None
+    code = getattr(inspect.unwrap(handler), "__code__", None)
+    home = code.co_filename if code is not None else None
+    ours = str(Path(__file__).resolve().parent) + os.sep
+    mine = [f for f in frames if home is not None and f.filename == home]
+    outside = [f for f in frames if not str(Path(f.filename).resolve()).startswith(ours)]
+    frame = (mine or outside or frames)[-1]
+    return f"{frame.filename}:{frame.lineno}"
 
 
 # --- warm-up ------------------------------------------------------------------------------------
@@ -757,13 +883,21 @@ __all__ = [
     "output",
     "REQUEST_INPUT",
     "BatchMode",
+    "SHAPE_CHECKS",
+    "ShapeCheck",
     "Call",
     "CallExpired",
     "CallTimings",
     "DataClient",
     "FunctionOptions",
+    "DETERMINISTIC_ERRORS",
+    "EdgeDeclaration",
+    "OutputChecks",
+    "OutputMismatch",
     "HandlerContractError",
+    "HandlerError",
     "HandlerFailed",
+    "HandlerFailedPermanently",
     "Invocation",
     "WarmupContext",
     "WarmupFailed",

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from faastube.errors import InvalidRequest
+from faastube_spec.units import human_size
 
 from faastube_placement import costs, search
 from faastube_placement.costs import CostModel, Location, PathKind
@@ -187,8 +188,8 @@ def capacity_violations(workflow: Workflow, cluster: ClusterTopology,
     problems = []
     for loc, place_ in enumerate(model.locations):
         if memory[loc] > problem.capacity_memory_bytes[loc]:
-            problems.append(f"{_where(place_)}: needs {memory[loc]} bytes, "
-                            f"{problem.capacity_memory_bytes[loc]} free")
+            problems.append(f"{_where(place_)}: needs {human_size(memory[loc])}, "
+                            f"{human_size(problem.capacity_memory_bytes[loc])} free")
         if slots[loc] > problem.capacity_slots[loc]:
             problems.append(f"{_where(place_)}: needs {slots[loc]} sharing slots, "
                             f"{problem.capacity_slots[loc]} free")
@@ -316,9 +317,9 @@ def _check_fits_alone(workflow: Workflow, cluster: ClusterTopology, model: CostM
         most_memory = max(gpus, key=lambda loc: (problem.capacity_memory_bytes[loc], -loc))
         most_slots = max(gpus, key=lambda loc: (problem.capacity_slots[loc], -loc))
         raise PlacementError(
-            f"function {fn.name!r} fits on no GPU: it needs {need_memory} bytes "
-            f"({_replicas_note(fn)} x {fn.gpu_memory_bytes}) and {need_slots} sharing slot(s) "
-            f"on one GPU; the most free memory is {problem.capacity_memory_bytes[most_memory]} bytes "
+            f"function {fn.name!r} fits on no GPU: it needs {human_size(need_memory)} "
+            f"({_replicas_note(fn)} x {human_size(fn.gpu_memory_bytes)}) and {need_slots} sharing slot(s) "
+            f"on one GPU; the most free memory is {human_size(problem.capacity_memory_bytes[most_memory])} "
             f"({_where(model.locations[most_memory])}) and the most free slots are "
             f"{problem.capacity_slots[most_slots]} ({_where(model.locations[most_slots])})")
 
@@ -339,9 +340,9 @@ def _no_fit_message(workflow: Workflow, problem: search.Problem) -> str:
     if need_slots > free_slots:
         why = f"they need {need_slots} sharing slots in all, the cluster has {free_slots} free"
     elif need_memory > free_memory:
-        why = f"they need {need_memory} bytes of GPU memory in all, the cluster has {free_memory} free"
+        why = f"they need {human_size(need_memory)} of GPU memory in all, the cluster has {human_size(free_memory)} free"
     else:
-        why = (f"they need {need_memory} bytes and {need_slots} slots in all "
-               f"({free_memory} bytes and {free_slots} slots free) but do not pack onto the GPUs "
+        why = (f"they need {human_size(need_memory)} and {need_slots} slots in all "
+               f"({human_size(free_memory)} and {free_slots} slots free) but do not pack onto the GPUs "
                f"(or the search budget ran out before finding a packing)")
     return f"workflow {workflow.name!r}: the GPU functions do not fit together: {why}"

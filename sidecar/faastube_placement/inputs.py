@@ -9,6 +9,7 @@ Every error names the file and the field path, so a user can fix the file at onc
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +58,11 @@ def load_nodes(source: str) -> ClusterTopology:
         except TopologyError as e:
             raise InputError(source, "", e.detail) from e
     path = Path(source)
+    if not path.exists():
+        hint = difflib.get_close_matches(path.stem, topology.builtin_names(), n=1)
+        if hint:
+            raise InputError(source, "", f"no such file; did you mean builtin:{hint[0]}? "
+                                         f"(builtins: {', '.join(topology.builtin_names())})")
     doc = _load_yaml(path)
     try:
         return parse_nodes(doc)

@@ -26,9 +26,9 @@ from faastube import errors as ft_errors
 from faastube import sdk
 from faastube_spec.workflow import Workflow, load_workflow
 
-from faastube_runtime import arrivals, dag, errors, gateway_cli, loadgen, report
+from faastube_runtime import arrivals, dag, errors, gateway_cli, handlers, loadgen, progress, report
 from faastube_runtime.gateway import GatewayConfig, to_npy
-from faastube_runtime.local import LocalOptions, LocalRuntime
+from faastube_runtime.local import LocalOptions, LocalRuntime, check_port_free
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--call-timeout", type=float, default=30.0, help="seconds per function call (default 30)")
     parser.add_argument("--retries", type=int, default=2, help="extra attempts of a failed call (default 2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    parser.add_argument("--fail-on-slo", type=float, nargs="?", const=100.0, default=None, metavar="PERCENT",
+                        help="exit 3 when fewer than PERCENT of the requests (default 100) answered "
+                             "within the workflow's SLO")
     parser.add_argument("--no-autoscale", dest="autoscale", action="store_false",
                         help="keep every function at its starting replica count (at least one): the "
                              "fixed-replica baseline; by default functions with minReplicas/maxReplicas "
@@ -78,6 +81,8 @@ def _validate(args: argparse.Namespace) -> None:
         problems.append(f"--port: must be in 0..65535, got {args.port}")
     if not args.request_timeout > 0 or not args.call_timeout > 0:
         problems.append("--request-timeout and --call-timeout: must be positive")
+    if args.fail_on_slo is not None and not 0 <= args.fail_on_slo <= 100:
+        problems.append(f"--fail-on-slo: must be a percentage in 0..100, got {args.fail_on_slo:g}")
     if args.retries < 0:
         problems.append(f"--retries: must be 0 or more, got {args.retries}")
     gateway_cli.limits_config(args, problems)
@@ -99,9 +104,9 @@ def request_input(workflow: Workflow, path: Path | None) -> np.ndarray:
     entry = workflow.function(workflow.entry)
     try:
         module = _import_beside(workflow, entry.handler_module)
-    except ImportError as e:
-        raise errors.BadInput(f"cannot import {entry.handler_module!r} to call its make_input(): {e}; "
-                              "pass --input FILE.npy") from e
+    except Exception as e:  # noqa: BLE001 - whatever the module raised at import: one line, with where
+        raise errors.BadInput(f"cannot import {entry.handler_module!r} to call its make_input(): "
+                              f"{handlers.import_problem(e)}; pass --input FILE.npy") from e
     make_input = getattr(module, "make_input", None)
     if make_input is None:
         raise errors.BadInput(f"module {entry.handler_module!r} of the entry function {entry.name!r} "
@@ -143,23 +148,6 @@ def arrival_offsets(kind: str, count: int, rate_per_s: float, seed: int) -> list
     return [float(o) for o in arrivals.offsets(kind, count=count, rate_per_s=rate_per_s, seed=seed)]
 
 
-class _Progress:
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.tty = sys.stderr.isatty()
-        self.step = max(1, total // 10)
-
-    def __call__(self, result: loadgen.RequestResult) -> None:
-        self.done += 1
-        self.failed += 0 if result.ok else 1
-        if self.tty or self.done % self.step == 0 or self.done == self.total:
-            end = "" if self.tty and self.done < self.total else "\n"
-            print(f"\r  {self.done}/{self.total} requests done, {self.failed} failed", end=end,
-                  file=sys.stderr, flush=True)
-
-
 async def _serve_forever(runtime: LocalRuntime) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -167,6 +155,7 @@ async def _serve_forever(runtime: LocalRuntime) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"serving workflow {runtime.workflow.name!r} on {runtime.url}/invoke "
           f"(metrics: {runtime.url}/metrics); Ctrl-C stops", flush=True)
+    print(runtime.client_instructions(), flush=True)
     await stop.wait()
     print("stopping", file=sys.stderr)
 
@@ -182,6 +171,7 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                                    call_timeout_s=args.call_timeout,
                                                    max_retries=args.retries),
                               max_input_bytes_in_flight=max_input_bytes, limits=limits))
+    check_port_free(args.host, port)  # fail now, not after every worker warmed up
     body = to_npy(request_input(workflow, args.input)) if args.requests else b""
     offsets = arrival_offsets(args.arrival, args.requests, args.rate, args.seed) if args.requests else []
     started = time.monotonic()
@@ -197,12 +187,18 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
         print(f"sending {args.requests} requests ({args.arrival}, {args.rate:g}/s, "
               f"concurrency {args.concurrency}, {len(body)} B each)", file=sys.stderr, flush=True)
         sent = time.monotonic()
-        results = await loadgen.drive(runtime.url, body, offsets, concurrency=args.concurrency,
-                                      on_result=_Progress(args.requests),
-                                      timeout_s=args.request_timeout + 10)
+        shown = progress.Progress(args.requests)
+        try:
+            results = await loadgen.drive(runtime.url, body, offsets, concurrency=args.concurrency,
+                                          on_result=shown, timeout_s=args.request_timeout + 10)
+        finally:
+            shown.close()
+        runtime.keep_logs = runtime.keep_logs or not all(r.ok for r in results)  # the workers' logs say why
         summary = report.summarize(results, duration_s=time.monotonic() - sent)
         scaled = runtime.scaling_report()
+    slo = report.SloAttainment.of(results, slo_s=workflow.slo_s)
     print(report.format_table(summary), flush=True)
+    print(report.format_slo(slo), flush=True)
     print(report.format_scaling(workflow, scaled, autoscale=args.autoscale), flush=True)
     for r in results:
         if not r.ok:
@@ -214,8 +210,14 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                          "arrival": args.arrival, "rate_per_s": args.rate,
                                          "autoscale": args.autoscale,
                                          "replicas": {name: s.as_dict() for name, s in scaled.items()},
-                                         **summary.as_dict()}, indent=2))
-    return 0 if summary.ok == summary.requests else 1
+                                         "slo": slo.as_dict(), **summary.as_dict()}, indent=2))
+    if summary.ok != summary.requests:
+        return 1
+    if args.fail_on_slo is not None and slo.percent < args.fail_on_slo:
+        print(f"faastube run: SLO attainment {slo.percent:.1f}% is below --fail-on-slo "
+              f"{args.fail_on_slo:g}%", file=sys.stderr)
+        return 3
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 Backend = Literal["host", "cuda", "auto"]
 STOP_TIMEOUT_S = 5.0
+# The function name `faastube run` suggests to clients of one's own (any name but the gateway's works).
+CLIENT_FUNCTION = "client"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -172,6 +175,24 @@ class _Child:
     address: Address | None = None  # a worker's
 
 
+def port_in_use_message(host: str, port: int, error: OSError) -> str:
+    """One line for a gateway port that cannot be listened on (usually: already in use)."""
+    return (f"--port: cannot listen on {host}:{port}: {error.strerror or error}; "
+            "is another server (another faastube run?) on it? choose another --port, or 0 for any free one")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``BadInput`` now if ``host:port`` cannot be listened on, before minutes of warm-up.
+
+    Binds as the gateway will (address reuse on); the gateway's own bind stays the authority."""
+    if port == 0:
+        return
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        raise errors.BadInput(port_in_use_message(host, port, e)) from e
+
+
 class LocalRuntime:
     """``async with LocalRuntime(workflow, options) as rt:`` then POST to ``rt.url``."""
 
@@ -199,16 +220,23 @@ class LocalRuntime:
         self._client: Any = None
         # function -> each replica's warm-up as its /healthz reported it (WarmupReport.as_dict)
         self.warmup: dict[str, list[dict[str, Any]]] = {}
+        # Keep the children's logs (sidecar.log, fn-<function>-<n>.log) at stop: set by a caller
+        # whose run failed; also set when the run ends with an error or a child exited abnormally.
+        self.keep_logs = False
+        self.logs_kept: Path | None = None  # where they were kept
 
     async def __aenter__(self) -> Self:
         try:
             await self.start()
         except BaseException:
+            self.keep_logs = True
             await self.stop()
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, (KeyboardInterrupt, asyncio.CancelledError)):
+            self.keep_logs = True
         await self.stop()
 
     # --- start ---------------------------------------------------------------------------------
@@ -246,7 +274,10 @@ class LocalRuntime:
         self._runner = make_runner(self.gateway)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.options.host, self.options.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            raise errors.BadInput(port_in_use_message(self.options.host, self.options.port, e)) from e
         port = self._runner.addresses[0][1]
         self.url = f"http://{self.options.host}:{port}"
         logger.info("workflow %s: gateway on %s, %d worker(s), %s backend, %s passing", self.workflow.name,
@@ -329,9 +360,8 @@ class LocalRuntime:
     def _check_alive(self, name: str) -> None:
         for child in self._children:
             if child.name == name and child.process.poll() is not None:
-                tail = child.log_path.read_text(errors="replace")[-2000:]
                 raise errors.StartupFailed(f"{name} exited with status {child.process.returncode} "
-                                           f"during startup; its log ends:\n{tail}")
+                                           f"during startup; its log ends:\n{_log_tail(child.log_path, 2000)}")
 
     async def _until_ready(self, name: str, probe: Any, *, timeout_s: float | None = None) -> Any:
         """Probe with backoff until it answers, the child dies, or the timeout (default: the
@@ -427,17 +457,51 @@ class LocalRuntime:
         # workers before the sidecar: they hold mappings of its pool
         workers = [c for c in self._children if c.name != "sidecar"]
         sidecars = [c for c in self._children if c.name == "sidecar"]
-        await asyncio.to_thread(_stop_children, workers)
-        await asyncio.to_thread(_stop_children, sidecars)
+        if not await asyncio.to_thread(_stop_children, workers):
+            self.keep_logs = True
+        if not await asyncio.to_thread(_stop_children, sidecars):
+            self.keep_logs = True
         self._children = []
         if self.socket_dir != Path() and self.socket_dir.exists():
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            if self.keep_logs:
+                self._keep_only_logs()
+            else:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def _keep_only_logs(self) -> None:
+        """Remove all but the children's logs from the run's folder, and say where they are."""
+        for path in self.socket_dir.iterdir():
+            if path.suffix != ".log":
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        self.logs_kept = self.socket_dir
+        logger.warning("the run failed; its logs are kept in %s (sidecar.log, fn-<function>-<n>.log)",
+                       self.socket_dir)
+
+    def client_instructions(self, function: str = CLIENT_FUNCTION) -> str:
+        """How a process of one's own reaches this run's data: the sidecar's socket and the identity.
+
+        The sidecar keeps each workflow's objects apart, and a bare ``faastube.connect()``
+        claims the default identity (function ``anonymous`` of workflow ``default/local``),
+        which may not touch this workflow's refs. In local mode any function name is
+        accepted; the workflow must be this one's.
+        """
+        socket, name = self.sidecar_socket, self.workflow.name
+        return (f"sidecar socket: {socket}\n"
+                f"  clients connect as a function of workflow {name!r}:\n"
+                f"    faastube.connect({socket!r}, workflow={name!r}, function={function!r})\n"
+                f"  or with FAASTUBE_SOCKET={socket} FAASTUBE_WORKFLOW={name} "
+                f"FAASTUBE_FUNCTION={function} set, faastube.connect()")
 
     def child_logs(self) -> dict[str, str]:
         return {c.name: c.log_path.read_text(errors="replace") for c in self._children if c.log_path.exists()}
 
 
-def _stop_children(children: list[_Child]) -> None:
+def _stop_children(children: list[_Child]) -> bool:
+    """Stop them (SIGTERM, then SIGKILL); whether every one ended normally."""
+    clean = True
     for child in children:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)
@@ -450,6 +514,22 @@ def _stop_children(children: list[_Child]) -> None:
             child.process.kill()
             child.process.wait()
         if child.process.returncode not in (0, -signal.SIGTERM):
-            # Its log goes with the run's temporary folder: show how it ended first.
-            tail = child.log_path.read_text(errors="replace")[-3000:] if child.log_path.exists() else ""
-            logger.warning("%s exited with status %s; its log ends:\n%s", child.name, child.process.returncode, tail)
+            clean = False
+            logger.warning("%s exited with status %s; its log ends:\n%s", child.name, child.process.returncode,
+                           _log_tail(child.log_path))
+    return clean
+
+
+def _log_tail(path: Path, limit_chars: int = 3000) -> str:
+    """The last whole lines of a log, at most about ``limit_chars`` (never cut mid-line)."""
+    if not path.exists():
+        return ""
+    lines = path.read_text(errors="replace").splitlines()
+    kept: list[str] = []
+    total = 0
+    for line in reversed(lines):
+        if kept and total + len(line) + 1 > limit_chars:
+            break
+        kept.append(line)
+        total += len(line) + 1
+    return "\n".join(reversed(kept))

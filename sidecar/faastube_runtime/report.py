@@ -1,7 +1,8 @@
-"""Summaries of a run's latencies: percentiles overall and per stage, as a table."""
+"""Summaries of a run's latencies: percentiles overall and per stage, as a table; SLO attainment."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,9 +68,45 @@ def summarize(results: Sequence[RequestResult], *, duration_s: float) -> RunSumm
                       stages=stages)
 
 
+@dataclass(frozen=True, slots=True)
+class SloAttainment:
+    """How many requests answered within the workflow's SLO, as the client saw them.
+
+    A failed request never counts as within. ``p99_s`` is the client p99 of the answered
+    requests (NaN when none was answered)."""
+
+    slo_s: float
+    within: int
+    requests: int
+    p99_s: float
+
+    @classmethod
+    def of(cls, results: Sequence[RequestResult], *, slo_s: float) -> SloAttainment:
+        ok = [r.latency_s for r in results if r.ok]
+        return cls(slo_s=slo_s, within=sum(1 for latency in ok if latency <= slo_s),
+                   requests=len(results), p99_s=Percentiles.of(ok).p99_s)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.within / self.requests if self.requests else 100.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"slo_s": self.slo_s, "within": self.within, "requests": self.requests,
+                "attainment_percent": self.percent, "p99_s": None if math.isnan(self.p99_s) else self.p99_s}
+
+
+def format_slo(slo: SloAttainment) -> str:
+    """One line: ``SLO 500 ms: 3/4 requests within (75.0%); p99 612.3 ms, over the SLO``."""
+    line = f"SLO {slo.slo_s * 1e3:g} ms: {slo.within}/{slo.requests} requests within ({slo.percent:.1f}%); "
+    if math.isnan(slo.p99_s):
+        return line + "p99 - (no request answered)"
+    verdict = "within" if slo.p99_s <= slo.slo_s else "over"
+    return line + f"p99 {slo.p99_s * 1e3:.1f} ms, {verdict} the SLO"
+
+
 def format_table(summary: RunSummary) -> str:
     def ms(value: float) -> str:
-        return f"{value * 1e3:10.1f}"
+        return f"{'-':>10}" if math.isnan(value) else f"{value * 1e3:10.1f}"
 
     rows = [f"{'latency (ms)':<22}{'p50':>10}{'p99':>10}{'mean':>10}",
             (f"{'client (incl. HTTP)':<22}{ms(summary.client_latency.p50_s)}"

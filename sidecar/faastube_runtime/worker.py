@@ -79,6 +79,8 @@ def _status_for(exc: BaseException) -> tuple[int, bool]:
         return 410, False
     if isinstance(exc, sdk.CallExpired):
         return 504, True
+    if isinstance(exc, sdk.HandlerFailedPermanently):
+        return 500, False
     if isinstance(exc, sdk.HandlerFailed):
         return 500, True
     if isinstance(exc, ft_errors.RetryableError):
@@ -166,6 +168,9 @@ class FunctionWorker:
         self._batching: asyncio.Task[None] | None = None
         self.calls_served = 0
         self._held = _HeldReads(limit=max(4, 2 * self.policy.max_size))
+        self._checks = sdk.OutputChecks(function, {
+            e.target: sdk.EdgeDeclaration(size_bytes=e.size_bytes, shape=e.shape, dtype=e.dtype)
+            for e in workflow.edges if e.source == function})
 
     @property
     def queued(self) -> int:
@@ -299,7 +304,7 @@ class FunctionWorker:
         calls = [sdk.Call(inputs=item.call["inputs"], deadline=item.deadline,
                           held=self._held.of(item.call["request_id"])) for item in items]
         outcomes = sdk.execute_batch(self._client, self._handler, calls, readers=self.plan.readers,
-                                     device=self._device, passing=self._passing)
+                                     device=self._device, passing=self._passing, checks=self._checks)
         del calls
         dropped = 0
         for item, outcome in zip(items, outcomes, strict=True):
@@ -378,8 +383,10 @@ def build_app(target: FunctionWorker | WorkerState) -> web.Application:
             reply = await worker.call(body)
         except Exception as e:  # noqa: BLE001 - every failure becomes an error reply the gateway acts on
             status, _ = _status_for(e)
+            # A handler's error: its traceback goes to this worker's log (fn-*.log in local mode).
             (logger.warning if status >= 500 else logger.info)(
-                "%s: call failed: %s: %s", worker.function, type(e).__name__, e)
+                "%s: call failed: %s: %s", worker.function, type(e).__name__, e,
+                exc_info=e.__cause__ if isinstance(e, sdk.HandlerError) else None)
             return _error(e)
         return web.json_response(reply)
 

@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from faastube.errors import FaastubeError
 from faastube.locations import gpu
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -122,6 +123,19 @@ def _nvml_memory(backend: Backend, settings: SidecarSettings) -> DeviceMemory | 
         return None
 
 
+class MetricsPortUnavailable(FaastubeError):
+    """The metrics address can't be bound (in use, or not this host's); another port is the fix."""
+
+
+def _start_metrics(settings: SidecarSettings, registry: CollectorRegistry):  # -> WSGIServer
+    try:
+        httpd, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+    except OSError as e:
+        raise MetricsPortUnavailable(f"--metrics-port {settings.metrics_port} on {settings.metrics_host}: "
+                                     f"{e.strerror or e}") from e
+    return httpd
+
+
 async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) -> None:
     """Run until SIGTERM/SIGINT. Startup: Kubernetes setup (may fail on configuration), bind,
     then plugin and publisher. Shutdown in reverse: the plugin stops advertising first."""
@@ -141,11 +155,14 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
         raise
     stop = asyncio.Event()
     serving: asyncio.Task[None] | None = None
+    metrics_http = None
     try:
-        server.bind()
+        # Metrics first: the socket appearing is the readiness signal clients and probes
+        # wait for, so everything the sidecar serves must be up by then.
         if settings.metrics_port:
-            start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+            metrics_http = _start_metrics(settings, registry)
             logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        server.bind()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -170,6 +187,9 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
             kube.close()
         server.dataplane.close()
         server.dataplane.backend.close()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
     if serving is not None and serving.done() and not serving.cancelled():
         serving.result()  # a server that died on its own: raise its error
 

@@ -122,6 +122,21 @@ def format_size(size_bytes: int) -> str:
     return str(size_bytes)
 
 
+def human_size(size_bytes: int) -> str:
+    """For people: the exact spelling when there is a short one (``"130MB"``, ``"8GiB"``), else
+    three significant digits of the largest binary unit (``"88.8GiB"``, not ``"90930MiB"``)."""
+    if size_bytes < 1024:
+        return f"{size_bytes}B"
+    exact = format_size(size_bytes)
+    if exact != str(size_bytes) and int(exact.rstrip("BKMGTikb")) < 1000:
+        return exact
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        factor = SIZE_UNITS_BYTES[unit]
+        if size_bytes >= factor:
+            return f"{size_bytes / factor:.3g}{unit}"
+    return f"{size_bytes}B"  # unreachable: size_bytes >= 1024 here
+
+
 def format_duration(seconds: float) -> str:
     """A spelling ``parse_duration`` reads back to the same value (``0.25`` -> ``"250ms"``)."""
     for unit, factor in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):

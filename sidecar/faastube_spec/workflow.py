@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -388,8 +388,10 @@ class _Collector:
             self.add(path, f"{preview(text)} is {len(text):,} characters long; at most {_DNS1123_LABEL_MAX}")
             return None
         if not _DNS1123_LABEL.match(text):
+            fixed = text.lower().replace("_", "-").replace(".", "-")
+            hint = f" (did you mean {fixed!r}?)" if _DNS1123_LABEL.match(fixed) else ""
             self.add(path, f"{text!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
-                           "starting and ending with a letter or digit)")
+                           f"starting and ending with a letter or digit){hint}")
             return None
         return text
 
@@ -495,10 +497,11 @@ def _parse(doc: Any, *, source: str | None, source_path: str | os.PathLike[str] 
     else:
         slo_s = c.positive_duration(spec["slo"], "spec.slo")
 
-    functions, positions = _parse_functions(c, spec.get("functions"), workflow_slo_s=slo_s)
-    edges = _parse_edges(c, spec.get("edges", []), known=positions)
+    functions, positions, rejected = _parse_functions(c, spec.get("functions"), workflow_slo_s=slo_s)
+    edges, edges_dropped = _parse_edges(c, spec.get("edges", []), known=positions, rejected=rejected)
     input_shape, input_dtype = _parse_input(c, spec["input"]) if "input" in spec else (None, None)
-    entry, exit_ = _check_graph(c, spec, functions, edges, positions=positions)
+    entry, exit_ = _check_graph(c, spec, functions, edges, positions=positions,
+                                complete=not rejected and not edges_dropped)
 
     if c.count:
         raise c.invalid(source)
@@ -539,24 +542,28 @@ def _parse_input(c: _Collector, raw: Any) -> tuple[tuple[int, ...] | None, str |
     return (shape, dtype) if shape is not None and dtype is not None else (None, None)
 
 
-def _parse_functions(c: _Collector, raw: Any, *,
-                     workflow_slo_s: float | None) -> tuple[list[FunctionSpec], dict[str, int]]:
-    """The functions, and each name's index in ``spec.functions`` (the paths of graph errors)."""
+def _parse_functions(c: _Collector, raw: Any, *, workflow_slo_s: float | None
+                     ) -> tuple[list[FunctionSpec], dict[str, int], set[str]]:
+    """The functions, each name's index in ``spec.functions`` (the paths of graph errors), and
+    the names of functions rejected with an error (edges naming them add none of their own)."""
     if raw is None:
         c.add("spec.functions", "required: a list of at least one function")
-        return [], {}
+        return [], {}, set()
     if not isinstance(raw, list):
         c.add("spec.functions", f"must be a list, got {_type_name(raw)}")
-        return [], {}
+        return [], {}, set()
     if not raw:
         c.add("spec.functions", "must list at least one function")
-        return [], {}
+        return [], {}, set()
     functions: list[FunctionSpec] = []
     first_index: dict[str, int] = {}
+    rejected: set[str] = set()
     for i, item in enumerate(raw):
         path = f"spec.functions[{i}]"
         spec = _parse_function(c, item, path, workflow_slo_s=workflow_slo_s)
         if spec is None:
+            if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+                rejected.add(item["name"])
             continue
         if spec.name in first_index:
             c.add(f"{path}.name", f"duplicate function name {spec.name!r} "
@@ -564,7 +571,7 @@ def _parse_functions(c: _Collector, raw: Any, *,
             continue
         first_index[spec.name] = i
         functions.append(spec)
-    return functions, first_index
+    return functions, first_index, rejected - first_index.keys()
 
 
 def _parse_function(c: _Collector, item: Any, path: str, *,
@@ -772,19 +779,23 @@ def _parse_gpu(c: _Collector, raw: Any, path: str) -> tuple[bool, int]:
     return True, memory_bytes or 0
 
 
-def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[EdgeSpec]:
+def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int],
+                 rejected: Set[str] = frozenset()) -> tuple[list[EdgeSpec], bool]:
+    """The edges, and whether any was dropped for an error (then the graph is incomplete)."""
     if raw is None:
-        return []
+        return [], False
     if not isinstance(raw, list):
         c.add("spec.edges", f"must be a list, got {_type_name(raw)}")
-        return []
+        return [], True
     edges: list[EdgeSpec] = []
+    dropped = False
     first_index: dict[tuple[str, str], int] = {}
     candidates: list[str] | None = None  # sorted function names, for suggestions; made once
     for i, item in enumerate(raw):
         path = f"spec.edges[{i}]"
         edge = c.mapping(item, path, allowed=_EDGE_FIELDS)
         if edge is None:
+            dropped = True
             continue
         ends: list[str | None] = []
         for key in ("from", "to"):
@@ -793,7 +804,9 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
                 ends.append(None)
                 continue
             end = c.string(edge[key], f"{path}.{key}")
-            if end is not None and end not in known:
+            if end is not None and end in rejected:
+                end = None  # the function's own error says what is wrong with it
+            elif end is not None and end not in known:
                 hint = None
                 if c.listing:
                     if candidates is None:
@@ -806,6 +819,7 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
         size_bytes, shape, dtype = _parse_edge_data(c, edge, path)
         source, target = ends
         if source is None or target is None:
+            dropped = True
             continue
         if source == target:
             c.add(path, f"self-edge {source} -> {target}")
@@ -817,7 +831,7 @@ def _parse_edges(c: _Collector, raw: Any, *, known: Mapping[str, int]) -> list[E
         first_index[source, target] = i
         # A bad size is reported above; keep the edge so the graph checks still see it.
         edges.append(EdgeSpec(source, target, size_bytes or 0, shape=shape, dtype=dtype))
-    return edges
+    return edges, dropped
 
 
 def _parse_edge_data(c: _Collector, edge: Mapping[str, Any],
@@ -884,10 +898,13 @@ def _parse_dtype(c: _Collector, raw: Any, path: str) -> str | None:
 
 
 def _check_graph(c: _Collector, spec: Mapping[str, Any], functions: list[FunctionSpec],
-                 edges: list[EdgeSpec], *, positions: Mapping[str, int]) -> tuple[str | None, str | None]:
+                 edges: list[EdgeSpec], *, positions: Mapping[str, int],
+                 complete: bool = True) -> tuple[str | None, str | None]:
     """Cycles, entry and exit, reachability, in time linear in functions + edges.
 
-    Returns (entry, exit), None where invalid.
+    Returns (entry, exit), None where invalid. When an edge or a function was dropped for an
+    error (``complete`` false), which functions are ends or reachable is not known: those
+    checks would only echo that error, so they are skipped.
     """
     names = [f.name for f in functions]
     explicit: dict[str, str | None] = {}
@@ -910,8 +927,9 @@ def _check_graph(c: _Collector, spec: Mapping[str, Any], functions: list[Functio
     cycles = _find_cycles(names, successors)
     for cycle in cycles:
         c.add("spec.edges", "cycle " + _cycle_text(cycle))
-    if cycles:
-        # Entry, exit and reachability are ill-defined on a cyclic graph; the cycle is the error.
+    if cycles or not complete:
+        # Entry, exit and reachability are ill-defined on a cyclic or partial graph; the cycle
+        # (or the dropped edge's or function's error) is the error.
         return None, None
 
     sources = [n for n in names if not predecessors[n]]

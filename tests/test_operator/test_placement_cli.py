@@ -11,6 +11,7 @@ import pytest
 import yaml
 from faastube import cli
 from faastube_spec import topology
+from faastube_spec.units import human_size, parse_size
 
 WORKFLOW = {
     "apiVersion": "faastube.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "traffic"},
@@ -136,3 +137,27 @@ def test_the_installed_command_runs_as_a_real_process(tmp_path: Path) -> None:
                            "--nodes", "builtin:8x-l40s"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["edges"][1]["path"] in ("same-gpu", "nvlink")
+
+
+def test_a_missing_nodes_file_named_like_a_builtin_suggests_the_builtin(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wf = write(tmp_path / "w.yaml", WORKFLOW)
+    code, _, err = place(["--workflow", wf, "--nodes", "dgx-h100"], capsys)
+    assert code == 2 and "no such file; did you mean builtin:dgx-h100?" in err
+    code, _, err = place(["--workflow", wf, "--nodes", "dgx-h100.yaml"], capsys)
+    assert code == 2 and "did you mean builtin:dgx-h100?" in err
+
+
+def test_edges_carry_a_human_readable_size_beside_their_bytes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wf = write(tmp_path / "w.yaml", WORKFLOW)
+    code, out, _ = place(["--workflow", wf, "--nodes", "builtin:dgx-h100"], capsys)
+    assert code == 0
+    for edge in json.loads(out)["edges"]:
+        assert parse_size(edge["size"]) == pytest.approx(edge["bytes"], rel=0.005)
+
+
+@pytest.mark.parametrize(("size_bytes", "text"), [
+    (512, "512B"), (130_000_000, "130MB"), (8 << 30, "8GiB"), (90930 << 20, "88.8GiB"), (1_234_567, "1.18MiB")])
+def test_human_sizes_are_short(size_bytes: int, text: str) -> None:
+    assert human_size(size_bytes) == text

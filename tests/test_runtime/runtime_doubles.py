@@ -77,8 +77,8 @@ class InProcessInvoker:
             try:
                 inv = sdk.execute(self.store, self.handlers[function], inputs=inputs,
                                   readers=self.plan.function(function).readers)
-            except sdk.HandlerFailed as e:
-                raise rt_errors.CallFailed(str(e), retryable=True) from e
+            except sdk.HandlerError as e:
+                raise rt_errors.CallFailed(str(e), retryable=isinstance(e, sdk.HandlerFailed)) from e
             except sdk.HandlerContractError as e:
                 raise rt_errors.CallFailed(str(e), retryable=False) from e
             t = inv.timings

@@ -302,7 +302,7 @@ async def test_inputs_that_cannot_stack_run_in_a_batch_of_their_own(sidecar_sock
 
 def fails_on_100(x: np.ndarray) -> np.ndarray:
     if (x == 100).any():
-        raise ValueError("a request with 100 in it")
+        raise RuntimeError("a request with 100 in it")
     return x + 1
 
 

@@ -134,7 +134,7 @@ def test_a_request_failing_in_a_gpu_batch_fails_alone(client: Any) -> None:
 
     refs = put_rows(client, (1, 3, 2))
     outcomes = sdk.execute_batch(client, picky, [sdk.Call({"a": r}) for r in refs], readers=["b"], device=0)
-    assert isinstance(outcomes[1], sdk.HandlerFailed) and "three" in str(outcomes[1])
+    assert isinstance(outcomes[1], sdk.HandlerFailedPermanently) and "three" in str(outcomes[1])
     assert all(isinstance(outcomes[i], sdk.Invocation) and outcomes[i].batch_size == 1 for i in (0, 2))
 
 

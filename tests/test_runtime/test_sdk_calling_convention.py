@@ -97,7 +97,7 @@ def test_a_failing_handler_keeps_inputs_for_a_retry_and_stores_nothing() -> None
     def broken(x: np.ndarray) -> np.ndarray:
         raise RuntimeError("boom")
 
-    with pytest.raises(sdk.HandlerFailed, match="RuntimeError: boom"):
+    with pytest.raises(sdk.HandlerFailed, match=r"RuntimeError at .*test_sdk_calling_convention.py:\d+: boom"):
         sdk.execute(store, broken, inputs={"a": ref_in}, readers=["b"])
     assert list(store.objects) == [ref_in]
 

@@ -141,8 +141,11 @@ async def test_a_failing_warm_up_call_ends_the_worker_with_status_3_and_says_why
                                                                                  folder: Path) -> None:
     worker = Worker(sidecar, folder, "second", {"WARM_FAIL": "call"})
     assert worker.exited() == 3
+    handlers = FIXTURE.parent / "warmfunctions.py"
+    line = next(i for i, text in enumerate(handlers.read_text().splitlines(), 1) if "bad weights" in text)
     assert ("worker second: warm-up failed: the warm-up call of 'second' on zeros (1 request(s) of "
-            "first float32[2, 3]) failed: handler 'second' raised ValueError: bad weights") in worker.log()
+            f"first float32[2, 3]) failed: handler 'second' raised ValueError at "
+            f"{handlers}:{line}: bad weights") in worker.log()
 
 
 async def test_the_entry_is_warmed_on_the_workflows_request_input(sidecar: Any, folder: Path) -> None:

@@ -359,3 +359,28 @@ def test_load_workflow_rejects_duplicate_keys_and_bad_yaml(tmp_path: Path) -> No
         load_workflow(path)
     with pytest.raises(WorkflowInvalid, match="cannot read"):
         load_workflow(tmp_path / "missing.yaml")
+
+
+# --- consistency of the messages (issue 15) -------------------------------------------------
+
+def _named(functions: list[str], edges: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "mine"},
+            "spec": {"slo": "1s", "functions": [{"name": n, "handler": f"functions:{n}"} for n in functions],
+                     "edges": [{"from": a, "to": b, "size": "1KB"} for a, b in edges]}}
+
+
+def test_a_function_named_gateway_is_refused_as_reserved() -> None:
+    assert errors_of(_named(["pre", "gateway", "post"], [("pre", "gateway"), ("gateway", "post")])) == [
+        "spec.functions[1].name: 'gateway' is reserved: the workflow's gateway has that name "
+        "(at the sidecar and in its Deployment's name); choose another"]
+
+
+def test_an_upper_case_function_name_is_one_error_suggesting_lower_case() -> None:
+    assert errors_of(_named(["pre", "Embed", "post"], [("pre", "Embed"), ("Embed", "post")])) == [
+        "spec.functions[1].name: 'Embed' is not a DNS-1123 label (lower-case letters, digits and '-', "
+        "starting and ending with a letter or digit) (did you mean 'embed'?)"]
+
+
+def test_an_edge_to_a_missing_function_adds_no_follow_on_entry_or_exit_errors() -> None:
+    assert errors_of(_named(["a", "b", "c"], [("a", "b"), ("b", "d")])) == [
+        "spec.edges[1].to: unknown function 'd'"]

@@ -151,6 +151,23 @@ def test_metrics_answer_every_scrape_under_object_churn(make_sidecar) -> None:
     assert codes.count(200) == len(codes)
 
 
+def test_a_metrics_port_in_use_is_one_line_and_no_socket() -> None:
+    # The socket is the readiness signal, so the metrics endpoint comes up before it: a port
+    # that can't be bound stops start-up with the port named, before any client could connect.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sock = f"/tmp/faastube-metrics-busy-{os.getpid()}.sock"
+        out = subprocess.run([sys.executable, "-m", "faastube.cli", "sidecar", "--socket", sock,
+                              "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+                             capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [f"faastube sidecar: --metrics-port {port} on 127.0.0.1: "
+                                               "Address already in use"]
+    assert not os.path.exists(sock)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
