@@ -485,7 +485,8 @@ def test_the_operator_expects_heartbeats_as_often_as_the_sidecars_send_them(
 
 
 @pytest.mark.parametrize(("memory", "policy", "floor", "share"), [
-    (None, "elastic+eviction", 300 << 20, 0.5),
+    (None, "static", 300 << 20, 0.5),
+    ({"policy": "elastic+eviction"}, "elastic+eviction", 300 << 20, 0.5),
     ({"policy": "elastic", "floor": "1Gi", "capShare": 0.25}, "elastic", 1 << 30, 0.25),
     ({"policy": "lru", "capShare": 1}, "lru", 300 << 20, 1.0),
     ({"policy": "static"}, "static", 300 << 20, 0.5),

@@ -24,11 +24,11 @@ def refused(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
     return capsys.readouterr().err
 
 
-def test_the_defaults_are_the_elastic_pool_with_queue_aware_eviction() -> None:
+def test_the_default_is_the_static_pool_measured_on_gpus() -> None:
     settings = cli.settings_from(parse())
     assert settings.memory == DEFAULT_MEMORY_POLICY
     assert (settings.memory.name, settings.memory.floor_bytes, settings.memory.cap_share) == \
-        ("elastic+eviction", 300 * MiB, 0.5)
+        ("static", 300 * MiB, 0.5)
     assert settings.simulated_gpus == 0
 
 
