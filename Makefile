@@ -3,17 +3,25 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-dev
+# NIXL (cross-node passing, docs/network.md). Its wheel declares torch as a dependency
+# (~5 GB) that the NumPy path the sidecar uses never imports: installed without deps.
+NIXL       ?= nixl-cu13==1.5.1
+NIXL_STAMP  = $(VENV)/.installed-nixl
 
 .PHONY: setup test demo dataplane-demo lint clean
 .PHONY: podman-setup base-image images image-names image-test images-push
 
-setup: $(STAMP)
+setup: $(STAMP) $(NIXL_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(NIXL_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps '$(NIXL)'
+	touch $(NIXL_STAMP)
 
 # The project's main job on one machine: run an example workflow locally
 # (a sidecar, the gateway and one process per function; CUDA backend where a GPU is visible).

@@ -207,6 +207,9 @@ class Client:
             self.backend: str = reply["backend"]
             self.locations: tuple[str, ...] = tuple(reply["locations"])
             self.identity: dict[str, str] = reply["identity"]
+            # Set when the sidecar serves cross-node reads: our refs name its node.
+            node = reply.get("node")
+            self.node: str | None = None if node is None else protocol.check_node(node)
             # This process's CUDA ordinal -> the sidecar's GPU index, and back.
             self._gpu_of = {int(k): int(v) for k, v in reply["device_map"].items()}
             self._arena_bytes = {Location.parse(k): int(v) for k, v in reply.get("arena_bytes", {}).items()}
@@ -579,7 +582,7 @@ class Client:
     def _publish(self, slab: HostSlab | CudaSlab, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...],
                  consumers: int | None, ttl: float | None, *, fence: list[list[int]] | None,
                  copied: str | None) -> str:
-        ref = protocol.new_ref()
+        ref = protocol.new_ref(self.node)
         body: dict[str, Any] = {"ref": ref, "slab": slab.id, "offset": offset, "nbytes": int(nbytes),
                                 "dtype": np.dtype(dtype).str, "shape": [int(d) for d in shape]}
         if consumers is not None:

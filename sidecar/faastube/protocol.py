@@ -145,19 +145,39 @@ def decode_body(data: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 REF_PREFIX = "ft-"
 _REF_CHARS = 32          # 128 random bits, lower-case hex
-_REF_PATTERN = re.compile(rf"{REF_PREFIX}[0-9a-f]{{{_REF_CHARS}}}")
+# A ref may name the node whose sidecar holds it ("ft-<hex>@<node>", node as Kubernetes names
+# nodes: a lower-case DNS subdomain): a sidecar that serves cross-node reads hands its clients
+# its node name, so a ref passed to a function on another node says where to fetch it from.
+_NODE = r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?"
+_REF_PATTERN = re.compile(rf"{REF_PREFIX}[0-9a-f]{{{_REF_CHARS}}}(?:@({_NODE}))?")
+_NODE_PATTERN = re.compile(_NODE)
+_REF_SHAPE = f"'{REF_PREFIX}' and {_REF_CHARS} hex digits, optionally '@' and a node name"
 
 
-def new_ref() -> str:
-    """A fresh ref. Clients name the objects they publish; the sidecar refuses duplicates."""
-    return REF_PREFIX + secrets.token_hex(16)
+def new_ref(node: str | None = None) -> str:
+    """A fresh ref (naming `node` when given). Clients name the objects they publish; the
+    sidecar refuses duplicates, and refs naming a node other than its own."""
+    ref = REF_PREFIX + secrets.token_hex(16)
+    return ref if node is None else f"{ref}@{check_node(node)}"
 
 
 def check_ref(ref: object) -> str:
     if not isinstance(ref, str) or _REF_PATTERN.fullmatch(ref) is None:
-        raise errors.InvalidRequest(
-            f"malformed ref {ref!r:.60}: expected '{REF_PREFIX}' and {_REF_CHARS} hex digits")
+        raise errors.InvalidRequest(f"malformed ref {ref!r:.60}: expected {_REF_SHAPE}")
     return ref
+
+
+def check_node(node: object) -> str:
+    if not isinstance(node, str) or _NODE_PATTERN.fullmatch(node) is None:
+        raise errors.InvalidRequest(f"malformed node name {node!r:.60}: expected a lower-case DNS subdomain "
+                                    f"(letters, digits, '-' and '.'; at most 253 characters)")
+    return node
+
+
+def ref_node(ref: str) -> str | None:
+    """The node a (well-formed) ref names, or None for a node-local ref."""
+    at = ref.find("@")
+    return None if at < 0 else ref[at + 1:]
 
 
 # --- request schemas ---------------------------------------------------------------------------
@@ -233,7 +253,7 @@ def _int(value: Any) -> Any:
 def _ref(value: Any) -> Any:
     if type(value) is str and _REF_PATTERN.fullmatch(value) is not None:
         return value
-    return _Expected(f"a ref ('{REF_PREFIX}' and {_REF_CHARS} hex digits)")
+    return _Expected(f"a ref ({_REF_SHAPE})")
 
 
 def _location(value: Any) -> Any:

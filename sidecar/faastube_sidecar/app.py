@@ -13,6 +13,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from faastube.errors import FaastubeError
 from faastube.locations import gpu
@@ -35,6 +36,9 @@ from faastube_sidecar.kube import KubernetesPieces, KubeSettings
 from faastube_sidecar.metrics import SidecarMetrics
 from faastube_sidecar.pool import PoolLimits
 from faastube_sidecar.server import ServerConfig, SidecarServer
+
+if TYPE_CHECKING:   # grpc and NIXL load only when cross-node passing is on
+    from faastube_sidecar.network.pieces import NetworkPieces, NetworkSettings
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class SidecarSettings:
     simulated_gpus: int = 0                   # host backend: GPU locations of shared memory
     simulated_gpu_bytes: int = 4 << 30
     simulated_gpu_busy_bytes: int = 0         # held by "other processes" on each simulated GPU
+    network: NetworkSettings | None = None    # cross-node passing (--peer-port)
 
     @property
     def uses_kubernetes(self) -> bool:
@@ -156,7 +161,14 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
     stop = asyncio.Event()
     serving: asyncio.Task[None] | None = None
     metrics_http = None
+    network: NetworkPieces | None = None
     try:
+        if settings.network is not None:
+            from faastube_sidecar.network.pieces import NetworkPieces
+
+            network = NetworkPieces(settings.network, server.dataplane,
+                                    cluster=kube.peer_lookup() if kube is not None else None)
+            await network.start()
         # Metrics first: the socket appearing is the readiness signal clients and probes
         # wait for, so everything the sidecar serves must be up by then.
         if settings.metrics_port:
@@ -185,6 +197,8 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
                 serving.cancel()
         if kube is not None:
             kube.close()
+        if network is not None:
+            await network.stop()
         server.dataplane.close()
         server.dataplane.backend.close()
         if metrics_http is not None:

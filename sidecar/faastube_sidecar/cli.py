@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from faastube import errors
+from faastube import errors, protocol
 from faastube_spec.units import format_size, parse_duration, parse_size
 
 from faastube_sidecar.dataplane import (
@@ -19,6 +19,7 @@ from faastube_sidecar.dataplane import (
     DEFAULT_TTL_S,
 )
 from faastube_sidecar.elastic import POLICIES, MemoryPolicy
+from faastube_sidecar.network.peers import parse_peer_flag
 from faastube_sidecar.pool import PoolLimits
 
 DEFAULT_SOCKET = "/var/run/faastube/faastube.sock"
@@ -37,6 +38,21 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except errors.InvalidRequest as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _rate(text: str) -> float:
+    """Bytes per second from '25Gb/s', '3GB/s', '400Gbps' or a plain number of bytes/s."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kMGT]?)(B|b|bps)?(/s)?\s*", text)
+    if m is None or (m[3] is None and m[2]):
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 25Gb/s, 3GB/s or 1e9)")
+    value = float(m[1]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m[2]]
+    if m[3] in ("b", "bps"):
+        value /= 8
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -226,6 +242,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kube.add_argument("--kubeconfig", metavar="PATH",
                       help="Kubernetes client config (default: in-cluster when "
                            "$KUBERNETES_SERVICE_HOST is set, else $KUBECONFIG or ~/.kube/config)")
+    net = parser.add_argument_group("Cross-node passing (docs/network.md)")
+    net.add_argument("--peer-port", type=_port, metavar="PORT",
+                     help="serve reads of this node's objects to other nodes' sidecars on PORT (0: any "
+                          "free port), and fetch refs naming other nodes; needs --node-name and "
+                          "--peer-secret-file")
+    net.add_argument("--peer-host", metavar="ADDRESS", help="address the peer service listens on (default 0.0.0.0)")
+    net.add_argument("--peer-secret-file", metavar="PATH",
+                     help="the secret every sidecar of the cluster shares (>= 32 bytes; a Kubernetes Secret)")
+    net.add_argument("--advertise-address", metavar="ADDRESS",
+                     help="the address other sidecars dial (published in the GpuNode; default $POD_IP)")
+    net.add_argument("--peer", action="append", metavar="NODE=HOST:PORT",
+                     help="another node's sidecar (repeatable); on a cluster GpuNodes say where they are")
+    net.add_argument("--nixl-backend", default="UCX", metavar="NAME", help="NIXL backend (default UCX)")
+    net.add_argument("--ucx-tls", metavar="LIST",
+                     help="UCX transports (default $UCX_TLS, else tcp,sm,self,cuda_copy,cuda_ipc; add rc,dc "
+                          "or ib for RDMA NICs)")
+    net.add_argument("--ucx-net-devices", metavar="LIST",
+                     help="NICs UCX may use, several at once (e.g. mlx5_0:1,mlx5_1:1; default: all)")
+    net.add_argument("--network-bandwidth", type=_rate, metavar="BYTES/S",
+                     help="this node's network bandwidth, shared by SLO like every link (e.g. 25Gb/s, "
+                          "3GB/s; default 25Gb/s)")
+    net.add_argument("--lend-from-host", action="store_true",
+                     help="lend objects from pinned host memory (copied there first) instead of GPU "
+                          "memory: for NICs without GPUDirect RDMA")
 
 
 def _usage_error(message: str) -> NoReturn:
@@ -291,6 +331,7 @@ def check_flags(args: argparse.Namespace) -> None:
         if args.identity == "kubernetes":
             _usage_error("--identity kubernetes needs --node-name (or $NODE_NAME): "
                          "only pods of this node may connect")
+    _check_network_flags(args)
     if args.heartbeat is not None and args.heartbeat < 0.1:
         _usage_error(f"--heartbeat must be at least 100ms, got {args.heartbeat:g}s")
     if args.simulated_topology is not None:
@@ -304,6 +345,45 @@ def check_flags(args: argparse.Namespace) -> None:
         _usage_error(f"--kubeconfig: no such file {args.kubeconfig!r}")
     if args.proc_root is not None and not os.path.isdir(args.proc_root):
         _usage_error(f"--proc-root: no such directory {args.proc_root!r}")
+
+
+def _check_network_flags(args: argparse.Namespace) -> None:
+    if args.peer_port is None:
+        for flag, given in (("--peer-host", args.peer_host), ("--peer-secret-file", args.peer_secret_file),
+                            ("--advertise-address", args.advertise_address), ("--peer", args.peer),
+                            ("--ucx-tls", args.ucx_tls), ("--ucx-net-devices", args.ucx_net_devices),
+                            ("--network-bandwidth", args.network_bandwidth),
+                            ("--lend-from-host", args.lend_from_host),
+                            ("--nixl-backend", args.nixl_backend != "UCX")):
+            if given:
+                _usage_error(f"{flag} has no effect without --peer-port")
+        return
+    if not args.node_name:
+        _usage_error("--peer-port needs --node-name (or $NODE_NAME): refs name the node whose sidecar holds them")
+    if not args.peer_secret_file:
+        _usage_error("--peer-port needs --peer-secret-file: sidecars serve reads only to peers that know it")
+    try:
+        protocol.check_node(args.node_name)
+        for text in args.peer or ():
+            peer = parse_peer_flag(text)
+            if peer.node == args.node_name:
+                _usage_error(f"--peer {text}: that is this node")
+    except errors.InvalidRequest as e:
+        _usage_error(str(e))
+
+
+def _network_settings(args: argparse.Namespace):  # -> NetworkSettings | None
+    if args.peer_port is None:
+        return None
+    from faastube_sidecar.network.pieces import DEFAULT_NETWORK_BANDWIDTH, NetworkSettings
+
+    return NetworkSettings(
+        node=args.node_name, port=args.peer_port, secret_file=Path(args.peer_secret_file),
+        host=args.peer_host or "0.0.0.0", advertise_address=args.advertise_address or os.environ.get("POD_IP"),
+        peers=tuple(parse_peer_flag(t) for t in args.peer or ()), backend=args.nixl_backend, ucx_tls=args.ucx_tls,
+        ucx_net_devices=args.ucx_net_devices,
+        bandwidth_bytes_per_s=args.network_bandwidth or DEFAULT_NETWORK_BANDWIDTH,
+        lend_from_host=args.lend_from_host)
 
 
 def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import deferred: prometheus)
@@ -341,7 +421,8 @@ def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import defer
                             evict_wait_s=args.evict_wait, restore_ahead=args.restore_ahead),
         simulated_gpus=args.simulated_gpus or 0,
         simulated_gpu_bytes=args.simulated_gpu_memory or DEFAULT_SIMULATED_GPU_BYTES,
-        simulated_gpu_busy_bytes=args.simulated_gpu_busy or 0)
+        simulated_gpu_busy_bytes=args.simulated_gpu_busy or 0,
+        network=_network_settings(args))
 
 
 def run(args: argparse.Namespace) -> int:

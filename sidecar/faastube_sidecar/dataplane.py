@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from faastube import errors, protocol
@@ -90,6 +90,14 @@ DEFAULT_MEMORY_POLICY = elastic.MemoryPolicy()
 # told, and unmaps); when memory is short, after this much shorter time.
 LEASED_IDLE_S = 1.0
 PRESSURE_LEASED_IDLE_S = 0.1
+
+
+class RemoteGets(Protocol):
+    """Fetches objects other nodes' sidecars hold (``network.reader``): set when this sidecar
+    serves cross-node passing."""
+
+    async def fetch(self, session: Session, ref: str, location: Location) -> None:
+        """Bring `ref` into this sidecar for the session: afterwards ``lifetimes.find(ref)`` has it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +228,8 @@ class DataPlane:
         self._orphan_events: set[int] = set()                       # their writer left
         self._open_domains: set[Domain] = set()                     # domains the backend holds resources of
         self._per_identity: dict[Identity, int] = {}
+        self.node: str | None = None          # this sidecar's node, when it serves cross-node passing
+        self.remote: RemoteGets | None = None
         self.snapshot = Snapshot()
         self.refresh_snapshot()
 
@@ -350,6 +360,7 @@ class DataPlane:
                 "device_map": {str(k): v for k, v in session.device_map.items()},
                 "identity": {"namespace": identity.namespace, "workflow": identity.workflow,
                              "function": identity.function},
+                **({"node": self.node} if self.node is not None else {}),
                 "align": ALIGN_BYTES,
                 "arena_bytes": {str(loc): self._limits(loc).arena_bytes for loc in self.locations},
                 "quota_bytes": {str(loc): self.budgets[loc].quota_bytes for loc in self.locations}}, []
@@ -485,6 +496,11 @@ class DataPlane:
         if copied is not None and copied not in ("local", "host"):
             raise errors.InvalidRequest(f"publish: copied must be 'local' or 'host', got {copied!r:.20}")
         ref = fields["ref"]
+        node = protocol.ref_node(ref)
+        if node is not None and node != self.node:
+            raise errors.InvalidRequest(f"publish: ref {ref} names node {node!r}, but this sidecar is "
+                                        f"{self.node or 'not serving cross-node passing'}: refs name the node "
+                                        f"whose sidecar holds them (use the client's put, or new_ref(client.node))")
         if self.lifetimes.find(ref) is not None or self.lifetimes.fate(ref) is not None:
             raise errors.InvalidRequest(f"publish: ref {ref} is already in use; use a fresh one")
         alloc = pool.claim(session.id, slab_id, fields["offset"], nbytes)
@@ -541,6 +557,9 @@ class DataPlane:
         if session.identity is None:
             raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
         record = self.lifetimes.find(ref)
+        if record is None and self._is_remote(ref):
+            await self._fetch_remote(session, ref, location)
+            record = self.lifetimes.lookup(ref)
         if record is None:
             record = await self._published(ref)
         self._check_access(session, record, "get")
@@ -565,6 +584,69 @@ class DataPlane:
             self.lifetimes.end_lease(session.id, ref, counted=False)
             raise
         return self._get_reply(session, record, replica, path)
+
+    def _is_remote(self, ref: str) -> bool:
+        node = protocol.ref_node(ref)
+        return node is not None and node != self.node
+
+    async def _fetch_remote(self, session: Session, ref: str, location: Location) -> None:
+        if self.remote is None:
+            raise errors.RefNotFound(ref, f"held by node {protocol.ref_node(ref)!r}, and this sidecar does not "
+                                          f"serve cross-node passing (--peer-port)")
+        await self.remote.fetch(session, ref, location)
+
+    # --- cross-node: what network.service and network.reader use ----------------------------------
+
+    async def lend(self, session: Session, ref: str, location: Location | None) -> tuple[ObjectRecord, Span]:
+        """Open one read of `ref` for a peer's reader (its session) and return the span to lend:
+        the replica at `location` (made if need be), else the object's origin, once its bytes
+        are all written. The caller ends the lease (``lifetimes.end_lease``)."""
+        record = self.lifetimes.find(ref)
+        if record is None:
+            record = await self._published(ref)
+        self._check_access(session, record, "get")
+        self.lifetimes.open_lease(record, session.id)
+        record.last_used_s = self._clock()
+        try:
+            where = self._location(location) if location is not None else self._best_source(record, record.origin)
+            replica = record.replicas.get(where)
+            if replica is None:
+                await self._first_bytes_written(record, where)
+                replica, _ = await self._replicate_with_room(session, record, where)
+            if replica.landing is not None:
+                await asyncio.shield(replica.landing)
+                if record.replicas.get(where) is not replica:
+                    raise errors.InternalError(f"lend {ref}: the copy to {where} failed; see the sidecar's log")
+            while replica.fence is not None and not self.backend.fence_done(replica.fence):
+                await asyncio.sleep(50e-6)      # a GPU writer still writing: NIXL can't wait on its events
+        except BaseException:
+            self.lifetimes.end_lease(session.id, ref, counted=False)
+            raise
+        return record, self._span(replica.alloc)
+
+    def reserve(self, session: Session, location: Location, nbytes: int) -> tuple[Allocation, Span]:
+        """Room in the session's pool at `location` for bytes a peer lends (freed by ``unreserve``
+        if the read fails, or owned by the record ``adopt`` makes)."""
+        alloc = self._pool(session.domain, self._location(location)).allocate(nbytes)
+        return alloc, self._span(alloc)
+
+    def unreserve(self, alloc: Allocation) -> None:
+        self._slab_pool[alloc.slab_id].free(alloc)
+
+    def adopt(self, session: Session, ref: str, alloc: Allocation, *, dtype: str, shape: tuple[int, ...],
+              reads: int, expires_in_s: float) -> ObjectRecord:
+        """Make the bytes read from a peer this node's copy of `ref`, for `reads` reads here."""
+        identity = session.identity
+        if identity is None:
+            raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
+        now = self._clock()
+        ttl_s = min(max(expires_in_s, 1.0), self.config.default_ttl_s)
+        record = ObjectRecord(ref, identity, alloc.nbytes, dtype, shape, {}, None, now, now + ttl_s, reads,
+                              last_used_s=now)
+        self.add_replica(record, alloc.location, Replica(alloc, None))
+        self.lifetimes.forget_fate(ref)       # an earlier copy here was consumed; this is a new read of it
+        self.lifetimes.publish(record)
+        return record
 
     async def _first_bytes_written(self, record: ObjectRecord, location: Location) -> None:
         """Before copying an object still being written, poll its first fence for a moment.

@@ -244,6 +244,16 @@ class KubernetesPieces:
         client = api_client(settings.kubeconfig) if settings.publish_node or attest else None
         return cls(settings, node=node, client=client, node_name=node_name)
 
+    def peer_lookup(self):  # -> network.peers.ClusterLookup | None
+        """Where other nodes' sidecars answer, read from their GpuNodes (None without a client)."""
+        if self._client is None:
+            return None
+        from kubernetes import client as k8s
+
+        from faastube_sidecar.network.peers import gpunode_lookup
+
+        return gpunode_lookup(k8s.CustomObjectsApi(self._client))
+
     def attestor(self) -> identity.Attestor:
         if self._client is None or not self._node_name:
             raise KubeSetupError("Kubernetes attestation was not prepared")

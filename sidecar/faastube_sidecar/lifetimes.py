@@ -120,6 +120,10 @@ class Lifetimes:
         """Why a ref is gone ('freed', 'consumed', 'expired', ...), or None if never seen."""
         return self._gone.get(ref)
 
+    def forget_fate(self, ref: str) -> None:
+        """A ref of another node read here again: its earlier copy's tombstone no longer applies."""
+        self._gone.pop(ref, None)
+
     # --- reads --------------------------------------------------------------------------------
 
     def open_lease(self, record: ObjectRecord, session_id: int) -> None:

@@ -108,6 +108,9 @@ class Backend(Protocol):
     def close_domain(self, domain: Domain) -> None:
         """The domain holds no slab any more: let go of its per-domain resources."""
 
+    def memory_of(self, span: Span) -> tuple[int, int, str]:
+        """(address, device, "DRAM" | "VRAM") of the span: what NIXL registers and reads."""
+
     def close(self) -> None: ...
 
 

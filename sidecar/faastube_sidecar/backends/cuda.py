@@ -251,6 +251,12 @@ class CudaBackend:
         self._domains[(domain, gpu)] = held
         return held
 
+    def memory_of(self, span: Span) -> tuple[int, int, str]:
+        handle = span.handle
+        if isinstance(handle, GpuSlab):
+            return handle.ptr + span.offset, handle.gpu, "VRAM"
+        return handle.ptr + span.offset, 0, "DRAM"
+
     def close_domain(self, domain: Domain) -> None:
         for (dom, gpu), held in list(self._domains.items()):
             if dom != domain:

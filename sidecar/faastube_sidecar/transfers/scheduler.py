@@ -50,8 +50,11 @@ logger = logging.getLogger(__name__)
 
 LinkId = NewType("LinkId", str)
 HOST: Final = "host"
-Endpoint = Union[int, Literal["host"]]
-LinkKind = Literal["pcie", "nvlink"]
+# Another node, reached through this node's NICs (a NIXL read lands straight in the
+# destination's memory: one hop, queued on the node's network link).
+NET: Final = "net"
+Endpoint = Union[int, Literal["host", "net"]]
+LinkKind = Literal["pcie", "nvlink", "network"]
 
 
 class TransferError(InvalidRequest):
@@ -64,6 +67,10 @@ def link_id(src: Endpoint, dst: Endpoint) -> LinkId:
     Directional because H2D and D2H use different copy engines (and PCIe is full
     duplex): ``h2d:0``, ``d2h:0``, ``p2p:0->1``.
     """
+    if src == NET or dst == NET:
+        if src == dst:
+            raise TransferError("hop: net -> net is not a link of this node")
+        return LinkId("net:in" if src == NET else "net:out")
     if src == HOST and dst == HOST:
         raise TransferError("hop: host -> host is not a device transfer")
     if src == HOST:
@@ -76,10 +83,10 @@ def link_id(src: Endpoint, dst: Endpoint) -> LinkId:
 
 
 def _check_endpoint(value: object, path: str) -> Endpoint:
-    if value == HOST:
-        return HOST
+    if value == HOST or value == NET:
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TransferError(f"{path}: expected 'host' or a GPU index >= 0, got {value!r}")
+        raise TransferError(f"{path}: expected 'host', 'net' or a GPU index >= 0, got {value!r}")
     return value
 
 
@@ -253,7 +260,7 @@ def _validate_route(route: Route) -> None:
                 raise TransferError(f"route.paths[{i}].hops[{j + 1}]: starts at {b.src}, "
                                     f"previous hop ends at {a.dst}")
         for j, h in enumerate(p.hops[:-1]):
-            if h.dst == HOST:
+            if h.dst in (HOST, NET):
                 raise TransferError(f"route.paths[{i}].hops[{j}].dst: relays must be GPUs")
 
 
@@ -265,6 +272,8 @@ def describe_route(route: Route, link_kinds: Mapping[LinkId, LinkKind]) -> str:
     (GPU to GPU over PCIe), ``nvlink-relay[2]``, ``nvlink-multipath[direct,2,3]``.
     """
     src, dst = route.source, route.destination
+    if src == NET or dst == NET:
+        return "network"
     if src == HOST or dst == HOST:
         prefix = "h2d" if src == HOST else "d2h"
         if len(route.paths) == 1 and len(route.paths[0].hops) == 1:
