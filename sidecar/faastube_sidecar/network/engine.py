@@ -157,7 +157,8 @@ class NetworkEngine:
         while True:
             self._wake.clear()
             with self._lock:
-                busy = self._scheduler.busy
+                # A read refused when posted finishes inside submit: settle it too.
+                busy = self._scheduler.busy or bool(self._finished)
                 if not busy and self._stopping:
                     return
             if not busy:
