@@ -90,10 +90,10 @@ def _place(workflow: wf.Workflow, api: k8s.KubeApi, *, settings: OperatorSetting
 
     Raises ``PlacementError`` (an InvalidRequest) when nothing fits.
     """
-    topo = cluster.cluster_from_gpunodes(
+    usable = cluster.usable_cluster(
         api.list("GpuNode"),
         default_network_bandwidth_bytes_per_s=settings.default_network_bandwidth_bytes_per_s)
-    if topo is None:
+    if usable is None:
         gpu_functions = [fn.name for fn in workflow.functions if fn.gpu]
         if gpu_functions:
             raise placement.PlacementError(
@@ -101,7 +101,8 @@ def _place(workflow: wf.Workflow, api: k8s.KubeApi, *, settings: OperatorSetting
         return {fn.name: Where(node=None) for fn in workflow.functions}, 0.0
     usage = usage_by_others(api.list("Workflow"), exclude=(workflow.namespace or "default", workflow.name))
     started = time.perf_counter()
-    placed, decided = placement.where_each_runs(workflow, topo, usage=usage)
+    placed, decided = placement.where_each_runs(workflow, usable.topology, usage=usage,
+                                                cross_node=usable.cross_node)
     metrics.placement_duration.observe(time.perf_counter() - started)
     metrics.placement_cost.observe(decided.cost_s)
     return placed, float(decided.cost_s)
@@ -336,7 +337,9 @@ def workflows_to_replace(
     """Workflows a GpuNode change concerns.
 
     Lost capacity (node gone or not ready, GPU gone or unhealthy) concerns the
-    workflows placed there; new capacity concerns only the unschedulable ones.
+    workflows placed there, and a node that stops serving cross-node reads concerns
+    the workflows it shares with other nodes; new capacity (a node that starts serving
+    them included) concerns only the unschedulable ones.
     """
     known = after or before
     node = known.name if known is not None else ""
@@ -346,14 +349,19 @@ def workflows_to_replace(
     lost_gpus = old_gpus - new_gpus
     gained = bool(new_gpus - old_gpus) or (after is not None and after.ready
                                           and (before is None or not before.ready))
+    cut_off = before is not None and before.cross_node and not (after is not None and after.cross_node)
+    gained = gained or (after is not None and after.ready and after.cross_node
+                        and not (before is not None and before.cross_node))
     refs = []
     for body in workflows:
         obj = WorkflowObject.from_body(body)
         if (body.get("metadata") or {}).get("deletionTimestamp"):
             continue
-        placed = [p for p in (obj.status.get("placement") or {}).values()
-                  if isinstance(p, Mapping) and p.get("node") == node]
-        hit = node_lost and bool(placed) or any(p.get("gpu") in lost_gpus for p in placed)
+        everywhere = [p for p in (obj.status.get("placement") or {}).values() if isinstance(p, Mapping)]
+        placed = [p for p in everywhere if p.get("node") == node]
+        spans = len({p.get("node") for p in everywhere if p.get("node") is not None}) > 1
+        hit = (node_lost and bool(placed) or any(p.get("gpu") in lost_gpus for p in placed)
+               or cut_off and bool(placed) and spans)
         if hit or (gained and obj.status.get("phase") == Phase.UNSCHEDULABLE.value):
             refs.append(k8s.ObjectRef("Workflow", obj.name, obj.namespace))
     return refs

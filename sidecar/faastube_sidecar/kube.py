@@ -23,9 +23,9 @@ from typing import Any, Protocol
 from faastube import locations
 from faastube.errors import FaastubeError
 from faastube.locations import Location
-from faastube_spec import topology
+from faastube_spec import gpunode, topology
 
-from faastube_sidecar import discovery, gpuhealth, identity, nodepublisher
+from faastube_sidecar import discovery, gpuhealth, identity, nics, nodepublisher
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ class KubeSettings:
     simulated_topology: str | None = None     # a faastube_spec.topology.builtin() name; None: NVML
     kubeconfig: str | None = None             # None: in-cluster if possible, else the default file
     proc_root: str = "/proc"                  # where peers' /proc/<pid>/cgroup are read
+    sysfs_root: str = "/sys"                  # where the NICs published with the GpuNode are found
+    # Where this sidecar serves reads from other nodes' sidecars, published as the GpuNode's
+    # status.network; None: it serves none, and placement keeps its workflows on one node.
+    network: gpunode.PeerNetwork | None = None
     health_interval_s: float = 5.0
     stop_timeout_s: float = 5.0
 
@@ -205,9 +209,11 @@ class KubernetesPieces:
     """Prepared before the sidecar binds its socket, started after, stopped before it."""
 
     def __init__(self, settings: KubeSettings, *, node: topology.NodeTopology | None,
-                 client: Any | None, node_name: str | None) -> None:
+                 client: Any | None, node_name: str | None,
+                 nics: tuple[gpunode.Nic, ...] = ()) -> None:
         self.settings = settings
         self.node = node
+        self.nics = nics
         self._client = client
         self._node_name = node_name
         self._health: gpuhealth.HealthMonitor | None = None
@@ -242,7 +248,8 @@ class KubernetesPieces:
                 raise KubeSetupError(f"device plugin: {e}") from e
         node = resolve_topology(settings, node_name=node_name) if settings.needs_topology else None
         client = api_client(settings.kubeconfig) if settings.publish_node or attest else None
-        return cls(settings, node=node, client=client, node_name=node_name)
+        found = _discover_nics(settings.sysfs_root) if settings.publish_node else ()
+        return cls(settings, node=node, client=client, node_name=node_name, nics=found)
 
     def peer_lookup(self):  # -> network.peers.ClusterLookup | None
         """Where other nodes' sidecars answer, read from their GpuNodes (None without a client)."""
@@ -309,7 +316,8 @@ class KubernetesPieces:
             self._publisher = nodepublisher.NodePublisher(
                 k8s.CustomObjectsApi(self._client), self.node, health=self._health, pools=pools,
                 nodes=nodepublisher.CoreV1NodeUids(k8s.CoreV1Api(self._client)),
-                settings=nodepublisher.PublisherSettings(interval_s=s.heartbeat_s))
+                settings=nodepublisher.PublisherSettings(interval_s=s.heartbeat_s),
+                nics=self.nics, network=s.network)
             await self._publisher.start()
             logger.info("publishing GpuNode %s every %.3gs", self.node.name, s.heartbeat_s)
 
@@ -335,6 +343,16 @@ class KubernetesPieces:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _discover_nics(sysfs_root: str) -> tuple[gpunode.Nic, ...]:
+    """The NICs to publish; none (and a warning) when sysfs cannot be read: the node
+    still works, placement then prices its links at the cluster's default bandwidth."""
+    try:
+        return nics.discover_nics(sysfs_root).nics
+    except nics.NicDiscoveryError as e:
+        logger.warning("publishing no NICs: %s", e)
+        return ()
 
 
 def _exposure(settings: KubeSettings) -> Any:  # -> deviceplugin.GpuExposure (gRPC imported late)

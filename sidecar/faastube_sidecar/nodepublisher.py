@@ -2,8 +2,10 @@
 
 The operator places functions from GpuNode objects: ``spec.topology`` says what GPUs and
 links the node has, ``status`` says which GPUs are healthy and how much pool memory is
-free. The publisher creates the object if missing, corrects ``spec.topology`` if it
-drifted, and patches ``status`` every ``interval_s`` (that patch is also the heartbeat).
+free, ``status.nics`` which network interfaces it can pass data over and
+``status.network`` whether (and where) its sidecar serves reads from other nodes. The
+publisher creates the object if missing, corrects ``spec.topology`` if it drifted, and
+patches ``status`` every ``interval_s`` (that patch is also the heartbeat).
 It deletes nothing on shutdown: a GpuNode whose heartbeat went stale tells the operator
 more than a vanished one (it marks it NotReady), and the next sidecar start takes it
 over again. The GpuNode is owned by its Node (an owner reference with the Node's uid,
@@ -108,8 +110,10 @@ def build_status(
     *,
     now: datetime.datetime,
     previous_ready: Mapping[str, Any] | None = None,
+    nics: tuple[gpunode.Nic, ...] = (),
+    network: gpunode.PeerNetwork | None = None,
 ) -> dict[str, Any]:
-    """The GpuNode ``status`` (contract 3). Pure: a function of its inputs."""
+    """The GpuNode ``status``. Pure: a function of its inputs."""
     gpus: list[gpunode.GpuReport] = []
     unhealthy: list[str] = []
     free_pool = 0
@@ -141,7 +145,8 @@ def build_status(
         transition = str(previous_ready["lastTransitionTime"])
     return gpunode.GpuNodeStatus(
         gpus=tuple(gpus), free_pool_bytes=free_pool, last_heartbeat_time=_rfc3339(now),
-        ready=gpunode.Condition("Ready", ready, reason, message, transition)).to_body()
+        ready=gpunode.Condition("Ready", ready, reason, message, transition),
+        nics=nics, network=network).to_body()
 
 
 def replacing_merge_patch(old: Any, new: Any) -> Any:
@@ -171,7 +176,11 @@ class NodePublisher:
         nodes: NodeUids | None = None,
         settings: PublisherSettings = PublisherSettings(),
         clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+        nics: tuple[gpunode.Nic, ...] = (),
+        network: gpunode.PeerNetwork | None = None,
     ) -> None:
+        """``nics``: the interfaces found at start (``nics.discover_nics``); ``network``:
+        where this sidecar serves cross-node reads, None when it serves none."""
         if settings.interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {settings.interval_s}")
         self._api = api
@@ -183,6 +192,8 @@ class NodePublisher:
         self._owner_pending = nodes is not None
         self._settings = settings
         self._clock = clock
+        self._nics = tuple(nics)
+        self._network = network
         self._spec_synced = False
         self._ready: Mapping[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -222,12 +233,14 @@ class NodePublisher:
             await self._sync_spec()
         status = build_status(
             self._node, self._health.current(), self._pools.pool_stats(),
-            now=self._clock(), previous_ready=self._ready,
+            now=self._clock(), previous_ready=self._ready, nics=self._nics, network=self._network,
         )
+        # A merge patch keeps what it does not mention: null removes the network block
+        # an earlier sidecar (one that served cross-node reads) published.
+        patch = {"status": {"network": None, **status}}
         try:
             await self._call(
-                self._api.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, self.name,
-                {"status": status},
+                self._api.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, self.name, patch,
             )
         except Exception as e:
             if not _is_not_found(e):
@@ -237,8 +250,7 @@ class NodePublisher:
             self._spec_synced = False
             await self._sync_spec()
             await self._call(
-                self._api.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, self.name,
-                {"status": status},
+                self._api.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, self.name, patch,
             )
         self._ready = status["conditions"][0]
         self._published += 1

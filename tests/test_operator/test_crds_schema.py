@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 osv = pytest.importorskip("openapi_schema_validator")
-from faastube_spec import topology
+from faastube_spec import gpunode, topology
 from faastube_spec import workflow as wf
 from jsonschema.exceptions import ValidationError
 
@@ -222,3 +222,60 @@ def test_the_gpunode_schema_rejects_a_bad_status_and_a_bad_link() -> None:
     del doc["spec"]["topology"]
     with pytest.raises(ValidationError):
         _validate("gpunodes.faastube.io.yaml", doc)
+
+
+def _networked_gpunode() -> dict[str, Any]:
+    doc = _gpunode()
+    doc["status"]["nics"] = [gpunode.Nic("eno1", 3_125_000_000).to_body(),
+                             gpunode.Nic("ibp24s0", 50_000_000_000, "mlx5_0").to_body(),
+                             gpunode.Nic("ens5", None).to_body()]
+    doc["status"]["network"] = gpunode.PeerNetwork("10.1.2.3", 7400, "dgx-h100").to_body()
+    return doc
+
+
+def test_a_gpunode_with_nics_and_a_network_block_passes_and_parses_back() -> None:
+    doc = _networked_gpunode()
+    _validate("gpunodes.faastube.io.yaml", doc)
+    assert gpunode.parse_network(doc["status"]["network"]) == gpunode.PeerNetwork("10.1.2.3", 7400, "dgx-h100")
+    assert len(gpunode.parse_nics(doc["status"]["nics"])) == 3
+
+
+BAD_NETWORKS = {
+    "nic without name": (lambda s: s["nics"][0].pop("name")),
+    "nic without rdma": (lambda s: s["nics"][0].pop("rdma")),
+    "nic name with a slash": (lambda s: s["nics"][0].__setitem__("name", "eth/0")),
+    "nic name over 15 characters": (lambda s: s["nics"][0].__setitem__("name", "e" * 16)),
+    "zero speed": (lambda s: s["nics"][0].__setitem__("speedBytesPerSecond", 0)),
+    "speed as text": (lambda s: s["nics"][0].__setitem__("speedBytesPerSecond", "100Gbit")),
+    "rdma as text": (lambda s: s["nics"][1].__setitem__("rdma", "yes")),
+    "network without address": (lambda s: s["network"].pop("address")),
+    "network without peerPort": (lambda s: s["network"].pop("peerPort")),
+    "network without agent": (lambda s: s["network"].pop("agent")),
+    "port 0": (lambda s: s["network"].__setitem__("peerPort", 0)),
+    "port over 65535": (lambda s: s["network"].__setitem__("peerPort", 65536)),
+    "empty agent": (lambda s: s["network"].__setitem__("agent", "")),
+    "zero nicsPerTransfer": (lambda s: s["network"].__setitem__("nicsPerTransfer", 0)),
+}
+
+
+@pytest.mark.parametrize("change", BAD_NETWORKS.values(), ids=BAD_NETWORKS.keys())
+def test_the_gpunode_schema_and_the_reader_both_reject(change: Any) -> None:
+    doc = _networked_gpunode()
+    change(doc["status"])
+    with pytest.raises(ValidationError):
+        _validate("gpunodes.faastube.io.yaml", doc)
+    with pytest.raises(gpunode.GpuNodeFieldInvalid, match=r"^status\.(nics\[\d\]|network)"):
+        gpunode.parse_nics(doc["status"]["nics"])
+        gpunode.parse_network(doc["status"]["network"])
+
+
+def test_the_reader_rejects_what_the_schema_cannot_express() -> None:
+    doc = _networked_gpunode()
+    doc["status"]["network"]["address"] = "not an address!"
+    _validate("gpunodes.faastube.io.yaml", doc)  # a plain string to the schema
+    with pytest.raises(gpunode.GpuNodeFieldInvalid,
+                       match=r"status.network.address: must be an IP address or a DNS name"):
+        gpunode.parse_network(doc["status"]["network"])
+    doc["status"]["nics"][1]["rdma"] = False  # an RDMA device on a NIC said to have none
+    with pytest.raises(gpunode.GpuNodeFieldInvalid, match=r"status.nics\[1\].rdmaDevice: given, but rdma is false"):
+        gpunode.parse_nics(doc["status"]["nics"])

@@ -19,7 +19,8 @@ from faastube_sidecar.nodepublisher import (
     pool_free_bytes,
     replacing_merge_patch,
 )
-from faastube_spec import topology
+from faastube_spec import gpunode, topology
+from faastube_spec.gpunode import Nic, PeerNetwork
 from kubernetes import client as k8s
 
 GIB = 1 << 30
@@ -298,3 +299,46 @@ async def test_without_its_node_the_gpunode_is_published_and_the_owner_added_lat
     await publisher.publish_once()
     assert flaky.calls == 2  # once settled, not looked up again
     assert stored(kmock, "node-x")["metadata"]["ownerReferences"][0]["uid"] == NODE_UID
+
+
+# --- NICs and the network block ---------------------------------------------------------------
+
+NICS = (Nic("eno1", 3_125_000_000), Nic("ibp24s0", 50_000_000_000, "mlx5_0"))
+PEER = PeerNetwork(address="10.1.2.3", peer_port=7400, agent="gpu-node-1")
+
+
+async def test_the_nics_and_the_network_block_are_published_and_match_the_crd(kmock, custom_api, node, health):
+    validator = pytest.importorskip("openapi_schema_validator")
+    _, monitor = health
+    publisher = NodePublisher(custom_api, node, health=monitor, pools=Pools({}), clock=Clock(),
+                              nics=NICS, network=PEER)
+    await publisher.publish_once()
+    status = stored(kmock, node.name)["status"]
+    assert status["nics"] == [{"name": "eno1", "rdma": False, "speedBytesPerSecond": 3_125_000_000},
+                              {"name": "ibp24s0", "rdma": True, "speedBytesPerSecond": 50_000_000_000,
+                               "rdmaDevice": "mlx5_0"}]
+    assert status["network"] == {"address": "10.1.2.3", "peerPort": 7400, "agent": "gpu-node-1",
+                                 "nicsPerTransfer": 2}
+    validator.validate(stored(kmock, node.name), crd_schema())
+    # What the operator reads back is what was published.
+    assert gpunode.parse_nics(status["nics"]) == NICS
+    assert gpunode.parse_network(status["network"]) == PEER
+    assert gpunode.node_state(stored(kmock, node.name)).cross_node
+
+
+async def test_a_sidecar_that_serves_no_cross_node_reads_removes_an_old_network_block(
+        kmock, custom_api, node, health):
+    _, monitor = health
+    await NodePublisher(custom_api, node, health=monitor, pools=Pools({}), clock=Clock(),
+                        network=PEER).publish_once()
+    assert "network" in stored(kmock, node.name)["status"]
+    # The next sidecar on this node runs without cross-node passing.
+    await NodePublisher(custom_api, node, health=monitor, pools=Pools({}), clock=Clock()).publish_once()
+    status = stored(kmock, node.name)["status"]
+    assert "network" not in status and status["nics"] == []
+    assert not gpunode.node_state(stored(kmock, node.name)).cross_node
+
+
+def test_the_status_without_nics_or_network_says_so_explicitly(node):
+    status = build_status(node, {}, {}, now=Clock().now)
+    assert status["nics"] == [] and "network" not in status
