@@ -181,7 +181,8 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
         serving = asyncio.create_task(server.serve(), name="faastube-server")
         if kube is not None:
             await kube.start(server.dataplane, socket_path=settings.socket_path,
-                             gpu_limit_bytes=settings.gpu_limits.max_bytes)
+                             gpu_limit_bytes=settings.gpu_limits.max_bytes,
+                             network=network.published() if network is not None else None)
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()

@@ -260,6 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "or ib for RDMA NICs)")
     net.add_argument("--ucx-net-devices", metavar="LIST",
                      help="NICs UCX may use, several at once (e.g. mlx5_0:1,mlx5_1:1; default: all)")
+    net.add_argument("--nics-per-transfer", type=_positive_int, metavar="N",
+                     help="NICs one read stripes over at once (UCX_MAX_RNDV_RAILS; published for placement; "
+                          "default 2)")
     net.add_argument("--network-bandwidth", type=_rate, metavar="BYTES/S",
                      help="this node's network bandwidth, shared by SLO like every link (e.g. 25Gb/s, "
                           "3GB/s; default 25Gb/s)")
@@ -353,6 +356,7 @@ def _check_network_flags(args: argparse.Namespace) -> None:
                             ("--advertise-address", args.advertise_address), ("--peer", args.peer),
                             ("--ucx-tls", args.ucx_tls), ("--ucx-net-devices", args.ucx_net_devices),
                             ("--network-bandwidth", args.network_bandwidth),
+                            ("--nics-per-transfer", args.nics_per_transfer),
                             ("--lend-from-host", args.lend_from_host),
                             ("--nixl-backend", args.nixl_backend != "UCX")):
             if given:
@@ -383,7 +387,8 @@ def _network_settings(args: argparse.Namespace):  # -> NetworkSettings | None
         peers=tuple(parse_peer_flag(t) for t in args.peer or ()), backend=args.nixl_backend, ucx_tls=args.ucx_tls,
         ucx_net_devices=args.ucx_net_devices,
         bandwidth_bytes_per_s=args.network_bandwidth or DEFAULT_NETWORK_BANDWIDTH,
-        lend_from_host=args.lend_from_host)
+        lend_from_host=args.lend_from_host,
+        **({"nics_per_transfer": args.nics_per_transfer} if args.nics_per_transfer else {}))
 
 
 def settings_from(args: argparse.Namespace):  # -> SidecarSettings (import deferred: prometheus)

@@ -269,8 +269,10 @@ class KubernetesPieces:
         pods = identity.KubernetesPodDirectory(k8s.CoreV1Api(self._client), self._node_name)
         return identity.KubernetesAttestor(pods, proc_root=self.settings.proc_root)
 
-    async def start(self, dataplane: PoolOwner, *, socket_path: Path, gpu_limit_bytes: int) -> None:
-        """Health first (both others read it), then the plugin, then the publisher."""
+    async def start(self, dataplane: PoolOwner, *, socket_path: Path, gpu_limit_bytes: int,
+                    network: gpunode.PeerNetwork | None = None) -> None:
+        """Health first (both others read it), then the plugin, then the publisher (which
+        publishes `network`, where this sidecar serves cross-node reads, when given)."""
         if self.node is None:
             return
         s = self.settings
@@ -317,7 +319,7 @@ class KubernetesPieces:
                 k8s.CustomObjectsApi(self._client), self.node, health=self._health, pools=pools,
                 nodes=nodepublisher.CoreV1NodeUids(k8s.CoreV1Api(self._client)),
                 settings=nodepublisher.PublisherSettings(interval_s=s.heartbeat_s),
-                nics=self.nics, network=s.network)
+                nics=self.nics, network=network or s.network)
             await self._publisher.start()
             logger.info("publishing GpuNode %s every %.3gs", self.node.name, s.heartbeat_s)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from faastube import errors, protocol
-
 from faastube_sidecar.network import auth, messages
 from faastube_sidecar.network.engine import NetRead, NetworkEngine
 from faastube_sidecar.network.nixl import ReadFailed, Span

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from faastube import protocol
+from faastube_spec.gpunode import DEFAULT_NICS_PER_TRANSFER, PeerNetwork
 
 from faastube_sidecar.dataplane import DataPlane
 from faastube_sidecar.network.auth import PeerAuth, load_secret
@@ -37,6 +38,7 @@ class NetworkSettings:
     ucx_net_devices: str | None = None      # NICs UCX may use, several at once ("mlx5_0:1,mlx5_1:1")
     bandwidth_bytes_per_s: float = DEFAULT_NETWORK_BANDWIDTH
     lend_from_host: bool = False            # stage through pinned host memory (no GPUDirect on the NICs)
+    nics_per_transfer: int = DEFAULT_NICS_PER_TRANSFER   # UCX rails: NICs one read stripes over
 
 
 class NetworkPieces:
@@ -46,6 +48,7 @@ class NetworkPieces:
         auth = PeerAuth(load_secret(settings.secret_file), node=settings.node)
         if settings.ucx_net_devices:
             os.environ["UCX_NET_DEVICES"] = settings.ucx_net_devices
+        os.environ["UCX_MAX_RNDV_RAILS"] = str(settings.nics_per_transfer)
         self.agent = Agent(f"faastube-{settings.node}-{os.getpid()}", backend=settings.backend,
                            ucx_tls=settings.ucx_tls)
         self.engine = NetworkEngine(self.agent, bandwidth_bytes_per_s=settings.bandwidth_bytes_per_s)
@@ -61,6 +64,16 @@ class NetworkPieces:
     @property
     def port(self) -> int:
         return self.server.port
+
+    def published(self) -> PeerNetwork | None:
+        """What the GpuNode says about us: where peers dial (None without an address to give)."""
+        address = self.settings.advertise_address
+        if address is None:
+            logger.warning("cross-node passing: no --advertise-address (or $POD_IP): the GpuNode can't say "
+                           "where peers reach this sidecar, so placement keeps workflows off other nodes")
+            return None
+        return PeerNetwork(address=address, peer_port=self.port, agent=self.agent.name,
+                           nics_per_transfer=self.settings.nics_per_transfer)
 
     async def start(self) -> None:
         await self.server.start()
