@@ -4,6 +4,7 @@ that what the chart passes the programs is what the programs accept."""
 
 from __future__ import annotations
 
+import base64
 import argparse
 import json
 import re
@@ -724,3 +725,46 @@ def test_monitors_scrape_sidecars_with_their_node_and_every_gateway() -> None:
     assert gateways["selector"]["matchLabels"].items() <= labels.items()
     ports = {p["name"] for p in gateway["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert gateways["podMetricsEndpoints"][0]["port"] in ports
+
+
+# --- cross-node passing ----------------------------------------------------------------------
+
+
+def test_cross_node_passing_is_off_by_default() -> None:
+    objs = _render()
+    pod = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    assert not any(a.startswith("--peer-port") for a in pod["containers"][0]["args"])
+    assert "hostNetwork" not in pod and not [o for o in objs if o["kind"] == "Secret"]
+
+
+def test_the_network_values_reach_the_sidecar_with_a_generated_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from faastube_sidecar import cli as sidecar_cli
+
+    values = {"sidecar": {"network": {"enabled": True, "peerPort": 7411, "hostNetwork": True,
+                                      "ucxTls": "rc,tcp,cuda_copy", "ucxNetDevices": "mlx5_0:1,mlx5_1:1",
+                                      "nicsPerTransfer": 4, "bandwidth": "400Gb/s"}}}
+    objs = _render(values)
+    pod = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert {"name": "peer", "containerPort": 7411, "protocol": "TCP"} in container["ports"]
+    assert any(e["name"] == "POD_IP" and e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+               for e in container["env"])
+    secret = _one(objs, "Secret", "-peer")
+    assert len(base64.b64decode(secret["data"]["secret"])) >= 32
+    volume = next(v for v in pod["volumes"] if v["name"] == "peer-secret")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    monkeypatch.setenv("NODE_NAME", "node-a")
+    monkeypatch.setenv("POD_IP", "10.0.0.7")
+    settings = sidecar_cli.settings_from(_parse_command(container["args"]))
+    net = settings.network
+    assert (net.port, net.ucx_tls, net.ucx_net_devices, net.nics_per_transfer, net.advertise_address) == \
+        (7411, "rc,tcp,cuda_copy", "mlx5_0:1,mlx5_1:1", 4, "10.0.0.7")
+    assert net.bandwidth_bytes_per_s == 50e9 and str(net.secret_file) == "/etc/faastube/peer/secret"
+
+
+def test_an_existing_secret_is_used_instead_of_a_generated_one() -> None:
+    objs = _render({"sidecar": {"network": {"enabled": True, "existingSecret": "my-peer-secret"}}})
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    pod = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "peer-secret")["secret"]["secretName"] == "my-peer-secret"
