@@ -557,7 +557,8 @@ class DataPlane:
         if session.identity is None:
             raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
         record = self.lifetimes.find(ref)
-        if record is None and self._is_remote(ref):
+        fetched = record is None and self._is_remote(ref)
+        if fetched:
             await self._fetch_remote(session, ref, location)
             record = self.lifetimes.lookup(ref)
         if record is None:
@@ -574,6 +575,8 @@ class DataPlane:
                 replica, path = await self._replicate_with_room(session, record, location)
             elif replica.landing is not None and record.home is not None:
                 path = "restore"     # it was on its way back: the reader waits for the rest
+            elif fetched:
+                path = "network"     # read from the owner's node for this get
             if replica.landing is not None and replica.fence is None:
                 # The reader can't order itself after the copy on a GPU (a CPU reader, or the copy
                 # went through the transfer engine): wait for it here.

@@ -73,6 +73,7 @@ def test_a_ref_put_on_one_node_is_read_on_the_other(nodes: Nodes) -> None:
             ref = a.put(value)
             assert protocol.ref_node(ref) == "node-a"
             got = b.get(ref, copy=True)
+            assert b.last_path == "network"
             assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value)
         assert _host_used(b) == 0          # copies read and released on B are gone there
 
