@@ -556,37 +556,48 @@ class DataPlane:
         location = self._location(fields["location"])
         if session.identity is None:
             raise errors.InvalidRequest("say hello first: every connection starts with a hello request")
-        record = self.lifetimes.find(ref)
-        fetched = record is None and self._is_remote(ref)
+        fetched = self.lifetimes.find(ref) is None and self._is_remote(ref)
         if fetched:
             await self._fetch_remote(session, ref, location)
-            record = self.lifetimes.lookup(ref)
+        record = await self._open_read(session, ref)
+        try:
+            replica, path = await self._readable(session, record, location, landed=False)
+        except BaseException:
+            self.lifetimes.end_lease(session.id, ref, counted=False)
+            raise
+        if fetched and path == "local":
+            path = "network"     # read from the owner's node for this get
+        return self._get_reply(session, record, replica, path)
+
+    async def _open_read(self, session: Session, ref: str) -> ObjectRecord:
+        """The record, checked for the session, with one read (lease) opened on it."""
+        record = self.lifetimes.find(ref)
         if record is None:
             record = await self._published(ref)
         self._check_access(session, record, "get")
         # The lease starts now, so a free() during a copy can't recycle the bytes under it.
         self.lifetimes.open_lease(record, session.id)
         record.last_used_s = self._clock()
-        try:
-            replica = record.replicas.get(location)
-            path = "local"
-            if replica is None:
-                await self._first_bytes_written(record, location)
-                replica, path = await self._replicate_with_room(session, record, location)
-            elif replica.landing is not None and record.home is not None:
-                path = "restore"     # it was on its way back: the reader waits for the rest
-            elif fetched:
-                path = "network"     # read from the owner's node for this get
-            if replica.landing is not None and replica.fence is None:
-                # The reader can't order itself after the copy on a GPU (a CPU reader, or the copy
-                # went through the transfer engine): wait for it here.
-                await asyncio.shield(replica.landing)
-                if record.replicas.get(location) is not replica:
-                    raise errors.InternalError(f"get {ref}: the copy to {location} failed; see the sidecar's log")
-        except BaseException:
-            self.lifetimes.end_lease(session.id, ref, counted=False)
-            raise
-        return self._get_reply(session, record, replica, path)
+        return record
+
+    async def _readable(self, session: Session, record: ObjectRecord, location: Location, *,
+                        landed: bool) -> tuple[Replica, str]:
+        """The replica at `location` (copied there if need be) and the read's path label. Waits
+        for the copy into it unless the reader can order itself after it on a GPU (its fence);
+        with `landed`, always (a reader that can't wait on GPU events)."""
+        replica = record.replicas.get(location)
+        path = "local"
+        if replica is None:
+            await self._first_bytes_written(record, location)
+            replica, path = await self._replicate_with_room(session, record, location)
+        elif replica.landing is not None and record.home is not None:
+            path = "restore"     # it was on its way back: the reader waits for the rest
+        if replica.landing is not None and (landed or replica.fence is None):
+            # A CPU reader, or the copy went through the transfer engine: wait for it here.
+            await asyncio.shield(replica.landing)
+            if record.replicas.get(location) is not replica:
+                raise errors.InternalError(f"get {record.ref}: the copy to {location} failed; see the sidecar's log")
+        return replica, path
 
     def _is_remote(self, ref: str) -> bool:
         node = protocol.ref_node(ref)
@@ -604,22 +615,10 @@ class DataPlane:
         """Open one read of `ref` for a peer's reader (its session) and return the span to lend:
         the replica at `location` (made if need be), else the object's origin, once its bytes
         are all written. The caller ends the lease (``lifetimes.end_lease``)."""
-        record = self.lifetimes.find(ref)
-        if record is None:
-            record = await self._published(ref)
-        self._check_access(session, record, "get")
-        self.lifetimes.open_lease(record, session.id)
-        record.last_used_s = self._clock()
+        record = await self._open_read(session, ref)
         try:
             where = self._location(location) if location is not None else self._best_source(record, record.origin)
-            replica = record.replicas.get(where)
-            if replica is None:
-                await self._first_bytes_written(record, where)
-                replica, _ = await self._replicate_with_room(session, record, where)
-            if replica.landing is not None:
-                await asyncio.shield(replica.landing)
-                if record.replicas.get(where) is not replica:
-                    raise errors.InternalError(f"lend {ref}: the copy to {where} failed; see the sidecar's log")
+            replica, _ = await self._readable(session, record, where, landed=True)
             while replica.fence is not None and not self.backend.fence_done(replica.fence):
                 await asyncio.sleep(50e-6)      # a GPU writer still writing: NIXL can't wait on its events
         except BaseException:
