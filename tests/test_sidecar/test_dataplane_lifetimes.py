@@ -26,7 +26,7 @@ from faastube_sidecar.elastic import MemoryPolicy
 @pytest.fixture
 def dp():
     # No floor: an idle pool gives everything back once its traffic's reservations ran out.
-    plane, clock = make_dataplane(memory=MemoryPolicy(floor_bytes=0))
+    plane, clock = make_dataplane(memory=MemoryPolicy(name="elastic+eviction", floor_bytes=0))
     plane.clock = clock  # type: ignore[attr-defined]
     yield plane
     plane.close()

@@ -34,7 +34,7 @@ from faastube_sidecar.pool import PoolLimits
 
 MiB = 1 << 20
 GPU0, GPU1 = gpu(0), gpu(1)
-QUEUE = MemoryPolicy(floor_bytes=0, evict_wait_s=0.2)
+QUEUE = MemoryPolicy(name="elastic+eviction", floor_bytes=0, evict_wait_s=0.2)
 
 
 def plane(*, policy: MemoryPolicy = QUEUE, gpu_max: int = 4 * MiB, arena: int = 4 * MiB, total: int = 64 * MiB,

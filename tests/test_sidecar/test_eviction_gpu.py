@@ -29,7 +29,7 @@ OBJECT = 64 * MiB
 # Eight 64 MiB objects fill a GPU's pools; the cap (half the GPU's free memory) is far above. A read that
 # needs room waits for an idle writer to unmap an arena it had (its client asks once a second): 5 s.
 FLAGS = ("--gpu-pool-max", "512Mi", "--gpu-quota", "512Mi", "--gpu-arena", "64Mi", "--gpu-slab", "64Mi",
-         "--pool-floor", "0", "--evict-wait", "5s")
+         "--memory-policy", "elastic+eviction", "--pool-floor", "0", "--evict-wait", "5s")
 
 
 def _put(c: ftc.Client, value: int, device: int = 0, **kw) -> str:
@@ -126,7 +126,7 @@ def test_another_workflow_can_read_nothing_its_neighbour_had_evicted(make_sideca
 
 
 def test_the_cap_follows_the_gpus_free_memory_read_through_nvml(make_sidecar) -> None:
-    sc = make_sidecar("--gpu-pool-max", "512Gi", "--gpu-quota", "512Gi", "--pool-cap-share", "0.5", backend="cuda")
+    sc = make_sidecar("--gpu-pool-max", "512Gi", "--gpu-quota", "512Gi", "--memory-policy", "elastic", "--pool-cap-share", "0.5", backend="cuda")
     with ftc.connect(sc.socket_path, workflow="w") as c:
         time.sleep(1.2)                           # two sweeps
         before = c.stats()["memory"]["caps"]["gpu:0"]

@@ -19,8 +19,8 @@ from faastube import errors
 
 MiB = 1 << 20
 PRESSURE = ("--simulated-gpus", "2", "--simulated-gpu-memory", "64Mi", "--simulated-gpu-busy", "48Mi",
-            "--gpu-pool-max", "64Mi", "--gpu-arena", "4Mi", "--gpu-slab", "2Mi", "--pool-floor", "0",
-            "--evict-wait", "1s")
+            "--gpu-pool-max", "64Mi", "--gpu-arena", "4Mi", "--gpu-slab", "2Mi", "--memory-policy", "elastic+eviction",
+            "--pool-floor", "0", "--evict-wait", "1s")
 
 
 def _free_port() -> int:
