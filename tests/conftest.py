@@ -3,60 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-
-
-class SidecarProcess:
-    """`faastube sidecar` as a subprocess; stopped (SIGTERM) at teardown."""
-
-    def __init__(self, socket_path: Path, *extra: str, backend: str = "host") -> None:
-        self.socket_path = socket_path
-        self.log_path = socket_path.parent.parent / f"sidecar-{socket_path.parent.name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "faastube.cli", "--log-level", "INFO", "sidecar",
-             "--socket", str(socket_path), "--backend", backend, *extra],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}: {self.log()}")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(self.socket_path))
-                return
-            except OSError:
-                time.sleep(0.05)
-            finally:
-                probe.close()
-        raise RuntimeError(f"sidecar did not start: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+from sidecar_process import SidecarProcess
 
 
 def _socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

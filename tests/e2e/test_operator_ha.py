@@ -13,8 +13,6 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +28,6 @@ from kube_emulator import (
     Cluster,
     OperatorProcess,
     condition,
-    emulated_cluster,
     gpunode,
     wf_path,
     workflow,
@@ -40,20 +37,6 @@ pytestmark = pytest.mark.timeout(120)
 PEERING = "/apis/kopf.dev/v1/clusterkopfpeerings/faastube"
 LIFETIME_S = 5  # a replica that dies silently is replaced this late (kopf touches every 1 s)
 ACTIVE, STANDBY = "this replica is the active one", "standing by"
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with emulated_cluster(tmp_path) as c:
-        yield c
-
-
-@pytest.fixture
-async def operators(cluster: Cluster) -> AsyncIterator[list[OperatorProcess]]:
-    started: list[OperatorProcess] = []
-    yield started
-    for operator in started:
-        await operator.stop()
 
 
 async def _role(c: Cluster, operator: OperatorProcess) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +26,6 @@ from kube_emulator import (
     WF,
     Cluster,
     OperatorProcess,
-    emulated_cluster,
 )
 from kube_emulator import condition as _condition
 from kube_emulator import gpunode as _gpunode
@@ -38,17 +36,18 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with emulated_cluster(tmp_path) as c:
-        operator = await OperatorProcess(c, "operator").start()
-        c.proc = operator.proc  # type: ignore[attr-defined]
-        c.operator = operator  # type: ignore[attr-defined]
-        c.metrics_url = operator.metrics_url  # type: ignore[attr-defined]
-        c.liveness_url = operator.health_url  # type: ignore[attr-defined]
-        try:
-            yield c
-        finally:
-            await operator.stop()
+async def cluster(cluster: Cluster) -> AsyncIterator[Cluster]:
+    """conftest.py's emulated cluster, with one operator running on it."""
+    c = cluster
+    operator = await OperatorProcess(c, "operator").start()
+    c.proc = operator.proc  # type: ignore[attr-defined]
+    c.operator = operator  # type: ignore[attr-defined]
+    c.metrics_url = operator.metrics_url  # type: ignore[attr-defined]
+    c.liveness_url = operator.health_url  # type: ignore[attr-defined]
+    try:
+        yield c
+    finally:
+        await operator.stop()
 
 
 async def test_operator_places_deploys_replaces_and_cleans_up_a_workflow(cluster: Cluster) -> None:

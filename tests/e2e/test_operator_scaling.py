@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from kube_emulator import (
     WF,
     Cluster,
     OperatorProcess,
-    emulated_cluster,
     free_port,
     wf_path,
 )
@@ -45,20 +44,6 @@ DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
 FAST = ("--autoscaling-interval-s", "0.3")
 # Generous: two cores shared with other work can slow every process here many times over.
 DEADLINE_S = 90.0
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with emulated_cluster(tmp_path) as c:
-        yield c
-
-
-@pytest.fixture
-async def operators(cluster: Cluster) -> AsyncIterator[list[OperatorProcess]]:
-    started: list[OperatorProcess] = []
-    yield started
-    for operator in started:
-        await operator.stop()
 
 
 def scaled_workflow(name: str, *, work: dict[str, Any], slo: str = "1s") -> dict[str, Any]:

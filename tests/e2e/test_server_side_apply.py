@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ kubernetes = pytest.importorskip("kubernetes")
 from faastube_operator import errors, k8s, manifests
 from faastube_operator.settings import OperatorSettings
 from faastube_spec import workflow as wf
-from kube_emulator import NS, Cluster, emulated_cluster
+from kube_emulator import NS, Cluster
 from kube_emulator import workflow as workflow_body
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,12 +29,6 @@ OWNER = {"apiVersion": "faastube.io/v1alpha1", "kind": "Workflow", "name": "traf
          "uid": "0b6f8a52-7d1c-4c1e-9f5e-2a4b6c8d0e1f", "controller": True,
          "blockOwnerDeletion": True}
 DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with emulated_cluster(tmp_path) as c:
-        yield c
 
 
 @pytest.fixture

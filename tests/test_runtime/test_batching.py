@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import faastube
 import numpy as np
 import pytest
+import worker_harness
 from faastube import client as ft_client
 from faastube import sdk
 from faastube_runtime import batcher, wire
-from faastube_runtime.worker import FunctionWorker, build_app
 from faastube_spec.workflow import Workflow, parse_workflow
+from sidecar_subprocess import running_sidecar
 
 WORKFLOW = "bt"
 
@@ -93,16 +89,8 @@ async def test_without_a_policy_calls_run_one_at_a_time() -> None:
 @pytest.fixture(scope="module")
 def sidecar_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = str(tmp_path_factory.mktemp("bsock") / "sidecar.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar",
-                             "--socket", path, "--backend", "host"])
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        assert proc.poll() is None, "sidecar exited"
-        assert time.monotonic() < deadline, "sidecar did not start"
-        time.sleep(0.02)
-    yield path
-    proc.terminate()
-    proc.wait(timeout=10)
+    with running_sidecar(path, backend="host", start_timeout_s=30):
+        yield path
 
 
 def workflow(batch: dict[str, Any] | None, *, readers: tuple[str, ...] = ("sink",),
@@ -125,45 +113,12 @@ def workflow(batch: dict[str, Any] | None, *, readers: tuple[str, ...] = ("sink"
                            "spec": {"slo": "60s", "functions": functions, "edges": edges}})
 
 
-class Served:
-    def __init__(self, session: aiohttp.ClientSession, tester: ft_client.Client, worker: FunctionWorker) -> None:
-        self.session = session
-        self.tester = tester
-        self.worker = worker
-        self._ids = iter(range(1, 1 << 30))
-        self.inputs: dict[str, dict[str, str]] = {}  # request id -> its input refs
-
-    async def call(self, arrays: dict[str, np.ndarray] | np.ndarray, *, timeout_s: float = 30.0,
-                   request_id: str | None = None, final: bool = False) -> tuple[int, dict[str, Any]]:
-        named = {"src": arrays} if isinstance(arrays, np.ndarray) else arrays
-        request_id = request_id or f"r{next(self._ids)}"
-        refs = self.inputs[request_id] = {name: self.tester.put(a, consumers=1) for name, a in named.items()}
-        body = {"request_id": request_id, "attempt": 1, "final": final, "inputs": refs, "timeout_s": timeout_s}
-        async with self.session.post(f"http://w{wire.CALL_PATH}", json=body) as r:
-            return r.status, await r.json()
-
-    def read(self, ref: str) -> np.ndarray:
-        return np.array(self.tester.get(ref, copy=True))
-
-
 @contextlib.asynccontextmanager
 async def serve(sidecar_socket: str, tmp_path: Path, wf: Workflow,
-                handler: Callable[..., Any]) -> AsyncIterator[Served]:
-    client = ft_client.connect(sidecar_socket, workflow=WORKFLOW, function="model")
-    worker = FunctionWorker(wf, "model", handler, client)
-    runner = aiohttp.web.AppRunner(build_app(worker))
-    await runner.setup()
-    sock = str(tmp_path / "w.sock")
-    await aiohttp.web.UnixSite(runner, sock).start()
-    tester = ft_client.connect(sidecar_socket, workflow=WORKFLOW, function="src")
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as session:
-            yield Served(session, tester, worker)
-    finally:
-        await runner.cleanup()
-        worker.close()
-        tester.close()
-        client.close()
+                handler: Callable[..., Any]) -> AsyncIterator[worker_harness.Served]:
+    async with worker_harness.serve(sidecar_socket, tmp_path, wf, "model", handler,
+                                    tester_function="src") as served:
+        yield served
 
 
 def _rows(array: Any) -> int:
@@ -329,8 +284,8 @@ async def test_a_failing_request_fails_alone_and_the_others_are_served(sidecar_s
         for i in (0, 2, 3):
             with pytest.raises(Exception, match="not found"):
                 s.tester.stat(s.inputs[f"q{i}"]["src"])
-        async with s.session.post(f"http://w{wire.FORGET_PATH}", json={"request_id": "q1"}) as r:
-            assert (await r.json()) == {"dropped": 1}
+        _, body = await s.post(wire.FORGET_PATH, {"request_id": "q1"})
+        assert body == {"dropped": 1}
 
 
 async def test_a_result_that_cannot_be_split_runs_the_requests_one_by_one(sidecar_socket: str,

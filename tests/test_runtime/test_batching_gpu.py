@@ -4,17 +4,13 @@ backend (skipped without a GPU; torch tests also without torch)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 from faastube import sdk
+from sidecar_subprocess import cuda_sidecar
 
 cupy = pytest.importorskip("cupy")
 try:
@@ -26,18 +22,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUD
 
 @pytest.fixture(scope="module")
 def socket_path() -> Iterator[str]:
-    folder = tempfile.mkdtemp(prefix="ftbgpu", dir="/tmp")
-    path = os.path.join(folder, "s.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar",
-                             "--socket", path, "--backend", "cuda"])
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        assert proc.poll() is None, "sidecar exited"
-        assert time.monotonic() < deadline, "sidecar did not start"
-        time.sleep(0.05)
-    yield path
-    proc.terminate()
-    proc.wait(timeout=20)
+    with cuda_sidecar(prefix="ftbgpu") as path:
+        yield path
 
 
 @pytest.fixture

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from faastube import sdk
+from sidecar_subprocess import cuda_sidecar
 
 cupy = pytest.importorskip("cupy")
 try:
@@ -25,24 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[object]:
-    import tempfile
-
     from faastube import client as ft_client
 
-    folder = tempfile.mkdtemp(prefix="ftgpu", dir="/tmp")
-    path = os.path.join(folder, "s.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar",
-                             "--socket", path, "--backend", "cuda"])
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        assert proc.poll() is None, "sidecar exited"
-        assert time.monotonic() < deadline, "sidecar did not start"
-        time.sleep(0.05)
-    c = ft_client.connect(path, workflow="gputest", function="f")
-    yield c
-    c.close()
-    proc.terminate()
-    proc.wait(timeout=20)
+    with cuda_sidecar(prefix="ftgpu") as path:
+        c = ft_client.connect(path, workflow="gputest", function="f")
+        yield c
+        c.close()
 
 
 def test_a_gpu_function_gets_gpu_arrays_and_its_gpu_output_stays_on_the_gpu(client: object) -> None:

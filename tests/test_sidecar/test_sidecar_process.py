@@ -12,6 +12,7 @@ import faastube.client as ftc
 import numpy as np
 import pytest
 from faastube import errors
+from sidecar_process import SidecarProcess
 
 
 def test_put_get_round_trips_every_dtype_and_shape(sidecar) -> None:
@@ -196,8 +197,6 @@ def test_sigterm_stops_the_sidecar_cleanly_and_removes_its_socket(make_sidecar) 
 
 
 def test_a_restarted_sidecar_serves_on_the_same_path(make_sidecar) -> None:
-    from conftest import SidecarProcess
-
     sc = make_sidecar()
     path = sc.socket_path
     assert sc.stop() == 0

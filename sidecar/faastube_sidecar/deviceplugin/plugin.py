@@ -86,18 +86,9 @@ class GpuPluginServicer(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.AllocateResponse:
         unhealthy = {u: h.reason or "unhealthy" for u, h in self._health.current().items() if not h.healthy}
-        responses = []
-        for i, req in enumerate(request.container_requests):
-            try:
-                alloc = devices.container_allocation(
-                    self._gpu, req.devices_ids, socket=self._socket, exposure=self._exposure,
-                    unhealthy=unhealthy,
-                )
-            except InvalidRequest as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
-            logger.info("%s: allocated %s", self._gpu.resource_name, list(req.devices_ids))
-            responses.append(_to_proto(alloc))
-        return api_pb2.AllocateResponse(container_responses=responses)
+        return await _allocate(request, context, lambda device_ids: devices.container_allocation(
+            self._gpu, device_ids, socket=self._socket, exposure=self._exposure, unhealthy=unhealthy,
+        ), resource_name=self._gpu.resource_name, log_level=logging.INFO)
 
     async def PreStartContainer(
         self, request: api_pb2.PreStartContainerRequest, context: grpc.aio.ServicerContext
@@ -139,15 +130,9 @@ class SocketPluginServicer(api_pb2_grpc.DevicePluginServicer):
     async def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.AllocateResponse:
-        responses = []
-        for i, req in enumerate(request.container_requests):
-            try:
-                alloc = devices.socket_allocation(self._resource, req.devices_ids, socket=self._socket)
-            except InvalidRequest as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
-            logger.debug("%s: allocated %s", self._resource.resource_name, list(req.devices_ids))
-            responses.append(_to_proto(alloc))
-        return api_pb2.AllocateResponse(container_responses=responses)
+        return await _allocate(request, context, lambda device_ids: devices.socket_allocation(
+            self._resource, device_ids, socket=self._socket,
+        ), resource_name=self._resource.resource_name, log_level=logging.DEBUG)
 
     async def PreStartContainer(
         self, request: api_pb2.PreStartContainerRequest, context: grpc.aio.ServicerContext
@@ -168,6 +153,23 @@ async def _preferred(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
         responses.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=chosen))
     return api_pb2.PreferredAllocationResponse(container_responses=responses)
+
+
+async def _allocate(
+    request: api_pb2.AllocateRequest, context: grpc.aio.ServicerContext,
+    allocate: Callable[[Sequence[str]], devices.ContainerAllocation], *,
+    resource_name: str, log_level: int,
+) -> api_pb2.AllocateResponse:
+    """Both resources' Allocate: ``allocate`` per container request, each answered or aborted."""
+    responses = []
+    for i, req in enumerate(request.container_requests):
+        try:
+            alloc = allocate(req.devices_ids)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"container_requests[{i}]: {e}")
+        logger.log(log_level, "%s: allocated %s", resource_name, list(req.devices_ids))
+        responses.append(_to_proto(alloc))
+    return api_pb2.AllocateResponse(container_responses=responses)
 
 
 def _to_proto(alloc: devices.ContainerAllocation) -> api_pb2.ContainerAllocateResponse:
