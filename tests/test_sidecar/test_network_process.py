@@ -96,6 +96,31 @@ def test_reads_on_another_node_count_as_the_objects_declared_reads(nodes: Nodes)
             b.get(ref)
 
 
+def test_two_readers_on_the_other_node_count_two_reads_whether_or_not_they_share_one(nodes: Nodes) -> None:
+    value = np.arange(16 << 20, dtype=np.uint8)
+    with nodes.connect("node-a") as a, nodes.connect("node-b", function="c1") as b1, \
+            nodes.connect("node-b", function="c2") as b2:
+        ref = a.put(value, consumers=2)
+        got: list[np.ndarray] = []
+        readers = [threading.Thread(target=lambda c=c: got.append(c.get(ref, copy=True))) for c in (b1, b2)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(60)
+        assert len(got) == 2 and all(np.array_equal(g, value) for g in got)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                a.stat(ref)
+                time.sleep(0.05)
+            except errors.RefNotFound as e:
+                assert "consumed" in str(e)
+                break
+        else:
+            pytest.fail("two reads on node-b did not consume the object on node-a")
+        assert _host_used(b1) == 0
+
+
 def test_another_workflow_on_the_other_node_is_refused(nodes: Nodes) -> None:
     with nodes.connect("node-a", workflow="victim") as a, nodes.connect("node-b", workflow="attacker") as b:
         ref = a.put(np.arange(64), consumers=1)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from faastube import errors, protocol
 from faastube.locations import Location
 
 from faastube_sidecar.dataplane import DataPlane, Session
+from faastube_sidecar.identity import Domain
 from faastube_sidecar.network.auth import PeerAuth
 from faastube_sidecar.network.engine import NetRead, NetworkEngine
 from faastube_sidecar.network.messages import CloseRead, Lent, OpenRead, Reader
@@ -37,7 +38,6 @@ SLOWEST_BYTES_PER_S = 100e6        # a read slower than this is a stalled peer
 class _InFlight:
     done: asyncio.Future[None]
     readers: int = 1               # gets of this ref at this node waiting on the one read
-    joined: set[int] = field(default_factory=set)
 
 
 class RemoteReader:
@@ -50,16 +50,19 @@ class RemoteReader:
         self._directory = directory
         self._auth = auth
         self._clients: dict[str, PeerClient] = {}
-        self._in_flight: dict[str, _InFlight] = {}
+        # One network read per ref and workflow at a time; other gets of it here share that read
+        # (another workflow's get of the ref is refused by the owner on its own).
+        self._in_flight: dict[tuple[str, Domain], _InFlight] = {}
         self._path = observer_path
 
     async def fetch(self, session: Session, ref: str, location: Location) -> None:
-        waiting = self._in_flight.get(ref)
+        key = (ref, session.domain)
+        waiting = self._in_flight.get(key)
         if waiting is not None:                      # another get here reads it already: share that read
             waiting.readers += 1
             await asyncio.shield(waiting.done)
             return
-        flight = self._in_flight[ref] = _InFlight(asyncio.get_running_loop().create_future())
+        flight = self._in_flight[key] = _InFlight(asyncio.get_running_loop().create_future())
         try:
             await self._read(session, ref, location, flight)
             flight.done.set_result(None)
@@ -68,7 +71,7 @@ class RemoteReader:
             flight.done.exception()                  # marked retrieved: joiners re-raise it, or nobody does
             raise
         finally:
-            del self._in_flight[ref]
+            del self._in_flight[key]
 
     async def _client(self, node: str) -> PeerClient:
         client = self._clients.get(node)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from faastube import errors
+from faastube.locations import HOST
 
 from faastube_sidecar.dataplane import DataPlane, Session
 from faastube_sidecar.identity import Identity
@@ -61,8 +62,7 @@ class Lender:
         reader = request.reader
         session.identity = Identity(reader.namespace, reader.workflow, f"{reader.function}@{peer}")
         try:
-            host = self._dp.locations[0] if self._from_host else None
-            record, span = await self._dp.lend(session, request.ref, host if host is not None and host.is_host else None)
+            record, span = await self._dp.lend(session, request.ref, HOST if self._from_host else None)
         except BaseException:
             self._dp.close_session(session)
             raise
