@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,10 @@ class Agent:
         os.environ["UCX_TLS"] = ucx_tls or os.environ.get("UCX_TLS") or DEFAULT_UCX_TLS
         nixl = _module()
         try:
-            config = nixl.nixl_agent_config(enable_prog_thread=True, backends=[backend])
+            # No NIXL progress thread: it spins (a whole core per sidecar, idle or not). The
+            # reader progresses its side by polling its reads; a lender, whose side UCX
+            # over TCP must progress too, runs a ``ProgressPump`` while it has spans lent.
+            config = nixl.nixl_agent_config(enable_prog_thread=False, backends=[backend])
             self._agent = nixl.nixl_agent(name, config)
         except Exception as e:  # noqa: BLE001 - the binding raises its own types; say what was asked
             raise NixlUnavailable(f"NIXL agent {name!r} with backend {backend} (UCX_TLS={os.environ['UCX_TLS']}): "
@@ -141,6 +145,11 @@ class Agent:
                     logger.debug("releasing a NIXL read: %s", e)
         return str(state)
 
+    def progress(self) -> None:
+        """Let the backend make progress (serve peers' reads of our spans, finish handshakes)."""
+        with self._lock:
+            self._agent.get_new_notifs()
+
     def close(self, registrations: Sequence[Any] = ()) -> None:
         for registration in registrations:
             try:
@@ -149,3 +158,46 @@ class Agent:
                 logger.debug("deregistering at close: %s", e)
         for remote in list(self._remotes):
             self.forget(remote)
+
+
+class ProgressPump:
+    """Progresses an agent from a thread while anything is held: the owner's side of reads
+    over transports that need it (UCX over TCP emulates remote reads with messages). Idle
+    (nothing lent) it sleeps, so an idle sidecar costs no CPU."""
+
+    def __init__(self, agent: Agent, *, interval_s: float = 50e-6) -> None:
+        self._agent = agent
+        self._interval_s = interval_s
+        self._held = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="faastube-nixl-progress", daemon=True)
+        self._thread.start()
+
+    def hold(self) -> None:
+        with self._cond:
+            self._held += 1
+            self._cond.notify()
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = max(0, self._held - 1)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._held and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self._agent.progress()
+            except Exception as e:  # noqa: BLE001 - a failing progress call must not end the pump
+                logger.warning("NIXL progress: %s", e)
+            time.sleep(self._interval_s)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(5.0)

@@ -24,7 +24,7 @@ from faastube.locations import HOST
 from faastube_sidecar.dataplane import DataPlane, Session
 from faastube_sidecar.identity import Identity
 from faastube_sidecar.network.messages import CloseRead, Lent, OpenRead
-from faastube_sidecar.network.nixl import Agent, Span
+from faastube_sidecar.network.nixl import Agent, ProgressPump, Span
 
 logger = logging.getLogger(__name__)
 MIN_LEND_S = 10.0
@@ -45,6 +45,7 @@ class Lender:
                  max_lends: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
         self._dp = dataplane
         self._agent = agent
+        self._pump = ProgressPump(agent)
         self._from_host = lend_from_host
         self._max = max_lends
         self._clock = clock
@@ -81,6 +82,7 @@ class Lender:
         lease = secrets.token_hex(16)
         lasts_s = max(MIN_LEND_S, span.nbytes / LEND_BYTES_PER_S)
         self._lends[lease] = _Lend(session, request.ref, registration, peer, self._clock() + lasts_s)
+        self._pump.hold()
         return Lent(lease, span.nbytes, record.dtype, record.shape, self._agent.name,
                     base64.b64encode(metadata).decode(), address, device, mem,  # type: ignore[arg-type]
                     max(0.0, record.expiry_s - self._dp.now()))
@@ -108,8 +110,10 @@ class Lender:
     def close_all(self) -> None:
         for lease in list(self._lends):
             self._end(self._lends.pop(lease), reads=0)
+        self._pump.close()
 
     def _end(self, lend: _Lend, *, reads: int) -> None:
+        self._pump.release()
         try:
             if lend.registration is not None:
                 self._agent.deregister(lend.registration)
