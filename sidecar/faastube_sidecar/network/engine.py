@@ -20,9 +20,11 @@ from typing import Any
 
 from faastube_sidecar.network.nixl import Agent, ReadFailed, Span
 from faastube_sidecar.transfers.scheduler import (
+    HOST,
     NET,
     Chunk,
     ChunkDone,
+    Endpoint,
     FunctionIdentity,
     LinkId,
     LinkSpec,
@@ -90,7 +92,8 @@ class _NixlExecutor:
         self._posted.append(_Posted(chunk, handle, on_done))
 
     def poll(self) -> int:
-        still, ended = [], []
+        still: list[tuple[_Posted, str]] = []
+        ended: list[tuple[_Posted, str]] = []
         for posted in self._posted:
             state = self.agent.state(posted.handle)
             (still if state == "PROC" else ended).append((posted, state))
@@ -187,5 +190,5 @@ class NetworkEngine:
         self._thread.join(timeout_s)
 
 
-def _endpoint(span: Span) -> int | str:
-    return span.device if span.mem == "VRAM" else "host"
+def _endpoint(span: Span) -> Endpoint:
+    return span.device if span.mem == "VRAM" else HOST

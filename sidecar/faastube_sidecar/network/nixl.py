@@ -119,12 +119,11 @@ class Agent:
                 handle = self._agent.initialize_xfer("READ", mine, theirs, remote_agent)
             except Exception as e:  # noqa: BLE001
                 raise ReadFailed(f"NIXL could not prepare a read from {remote_agent}: {e}") from e
+            why: Exception | None = None
             try:
                 state = self._agent.transfer(handle)
             except Exception as e:  # noqa: BLE001
                 state, why = "ERR", e
-            else:
-                why = None
             if state == "ERR":
                 self._agent.release_xfer_handle(handle)
                 raise ReadFailed(f"NIXL refused a read from {remote_agent}" + (f": {why}" if why else ""))

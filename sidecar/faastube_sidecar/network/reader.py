@@ -27,7 +27,7 @@ from faastube_sidecar.network.nixl import ReadFailed, Span
 from faastube_sidecar.network.peers import PeerDirectory
 from faastube_sidecar.network.rpc import PeerClient
 from faastube_sidecar.pool import Allocation
-from faastube_sidecar.transfers.scheduler import FunctionIdentity
+from faastube_sidecar.transfers.scheduler import FunctionIdentity, TransferResult
 
 logger = logging.getLogger(__name__)
 MIN_READ_TIMEOUT_S = 10.0
@@ -109,7 +109,7 @@ class RemoteReader:
             local = Span(address, lent.nbytes, device, mem)  # type: ignore[arg-type]
             agent = self._engine.agent
             registration = agent.register(local)
-            landed: concurrent.futures.Future[object] | None = None
+            landed: concurrent.futures.Future[TransferResult] | None = None
             try:
                 landed = self._engine.submit(NetRead(FunctionIdentity(who.workflow, who.function), local,
                                                      Span(lent.address, lent.nbytes, lent.device, lent.mem),
@@ -135,7 +135,7 @@ class RemoteReader:
         self._engine.agent.deregister(registration)
         self._dp.unreserve(alloc)
 
-    async def _landed(self, landed: concurrent.futures.Future[object], nbytes: int, node: str, ref: str) -> None:
+    async def _landed(self, landed: concurrent.futures.Future[TransferResult], nbytes: int, node: str, ref: str) -> None:
         started = asyncio.get_running_loop().time()
         timeout_s = max(MIN_READ_TIMEOUT_S, nbytes / SLOWEST_BYTES_PER_S)
         try:
