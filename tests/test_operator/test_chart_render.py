@@ -4,8 +4,8 @@ that what the chart passes the programs is what the programs accept."""
 
 from __future__ import annotations
 
-import base64
 import argparse
+import base64
 import json
 import re
 import shutil
