@@ -287,3 +287,29 @@ def test_a_small_read_is_not_held_behind_a_large_one() -> None:
         _wait(large.done)
     finally:
         engine.close()
+
+
+def test_on_a_cluster_a_nodes_sidecar_is_found_in_its_gpunode() -> None:
+    from faastube_sidecar.network.peers import gpunode_lookup
+
+    class Api:
+        """The one call the lookup makes, answering from a dict of GpuNode bodies."""
+
+        def __init__(self, nodes: dict) -> None:
+            self.nodes = nodes
+
+        def get_cluster_custom_object(self, group: str, version: str, plural: str, name: str) -> dict:
+            assert (group, version, plural) == ("faastube.io", "v1alpha1", "gpunodes")
+            if name not in self.nodes:
+                raise LookupError(f"gpunodes {name} not found")
+            return self.nodes[name]
+
+    lookup = gpunode_lookup(Api({
+        "n1": {"status": {"network": {"address": "10.0.0.1", "peerPort": 7400, "agent": "a1"}}},
+        "n6": {"status": {"network": {"address": "fd00::6", "peerPort": 7400, "agent": "a6"}}},
+        "plain": {"status": {}},
+        "broken": {"status": {"network": {"address": "10.0.0.9", "peerPort": "7400"}}},
+    }))
+    assert lookup("n1").address == "10.0.0.1:7400"
+    assert lookup("n6").address == "[fd00::6]:7400"
+    assert lookup("plain") is None and lookup("broken") is None and lookup("absent") is None
