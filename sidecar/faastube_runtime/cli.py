@@ -4,6 +4,10 @@ Starts a sidecar, one worker process per function replica and the gateway; waits
 until every worker is warm (and prints how long each function took); sends
 ``--requests`` requests on an arrival schedule (or serves until Ctrl-C with
 ``--requests 0``), prints a latency table, and shuts everything down.
+
+``--nodes N`` runs the workflow over N "nodes" on this machine: N sidecars passing data
+to each other over NIXL, the functions placed across them (``nodes``), and prints
+which node each function runs on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ from faastube import errors as ft_errors
 from faastube import sdk
 from faastube_spec.workflow import Workflow, load_workflow
 
-from faastube_runtime import arrivals, dag, errors, gateway_cli, handlers, loadgen, progress, report
+from faastube_runtime import (
+    arrivals,
+    dag,
+    errors,
+    gateway_cli,
+    handlers,
+    loadgen,
+    nodes,
+    progress,
+    report,
+)
 from faastube_runtime.gateway import GatewayConfig, to_npy
 from faastube_runtime.local import LocalOptions, LocalRuntime, check_port_free
 
@@ -65,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep every function at its starting replica count (at least one): the "
                              "fixed-replica baseline; by default functions with minReplicas/maxReplicas "
                              "follow the load")
+    parser.add_argument("--nodes", type=int, default=1, metavar="N",
+                        help="run over N \"nodes\" on this machine: a sidecar each, passing data across "
+                             "them over NIXL, the GPUs split between them (default 1)")
+    parser.add_argument("--node-placement", choices=nodes.NODE_PLACEMENTS, default=None,
+                        help="with --nodes: spread (default: the placement's answer if it uses every "
+                             "node, else the functions round-robin over the nodes) or cost (the "
+                             "placement's answer, as the operator places on a cluster; often one node)")
     gateway_cli.add_limit_arguments(parser)
     gateway_cli.add_autoscale_arguments(parser)
 
@@ -85,6 +106,13 @@ def _validate(args: argparse.Namespace) -> None:
         problems.append(f"--fail-on-slo: must be a percentage in 0..100, got {args.fail_on_slo:g}")
     if args.retries < 0:
         problems.append(f"--retries: must be 0 or more, got {args.retries}")
+    if args.nodes < 1:
+        problems.append(f"--nodes: must be at least 1, got {args.nodes}")
+    elif args.nodes == 1 and args.node_placement is not None:
+        problems.append("--node-placement has no effect without --nodes 2 or more")
+    elif args.nodes > 1 and importlib.util.find_spec("nixl_cu13") is None:
+        problems.append(f"--nodes {args.nodes}: passing across nodes needs NIXL, and nixl-cu13 is not "
+                        "installed (`make setup` installs it)")
     gateway_cli.limits_config(args, problems)
     gateway_cli.autoscale_config(args, problems)
     if problems:
@@ -167,6 +195,7 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
     options = LocalOptions(
         backend=args.backend, host=args.host, port=port, passing=args.passing, autoscale=args.autoscale,
         autoscale_settings=autoscale, scale_interval_s=scale_interval_s,
+        nodes=args.nodes, node_placement=args.node_placement or "spread",
         gateway=GatewayConfig(policy=dag.DagPolicy(request_timeout_s=args.request_timeout,
                                                    call_timeout_s=args.call_timeout,
                                                    max_retries=args.retries),
@@ -179,6 +208,9 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
         print(f"workflow {workflow.name!r}: {len(workflow.functions)} functions, "
               f"{runtime.backend} backend, {args.passing} passing, gateway {runtime.url} "
               f"(started in {time.monotonic() - started:.1f}s, every worker warm)", file=sys.stderr, flush=True)
+        if runtime.nodes:
+            print(f"{len(runtime.nodes)} nodes ({options.node_placement} placement); each function runs on:\n"
+                  f"{nodes.describe(workflow, runtime.placed)}", file=sys.stderr, flush=True)
         print(report.format_warmup({f.name: runtime.warmup.get(f.name, []) for f in workflow.functions}),
               file=sys.stderr, flush=True)
         if args.requests == 0:
@@ -210,6 +242,7 @@ async def _run(args: argparse.Namespace, workflow: Workflow) -> int:
                                          "arrival": args.arrival, "rate_per_s": args.rate,
                                          "autoscale": args.autoscale,
                                          "replicas": {name: s.as_dict() for name, s in scaled.items()},
+                                         "nodes": {name: p.node for name, p in runtime.placed.items()},
                                          "slo": slo.as_dict(), **summary.as_dict()}, indent=2))
     if summary.ok != summary.requests:
         return 1

@@ -29,7 +29,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -37,7 +37,7 @@ from typing import Any, Protocol, Self
 import numpy as np
 from aiohttp import web
 from faastube import errors as ft_errors
-from faastube import sdk
+from faastube import protocol, sdk
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from faastube_runtime import bodies, dag, errors
@@ -72,10 +72,17 @@ class ClientStore:
     """A ``RequestStore`` over a blocking ``faastube`` client, run on one helper thread.
 
     One thread keeps the client's calls ordered and the event loop free.
+
+    Across nodes (``others``: node -> a client of that node's sidecar), the request's
+    input is stored on the gateway's node and its output read from wherever it is (a get
+    of another node's ref fetches it), but an object is freed, checked and hinted at by
+    the sidecar that holds it, the node its ref names: another node's sidecar does not
+    know it.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, others: Mapping[str, Any] | None = None) -> None:
         self._client = client
+        self._others = dict(others or {})
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gw-store")
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -91,16 +98,29 @@ class ClientStore:
 
         return await self._run(read)  # type: ignore[no-any-return]
 
+    def _holder(self, ref: str) -> Any:
+        """The client of the sidecar that holds ``ref`` (ours unless it names another node we reach)."""
+        return self._others.get(protocol.ref_node(ref) or "", self._client) if self._others else self._client
+
+    def _by_holder(self, refs: Sequence[str]) -> list[tuple[Any, list[str]]]:
+        groups: dict[int, tuple[Any, list[str]]] = {}
+        for ref in refs:
+            client = self._holder(ref)
+            groups.setdefault(id(client), (client, []))[1].append(ref)
+        return list(groups.values())
+
     async def check(self, ref: str) -> None:
-        await self._run(self._client.stat, ref)
+        await self._run(self._holder(ref).stat, ref)
 
     async def discard(self, refs: Sequence[str]) -> None:
-        await self._run(sdk.discard, self._client, list(refs))
+        for client, held in self._by_holder(refs):
+            await self._run(sdk.discard, client, held)
 
     async def hint(self, refs: Sequence[str], *, position: int) -> None:
-        hint = getattr(self._client, "hint", None)  # a client without queue hints: nothing to say
-        if hint is not None and refs:
-            await self._run(hint, {ref: position for ref in refs})
+        for client, held in self._by_holder(refs):
+            hint = getattr(client, "hint", None)  # a client without queue hints: nothing to say
+            if hint is not None and held:
+                await self._run(hint, {ref: position for ref in held})
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -5,6 +5,12 @@ Ctrl-C reaches only us and we stop them in order: gateway, workers, sidecar) and
 a parent-death signal (so even a killed parent leaves no orphans). All sockets
 live in one temporary directory, removed on stop.
 
+With ``LocalOptions.nodes`` > 1 the run has that many "nodes": a sidecar each, with its own
+socket directory, serving cross-node reads to the others over NIXL (a shared secret in
+the run's directory, peer ports picked free); each function's workers connect to the
+sidecar of the node ``nodes.place_on_local_nodes`` chose for it, and the gateway (on the
+first node) reaches every replica wherever it runs.
+
 Autoscaled functions (``minReplicas``/``maxReplicas``) start with ``replicas`` workers;
 the gateway's ``ScaleMonitor`` decides and a ``local_scaling.ReplicaController`` starts
 and stops worker processes to follow it (``LocalOptions.autoscale``; off, every function
@@ -17,6 +23,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,12 +46,13 @@ from faastube_spec import topology
 from faastube_spec.topology import NodeTopology
 from faastube_spec.workflow import GATEWAY_FUNCTION, Workflow, dump_workflow
 
-from faastube_runtime import dag, errors, scaling, wire
+from faastube_runtime import dag, errors, nodes, scaling, wire
 from faastube_runtime.addresses import Address
 from faastube_runtime.gateway import ClientStore, Gateway, GatewayConfig, make_runner
 from faastube_runtime.invoker import Replica, WorkerPool
 from faastube_runtime.local_scaling import FunctionScaling, ReplicaController
 from faastube_runtime.metrics import GatewayMetrics
+from faastube_runtime.nodes import NodePlacement
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,9 @@ class LocalOptions:
     autoscale: bool = True
     autoscale_settings: AutoscaleSettings = field(default_factory=AutoscaleSettings)
     scale_interval_s: float = scaling.DEFAULT_INTERVAL_S
+    # "Nodes" on this machine: one sidecar each, passing across them over NIXL (see ``nodes``).
+    nodes: int = 1
+    node_placement: NodePlacement = "spread"
 
 
 def gpu_count() -> int:
@@ -175,6 +186,22 @@ class _Child:
     address: Address | None = None  # a worker's
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (another process may take it before we do: rare, and
+    then a sidecar fails to start, saying so in its log)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh shared secret for the run's sidecars, readable by this user only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 def port_in_use_message(host: str, port: int, error: OSError) -> str:
     """One line for a gateway port that cannot be listened on (usually: already in use)."""
     return (f"--port: cannot listen on {host}:{port}: {error.strerror or error}; "
@@ -206,7 +233,11 @@ class LocalRuntime:
         self.backend: Literal["host", "cuda"] = "host"
         self.socket_dir = Path()
         self.workflow_file = Path()
-        self.sidecar_socket = ""
+        self.sidecar_socket = ""  # the first node's: the gateway's, and what clients of one's own use
+        self.nodes: tuple[nodes.LocalNode, ...] = ()
+        self.sidecar_sockets: dict[str, str] = {}  # node -> its sidecar's socket
+        self.placed: dict[str, nodes.Placed] = {}  # function -> its node and device (several nodes)
+        self._node_clients: dict[str, Any] = {}  # node -> the gateway's client there (several nodes)
         self.gateway: Gateway | None = None
         self.url = ""
         self._children: list[_Child] = []
@@ -244,20 +275,29 @@ class LocalRuntime:
     async def start(self) -> None:
         self.backend = resolve_backend(self.options.backend)
         self.socket_dir = Path(tempfile.mkdtemp(prefix="faastube-run-", dir=_socket_parent()))
-        self.sidecar_socket = str(self.socket_dir / "sidecar.sock")
         # Workers run the workflow this runtime was given, which may differ from its file (the
         # benchmark strips batching and scaling from it): they read it from here, and look
         # for handlers next to the original.
         self.workflow_file = self.socket_dir / "workflow.yaml"
         self.workflow_file.write_text(yaml.safe_dump(dump_workflow(self.workflow), sort_keys=False))
-        self._spawn("sidecar", ["-m", "faastube.cli", "--log-level", self.options.child_log_level,
-                                "sidecar", "--socket", self.sidecar_socket, "--backend", self.backend,
-                                *self.options.sidecar_args])
-        self._client = await self._connect_sidecar()
-        replicas = self._spawn_workers()
+        gpus = gpu_count() if self.backend == "cuda" else 0
+        if self.options.nodes == 1:
+            self.sidecar_socket = str(self.socket_dir / "sidecar.sock")
+            self._spawn("sidecar", self._sidecar_command(self.sidecar_socket))
+            self._client = await self._connect_sidecar("sidecar", self.sidecar_socket)
+        else:
+            self.nodes = nodes.split_gpus(self.options.nodes, gpus)
+            self._start_node_sidecars()
+            for node in self.nodes:
+                self._node_clients[node.name] = await self._connect_sidecar(
+                    f"sidecar-{node.name}", self.sidecar_sockets[node.name])
+            self._client = self._node_clients[self.nodes[0].name]
+            self.sidecar_socket = self.sidecar_sockets[self.nodes[0].name]
+        replicas = self._spawn_workers(gpus)
         # Nothing is sent before every worker is warm (its handler's setup and warm-up call ran).
         await asyncio.gather(*(self._wait_worker(r) for rs in replicas.values() for r in rs))
-        self._store = ClientStore(self._client)
+        self._store = ClientStore(self._client, others={n: c for n, c in self._node_clients.items()
+                                                        if c is not self._client})
         # A function that starts scaled to zero has no worker yet: its first call waits for one.
         self._pool = WorkerPool(self.plan, replicas, discard=self._store.discard,
                                 require_all=all(replicas.get(f.name) for f in self.workflow.functions))
@@ -283,21 +323,54 @@ class LocalRuntime:
         logger.info("workflow %s: gateway on %s, %d worker(s), %s backend, %s passing", self.workflow.name,
                     self.url, sum(len(r) for r in replicas.values()), self.backend, self.options.passing)
 
-    def _spawn(self, name: str, args: list[str]) -> _Child:
+    def _sidecar_command(self, socket_path: str, *extra: str) -> list[str]:
+        return ["-m", "faastube.cli", "--log-level", self.options.child_log_level, "sidecar",
+                "--socket", socket_path, "--backend", self.backend, *extra, *self.options.sidecar_args]
+
+    def _start_node_sidecars(self) -> None:
+        """One sidecar per node, each in its own socket directory, all knowing each other."""
+        secret = write_secret(self.socket_dir / "peer-secret")
+        ports = {node.name: free_port() for node in self.nodes}
+        # UCX over TCP moves host memory between processes anywhere; GPU nodes keep the
+        # sidecar's default transports (CUDA ones included).
+        transports = ("--ucx-tls", "tcp") if self.backend == "host" else ()
+        for node in self.nodes:
+            directory = self.socket_dir / node.name
+            directory.mkdir()
+            self.sidecar_sockets[node.name] = str(directory / "sidecar.sock")
+            peers = [f"--peer={other}=127.0.0.1:{port}" for other, port in ports.items() if other != node.name]
+            self._spawn(f"sidecar-{node.name}", self._sidecar_command(
+                self.sidecar_sockets[node.name], "--node-name", node.name, "--peer-port", str(ports[node.name]),
+                "--peer-host", "127.0.0.1", "--peer-secret-file", str(secret), *transports, *peers),
+                env=self._node_env(node))
+
+    def _node_env(self, node: nodes.LocalNode) -> dict[str, str] | None:
+        """The environment of a node's processes: only its GPUs visible (None: ours, unchanged)."""
+        if not node.cuda_ordinals:
+            return None
+        return {**os.environ, "CUDA_VISIBLE_DEVICES": nodes.cuda_visible_devices(
+            node, os.environ.get("CUDA_VISIBLE_DEVICES"))}
+
+    def _spawn(self, name: str, args: list[str], *, env: Mapping[str, str] | None = None) -> _Child:
         log_path = self.socket_dir / f"{name}.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                        # runs only prctl(2) in the child; no locks taken
                                        preexec_fn=_die_with_parent)  # noqa: PLW1509
         child = _Child(name=name, process=process, log_path=log_path)
         self._children.append(child)
         return child
 
-    def _spawn_workers(self) -> dict[str, list[Replica]]:
-        gpus = gpu_count() if self.backend == "cuda" else 0
+    def _spawn_workers(self, gpus: int) -> dict[str, list[Replica]]:
         node, cuda_of = local_node() if gpus else (None, {})
-        self._devices = assign_devices(self.workflow, gpus=gpus, node=node, cuda_of=cuda_of)
+        if self.nodes:
+            self.placed = nodes.place_on_local_nodes(self.workflow, self.nodes, mode=self.options.node_placement,
+                                                     machine=node, cuda_of=cuda_of)
+            self._devices = {(spec.name, r): self.placed[spec.name].device for spec in self.workflow.functions
+                             for r in range(spec.reserved_replicas)}
+        else:
+            self._devices = assign_devices(self.workflow, gpus=gpus, node=node, cuda_of=cuda_of)
         replicas: dict[str, list[Replica]] = {}
         for spec in self.workflow.functions:
             # Without autoscaling nothing would start a function's first worker later.
@@ -312,17 +385,22 @@ class LocalRuntime:
         serial = self._serials.get(function, 0)
         self._serials[function] = serial + 1
         # short names: a Unix socket path must fit in 108 bytes
-        path = str(self.socket_dir / f"w{number}-{serial}.sock")
+        placed = self.placed.get(function)
+        home = next((n for n in self.nodes if placed is not None and n.name == placed.node), None)
+        directory = self.socket_dir if home is None else self.socket_dir / home.name
+        sidecar = self.sidecar_socket if home is None else self.sidecar_sockets[home.name]
+        path = str(directory / f"w{number}-{serial}.sock")
         args = ["-m", "faastube_runtime.worker", "--log-level", self.options.child_log_level,
                 "--workflow", str(self.workflow_file), "--handlers-dir", str(self.workflow.base_dir),
                 "--function", function,
-                "--listen", path, "--sidecar", self.sidecar_socket, "--passing", self.options.passing]
+                "--listen", path, "--sidecar", sidecar, "--passing", self.options.passing]
         # the GPU placement chose for the function (replica numbers cycle over its reservation)
         device = self._devices.get((function, serial % spec.reserved_replicas))
         if device is not None:
             args += ["--device", str(device)]
         address = Address.unix(path)
-        self._spawn(f"fn-{function}-{serial}", args).address = address
+        self._spawn(f"fn-{function}-{serial}", args, env=None if home is None else self._node_env(home)
+                    ).address = address
         return Replica(function, serial, address)
 
     # --- autoscaling (local_scaling.Launcher) --------------------------------------------------
@@ -348,6 +426,14 @@ class LocalRuntime:
         prefix = f"fn-{function}-"
         return [c.process.pid for c in self._children
                 if c.name.startswith(prefix) and c.name[len(prefix):].isdigit() and c.process.poll() is None]
+
+    def sidecar_pid(self, node: str | None = None) -> int:
+        """The process id of a node's sidecar (the only one's when there is one node)."""
+        name = "sidecar" if node is None else f"sidecar-{node}"
+        for child in self._children:
+            if child.name == name:
+                return child.process.pid
+        raise KeyError(f"no sidecar {name!r} in this run")
 
     def scaling_report(self) -> dict[str, FunctionScaling]:
         """Per function: workers at the start and at the end, fewest and most, scale events."""
@@ -380,20 +466,20 @@ class LocalRuntime:
             await asyncio.sleep(delay_s)
             delay_s = min(0.2, delay_s * 2)
 
-    async def _connect_sidecar(self) -> Any:
+    async def _connect_sidecar(self, name: str, socket_path: str) -> Any:
         from faastube import client as ft_client
 
         async def probe() -> Any:
-            if not os.path.exists(self.sidecar_socket):
-                raise FileNotFoundError(self.sidecar_socket)
+            if not os.path.exists(socket_path):
+                raise FileNotFoundError(socket_path)
             # a short timeout per try: the socket may exist before the sidecar answers
-            probe_client = await asyncio.to_thread(ft_client.connect, self.sidecar_socket,
+            probe_client = await asyncio.to_thread(ft_client.connect, socket_path,
                                                    workflow=self.workflow.name, function=GATEWAY_FUNCTION,
                                                    timeout_s=2.0)
             probe_client.close()
 
-        await self._until_ready("sidecar", probe)
-        return ft_client.connect(self.sidecar_socket, workflow=self.workflow.name, function=GATEWAY_FUNCTION)
+        await self._until_ready(name, probe)
+        return ft_client.connect(socket_path, workflow=self.workflow.name, function=GATEWAY_FUNCTION)
 
     async def _wait_worker(self, replica: Replica) -> None:
         """Until the worker answers (the startup timeout), then until it is warm (the warm-up timeout)."""
@@ -424,9 +510,10 @@ class LocalRuntime:
         if self._pool is not None:
             await self._pool.drain()
 
-    def pool_stats(self) -> Any:
-        """The sidecar's pool statistics (for checks that nothing was left allocated)."""
-        return self._client.stats()
+    def pool_stats(self, node: str | None = None) -> Any:
+        """The sidecar's pool statistics (for checks that nothing was left allocated); with
+        several nodes, the first node's unless ``node`` names another."""
+        return (self._client if node is None else self._node_clients[node]).stats()
 
     async def stop(self) -> None:
         if self._controller is not None:
@@ -448,15 +535,16 @@ class LocalRuntime:
         if self._store is not None:
             self._store.close()
             self._store = None
-        if self._client is not None:
+        for client in {id(c): c for c in (self._client, *self._node_clients.values()) if c is not None}.values():
             try:
-                self._client.close()
+                client.close()
             except Exception as e:  # noqa: BLE001 - the sidecar may already be gone
                 logger.debug("closing the gateway's client: %s", e)
-            self._client = None
-        # workers before the sidecar: they hold mappings of its pool
-        workers = [c for c in self._children if c.name != "sidecar"]
-        sidecars = [c for c in self._children if c.name == "sidecar"]
+        self._client = None
+        self._node_clients = {}
+        # workers before the sidecars: they hold mappings of their pools
+        workers = [c for c in self._children if not c.name.startswith("sidecar")]
+        sidecars = [c for c in self._children if c.name.startswith("sidecar")]
         if not await asyncio.to_thread(_stop_children, workers):
             self.keep_logs = True
         if not await asyncio.to_thread(_stop_children, sidecars):
@@ -477,8 +565,8 @@ class LocalRuntime:
                 else:
                     path.unlink(missing_ok=True)
         self.logs_kept = self.socket_dir
-        logger.warning("the run failed; its logs are kept in %s (sidecar.log, fn-<function>-<n>.log)",
-                       self.socket_dir)
+        logger.warning("the run failed; its logs are kept in %s (sidecar.log or sidecar-<node>.log, "
+                       "fn-<function>-<n>.log)", self.socket_dir)
 
     def client_instructions(self, function: str = CLIENT_FUNCTION) -> str:
         """How a process of one's own reaches this run's data: the sidecar's socket and the identity.
@@ -489,7 +577,8 @@ class LocalRuntime:
         accepted; the workflow must be this one's.
         """
         socket, name = self.sidecar_socket, self.workflow.name
-        return (f"sidecar socket: {socket}\n"
+        where = (f" (node {self.nodes[0].name}'s; a get there reads any node's refs)" if self.nodes else "")
+        return (f"sidecar socket: {socket}{where}\n"
                 f"  clients connect as a function of workflow {name!r}:\n"
                 f"    faastube.connect({socket!r}, workflow={name!r}, function={function!r})\n"
                 f"  or with FAASTUBE_SOCKET={socket} FAASTUBE_WORKFLOW={name} "
