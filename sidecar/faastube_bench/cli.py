@@ -9,8 +9,7 @@ BENCHMARKS = {
     "dataplane": ("faastube_bench.dataplane", "put+get latency between function processes vs host-centric and raw copies"),
     "transfers": ("faastube_bench.transfers", "host<->GPU multi-path bandwidth, isolation and SLO sharing"),
     "e2e": ("faastube_bench.e2e", "the example workflows end to end, tube vs host-centric passing"),
-    "memory": ("faastube_bench.memory", "GPU pool memory vs live bytes, and latency under memory pressure, "
-               "per memory policy"),
+    "memory": ("faastube_bench.memory", "GPU pool memory vs live bytes, and P99 under memory pressure, per policy"),
 }
 
 
