@@ -11,6 +11,8 @@ BENCHMARKS = {
     "e2e": ("faastube_bench.e2e", "the example workflows end to end, tube vs host-centric passing"),
     "memory": ("faastube_bench.memory", "GPU pool memory vs live bytes, and latency under memory pressure, "
                "per memory policy"),
+    "network": ("faastube_bench.network", "a get across two nodes' sidecars vs raw NIXL transfers and host-centric "
+                "passing, per size"),
 }
 
 
