@@ -44,6 +44,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -576,7 +577,8 @@ def machine(settings: Settings) -> dict[str, Any]:
                     if line.startswith("MemTotal:")), 0)
     info: dict[str, Any] = {"cpus": cpus, "cpu_model": model, "virtual_machine": vm, "memory_bytes": mem_kib * KiB,
                             "platform": platform.platform(), "python": platform.python_version(),
-                            "ucx_tls": settings.ucx_tls}
+                            "ucx_tls": settings.ucx_tls,
+                            "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}}
     for dist in ("nixl-cu13", "numpy", "cupy-cuda13x", "cupy-cuda12x"):
         try:
             import importlib.metadata
@@ -657,22 +659,27 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
         return None
     rows = data["sizes"]
     labels = {TUBE: "faastube get across nodes", RAW: "raw NIXL READ (floor)", HOST_CENTRIC: "host-centric (TCP)"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    sizes = [r["size_bytes"] for r in rows]
     for method in (m for m in METHODS if m in data["settings"]["methods"]):
-        sizes = [r["size_bytes"] / MiB for r in rows]
         left.plot(sizes, [r[method]["throughput_bytes_per_s"] / 1e9 for r in rows], marker="o", label=labels[method])
         right.plot(sizes, [r[method]["median_s"] * 1e3 for r in rows], marker="o", label=labels[method])
         right.fill_between(sizes, [r[method]["median_s"] * 1e3 for r in rows],
                            [r[method]["p90_s"] * 1e3 for r in rows], alpha=0.2)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("size (MiB)")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xticks(sizes, [_size_label(s).replace(" ", "") for s in sizes], rotation=45, fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("size")
+        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     right.set_yscale("log")
     left.set_ylabel("throughput (GB/s, size / median)")
     right.set_ylabel("latency (ms, median; band to p90)")
-    fig.suptitle(f"node A -> node B: {data['machine']['description']}", fontsize=8)
+    left.set_title("node A -> node B: throughput", fontsize=9)
+    right.set_title("node A -> node B: latency", fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(f"faastube bench network, {data['card']}: {data['machine']['description']}",
+                                         160)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -796,11 +803,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"faastube bench network: {settings.backend} backend, UCX_TLS={settings.ucx_tls}, sizes "
               f"{' '.join(_size_label(s) for s in settings.sizes)}, {settings.repeat} passes each")
         started = time.monotonic()
+        info["load_average_before"] = list(os.getloadavg())
         try:
             samples = measure(settings)
         except BenchError as e:
             print(f"faastube bench network: {e}", file=sys.stderr)
             return 1
+        info["load_average_after"] = list(os.getloadavg())      # 1/5/15 min: how shared the cores were
         data = build_report(settings, samples, machine_info=info, wall_s=time.monotonic() - started)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"network-{tag}.json"

@@ -28,6 +28,7 @@ def test_the_quick_run_reports_get_raw_nixl_and_host_centric_per_size(tmp_path: 
     assert data["benchmark"] == "faastube bench network" and data["card"] == "no GPU (host backend)"
     assert "host memory" in data["machine"]["description"] and data["machine"]["ucx_tls"] == "tcp"
     assert data["settings"]["backend"] == "host" and data["settings"]["repeat"] == 2
+    assert len(data["machine"]["load_average_before"]) == 3
     assert [row["size_bytes"] for row in data["sizes"]] == [64 << 10, 1 << 20]
     for row in data["sizes"]:
         for method in network.METHODS:
