@@ -84,7 +84,12 @@ TIMING = {
 
 
 class BenchError(Exception):
-    """The benchmark can't run as asked (a flag, a missing dependency, no GPUs): one line for the user."""
+    """The benchmark can't run as asked (a flag, a missing dependency, no GPUs), or a pass failed:
+    one line for the user."""
+
+
+class WorkerLost(BenchError):
+    """A node's worker hung or died: the run can't go on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,11 +368,11 @@ class _Worker:
 
     def _reply(self, command: str, timeout_s: float) -> Any:
         if not self._conn.poll(timeout_s):
-            raise BenchError(f"{self.node}'s worker did not answer {command} within {timeout_s:g}s")
+            raise WorkerLost(f"{self.node}'s worker did not answer {command} within {timeout_s:g}s")
         try:
             status, value = self._conn.recv()
         except EOFError:
-            raise BenchError(f"{self.node}'s worker died during {command} (exit {self.proc.exitcode})") from None
+            raise WorkerLost(f"{self.node}'s worker died during {command} (exit {self.proc.exitcode})") from None
         if status != "ok":
             raise BenchError(value)
         return value
@@ -457,9 +462,16 @@ def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, timeo
 
 # --- the run --------------------------------------------------------------------------------------
 
-def measure(settings: Settings, *, log: Callable[[str], None] = print) -> dict[int, dict[str, list[float]]]:
-    """Every size, every method: {size: {method: [seconds per timed pass]}}."""
-    samples: dict[int, dict[str, list[float]]] = {}
+@dataclasses.dataclass
+class Measured:
+    samples: dict[int, dict[str, list[float]]]      # size -> method -> seconds per timed pass
+    failures: list[dict[str, Any]]                  # sizes that could not be measured, and why
+
+
+def measure(settings: Settings, *, log: Callable[[str], None] = print) -> Measured:
+    """Every size, every method. A pass that fails drops its size (recorded with the error) and the
+    run goes on with the next size; a worker that hangs or dies ends the run with what it has."""
+    out = Measured({}, [])
     with tempfile.TemporaryDirectory(prefix="ft-net-", dir="/tmp") as tmp, \
             two_sidecars(settings, Path(tmp)) as sockets:
         workers: list[_Worker] = []
@@ -470,27 +482,37 @@ def measure(settings: Settings, *, log: Callable[[str], None] = print) -> dict[i
             port = a.call("listen")
             seq = 0
             for size in settings.sizes:
-                samples[size] = {m: [] for m in settings.methods}
-                source = a.call("prepare", size=size)
-                b.call("prepare", size=size)
-                b.call("connect", port=port, **source)
-                for i in range(settings.warmup + settings.repeat):
-                    for method in settings.methods:
-                        seq += 1
-                        if method == TUBE:
-                            ref = a.call("put", seq=seq)
-                            took = b.call("tube", ref=ref, seq=seq)
-                        else:
-                            a.call("mark", seq=seq)
-                            took = b.call("raw" if method == RAW else "host_centric", seq=seq)
-                        if i >= settings.warmup:
-                            samples[size][method].append(float(took))
+                samples: dict[str, list[float]] = {m: [] for m in settings.methods}
+                method = "prepare"
+                try:
+                    source = a.call("prepare", size=size)
+                    b.call("prepare", size=size)
+                    b.call("connect", port=port, **source)
+                    for i in range(settings.warmup + settings.repeat):
+                        for method in settings.methods:
+                            seq += 1
+                            if method == TUBE:
+                                ref = a.call("put", seq=seq)
+                                took = b.call("tube", ref=ref, seq=seq)
+                            else:
+                                a.call("mark", seq=seq)
+                                took = b.call("raw" if method == RAW else "host_centric", seq=seq)
+                            if i >= settings.warmup:
+                                samples[method].append(float(took))
+                except BenchError as e:
+                    out.failures.append({"size_bytes": size, "method": method, "error": str(e),
+                                         "passes_done": {m: len(v) for m, v in samples.items()}})
+                    log(f"  {_size_label(size):>8}  FAILED in {method}: {e}")
+                    if isinstance(e, WorkerLost):
+                        break
+                    continue
+                out.samples[size] = samples
                 log("  " + _size_label(size).rjust(8) + "  " + "  ".join(
-                    f"{m} {statistics.median(s) * 1e3:8.3f} ms" for m, s in samples[size].items()))
+                    f"{m} {statistics.median(v) * 1e3:8.3f} ms" for m, v in samples.items()))
         finally:
             for worker in workers:
                 worker.stop()
-    return samples
+    return out
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -615,12 +637,12 @@ def _read(path: str) -> str:
         return ""
 
 
-def build_report(settings: Settings, samples: dict[int, dict[str, list[float]]], *, machine_info: dict[str, Any],
+def build_report(settings: Settings, measured: Measured, *, machine_info: dict[str, Any],
                  wall_s: float) -> dict[str, Any]:
-    rows = summarize(samples)
+    rows = summarize(measured.samples)
     return {"benchmark": "faastube bench network", "schema": 1, "card": machine_info["card"],
             "machine": machine_info, "settings": dataclasses.asdict(settings), "timing": TIMING,
-            "sizes": rows, "targets": evaluate(rows, Targets()), "wall_s": wall_s}
+            "sizes": rows, "failures": measured.failures, "targets": evaluate(rows, Targets()), "wall_s": wall_s}
 
 
 def goal_lines(data: dict[str, Any]) -> list[str]:
@@ -643,6 +665,8 @@ def table(data: dict[str, Any]) -> str:
         line += f"{row['tube_minus_raw_s'] * 1e6:>+11.0f}" if "tube_minus_raw_s" in row else f"{'-':>11}"
         line += f"{row['tube_over_host_centric']:>9.2f}" if "tube_over_host_centric" in row else f"{'-':>9}"
         lines.append(line)
+    for failure in data.get("failures", []):
+        lines.append(f"{_size_label(failure['size_bytes']):>9}  FAILED in {failure['method']}: {failure['error']}")
     lines.append("tube: get of a ref put on the other node (faastube); raw-nixl: one NIXL READ between two agents; "
                  "host-centric: serialize, TCP, rebuild; GB/s = size / median")
     return "\n".join(lines)
@@ -805,12 +829,12 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         info["load_average_before"] = list(os.getloadavg())
         try:
-            samples = measure(settings)
+            measured = measure(settings)
         except BenchError as e:
             print(f"faastube bench network: {e}", file=sys.stderr)
             return 1
         info["load_average_after"] = list(os.getloadavg())      # 1/5/15 min: how shared the cores were
-        data = build_report(settings, samples, machine_info=info, wall_s=time.monotonic() - started)
+        data = build_report(settings, measured, machine_info=info, wall_s=time.monotonic() - started)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"network-{tag}.json"
         path.write_text(json.dumps(data, indent=1) + "\n")
@@ -819,4 +843,4 @@ def run(args: argparse.Namespace) -> int:
     for line in goal_lines(data):
         print(line)
     print(table(data))
-    return 0
+    return 1 if data["failures"] else 0

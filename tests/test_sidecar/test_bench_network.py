@@ -29,7 +29,7 @@ def test_the_quick_run_reports_get_raw_nixl_and_host_centric_per_size(tmp_path: 
     assert "host memory" in data["machine"]["description"] and data["machine"]["ucx_tls"] == "tcp"
     assert data["settings"]["backend"] == "host" and data["settings"]["repeat"] == 2
     assert len(data["machine"]["load_average_before"]) == 3
-    assert [row["size_bytes"] for row in data["sizes"]] == [64 << 10, 1 << 20]
+    assert [row["size_bytes"] for row in data["sizes"]] == [64 << 10, 1 << 20] and data["failures"] == []
     for row in data["sizes"]:
         for method in network.METHODS:
             cell = row[method]
@@ -97,3 +97,15 @@ def test_the_targets_are_judged_from_the_rows() -> None:
     assert [t["met"] for t in by_goal] == [False, True, False]
     assert "128 MiB 86%" in by_goal[0]["measured"] and "+150 us" in by_goal[1]["measured"]
     assert "4.55x" in by_goal[2]["measured"]
+
+
+def test_a_size_that_failed_is_reported_with_its_error_and_the_rest_still_judged() -> None:
+    settings = network.Settings(backend="host", sizes=(1 << 20, 256 << 20), repeat=1, warmup=0, ucx_tls="tcp",
+                                gpus=(0, 1), quick=False)
+    measured = network.Measured({1 << 20: {network.TUBE: [5e-3], network.RAW: [4e-3], network.HOST_CENTRIC: [6e-3]}},
+                                [{"size_bytes": 256 << 20, "method": network.TUBE, "error": "node-b tube: Unavailable",
+                                  "passes_done": {network.TUBE: 0}}])
+    data = network.build_report(settings, measured, machine_info={"card": "c", "description": "d"}, wall_s=1.0)
+    assert [r["size_bytes"] for r in data["sizes"]] == [1 << 20]
+    assert [t["met"] for t in data["targets"]] == [None, False, None]
+    assert "256 MiB  FAILED in tube: node-b tube: Unavailable" in network.table(data)
