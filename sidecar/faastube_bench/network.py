@@ -834,6 +834,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"faastube bench network: {e}", file=sys.stderr)
             return 1
         info["load_average_after"] = list(os.getloadavg())      # 1/5/15 min: how shared the cores were
+        info["description"] += (f"; load average {info['load_average_before'][0]:.1f} at the start, "
+                                f"{info['load_average_after'][0]:.1f} at the end, on {os.cpu_count()} CPUs")
         data = build_report(settings, measured, machine_info=info, wall_s=time.monotonic() - started)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"network-{tag}.json"
