@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark of the project, for one call on the lent GPU machine.
 #   bash bench/gpu_all.sh [tests] [dataplane] [dataplane-spin] [transfers] [e2e] [topology] [memory]   (default: all)
+#   network (not in the default list; needs nixl-cu13): bash bench/gpu_all.sh network
 #   memory: the memory policies (issue 12), ~7 min on 2x H200; MEMORY_ARGS="--levels 0.05" etc. to shorten
 # Writes logs and JSON under $OUT (or /tmp/faastube-gpu) and prints a short summary last.
 set -u
@@ -133,6 +134,16 @@ for step in "${steps[@]}"; do
       grep -E "^\[(MET |MISS|N/A )\]" "$OUT/memory.log" >> "$summary"
       sed -n '/^== memory:/,$p' "$OUT/memory.log" >> "$summary"
       [ $rc -ne 0 ] && tail -25 "$OUT/memory.log" >> "$summary" ;;
+    network)
+      # Two sidecars as two nodes, a GPU each: get across nodes vs raw NIXL vs host-centric (issue 13).
+      # Not in the default list: needs nixl-cu13 on the machine. NETWORK_ARGS="--sizes 1Mi..256Mi" etc.
+      timeout 560 python3 -m faastube.cli --log-level WARNING bench network --backend cuda --out "$OUT" \
+        ${NETWORK_ARGS:-} > "$OUT/network.log" 2>&1
+      rc=$?
+      echo "network: rc=$rc" >> "$summary"
+      grep -E "^\[(MET |MISS|N/A )\]" "$OUT/network.log" >> "$summary"
+      sed -n '/^card:/,$p' "$OUT/network.log" >> "$summary"
+      [ $rc -ne 0 ] && tail -25 "$OUT/network.log" >> "$summary" ;;
     *) echo "unknown step $step" >> "$summary" ;;
   esac
   echo "  ($step took $(( $(date +%s) - start )) s)" >> "$summary"

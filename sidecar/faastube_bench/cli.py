@@ -10,6 +10,7 @@ BENCHMARKS = {
     "transfers": ("faastube_bench.transfers", "host<->GPU multi-path bandwidth, isolation and SLO sharing"),
     "e2e": ("faastube_bench.e2e", "the example workflows end to end, tube vs host-centric passing"),
     "memory": ("faastube_bench.memory", "GPU pool memory vs live bytes, and P99 under memory pressure, per policy"),
+    "network": ("faastube_bench.network", "a get across two nodes' sidecars vs raw NIXL and host-centric passing"),
 }
 
 
