@@ -250,6 +250,26 @@ def test_a_failed_chunk_fails_its_read_and_posts_nothing_more_of_it() -> None:
         engine.close()
 
 
+def test_a_read_is_stalled_only_while_no_chunk_lands() -> None:
+    agent = _Agent()
+    engine = NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]
+                           settings=SchedulerSettings(chunk_bytes=1 << 20, max_inflight_chunks_per_link=1))
+    try:
+        future = engine.submit(_read(4 << 20))
+        _wait(lambda: len(agent.posted) == 1)
+        time.sleep(0.2)
+        assert engine.stalled_for(future) >= 0.2
+        agent.end()
+        _wait(lambda: len(agent.posted) == 2)
+        assert engine.stalled_for(future) < 0.2          # a chunk landed: the clock starts again
+        while not future.done():
+            agent.end()
+            time.sleep(0.001)
+        assert engine.stalled_for(future) == 0.0          # over: nothing to wait for
+    finally:
+        engine.close()
+
+
 def test_an_abandoned_read_ends_once_its_posted_chunks_end() -> None:
     agent = _Agent()
     engine = NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]

@@ -73,6 +73,7 @@ class _NixlExecutor:
         self.agent = agent
         self.reads: dict[str, NetRead] = {}
         self.failed: dict[str, str] = {}          # transfer id -> why
+        self.progress_s: dict[str, float] = {}    # transfer id -> when a chunk of it last ended
         self._posted: list[_Posted] = []
 
     def issue(self, chunk: Chunk, on_done: ChunkDone) -> None:
@@ -98,7 +99,9 @@ class _NixlExecutor:
             state = self.agent.state(posted.handle)
             (still if state == "PROC" else ended).append((posted, state))
         self._posted = [p for p, _ in still]
+        now = time.monotonic()
         for posted, state in ended:
+            self.progress_s[posted.chunk.transfer_id] = now
             if state != "DONE":
                 self.failed.setdefault(posted.chunk.transfer_id, f"a NIXL read from {self.reads[posted.chunk.transfer_id].agent} "
                                                                  f"ended in {state}")
@@ -144,10 +147,17 @@ class NetworkEngine:
                 raise ReadFailed("the network engine is closed")
             self._pending[transfer_id] = future
             self._executor.reads[transfer_id] = read
+            self._executor.progress_s[transfer_id] = time.monotonic()
             self._scheduler.submit(request, lambda result: self._finished.append((transfer_id, result)))
         self._wake.set()
         future.transfer_id = transfer_id  # type: ignore[attr-defined]
         return future
+
+    def stalled_for(self, future: concurrent.futures.Future[TransferResult]) -> float:
+        """Seconds since a chunk of this transfer last landed (or since it was submitted)."""
+        with self._lock:
+            since = self._executor.progress_s.get(getattr(future, "transfer_id", ""))
+        return 0.0 if since is None else time.monotonic() - since
 
     def abandon(self, future: concurrent.futures.Future[TransferResult]) -> None:
         """Post no more chunks of this transfer (its caller gave up); it fails once those posted end."""
@@ -173,6 +183,7 @@ class NetworkEngine:
                 settled = []
                 for transfer_id, result in finished:
                     self._executor.reads.pop(transfer_id, None)
+                    self._executor.progress_s.pop(transfer_id, None)
                     why = self._executor.failed.pop(transfer_id, None)
                     settled.append((self._pending.pop(transfer_id), result, why))
             for future, result, why in settled:

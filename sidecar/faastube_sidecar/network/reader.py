@@ -30,8 +30,9 @@ from faastube_sidecar.pool import Allocation
 from faastube_sidecar.transfers.scheduler import FunctionIdentity, TransferResult
 
 logger = logging.getLogger(__name__)
-MIN_READ_TIMEOUT_S = 10.0
-SLOWEST_BYTES_PER_S = 100e6        # a read slower than this is a stalled peer
+# A read is given up when no chunk of it has landed for this long (a dead or stuck peer);
+# a slow one that keeps landing chunks goes on (the owner's lend outlasts it: service.py).
+STALL_S = 10.0
 
 
 @dataclass
@@ -137,13 +138,19 @@ class RemoteReader:
 
     async def _landed(self, landed: concurrent.futures.Future[TransferResult], nbytes: int, node: str, ref: str) -> None:
         started = asyncio.get_running_loop().time()
-        timeout_s = max(MIN_READ_TIMEOUT_S, nbytes / SLOWEST_BYTES_PER_S)
+        waiting = asyncio.wrap_future(landed)
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(landed)), timeout_s)
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiting), min(1.0, STALL_S))
+                    break
+                except TimeoutError:
+                    stalled_s = self._engine.stalled_for(landed)
+                    if stalled_s > STALL_S:
+                        raise errors.Unavailable(f"get {ref}: nothing came from node {node} for {stalled_s:.0f}s; "
+                                                 f"retry") from None
         except ReadFailed as e:
             raise errors.Unavailable(f"get {ref}: reading from node {node} failed ({e}); retry") from None
-        except TimeoutError:
-            raise errors.Unavailable(f"get {ref}: node {node} sent too little in {timeout_s:g}s; retry") from None
         self._dp.observer.transfer(self._path, nbytes, asyncio.get_running_loop().time() - started, route="network")
 
     async def _close(self, client: PeerClient, lent: Lent, reads: int) -> None:

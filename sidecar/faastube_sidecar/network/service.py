@@ -27,8 +27,10 @@ from faastube_sidecar.network.messages import CloseRead, Lent, OpenRead
 from faastube_sidecar.network.nixl import Agent, ProgressPump, Span
 
 logger = logging.getLogger(__name__)
-MIN_LEND_S = 10.0
-LEND_BYTES_PER_S = 100e6     # slowest network we wait for: a lend lasts at least size at this rate
+# A lend is closed by its reader; these only bound how long a lend outlives a reader's
+# node that died mid-read (the reader itself gives up on a read that stalls: reader.py).
+MIN_LEND_S = 60.0
+LEND_BYTES_PER_S = 10e6
 
 
 @dataclass
