@@ -46,7 +46,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from faastube import batches, errors
+from faastube import batches, errors, protocol
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,12 @@ DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
     ZeroDivisionError, NotImplementedError)
 # How much of a handler's error message a call's error carries (the gateway's reply repeats it).
 MAX_HANDLER_MESSAGE_CHARS = 500
+
+
+class InputLost(errors.RetryableError):
+    """An input held by another node can't be read: that node's sidecar died or can't be
+    reached. Retrying this call can't help (the object is gone with its node); the gateway
+    starts the request over."""
 
 
 class CallExpired(errors.RetryableError):
@@ -631,7 +637,16 @@ class _BatchRun:
                     with cupy.cuda.Device(self.device):
                         array_of[ref] = cupy.asarray(array_of[ref])
             else:
-                p.views[ref], array_of[ref] = _fetch(self.client, ref, device=self.device, passing=self.passing)
+                try:
+                    p.views[ref], array_of[ref] = _fetch(self.client, ref, device=self.device, passing=self.passing)
+                except errors.Unavailable as e:
+                    # Our own sidecar gone (a closed client) is not the input's node gone.
+                    node = protocol.ref_node(ref)
+                    if node is None or node == getattr(self.client, "node", None) or \
+                            getattr(self.client, "closed", False):
+                        raise
+                    raise InputLost(f"input {name!r} ({ref}) is held by node {node}, which can't be read "
+                                    f"from: {e}") from e
             p.arrays[name] = array_of[ref]
         p.get_s = time.perf_counter() - started
 

@@ -99,12 +99,14 @@ class DagPolicy:
     request_timeout_s: float = 60.0
     call_timeout_s: float = 30.0
     max_retries: int = 2  # extra attempts after the first failed one
+    # Times a request starts over when a call's input died with its node (cross-node passing).
+    request_retries: int = 1
 
     def __post_init__(self) -> None:
         if not self.request_timeout_s > 0 or not self.call_timeout_s > 0:
             raise ValueError("timeouts must be positive")
-        if self.max_retries < 0:
-            raise ValueError("max_retries must not be negative")
+        if self.max_retries < 0 or self.request_retries < 0:
+            raise ValueError("max_retries and request_retries must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +215,8 @@ async def _call_with_retries(invoker: FunctionInvoker, plan: FunctionPlan, input
         except errors.CallFailed as e:
             last_cause = str(e)
             logger.info("request %s: %s attempt %d failed: %s", request_id, plan.name, attempts, e)
+            if e.input_lost:        # the same inputs can't come back: the request starts over
+                raise errors.InputLost(plan.name, attempts, last_cause) from e
             if not e.retryable:
                 raise errors.FunctionFailed(plan.name, attempts, last_cause) from e
             continue

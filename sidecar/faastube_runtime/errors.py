@@ -75,9 +75,17 @@ class CallFailed(RuntimeFailure):
 
     http_status = 502
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, input_lost: bool = False) -> None:
         self.retryable = retryable
+        self.input_lost = input_lost    # an input's node is gone: only starting over can help
         super().__init__(message)
+
+
+class InputLost(FunctionFailed, errors.RetryableError):
+    """A call's input died with the node that held it: the request starts over (HTTP 503
+    when it can't, so the client may retry it)."""
+
+    http_status = 503
 
 
 class StartupFailed(RuntimeFailure):

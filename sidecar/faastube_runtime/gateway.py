@@ -221,6 +221,21 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - a hint is advice: losing one costs eviction order only
             logger.debug("queue hint for %d ref(s) not sent: %s", len(refs), e)
 
+    async def _run_request(self, input_ref: str, request_id: str, ledger: dag.RefLedger) -> dag.RequestTrace:
+        """Run the request; start it over when a call's input died with its node."""
+        policy = self.config.policy
+        for attempt in range(policy.request_retries + 1):
+            try:
+                return await dag.run_request(self.plan, self._invoker, input_ref, request_id=request_id,
+                                             policy=policy, ledger=ledger)
+            except errors.InputLost as e:
+                if attempt == policy.request_retries:
+                    raise
+                logger.warning("request %s: %s; starting it over (%d of %d)", request_id, e, attempt + 1,
+                               policy.request_retries)
+                self.metrics.requests.labels(self.workflow_name, "restarted").inc()
+        raise AssertionError("unreachable")
+
     def admit(self) -> Admission:
         """A slot for one request, or ``Overloaded`` when ``max_in_flight`` are being served."""
         if self.in_flight >= self.config.max_in_flight:
@@ -269,15 +284,17 @@ class Gateway:
         started = time.monotonic()
         try:
             if array is not None:
-                input_ref = await self._store.put_input(array, consumers=len(self.plan.sources))
+                # Read once per entry function per attempt: a request that starts over (an input
+                # lost with its node) reads it again; what is left is freed with the request.
+                input_ref = await self._store.put_input(
+                    array, consumers=len(self.plan.sources) * (1 + self.config.policy.request_retries))
                 ledger.add([input_ref])
                 array = None  # stored: the pool has it now
             elif ref is not None:
                 await self._store.check(ref)
                 input_ref = ref  # the caller's object: not ours to free
             stored_s = time.monotonic() - started
-            trace = await dag.run_request(self.plan, self._invoker, input_ref, request_id=request_id,
-                                          policy=self.config.policy, ledger=ledger)
+            trace = await self._run_request(input_ref, request_id, ledger)
             output: np.ndarray | None = None
             read_started = time.monotonic()
             if return_ref:

@@ -329,7 +329,8 @@ class WorkerPool:
                                     retryable=True) from None
         if status != 200:
             err = wire.parse_error(payload)
-            raise errors.CallFailed(f"{where}: {err['error']}: {err['message']}", retryable=err["retryable"])
+            raise errors.CallFailed(f"{where}: {err['error']}: {err['message']}", retryable=err["retryable"],
+                                    input_lost=err["error"] == "InputLost")
         readers = set(self._plan.function(replica.function).readers)
         try:
             return wire.parse_reply(payload, expected_readers=readers)
