@@ -132,7 +132,7 @@ async def _outputs(workflow_path: Path, *, node_count: int, inputs: list[np.ndar
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["traffic", "driving"])
+@pytest.mark.parametrize("name", ["traffic", "driving", "image", "video"])
 async def test_an_example_over_two_nodes_answers_as_on_one(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAASTUBE_EXAMPLE_BACKEND", "numpy")
     monkeypatch.setenv("FAASTUBE_EXAMPLE_SCALE", "0.02")  # small: four runtimes start
