@@ -166,7 +166,7 @@ async def serve(settings: SidecarSettings, *, attestor: Attestor | None = None) 
         if settings.network is not None:
             from faastube_sidecar.network.pieces import NetworkPieces
 
-            network = NetworkPieces(settings.network, server.dataplane,
+            network = NetworkPieces(settings.network, server.dataplane, registry=registry,
                                     cluster=kube.peer_lookup() if kube is not None else None)
             await network.start()
         # Metrics first: the socket appearing is the readiness signal clients and probes

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import faastube.client as ftc
@@ -43,8 +44,16 @@ class Nodes:
 
     def __init__(self, make_sidecar, tmp_path: Path, names: tuple[str, ...] = ("node-a", "node-b")) -> None:
         self.ports = {name: _free_port() for name in names}
+        self.metrics_ports = {name: _free_port() for name in names}
         self.secret = _secret(tmp_path)
-        self.sidecars = {name: self.start(make_sidecar, name) for name in names}
+        self.sidecars = {name: self.start(make_sidecar, name,
+                                          extra=("--metrics-port", str(self.metrics_ports[name]),
+                                                 "--metrics-host", "127.0.0.1"))
+                         for name in names}
+
+    def metrics(self, name: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[name]}/metrics", timeout=10) as r:
+            return r.read().decode()
 
     def start(self, make_sidecar, name: str, *, secret: Path | None = None, extra: tuple[str, ...] = ()):
         peers = [f"--peer={other}=127.0.0.1:{port}" for other, port in self.ports.items() if other != name]
@@ -76,6 +85,13 @@ def test_a_ref_put_on_one_node_is_read_on_the_other(nodes: Nodes) -> None:
             assert b.last_path == "network"
             assert got.dtype == value.dtype and got.shape == value.shape and np.array_equal(got, value)
         assert _host_used(b) == 0          # copies read and released on B are gone there
+    assert 'faastube_network_reads_total{result="ok"} 3.0' in nodes.metrics("node-b")
+    deadline = time.monotonic() + 10
+    while 'faastube_network_lends_total{how="closed"} 3.0' not in (text := nodes.metrics("node-a")):
+        assert time.monotonic() < deadline, text                # closes go out just after each read
+        time.sleep(0.05)
+    assert "faastube_network_lends_open 0.0" in text
+    assert 'faastube_transfer_bytes_total{path="network"}' in nodes.metrics("node-b")
 
 
 def test_reads_on_another_node_count_as_the_objects_declared_reads(nodes: Nodes) -> None:
@@ -128,6 +144,7 @@ def test_another_workflow_on_the_other_node_is_refused(nodes: Nodes) -> None:
             b.get(ref)
         assert a.stat(ref).consumers_left == 1              # untouched, still readable at home
         assert int(a.get(ref, copy=True)[63]) == 63
+    assert 'faastube_network_reads_total{result="refused"} 1.0' in nodes.metrics("node-b")
 
 
 def test_a_sidecar_without_the_shared_secret_is_refused(nodes: Nodes, make_sidecar, tmp_path: Path) -> None:

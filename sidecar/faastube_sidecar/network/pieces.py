@@ -11,10 +11,12 @@ from pathlib import Path
 
 from faastube import protocol
 from faastube_spec.gpunode import DEFAULT_NICS_PER_TRANSFER, PeerNetwork
+from prometheus_client import CollectorRegistry
 
 from faastube_sidecar.dataplane import DataPlane
 from faastube_sidecar.network.auth import PeerAuth, load_secret
 from faastube_sidecar.network.engine import NetworkEngine
+from faastube_sidecar.network.metrics import NetworkMetrics
 from faastube_sidecar.network.nixl import Agent
 from faastube_sidecar.network.peers import ClusterLookup, Peer, PeerDirectory
 from faastube_sidecar.network.reader import RemoteReader
@@ -42,7 +44,8 @@ class NetworkSettings:
 
 
 class NetworkPieces:
-    def __init__(self, settings: NetworkSettings, dataplane: DataPlane, *, cluster: ClusterLookup | None = None) -> None:
+    def __init__(self, settings: NetworkSettings, dataplane: DataPlane, *, cluster: ClusterLookup | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         protocol.check_node(settings.node)
         auth = PeerAuth(load_secret(settings.secret_file), node=settings.node)
@@ -52,9 +55,11 @@ class NetworkPieces:
         self.agent = Agent(f"faastube-{settings.node}-{os.getpid()}", backend=settings.backend,
                            ucx_tls=settings.ucx_tls)
         self.engine = NetworkEngine(self.agent, bandwidth_bytes_per_s=settings.bandwidth_bytes_per_s)
-        self.lender = Lender(dataplane, self.agent, lend_from_host=settings.lend_from_host)
+        metrics = NetworkMetrics(registry) if registry is not None else None
+        self.lender = Lender(dataplane, self.agent, lend_from_host=settings.lend_from_host, metrics=metrics)
         self.reader = RemoteReader(dataplane, self.engine,
-                                   PeerDirectory({p.node: p for p in settings.peers}, cluster=cluster), auth)
+                                   PeerDirectory({p.node: p for p in settings.peers}, cluster=cluster), auth,
+                                   metrics=metrics)
         self.server = PeerServer(self.lender, auth, host=settings.host, port=settings.port)
         self._dataplane = dataplane
         self._expiry: asyncio.Task[None] | None = None

@@ -23,6 +23,7 @@ from faastube_sidecar.identity import Domain
 from faastube_sidecar.network.auth import PeerAuth
 from faastube_sidecar.network.engine import NetRead, NetworkEngine
 from faastube_sidecar.network.messages import CloseRead, Lent, OpenRead, Reader
+from faastube_sidecar.network.metrics import NetworkMetrics, read_result
 from faastube_sidecar.network.nixl import ReadFailed, Span
 from faastube_sidecar.network.peers import PeerDirectory
 from faastube_sidecar.network.rpc import PeerClient
@@ -45,7 +46,7 @@ class RemoteReader:
     """Implements the data plane's ``RemoteGets``."""
 
     def __init__(self, dataplane: DataPlane, engine: NetworkEngine, directory: PeerDirectory, auth: PeerAuth,
-                 *, observer_path: str = "network") -> None:
+                 *, metrics: NetworkMetrics | None = None, observer_path: str = "network") -> None:
         self._dp = dataplane
         self._engine = engine
         self._directory = directory
@@ -55,6 +56,7 @@ class RemoteReader:
         # (another workflow's get of the ref is refused by the owner on its own).
         self._in_flight: dict[tuple[str, Domain], _InFlight] = {}
         self._path = observer_path
+        self._metrics = metrics
 
     async def fetch(self, session: Session, ref: str, location: Location) -> None:
         key = (ref, session.domain)
@@ -67,12 +69,18 @@ class RemoteReader:
         try:
             await self._read(session, ref, location, flight)
             flight.done.set_result(None)
+            self._count(None)
         except BaseException as e:
+            self._count(e)
             flight.done.set_exception(e if isinstance(e, Exception) else errors.Unavailable(f"get {ref}: cancelled"))
             flight.done.exception()                  # marked retrieved: joiners re-raise it, or nobody does
             raise
         finally:
             del self._in_flight[key]
+
+    def _count(self, exc: BaseException | None) -> None:
+        if self._metrics is not None:
+            self._metrics.reads.labels(read_result(exc)).inc()
 
     async def _client(self, node: str) -> PeerClient:
         client = self._clients.get(node)

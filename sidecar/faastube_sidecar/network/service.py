@@ -24,6 +24,7 @@ from faastube.locations import HOST
 from faastube_sidecar.dataplane import DataPlane, Session
 from faastube_sidecar.identity import Identity
 from faastube_sidecar.network.messages import CloseRead, Lent, OpenRead
+from faastube_sidecar.network.metrics import NetworkMetrics
 from faastube_sidecar.network.nixl import Agent, ProgressPump, Span
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class _Lend:
 
 class Lender:
     def __init__(self, dataplane: DataPlane, agent: Agent, *, lend_from_host: bool = False,
-                 max_lends: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_lends: int = 4096, clock: Callable[[], float] = time.monotonic,
+                 metrics: NetworkMetrics | None = None) -> None:
         self._dp = dataplane
         self._agent = agent
         self._pump = ProgressPump(agent)
@@ -52,6 +54,9 @@ class Lender:
         self._max = max_lends
         self._clock = clock
         self._lends: dict[str, _Lend] = {}
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_lends(lambda: len(self._lends))
         self._introduced: set[str] = set()       # peers that have our connection metadata
 
     @property
@@ -95,6 +100,8 @@ class Lender:
             raise errors.RefNotFound(request.lease, "no such lend (closed already, timed out, or another peer's)")
         del self._lends[request.lease]
         self._end(lend, reads=request.reads)
+        if self._metrics is not None:
+            self._metrics.lends.labels("closed").inc()
 
     def expire(self) -> int:
         now = self._clock()
@@ -103,6 +110,8 @@ class Lender:
             lend = self._lends.pop(lease)
             logger.warning("read of %s lent to %s timed out: its lease ends uncounted", lend.ref, lend.peer)
             self._end(lend, reads=0)
+            if self._metrics is not None:
+                self._metrics.lends.labels("timed_out").inc()
         return len(late)
 
     def forget_peer(self, peer: str) -> None:
