@@ -201,6 +201,23 @@ class _Agent:
                     self.states[handle] = state
 
 
+@pytest.fixture
+def engine_of():
+    """engine_of(inflight=N) -> (a recorded agent, a network engine over it); closed at teardown."""
+    engines: list[NetworkEngine] = []
+
+    def make(*, inflight: int) -> tuple[_Agent, NetworkEngine]:
+        agent = _Agent()
+        engines.append(NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]
+                                     settings=SchedulerSettings(chunk_bytes=1 << 20,
+                                                                max_inflight_chunks_per_link=inflight)))
+        return agent, engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
 def _read(nbytes: int, *, slo_s: float | None = None) -> NetRead:
     return NetRead(FunctionIdentity("wf", "fn"), Span(1 << 20, nbytes, 0, "DRAM"), Span(1 << 30, nbytes, 0, "DRAM"),
                    "owner", slo_s)
@@ -213,100 +230,75 @@ def _wait(predicate, timeout_s: float = 5.0) -> None:
         time.sleep(0.001)
 
 
-def test_a_read_is_cut_into_chunks_that_cover_it_exactly() -> None:
-    agent = _Agent()
-    engine = NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]
-                           settings=SchedulerSettings(chunk_bytes=1 << 20, max_inflight_chunks_per_link=2))
-    try:
-        future = engine.submit(_read((5 << 20) + 100))
-        while not future.done():
-            _wait(lambda: any(s == "PROC" for s in agent.states.values()) or future.done())
-            agent.end()
-        assert future.result().path_label == "network"
-        pieces = sorted((local.address - (1 << 20), local.nbytes, remote.address - (1 << 30))
-                        for local, remote, _ in agent.posted)
-        assert [p[0] for p in pieces] == [p[2] for p in pieces]            # same offset both sides
-        assert sum(p[1] for p in pieces) == (5 << 20) + 100 and len(pieces) == 6
-        assert {agent_name for *_, agent_name in agent.posted} == {"owner"}
-    finally:
-        engine.close()
-
-
-def test_a_failed_chunk_fails_its_read_and_posts_nothing_more_of_it() -> None:
-    agent = _Agent()
-    engine = NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]
-                           settings=SchedulerSettings(chunk_bytes=1 << 20, max_inflight_chunks_per_link=2))
-    try:
-        future = engine.submit(_read(8 << 20))
-        _wait(lambda: len(agent.posted) == 2)
-        agent.end("ERR")
-        with pytest.raises(ReadFailed, match="ended in ERR"):
-            future.result(timeout=5)
-        assert len(agent.posted) == 2                     # the other six chunks never went out
-        agent.refuse = True
-        with pytest.raises(ReadFailed, match="refused"):
-            engine.submit(_read(1 << 20)).result(timeout=5)
-    finally:
-        engine.close()
-
-
-def test_a_read_is_stalled_only_while_no_chunk_lands() -> None:
-    agent = _Agent()
-    engine = NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]
-                           settings=SchedulerSettings(chunk_bytes=1 << 20, max_inflight_chunks_per_link=1))
-    try:
-        future = engine.submit(_read(4 << 20))
-        _wait(lambda: len(agent.posted) == 1)
-        time.sleep(0.2)
-        assert engine.stalled_for(future) >= 0.2
+def test_a_read_is_cut_into_chunks_that_cover_it_exactly(engine_of) -> None:
+    agent, engine = engine_of(inflight=2)
+    future = engine.submit(_read((5 << 20) + 100))
+    while not future.done():
+        _wait(lambda: any(s == "PROC" for s in agent.states.values()) or future.done())
         agent.end()
-        _wait(lambda: len(agent.posted) == 2)
-        assert engine.stalled_for(future) < 0.2          # a chunk landed: the clock starts again
-        while not future.done():
-            agent.end()
-            time.sleep(0.001)
-        assert engine.stalled_for(future) == 0.0          # over: nothing to wait for
-    finally:
-        engine.close()
+    assert future.result().path_label == "network"
+    pieces = sorted((local.address - (1 << 20), local.nbytes, remote.address - (1 << 30))
+                    for local, remote, _ in agent.posted)
+    assert [p[0] for p in pieces] == [p[2] for p in pieces]            # same offset both sides
+    assert sum(p[1] for p in pieces) == (5 << 20) + 100 and len(pieces) == 6
+    assert {agent_name for *_, agent_name in agent.posted} == {"owner"}
 
 
-def test_an_abandoned_read_ends_once_its_posted_chunks_end() -> None:
-    agent = _Agent()
-    engine = NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]
-                           settings=SchedulerSettings(chunk_bytes=1 << 20, max_inflight_chunks_per_link=2))
-    try:
-        future = engine.submit(_read(8 << 20))
-        _wait(lambda: len(agent.posted) == 2)
-        engine.abandon(future)
-        time.sleep(0.05)
-        assert not future.done()                          # NIXL may still write: not over yet
+def test_a_failed_chunk_fails_its_read_and_posts_nothing_more_of_it(engine_of) -> None:
+    agent, engine = engine_of(inflight=2)
+    future = engine.submit(_read(8 << 20))
+    _wait(lambda: len(agent.posted) == 2)
+    agent.end("ERR")
+    with pytest.raises(ReadFailed, match="ended in ERR"):
+        future.result(timeout=5)
+    assert len(agent.posted) == 2                     # the other six chunks never went out
+    agent.refuse = True
+    with pytest.raises(ReadFailed, match="refused"):
+        engine.submit(_read(1 << 20)).result(timeout=5)
+
+
+def test_a_read_is_stalled_only_while_no_chunk_lands(engine_of) -> None:
+    agent, engine = engine_of(inflight=1)
+    future = engine.submit(_read(4 << 20))
+    _wait(lambda: len(agent.posted) == 1)
+    time.sleep(0.2)
+    assert engine.stalled_for(future) >= 0.2
+    agent.end()
+    _wait(lambda: len(agent.posted) == 2)
+    assert engine.stalled_for(future) < 0.2          # a chunk landed: the clock starts again
+    while not future.done():
         agent.end()
-        with pytest.raises(ReadFailed, match="abandoned"):
-            future.result(timeout=5)
-        assert len(agent.posted) == 2
-    finally:
-        engine.close()
+        time.sleep(0.001)
+    assert engine.stalled_for(future) == 0.0          # over: nothing to wait for
 
 
-def test_a_small_read_is_not_held_behind_a_large_one() -> None:
-    agent = _Agent()
-    engine = NetworkEngine(agent, bandwidth_bytes_per_s=1e9,  # type: ignore[arg-type]
-                           settings=SchedulerSettings(chunk_bytes=1 << 20, max_inflight_chunks_per_link=1))
-    try:
-        large = engine.submit(_read(64 << 20))
-        _wait(lambda: len(agent.posted) == 1)
-        small = engine.submit(_read(1 << 20, slo_s=0.01))
-        for _ in range(3):                                # within a couple of chunks, the small one is out
-            agent.end()
-            _wait(lambda: small.done() or any(s == "PROC" for s in agent.states.values()))
-            if small.done():
-                break
-        assert small.done() and not large.done()
-        engine.abandon(large)
+def test_an_abandoned_read_ends_once_its_posted_chunks_end(engine_of) -> None:
+    agent, engine = engine_of(inflight=2)
+    future = engine.submit(_read(8 << 20))
+    _wait(lambda: len(agent.posted) == 2)
+    engine.abandon(future)
+    time.sleep(0.05)
+    assert not future.done()                          # NIXL may still write: not over yet
+    agent.end()
+    with pytest.raises(ReadFailed, match="abandoned"):
+        future.result(timeout=5)
+    assert len(agent.posted) == 2
+
+
+def test_a_small_read_is_not_held_behind_a_large_one(engine_of) -> None:
+    agent, engine = engine_of(inflight=1)
+    large = engine.submit(_read(64 << 20))
+    _wait(lambda: len(agent.posted) == 1)
+    small = engine.submit(_read(1 << 20, slo_s=0.01))
+    for _ in range(3):                                # within a couple of chunks, the small one is out
         agent.end()
-        _wait(large.done)
-    finally:
-        engine.close()
+        _wait(lambda: small.done() or any(s == "PROC" for s in agent.states.values()))
+        if small.done():
+            break
+    assert small.done() and not large.done()
+    engine.abandon(large)
+    agent.end()
+    _wait(large.done)
 
 
 def test_on_a_cluster_a_nodes_sidecar_is_found_in_its_gpunode() -> None:
