@@ -117,7 +117,8 @@ def test_bad_open_requests_name_what_is_wrong(body: bytes, message: str) -> None
 @pytest.mark.parametrize(("change", "message"), [
     ({"mem": "HBM"}, "DRAM or VRAM"), ({"shape": [-1]}, "non-negative"), ({"nbytes": -1}, ">= 0"),
     ({"agent_metadata_b64": "***"}, "not base64"), ({"address": "0x10"}, "'address' must be"),
-    ({"lease": ""}, "1 to 64"),
+    ({"lease": ""}, "1 to 64"), ({"shape": [3]}, r"shape \[3\] of <f4 is not 8 bytes"),
+    ({"dtype": "O"}, "not a plain numeric type"), ({"dtype": "nonsense"}, "is not a dtype"),
 ])
 def test_bad_open_replies_name_what_is_wrong(change: dict, message: str) -> None:
     with pytest.raises(errors.InvalidRequest, match=message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -49,6 +50,21 @@ def _text(method: str, body: dict[str, Any], key: str, *, limit: int = 253) -> s
     if not value or len(value) > limit:
         raise InvalidRequest(f"{method}: field {key!r} must be 1 to {limit} characters")
     return str(value)
+
+
+def _check_layout(method: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+    """A plain numeric dtype whose shape covers exactly `nbytes`: the reader's clients build
+    arrays from these over the bytes read, so a wrong shape would read past them."""
+    import numpy as np
+
+    try:
+        parsed = np.dtype(dtype)
+    except Exception:  # noqa: BLE001 - numpy's dtype parser raises all sorts
+        raise InvalidRequest(f"{method}: field 'dtype' {dtype!r:.40} is not a dtype") from None
+    if parsed.hasobject or parsed.kind not in "biufc":
+        raise InvalidRequest(f"{method}: field 'dtype' {parsed.str} is not a plain numeric type")
+    if math.prod(shape) * parsed.itemsize != nbytes:
+        raise InvalidRequest(f"{method}: shape {list(shape)} of {parsed.str} is not {nbytes} bytes")
 
 
 def encode(message: Any) -> bytes:
@@ -118,7 +134,9 @@ class Lent:
             base64.b64decode(_field(m, raw, "agent_metadata_b64", str), validate=True)
         except ValueError:
             raise InvalidRequest(f"{m}: field 'agent_metadata_b64' is not base64") from None
-        return cls(_text(m, raw, "lease", limit=64), _count(m, raw, "nbytes"), _text(m, raw, "dtype", limit=32),
+        nbytes, dtype = _count(m, raw, "nbytes"), _text(m, raw, "dtype", limit=32)
+        _check_layout(m, dtype, tuple(shape), nbytes)
+        return cls(_text(m, raw, "lease", limit=64), nbytes, dtype,
                    tuple(shape), _text(m, raw, "agent"), raw["agent_metadata_b64"], _count(m, raw, "address"),
                    _count(m, raw, "device"), mem, float(expires))  # type: ignore[arg-type]
 
