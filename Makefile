@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed-dev
 NIXL       ?= nixl-cu13==1.5.1
 NIXL_STAMP  = $(VENV)/.installed-nixl
 
-.PHONY: setup test demo dataplane-demo lint clean
+.PHONY: setup test demo dataplane-demo lint clean gpu-wheels
 .PHONY: podman-setup base-image images image-names image-test images-push
 
 setup: $(STAMP) $(NIXL_STAMP)
@@ -41,6 +41,13 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Wheels the lent GPU machine lacks (Python 3.12, no network there): bench/gpu_all.sh installs
+# what is in .whl; pass carry: [".whl"] to the device tool.
+gpu-wheels: setup
+	rm -rf .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 -d .whl '$(NIXL)' pytest-asyncio
 
 # ---------------------------------------------------------------------------------------
 # Container images (docs/images.md). Rootful podman; `make podman-setup` installs it.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark of the project, for one call on the lent GPU machine.
 #   bash bench/gpu_all.sh [tests] [dataplane] [dataplane-spin] [transfers] [e2e] [topology] [memory]   (default: all)
-#   network (not in the default list; needs nixl-cu13): bash bench/gpu_all.sh network
+#   network, tests-network (not in the default list; need nixl-cu13 in .whl: make gpu-wheels)
 #   memory: the memory policies (issue 12), ~7 min on 2x H200; MEMORY_ARGS="--levels 0.05" etc. to shorten
 # Writes logs and JSON under $OUT (or /tmp/faastube-gpu) and prints a short summary last.
 set -u
@@ -134,6 +134,13 @@ for step in "${steps[@]}"; do
       grep -E "^\[(MET |MISS|N/A )\]" "$OUT/memory.log" >> "$summary"
       sed -n '/^== memory:/,$p' "$OUT/memory.log" >> "$summary"
       [ $rc -ne 0 ] && tail -25 "$OUT/memory.log" >> "$summary" ;;
+    tests-network)
+      # Cross-node passing (issue 13): VRAM between two CUDA sidecars, and the CPU rules there too.
+      # Needs nixl-cu13 (cp312) in .whl: make gpu-wheels.
+      timeout 400 python3 -m pytest -q -p no:cacheprovider -o addopts= -ra tests/test_sidecar/test_network_gpu.py \
+        tests/test_sidecar/test_network_process.py > "$OUT/pytest-gpu-network.log" 2>&1
+      echo "tests-network: rc=$? $(tail -1 "$OUT/pytest-gpu-network.log")" >> "$summary"
+      grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/pytest-gpu-network.log" | head -20 >> "$summary" ;;
     network)
       # Two sidecars as two nodes, a GPU each: get across nodes vs raw NIXL vs host-centric (issue 13).
       # Not in the default list: needs nixl-cu13 on the machine. NETWORK_ARGS="--sizes 1Mi..256Mi" etc.

@@ -15,14 +15,15 @@ from pathlib import Path
 class SidecarProcess:
     """`faastube sidecar` as a subprocess; stopped (SIGTERM) at teardown."""
 
-    def __init__(self, socket_path: Path, *extra: str, backend: str = "host") -> None:
+    def __init__(self, socket_path: Path, *extra: str, backend: str = "host",
+                 env: dict[str, str] | None = None) -> None:
         self.socket_path = socket_path
         self.log_path = socket_path.parent.parent / f"sidecar-{socket_path.parent.name}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "faastube.cli", "--log-level", "INFO", "sidecar",
              "--socket", str(socket_path), "--backend", backend, *extra],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 20.0) -> None:
