@@ -244,7 +244,9 @@ def test_the_daemon_image_has_what_the_sidecar_the_operator_and_the_gateway_impo
         "set -e\n"
         "for c in sidecar operator gateway worker topology place; do faastube $c --help >/dev/null; done\n"
         "python -c 'import cupy, cuda.core, cuda.bindings.driver, pynvml, kopf, kubernetes, grpc, "
-        "aiohttp, uvloop, prometheus_client; print(cupy.__version__)'\n")
+        "aiohttp, uvloop, prometheus_client; print(cupy.__version__)'\n"
+        # Cross-node passing: NIXL's UCX backend starts (its bundled libraries load in the image).
+        "UCX_TLS=tcp python -c 'from faastube_sidecar.network.nixl import Agent; Agent(\"probe\", ucx_tls=\"tcp\")'\n")
     done = podman.run(images["daemon"], "-c", script, entrypoint="sh", options=tuple(WITH_TMP))
     assert done.returncode == 0, done.stdout + done.stderr
 
