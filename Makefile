@@ -3,9 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-dev
-# NIXL (cross-node passing, docs/network.md). Its wheel declares torch as a dependency
-# (~5 GB) that the NumPy path the sidecar uses never imports: installed without deps.
-NIXL       ?= nixl-cu13==1.5.1
+# NIXL (cross-node passing, docs/network.md), pinned in images/nixl-requirements.txt: its
+# wheel declares torch (~5 GB), which the NumPy path the sidecar uses never imports, so it
+# is installed without dependencies.
+NIXL_REQ    = images/nixl-requirements.txt
 NIXL_STAMP  = $(VENV)/.installed-nixl
 
 .PHONY: setup test demo dataplane-demo lint clean gpu-wheels
@@ -19,8 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-$(NIXL_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q --no-deps '$(NIXL)'
+$(NIXL_STAMP): $(STAMP) $(NIXL_REQ)
+	$(BIN)/python -m pip install -q --no-deps -r $(NIXL_REQ)
 	touch $(NIXL_STAMP)
 
 # The project's main job on one machine: run an example workflow locally
@@ -47,7 +48,7 @@ clean:
 gpu-wheels: setup
 	rm -rf .whl
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-		--platform manylinux_2_28_x86_64 -d .whl '$(NIXL)' pytest-asyncio
+		--platform manylinux_2_28_x86_64 -d .whl -r $(NIXL_REQ) pytest-asyncio
 
 # ---------------------------------------------------------------------------------------
 # Container images (docs/images.md). Rootful podman; `make podman-setup` installs it.
