@@ -475,7 +475,9 @@ def test_the_examples_image_serves_the_traffic_workflow_behind_the_daemon_images
         workflow, namespace="e2e", spec=spec, placement={fn.name: Where(node) for fn in workflow.functions},
         settings=settings)}
 
-    sidecar = start_sidecar(podman, images["daemon"], socket_dir, "--metrics-port", "0")
+    # Five workers, each warmed up on a full batch, keep a few 16 MiB host arenas each: more
+    # than the 128 MiB quota of the other tests' 256 MiB pool.
+    sidecar = start_sidecar(podman, images["daemon"], socket_dir, "--metrics-port", "0", "--host-pool-max", "1Gi")
     # Host networking, so the workers, the gateway and this test meet on loopback; each
     # listens on a port of its own (pods would share a port on different IPs).
     endpoints = []
