@@ -177,7 +177,7 @@ def test_a_sidecar_not_serving_the_network_says_so(make_sidecar) -> None:
 
 def test_the_owner_killed_mid_read_gives_a_retryable_error_and_leaks_nothing(nodes: Nodes) -> None:
     a_proc = nodes.sidecars["node-a"]
-    with nodes.connect("node-a") as a, nodes.connect("node-b") as b:
+    with nodes.connect("node-a") as a, nodes.connect("node-b") as b, nodes.connect("node-b") as watcher:
         ref = a.put(np.ones(768 << 20, dtype=np.uint8))
         outcome: list[BaseException | None] = []
 
@@ -191,7 +191,9 @@ def test_the_owner_killed_mid_read_gives_a_retryable_error_and_leaks_nothing(nod
         reader = threading.Thread(target=read)
         started = time.monotonic()
         reader.start()
-        time.sleep(0.3)
+        while not _host_used(watcher) and not outcome:     # room reserved on node-b: the read is on
+            assert time.monotonic() - started < 30, "the read never started"
+            time.sleep(0.005)
         os.kill(a_proc.proc.pid, signal.SIGKILL)
         reader.join(60)
         assert outcome and isinstance(outcome[0], errors.Unavailable), outcome
