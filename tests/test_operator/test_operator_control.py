@@ -18,6 +18,7 @@ pytest.importorskip("prometheus_client")
 from faastube_operator import cli, errors, heartbeats, housekeeping, k8s, leadership
 from faastube_operator.metrics import OperatorMetrics
 from faastube_operator.settings import NodeHealthSettings, OperatorSettings, PeeringSettings
+from memory_kube import MemoryObjects
 from prometheus_client import CollectorRegistry
 
 T0 = datetime.datetime(2026, 11, 27, 18, 0, tzinfo=datetime.UTC)
@@ -152,25 +153,14 @@ def test_fields_of_the_previous_operator_version_move_to_our_apply_manager_once(
 # --- the sweep ------------------------------------------------------------------------------
 
 
-class FakeApi:
+class FakeApi(MemoryObjects):
     """An in-memory ``KubeApi``: objects by (kind, namespace, name), writes recorded."""
 
     def __init__(self, objects: list[dict[str, Any]]) -> None:
-        self.objects = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]):
-                        copy.deepcopy(o) for o in objects}
+        super().__init__(objects)
         self.patches: list[tuple[k8s.ObjectRef, dict[str, Any], str | None]] = []
         self.created: list[dict[str, Any]] = []
         self.conflict_on: set[str] = set()
-
-    def get(self, ref: k8s.ObjectRef) -> dict[str, Any] | None:
-        return copy.deepcopy(self.objects.get((ref.kind, ref.namespace, ref.name)))
-
-    def list(self, kind: str, *, namespace: str | None = None,
-             labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind
-                and (namespace is None or ns == namespace)
-                and all((o["metadata"].get("labels") or {}).get(a) == b
-                        for a, b in (labels or {}).items())]
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         self.created.append(dict(obj))

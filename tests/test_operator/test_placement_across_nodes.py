@@ -29,6 +29,7 @@ from faastube_placement import (
 from faastube_spec import gpunode, topology
 from faastube_spec import workflow as wf
 from faastube_spec.topology import ClusterTopology, Gpu, GpuLink, NetworkLink, NodeTopology
+from memory_kube import MemoryObjects, key_of
 from prometheus_client import CollectorRegistry
 
 GB = 10**9
@@ -240,27 +241,14 @@ def test_a_bad_network_block_keeps_the_node_whole_and_the_log_names_the_field(
 # --- the operator's reconcile ---------------------------------------------------------------------
 
 
-class MemoryApi:
+class MemoryApi(MemoryObjects):
     """An in-memory ``KubeApi``: what reconcile lists, applies and deletes."""
-
-    def __init__(self, objects: list[dict[str, Any]]) -> None:
-        self.objects = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): copy.deepcopy(o)
-                        for o in objects}
-
-    def get(self, ref: k8s.ObjectRef) -> dict[str, Any] | None:
-        return copy.deepcopy(self.objects.get((ref.kind, ref.namespace, ref.name)))
-
-    def list(self, kind: str, *, namespace: str | None = None,
-             labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind
-                and (namespace is None or ns == namespace)
-                and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in (labels or {}).items())]
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         return dict(obj)
 
     def apply(self, obj: Mapping[str, Any], *, initial: Mapping[str, Any] | None = None) -> k8s.ApplyResult:
-        key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        key = key_of(obj)
         existed = key in self.objects
         self.objects[key] = copy.deepcopy(dict(obj))
         return "patched" if existed else "created"

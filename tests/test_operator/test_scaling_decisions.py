@@ -31,6 +31,7 @@ from faastube_operator.metrics import OperatorMetrics
 from faastube_operator.settings import AutoscalingSettings, OperatorSettings
 from faastube_placement import Where
 from faastube_spec import workflow as wf
+from memory_kube import MemoryObjects, key_of
 from prometheus_client import CollectorRegistry
 
 NS = "team-a"
@@ -179,25 +180,15 @@ def test_the_command_line_sets_the_scaling_loop() -> None:
 # --- the loop -------------------------------------------------------------------------------
 
 
-class FakeApi:
+class FakeApi(MemoryObjects):
     """An in-memory ``KubeApi`` for the loop: objects by (kind, namespace, name)."""
 
     def __init__(self, objects: list[dict[str, Any]]) -> None:
-        self.objects = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): copy.deepcopy(o)
-                        for o in objects}
+        super().__init__(objects)
         self.scaled: list[tuple[str, int, str]] = []
         self.events: list[dict[str, Any]] = []
         self.applied: list[tuple[dict[str, Any], Mapping[str, Any] | None]] = []
         self.fail_scale: errors.KubeApiError | None = None
-
-    def get(self, ref: k8s.ObjectRef) -> dict[str, Any] | None:
-        return copy.deepcopy(self.objects.get((ref.kind, ref.namespace, ref.name)))
-
-    def list(self, kind: str, *, namespace: str | None = None,
-             labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind
-                and (namespace is None or ns == namespace)
-                and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in (labels or {}).items())]
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         self.events.append(dict(obj))
@@ -205,7 +196,7 @@ class FakeApi:
 
     def apply(self, obj: Mapping[str, Any], *, initial: Mapping[str, Any] | None = None) -> k8s.ApplyResult:
         self.applied.append((copy.deepcopy(dict(obj)), initial))
-        key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        key = key_of(obj)
         existed = key in self.objects
         stored = copy.deepcopy(dict(obj))
         if existed and "replicas" not in stored["spec"]:
