@@ -137,6 +137,16 @@ def test_two_readers_on_the_other_node_count_two_reads_whether_or_not_they_share
         assert _host_used(b1) == 0
 
 
+def test_a_reader_node_that_restarted_is_served_again(nodes: Nodes, make_sidecar) -> None:
+    with nodes.connect("node-a") as a:
+        with nodes.connect("node-b") as b:
+            assert int(b.get(a.put(np.arange(10)), copy=True)[9]) == 9
+        nodes.sidecars["node-b"].stop()                  # a new sidecar (and NIXL agent) for node-b
+        nodes.sidecars["node-b"] = nodes.start(make_sidecar, "node-b")
+        with nodes.connect("node-b") as b:
+            assert int(b.get(a.put(np.arange(20)), copy=True)[19]) == 19
+
+
 def test_another_workflow_on_the_other_node_is_refused(nodes: Nodes) -> None:
     with nodes.connect("node-a", workflow="victim") as a, nodes.connect("node-b", workflow="attacker") as b:
         ref = a.put(np.arange(64), consumers=1)

@@ -94,7 +94,7 @@ def _lent(**change) -> bytes:
 
 
 def test_messages_round_trip() -> None:
-    request = messages.OpenRead(protocol.new_ref("n1"), messages.Reader("ns", "wf", "fn"))
+    request = messages.OpenRead(protocol.new_ref("n1"), messages.Reader("ns", "wf", "fn"), "faastube-n2-41")
     assert messages.OpenRead.decode(messages.encode(request)) == request
     lent = messages.Lent.decode(_lent())
     assert lent.shape == (2,) and lent.agent_metadata == b"meta"
@@ -108,6 +108,8 @@ def test_messages_round_trip() -> None:
     (json.dumps({"ref": "nope", "reader": {}}).encode(), "malformed ref"),
     (json.dumps({"ref": protocol.new_ref(), "reader": {"namespace": "n", "workflow": "w"}}).encode(),
      "'function' must be"),
+    (json.dumps({"ref": protocol.new_ref(), "reader": {"namespace": "n", "workflow": "w", "function": "f"}}).encode(),
+     "'agent' must be"),
 ])
 def test_bad_open_requests_name_what_is_wrong(body: bytes, message: str) -> None:
     with pytest.raises(errors.InvalidRequest, match=message):

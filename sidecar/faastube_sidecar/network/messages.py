@@ -89,15 +89,19 @@ class Reader:
 
 @dataclass(frozen=True)
 class OpenRead:
-    """Lend the bytes of `ref` to the caller for one NIXL read (and count it as one read)."""
+    """Lend the bytes of `ref` to the caller for one NIXL read (and count it as one read).
+    `agent` is the caller's NIXL agent: a new one (its sidecar restarted) needs our connection
+    metadata again, not only the new span's."""
 
     ref: str
     reader: Reader
+    agent: str
 
     @classmethod
     def decode(cls, body: bytes) -> OpenRead:
         raw = _decode("open", body)
-        return cls(protocol.check_ref(_field("open", raw, "ref", str)), Reader.parse("open", raw))
+        return cls(protocol.check_ref(_field("open", raw, "ref", str)), Reader.parse("open", raw),
+                   _text("open", raw, "agent"))
 
 
 @dataclass(frozen=True)

@@ -104,9 +104,6 @@ class Agent:
             except Exception as e:  # noqa: BLE001 - forgetting a dead peer must not fail the caller
                 logger.debug("forgetting NIXL agent %s: %s", remote, e)
 
-    def knows(self, remote: str) -> bool:
-        return remote in self._remotes
-
     def read(self, local: Span, remote: Span, remote_agent: str) -> Any:
         """Post a read of `remote` into `local` (same size); poll the handle with ``state``."""
         import numpy as np

@@ -68,10 +68,6 @@ class PeerDirectory:
         """A call to the node failed: look it up again next time (its sidecar may have moved)."""
         self._found.pop(node, None)
 
-    @property
-    def known(self) -> list[str]:
-        return sorted({*self._static, *self._found})
-
 
 def gpunode_lookup(api: object) -> ClusterLookup:
     """A lookup through the Kubernetes API: the GpuNode named after the node, its status.network."""

@@ -19,7 +19,7 @@ from faastube import errors, protocol
 from faastube.locations import Location
 
 from faastube_sidecar.dataplane import DataPlane, Session
-from faastube_sidecar.identity import Domain
+from faastube_sidecar.identity import Domain, Identity
 from faastube_sidecar.network.auth import PeerAuth
 from faastube_sidecar.network.engine import NetRead, NetworkEngine
 from faastube_sidecar.network.messages import CloseRead, Lent, OpenRead, Reader
@@ -102,43 +102,50 @@ class RemoteReader:
         who = session.identity
         client = await self._client(node)
         try:
-            lent = await client.open(OpenRead(ref, Reader(who.namespace, who.workflow, who.function)))
+            lent = await client.open(OpenRead(ref, Reader(who.namespace, who.workflow, who.function),
+                                              self._engine.agent.name))
         except errors.Unavailable:
             await self._forget(node)
             raise
         reads = 0
         try:
             alloc, span = self._dp.reserve(session, location, lent.nbytes)
-            if lent.nbytes == 0:                     # nothing to read: the shape says it all
-                reads = flight.readers
-                self._dp.adopt(session, ref, alloc, dtype=lent.dtype, shape=lent.shape, reads=reads,
-                               expires_in_s=lent.expires_in_s)
-                return
-            address, device, mem = self._dp.backend.memory_of(span)
-            local = Span(address, lent.nbytes, device, mem)  # type: ignore[arg-type]
-            agent = self._engine.agent
-            registration = agent.register(local)
-            landed: concurrent.futures.Future[TransferResult] | None = None
+            if lent.nbytes:                          # an empty object: its dtype and shape say it all
+                await self._read_into(alloc, span, lent, who, node, ref)
+            reads = flight.readers
             try:
-                landed = self._engine.submit(NetRead(FunctionIdentity(who.workflow, who.function), local,
-                                                     Span(lent.address, lent.nbytes, lent.device, lent.mem),
-                                                     agent.learn(lent.agent_metadata)))
-                await self._landed(landed, lent.nbytes, node, ref)
-                reads = flight.readers
                 self._dp.adopt(session, ref, alloc, dtype=lent.dtype, shape=lent.shape, reads=reads,
                                expires_in_s=lent.expires_in_s)
             except BaseException:
-                if landed is not None and not landed.done():
-                    # NIXL may still write into the room: it goes back only once the read has ended.
-                    self._engine.abandon(landed)
-                    loop = asyncio.get_running_loop()
-                    landed.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._give_back, alloc, registration))
-                else:
-                    self._give_back(alloc, registration)
+                reads = 0
+                self._dp.unreserve(alloc)
                 raise
-            agent.deregister(registration)
         finally:
             asyncio.get_running_loop().create_task(self._close(client, lent, reads), name=f"close-lend-{ref}")
+
+    async def _read_into(self, alloc: Allocation, span: object, lent: Lent, who: Identity, node: str,
+                         ref: str) -> None:
+        """NIXL-read the lent bytes into the reserved room; on failure the room goes back, once
+        NIXL can no longer write into it."""
+        address, device, mem = self._dp.backend.memory_of(span)  # type: ignore[arg-type]
+        local = Span(address, lent.nbytes, device, mem)  # type: ignore[arg-type]
+        agent = self._engine.agent
+        registration = agent.register(local)
+        landed: concurrent.futures.Future[TransferResult] | None = None
+        try:
+            landed = self._engine.submit(NetRead(FunctionIdentity(who.workflow, who.function), local,
+                                                 Span(lent.address, lent.nbytes, lent.device, lent.mem),
+                                                 agent.learn(lent.agent_metadata)))
+            await self._landed(landed, lent.nbytes, node, ref)
+        except BaseException:
+            if landed is not None and not landed.done():
+                self._engine.abandon(landed)
+                loop = asyncio.get_running_loop()
+                landed.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._give_back, alloc, registration))
+            else:
+                self._give_back(alloc, registration)
+            raise
+        agent.deregister(registration)
 
     def _give_back(self, alloc: Allocation, registration: object) -> None:
         self._engine.agent.deregister(registration)

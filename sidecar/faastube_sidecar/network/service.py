@@ -56,8 +56,8 @@ class Lender:
         self._lends: dict[str, _Lend] = {}
         self._metrics = metrics
         if metrics is not None:
-            metrics.watch_lends(lambda: len(self._lends))
-        self._introduced: set[str] = set()       # peers that have our connection metadata
+            metrics.watch_lends(lambda: self.open_lends)
+        self._introduced: dict[str, str] = {}    # peer -> its NIXL agent that has our connection metadata
 
     @property
     def open_lends(self) -> int:
@@ -79,13 +79,14 @@ class Lender:
             # An empty object lends no bytes: nothing to register, only its dtype and shape.
             registration = None if span.nbytes == 0 else self._agent.register(Span(address, span.nbytes, device, mem))  # type: ignore[arg-type]
             metadata = (b"" if registration is None else
-                        self._agent.metadata_for(registration, with_connection=peer not in self._introduced))
+                        self._agent.metadata_for(registration,
+                                                 with_connection=self._introduced.get(peer) != request.agent))
         except Exception as e:
             self._dp.lifetimes.end_lease(session.id, request.ref, counted=False)
             self._dp.close_session(session)
             raise errors.InternalError(f"open {request.ref}: NIXL registration failed: {e}") from e
         if registration is not None:
-            self._introduced.add(peer)
+            self._introduced[peer] = request.agent
         lease = secrets.token_hex(16)
         lasts_s = max(MIN_LEND_S, span.nbytes / LEND_BYTES_PER_S)
         self._lends[lease] = _Lend(session, request.ref, registration, peer, self._clock() + lasts_s)
@@ -113,10 +114,6 @@ class Lender:
             if self._metrics is not None:
                 self._metrics.lends.labels("timed_out").inc()
         return len(late)
-
-    def forget_peer(self, peer: str) -> None:
-        """A peer restarted (new agent): it must get our connection metadata again."""
-        self._introduced.discard(peer)
 
     def close_all(self) -> None:
         for lease in list(self._lends):
