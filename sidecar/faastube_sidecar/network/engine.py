@@ -60,6 +60,16 @@ class NetRead:
 
 
 @dataclasses.dataclass
+class _Flight:
+    """One read in the engine, from submit until its future is settled."""
+
+    read: NetRead
+    future: concurrent.futures.Future[TransferResult]
+    progress_s: float                 # when it was submitted, then when a chunk of it last ended
+    failed: str | None = None         # why it failed: no more chunks go out, the future gets ReadFailed
+
+
+@dataclasses.dataclass
 class _Posted:
     chunk: Chunk
     handle: Any
@@ -71,23 +81,21 @@ class _NixlExecutor:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.reads: dict[str, NetRead] = {}
-        self.failed: dict[str, str] = {}          # transfer id -> why
-        self.progress_s: dict[str, float] = {}    # transfer id -> when a chunk of it last ended
+        self.flights: dict[str, _Flight] = {}     # transfer id -> its flight
         self._posted: list[_Posted] = []
 
     def issue(self, chunk: Chunk, on_done: ChunkDone) -> None:
-        read = self.reads[chunk.transfer_id]
-        if chunk.transfer_id in self.failed:
+        flight = self.flights[chunk.transfer_id]
+        if flight.failed is not None:
             on_done(chunk)        # the transfer already failed: nothing more goes out for it
             return
-        at, n = chunk.offset_bytes, chunk.size_bytes
+        read, at, n = flight.read, chunk.offset_bytes, chunk.size_bytes
         try:
             handle = self.agent.read(dataclasses.replace(read.local, address=read.local.address + at, nbytes=n),
                                      dataclasses.replace(read.remote, address=read.remote.address + at, nbytes=n),
                                      read.agent)
         except ReadFailed as e:
-            self.failed.setdefault(chunk.transfer_id, str(e))
+            flight.failed = flight.failed or str(e)
             on_done(chunk)
             return
         self._posted.append(_Posted(chunk, handle, on_done))
@@ -101,10 +109,10 @@ class _NixlExecutor:
         self._posted = [p for p, _ in still]
         now = time.monotonic()
         for posted, state in ended:
-            self.progress_s[posted.chunk.transfer_id] = now
+            flight = self.flights[posted.chunk.transfer_id]
+            flight.progress_s = now
             if state != "DONE":
-                self.failed.setdefault(posted.chunk.transfer_id, f"a NIXL read from {self.reads[posted.chunk.transfer_id].agent} "
-                                                                 f"ended in {state}")
+                flight.failed = flight.failed or f"a NIXL read from {flight.read.agent} ended in {state}"
             posted.on_done(posted.chunk)
         return len(ended)
 
@@ -123,7 +131,6 @@ class NetworkEngine:
                                             executor=self._executor, clock=_Clock(), settings=settings)
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._pending: dict[str, concurrent.futures.Future[TransferResult]] = {}
         self._finished: list[tuple[str, TransferResult]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="faastube-network", daemon=True)
@@ -139,32 +146,33 @@ class NetworkEngine:
                              f"and {read.remote.nbytes})")
         future: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
         transfer_id = f"net{next(_ids)}"
+        future.transfer_id = transfer_id  # type: ignore[attr-defined]  # what stalled_for and abandon look up
         request = TransferRequest(transfer_id, read.identity, make_route([([NET, _endpoint(read.local)], 1.0)],
                                                                          read.local.nbytes),
                                   slo_s=read.slo_s, src_address=read.remote.address, dst_address=read.local.address)
         with self._lock:
             if self._stopping:
                 raise ReadFailed("the network engine is closed")
-            self._pending[transfer_id] = future
-            self._executor.reads[transfer_id] = read
-            self._executor.progress_s[transfer_id] = time.monotonic()
+            self._executor.flights[transfer_id] = _Flight(read, future, time.monotonic())
             self._scheduler.submit(request, lambda result: self._finished.append((transfer_id, result)))
         self._wake.set()
-        future.transfer_id = transfer_id  # type: ignore[attr-defined]
         return future
+
+    def _flight(self, future: concurrent.futures.Future[TransferResult]) -> _Flight | None:
+        return self._executor.flights.get(getattr(future, "transfer_id", ""))
 
     def stalled_for(self, future: concurrent.futures.Future[TransferResult]) -> float:
         """Seconds since a chunk of this transfer last landed (or since it was submitted)."""
         with self._lock:
-            since = self._executor.progress_s.get(getattr(future, "transfer_id", ""))
-        return 0.0 if since is None else time.monotonic() - since
+            flight = self._flight(future)
+            return 0.0 if flight is None else time.monotonic() - flight.progress_s
 
     def abandon(self, future: concurrent.futures.Future[TransferResult]) -> None:
         """Post no more chunks of this transfer (its caller gave up); it fails once those posted end."""
         with self._lock:
-            transfer_id = getattr(future, "transfer_id", None)
-            if transfer_id in self._pending:
-                self._executor.failed.setdefault(transfer_id, "abandoned by its reader (too slow)")
+            flight = self._flight(future)
+            if flight is not None:
+                flight.failed = flight.failed or "abandoned by its reader (too slow)"
 
     def _loop(self) -> None:
         while True:
@@ -182,15 +190,12 @@ class NetworkEngine:
                 finished, self._finished = self._finished, []
                 settled = []
                 for transfer_id, result in finished:
-                    self._executor.reads.pop(transfer_id, None)
-                    self._executor.progress_s.pop(transfer_id, None)
-                    why = self._executor.failed.pop(transfer_id, None)
-                    settled.append((self._pending.pop(transfer_id), result, why))
-            for future, result, why in settled:
-                if why is None:
-                    future.set_result(result)
+                    settled.append((self._executor.flights.pop(transfer_id), result))
+            for flight, result in settled:
+                if flight.failed is None:
+                    flight.future.set_result(result)
                 else:
-                    future.set_exception(ReadFailed(why))
+                    flight.future.set_exception(ReadFailed(flight.failed))
             if not progressed:
                 time.sleep(20e-6 if self._executor.in_flight else 0)
 

@@ -82,8 +82,7 @@ class Lender:
                         self._agent.metadata_for(registration,
                                                  with_connection=self._introduced.get(peer) != request.agent))
         except Exception as e:
-            self._dp.lifetimes.end_lease(session.id, request.ref, counted=False)
-            self._dp.close_session(session)
+            self._dp.close_session(session)         # ends its lease, uncounted
             raise errors.InternalError(f"open {request.ref}: NIXL registration failed: {e}") from e
         if registration is not None:
             self._introduced[peer] = request.agent
