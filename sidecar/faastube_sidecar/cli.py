@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from faastube import errors, protocol
-from faastube_spec.units import format_size, parse_duration, parse_size
+from faastube_spec.units import format_size, parse_duration, parse_rate, parse_size
 
 from faastube_sidecar.dataplane import (
     DEFAULT_GPU_LIMITS,
@@ -41,18 +41,10 @@ def _duration(text: str) -> float:
 
 
 def _rate(text: str) -> float:
-    """Bytes per second from '25Gb/s', '3GB/s', '400Gbps' or a plain number of bytes/s."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kMGT]?)(B|b|bps)?(/s)?\s*", text)
-    if m is None or (m[3] is None and m[2]):
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 25Gb/s, 3GB/s or 1e9)")
-    value = float(m[1]) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m[2]]
-    if m[3] in ("b", "bps"):
-        value /= 8
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+    try:
+        return parse_rate(text)
+    except errors.InvalidRequest as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _port(text: str) -> int:

@@ -111,6 +111,24 @@ def parse_duration(value: str) -> float:
     return seconds
 
 
+_RATE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kMGT]?)(B|b|bps)?(/s)?\s*")
+_RATE_PREFIXES = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_rate(value: str) -> float:
+    """Bytes per second from ``"25Gb/s"``, ``"400Gbps"`` (bits), ``"3GB/s"`` (bytes) or a
+    plain number of bytes per second. SI prefixes only: link speeds are quoted that way."""
+    match = _RATE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or (match[3] is None and match[2]):
+        raise UnitError(f"not a rate: {preview(value)} (e.g. 25Gb/s, 3GB/s or 3000000000)")
+    rate = float(match[1]) * _RATE_PREFIXES[match[2]]
+    if match[3] in ("b", "bps"):
+        rate /= 8
+    if rate <= 0:
+        raise UnitError(f"a rate must be > 0, got {preview(value)}")
+    return rate
+
+
 def format_size(size_bytes: int) -> str:
     """The shortest exact SI or binary spelling (``130000000`` -> ``"130MB"``)."""
     if size_bytes <= 0:

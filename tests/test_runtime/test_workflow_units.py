@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from faastube_spec.units import UnitError, format_duration, format_size, parse_duration, parse_size
+from faastube_spec.units import (
+    UnitError,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
 from faastube_spec.workflow import parse_duration as wf_parse_duration
 from faastube_spec.workflow import parse_size as wf_parse_size
 
@@ -47,3 +54,12 @@ def test_format_duration_reads_back(seconds: float) -> None:
 
 def test_the_workflow_module_reexports_the_parsers() -> None:
     assert wf_parse_size is parse_size and wf_parse_duration is parse_duration
+
+
+def test_rates_are_bytes_per_second_from_bits_or_bytes() -> None:
+    assert parse_rate("25Gb/s") == 25e9 / 8 == parse_rate("25 Gbps")
+    assert parse_rate("3GB/s") == 3e9 == parse_rate("3000000000")
+    assert parse_rate("400Mb") == 50e6
+    for bad in ("fast", "25G", "0GB/s", "-1GB/s", "1e9", ""):
+        with pytest.raises(UnitError, match="rate"):
+            parse_rate(bad)
