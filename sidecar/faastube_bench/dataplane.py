@@ -27,9 +27,7 @@ import os
 import pathlib
 import platform
 import shutil
-import socket as socketlib
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +38,7 @@ from faastube_spec import units
 
 from faastube_bench import dataplane_passes as passes
 from faastube_bench import dataplane_report as report
+from faastube_bench import sidecars
 from faastube_bench.dataplane_report import Cell, Concurrency, Measurements, Summary
 
 logger = logging.getLogger(__name__)
@@ -234,33 +233,14 @@ class Pair:
 
 
 def start_sidecar(socket_path: str, backend: str, loop: str = "auto", spin_us: float = 0.0) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar", "--socket", socket_path,
-           "--backend", backend, "--gpu-slab", "1Gi", "--host-slab", "256Mi", "--host-pool-max", "8Gi",
-           "--loop", loop, "--spin-us", str(spin_us)]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sidecar exited with {proc.returncode}")
-        probe = socketlib.socket(socketlib.AF_UNIX)
-        try:
-            probe.connect(socket_path)
-            return proc
-        except OSError:
-            time.sleep(0.1)
-        finally:
-            probe.close()
-    proc.kill()
-    raise RuntimeError("sidecar did not start")
+    proc = sidecars.start(socket_path, ["--gpu-slab", "1Gi", "--host-slab", "256Mi", "--host-pool-max", "8Gi",
+                                        "--loop", loop, "--spin-us", str(spin_us)], backend=backend)
+    sidecars.wait_ready(proc, socket_path, timeout_s=120)
+    return proc
 
 
 def stop_sidecar(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    sidecars.stop(proc, timeout_s=20)
 
 
 def cpu_seconds(pid: int) -> float | None:

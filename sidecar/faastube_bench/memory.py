@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import queue
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from faastube_bench import sidecars
 
 logger = logging.getLogger(__name__)
 
@@ -195,31 +196,12 @@ def run_sidecar(backend: str, flags: Sequence[str], workdir: Path) -> Iterator[P
     sock = workdir / "run" / "faastube.sock"
     sock.parent.mkdir(parents=True, exist_ok=True)
     log = open(workdir / "sidecar.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar",
-                             "--socket", str(sock), "--backend", backend, *flags],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = sidecars.start(sock, flags, backend=backend, log=log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the sidecar exited with {proc.returncode}: "
-                                   f"{(workdir / 'sidecar.log').read_text()[-2000:]}")
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(sock))
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the sidecar did not start within 60 s") from None
-                    time.sleep(0.05)
+        sidecars.wait_ready(proc, sock, log_path=workdir / "sidecar.log")
         yield sock
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        sidecars.stop(proc)
         log.close()
 
 

@@ -55,6 +55,8 @@ from typing import Any
 
 from faastube_spec import units
 
+from faastube_bench import sidecars
+
 logger = logging.getLogger(__name__)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -418,16 +420,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def sidecar_command(node: str, *, socket_path: Path, settings: Settings, ports: dict[str, int],
-                    secret_file: Path) -> list[str]:
+def sidecar_flags(node: str, *, settings: Settings, ports: dict[str, int], secret_file: Path) -> list[str]:
     pool = f"{max(8 * GiB, 6 * max(settings.sizes))}"
     where = (["--gpu-pool-max", pool, "--gpu-quota", pool] if settings.backend == "cuda"
              else ["--host-pool-max", pool, "--host-quota", pool])
     peers = [f"--peer={other}=127.0.0.1:{port}" for other, port in ports.items() if other != node]
-    return [sys.executable, "-m", "faastube.cli", "--log-level", "WARNING", "sidecar", "--socket", str(socket_path),
-            "--backend", settings.backend, *where, "--node-name", node, "--peer-port", str(ports[node]),
-            "--peer-host", "127.0.0.1", "--peer-secret-file", str(secret_file), "--ucx-tls", settings.ucx_tls,
-            *peers]
+    return [*where, "--node-name", node, "--peer-port", str(ports[node]), "--peer-host", "127.0.0.1",
+            "--peer-secret-file", str(secret_file), "--ucx-tls", settings.ucx_tls, *peers]
 
 
 @contextmanager
@@ -448,38 +447,21 @@ def two_sidecars(settings: Settings, workdir: Path) -> Iterator[dict[str, Path]]
                 env["CUDA_VISIBLE_DEVICES"] = str(gpu)
             log = open(workdir / f"{node}.log", "wb")
             logs.append(log)
-            procs[node] = subprocess.Popen(sidecar_command(node, socket_path=sock, settings=settings, ports=ports,
-                                                           secret_file=secret),
-                                           stdout=log, stderr=subprocess.STDOUT, env=env)
+            procs[node] = sidecars.start(sock, sidecar_flags(node, settings=settings, ports=ports, secret_file=secret),
+                                         backend=settings.backend, log=log, env=env)
         for node, proc in procs.items():
-            _wait_for_socket(proc, sockets[node], workdir / f"{node}.log")
+            try:
+                sidecars.wait_ready(proc, sockets[node], log_path=workdir / f"{node}.log")
+            except sidecars.SidecarFailed as e:
+                raise BenchError(str(e)) from None
         yield sockets
     finally:
         for proc in procs.values():
             proc.terminate()
         for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            sidecars.stop(proc)
         for log in logs:
             log.close()
-
-
-def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(f"a sidecar exited with {proc.returncode}: {log.read_text(errors='replace')[-1500:]}")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(sock))
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"a sidecar did not start within {timeout_s:g}s") from None
-                time.sleep(0.05)
 
 
 # --- the run --------------------------------------------------------------------------------------
