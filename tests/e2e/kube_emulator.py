@@ -36,7 +36,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ import jsonpatch
 import kmock
 import yaml
 from faastube_spec import topology
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "team-a"
@@ -598,12 +598,6 @@ def _version(obj: Mapping[str, Any]) -> str | None:
 
 def _timestamp() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the cluster, as kubectl and the controllers see it ---------------------------------------

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from faastube_runtime import cli as run_cli
 from faastube_runtime import gateway_cli
 from faastube_runtime.gateway import BREAKDOWN_HEADER
 from faastube_spec.workflow import load_workflow
+from ports import free_port
 
 pytestmark = [pytest.mark.asyncio]
 
@@ -46,12 +46,6 @@ NODE = "node-test"
 NAMESPACE = "e2e"
 IMAGE_ENV = {"FAASTUBE_EXAMPLE_BACKEND": "numpy", "FAASTUBE_EXAMPLE_SCALE": "0.05"}
 READY_TIMEOUT_S = 120.0  # workers warm up on the edges' full shapes first: tens of seconds on a loaded CPU
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def pod_env(container: dict[str, Any]) -> dict[str, str]:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_USER = "65532:65532"
@@ -217,8 +218,6 @@ def start_sidecar(podman: Podman, image: str, socket_dir: Path, *extra: str,
                "the sidecar's socket", diagnose=lambda: podman.logs(name))
     assert podman.running(name), podman.logs(name)
     return name
-
-
 
 
 @pytest.mark.slow
@@ -425,14 +424,6 @@ def test_the_sidecar_as_the_chart_runs_it_serves_only_containers_in_the_socket_g
 
 # ---------------------------------------------------------------------------------------
 # A workflow served by the images, configured as the operator configures its pods
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pod_env(container: dict[str, Any], node: str) -> list[str]:

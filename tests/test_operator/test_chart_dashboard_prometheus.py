@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from faastube import client as ftc
+from ports import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
                                 reason="prometheus (Debian: prometheus) not installed")
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "faastube" / "dashboards" / "faastube.json"
 VARIABLES = {"$__rate_interval": "1m", "$node": "node-a", "$workflow": ".*", "$slo": "0.5"}
 GATEWAY_OR_OPERATOR = ("faastube_gateway_", "faastube_operator_")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _query(base: str, expr: str) -> dict[str, Any]:
@@ -48,7 +42,7 @@ def _query(base: str, expr: str) -> dict[str, Any]:
 
 @pytest.fixture
 def prometheus(tmp_path: Path, make_sidecar):
-    metrics_port, web_port = _free_port(), _free_port()
+    metrics_port, web_port = free_port(), free_port()
     sidecar = make_sidecar("--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1")
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({

@@ -8,7 +8,6 @@ of what is left, so a producer that keeps putting fills its GPU and objects must
 from __future__ import annotations
 
 import re
-import socket
 import time
 import urllib.request
 
@@ -16,17 +15,12 @@ import faastube.client as ftc
 import numpy as np
 import pytest
 from faastube import errors
+from ports import free_port
 
 MiB = 1 << 20
 PRESSURE = ("--simulated-gpus", "2", "--simulated-gpu-memory", "64Mi", "--simulated-gpu-busy", "48Mi",
             "--gpu-pool-max", "64Mi", "--gpu-arena", "4Mi", "--gpu-slab", "2Mi", "--memory-policy", "elastic+eviction",
             "--pool-floor", "0", "--evict-wait", "1s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _put(c: ftc.Client, value: int, *, nbytes: int = 2 * MiB, **kw: int) -> str:
@@ -45,7 +39,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_a_producer_that_fills_its_gpu_keeps_going_and_every_object_reads_back(make_sidecar) -> None:
-    port = _free_port()
+    port = free_port()
     side = make_sidecar(*PRESSURE, "--metrics-port", str(port))
     with ftc.connect(side.socket_path, workflow="wf", function="producer") as p, \
             ftc.connect(side.socket_path, workflow="wf", function="consumer") as r:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,15 +24,10 @@ except Exception:  # noqa: BLE001 - no driver
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU")]
 
 import faastube.client as ftc
+from ports import free_port
 from sidecar_process import SidecarProcess
 
 MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -42,7 +36,7 @@ def two_nodes() -> Iterator[dict[str, tuple[SidecarProcess, int]]]:
     base = Path(tempfile.mkdtemp(prefix="ft-", dir="/tmp"))
     secret = base / "secret"
     secret.write_text(secrets.token_hex(32))
-    ports = {"node-a": _free_port(), "node-b": _free_port()}
+    ports = {"node-a": free_port(), "node-b": free_port()}
     gpus = {"node-a": 0, "node-b": 1 if GPUS > 1 else 0}
     started: dict[str, tuple[SidecarProcess, int]] = {}
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +21,9 @@ import faastube.client as ftc
 import numpy as np
 import pytest
 from faastube import errors, protocol
+from ports import free_port
 
 pytest.importorskip("nixl_cu13", reason="NIXL not installed (make setup installs it)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _secret(tmp_path: Path, name: str = "secret") -> Path:
@@ -43,8 +37,8 @@ class Nodes:
     """Sidecars named node-a, node-b, ... each knowing all the others' peer ports."""
 
     def __init__(self, make_sidecar, tmp_path: Path, names: tuple[str, ...] = ("node-a", "node-b")) -> None:
-        self.ports = {name: _free_port() for name in names}
-        self.metrics_ports = {name: _free_port() for name in names}
+        self.ports = {name: free_port() for name in names}
+        self.metrics_ports = {name: free_port() for name in names}
         self.secret = _secret(tmp_path)
         self.sidecars = {name: self.start(make_sidecar, name,
                                           extra=("--metrics-port", str(self.metrics_ports[name]),

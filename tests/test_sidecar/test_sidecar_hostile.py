@@ -20,6 +20,7 @@ import faastube.client as ftc
 import numpy as np
 import pytest
 from faastube import errors, protocol
+from ports import free_port
 from raw_client import connect_raw as _raw
 from raw_client import read_frame as _read_frame
 
@@ -127,7 +128,7 @@ def test_a_socket_mode_open_to_everyone_is_refused_at_startup() -> None:
 
 
 def test_metrics_answer_every_scrape_under_object_churn(make_sidecar) -> None:
-    port = _free_port()
+    port = free_port()
     sc = make_sidecar("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
     stop = threading.Event()
 
@@ -167,8 +168,3 @@ def test_a_metrics_port_in_use_is_one_line_and_no_socket() -> None:
                                                "Address already in use"]
     assert not os.path.exists(sock)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -12,6 +12,7 @@ import faastube.client as ftc
 import numpy as np
 import pytest
 from faastube import errors
+from ports import free_port
 from sidecar_process import SidecarProcess
 
 
@@ -147,7 +148,7 @@ def _producer_consumer(socket_path: str, seed: int) -> bool:
 
 
 def test_metrics_are_served_with_the_documented_names(make_sidecar) -> None:
-    port = _free_port()
+    port = free_port()
     sc = make_sidecar("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
     with ftc.connect(sc.socket_path) as c:
         ref = c.put(np.ones(1000))
@@ -165,12 +166,6 @@ def test_metrics_are_served_with_the_documented_names(make_sidecar) -> None:
                  'faastube_requests_total{op="get",result="ok"} 1.0'):
         assert name in text, name
     assert re.search(r'faastube_transfer_bytes_total\{path="host"\} 8000\.0', text), "put copies are counted"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("spin", ["fast", "-1", "20000"])
