@@ -130,8 +130,9 @@ class Lifetimes:
         record.leases[session_id] = record.leases.get(session_id, 0) + 1
         self._leases.setdefault(session_id, Counter())[record.ref] += 1
 
-    def end_lease(self, session_id: int, ref: str, *, counted: bool) -> bool:
-        """End one read of `ref` by the session; False if it held none."""
+    def end_lease(self, session_id: int, ref: str, *, counted: bool, reads: int = 1) -> bool:
+        """End one read of `ref` by the session, counting as `reads` of its declared reads if
+        `counted` (a peer's read serves that many readers on its node); False if it held none."""
         held = self._leases.get(session_id)
         if not held or held.get(ref, 0) <= 0:
             return False
@@ -147,7 +148,7 @@ class Lifetimes:
         else:
             record.leases.pop(session_id, None)
         if counted and not record.released and record.consumers_left is not None:
-            record.consumers_left -= 1
+            record.consumers_left -= reads
             if record.consumers_left <= 0:
                 self.release(record, "consumed by its declared readers")
                 return True

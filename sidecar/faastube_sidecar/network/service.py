@@ -126,13 +126,7 @@ class Lender:
                 self._agent.deregister(lend.registration)
         except Exception as e:  # noqa: BLE001 - the lease must end whatever NIXL says
             logger.warning("deregistering the lent span of %s: %s", lend.ref, e)
-        lifetimes = self._dp.lifetimes
-        record = lifetimes.find(lend.ref) or lifetimes.draining.get(lend.ref)
-        for _ in range(reads - 1):               # a reader node may count several reads at once
-            if record is not None and not record.released:
-                lifetimes.open_lease(record, lend.session.id)
-        for _ in range(max(reads, 1)):
-            lifetimes.end_lease(lend.session.id, lend.ref, counted=reads > 0)
+        self._dp.lifetimes.end_lease(lend.session.id, lend.ref, counted=reads > 0, reads=reads)
         self._dp.close_session(lend.session)
 
 
