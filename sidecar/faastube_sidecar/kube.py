@@ -58,9 +58,6 @@ class KubeSettings:
     kubeconfig: str | None = None             # None: in-cluster if possible, else the default file
     proc_root: str = "/proc"                  # where peers' /proc/<pid>/cgroup are read
     sysfs_root: str = "/sys"                  # where the NICs published with the GpuNode are found
-    # Where this sidecar serves reads from other nodes' sidecars, published as the GpuNode's
-    # status.network; None: it serves none, and placement keeps its workflows on one node.
-    network: gpunode.PeerNetwork | None = None
     health_interval_s: float = 5.0
     stop_timeout_s: float = 5.0
 
@@ -319,7 +316,7 @@ class KubernetesPieces:
                 k8s.CustomObjectsApi(self._client), self.node, health=self._health, pools=pools,
                 nodes=nodepublisher.CoreV1NodeUids(k8s.CoreV1Api(self._client)),
                 settings=nodepublisher.PublisherSettings(interval_s=s.heartbeat_s),
-                nics=self.nics, network=network or s.network)
+                nics=self.nics, network=network)
             await self._publisher.start()
             logger.info("publishing GpuNode %s every %.3gs", self.node.name, s.heartbeat_s)
 
